@@ -1,0 +1,101 @@
+"""JAX backend. Every operation has a static output shape, so it runs under jax.jit and vmap."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._base import Backend
+
+
+class JaxBackend(Backend):
+    name = "jax"
+
+    def asarray(self, value, *, like=None):
+        return jnp.asarray(value)
+
+    def float_dtype(self, *arrays):
+        floats = [a.dtype for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)]
+        return jnp.result_type(*floats) if floats else jnp.result_type(float)
+
+    def is_floating(self, x):
+        return jnp.issubdtype(x.dtype, jnp.floating)
+
+    def is_bool(self, x):
+        return x.dtype == jnp.bool_
+
+    def is_integer(self, x):
+        return jnp.issubdtype(x.dtype, jnp.integer)
+
+    def astype(self, x, dtype):
+        return x.astype(dtype)
+
+    def index_dtype(self):
+        return jnp.result_type(int)
+
+    def zeros(self, shape, dtype, *, like):
+        return jnp.zeros(shape, dtype=dtype)
+
+    def arange(self, stop, *, like):
+        return jnp.arange(stop)
+
+    def where(self, condition, x, y):
+        return jnp.where(condition, x, y)
+
+    def exp(self, x):
+        return jnp.exp(x)
+
+    def sqrt(self, x):
+        return jnp.sqrt(x)
+
+    def maximum(self, x, y):
+        return jnp.maximum(x, y)
+
+    def sum(self, x, axis=None):
+        return jnp.sum(x, axis=axis)
+
+    def cumsum(self, x, axis):
+        return jnp.cumsum(x, axis=axis)
+
+    def concat(self, arrays, axis):
+        return jnp.concatenate(arrays, axis=axis)
+
+    def stack(self, arrays, axis):
+        return jnp.stack(arrays, axis=axis)
+
+    def take_along_axis(self, x, index, axis):
+        return jnp.take_along_axis(x, index, axis=axis)
+
+    def isnan(self, x):
+        return jnp.isnan(x)
+
+    def isfinite(self, x):
+        return jnp.isfinite(x)
+
+    def segment_sum(self, values, segment_ids, num_segments):
+        return jax.ops.segment_sum(values, segment_ids, num_segments=num_segments)
+
+    def segment_max(self, values, segment_ids, num_segments):
+        return jax.ops.segment_max(values, segment_ids, num_segments=num_segments)
+
+    def factorize(self, group_ids):
+        # Rank of each id among the sorted distinct ids; static shapes, so jit-compatible.
+        order = jnp.argsort(group_ids, stable=True)
+        sorted_ids = group_ids[order]
+        is_new = jnp.concatenate(
+            [jnp.ones((min(group_ids.shape[0], 1),), dtype=jnp.int32),
+             (sorted_ids[1:] != sorted_ids[:-1]).astype(jnp.int32)]
+        )
+        rank_in_sorted = jnp.cumsum(is_new) - 1
+        dense = jnp.zeros_like(rank_in_sorted).at[order].set(rank_in_sorted)
+        return dense, max(group_ids.shape[0], 1)
+
+    def is_concrete(self, x):
+        return not isinstance(x, jax.core.Tracer)
+
+    def any(self, x):
+        return bool(jnp.any(x))
+
+    def to_numpy(self, x):
+        return np.asarray(x)

@@ -1,0 +1,40 @@
+"""igpo_rewards: IGPO turn rewards and advantages for NumPy, Torch and JAX.
+
+Information Gain-based Policy Optimization (Wang et al., arXiv 2510.14967) rewards each turn of
+a multi-turn agent by how much it raised the policy's probability of the ground-truth answer,
+the final turn by its outcome, then group-normalizes and discounts those rewards into turn
+advantages. Every function is pure and takes NumPy arrays, torch Tensors or JAX arrays; the
+result keeps the input's library, device and floating dtype.
+
+Shapes: B rollouts, G rollouts per group, T turns (padded), L answer tokens, S response tokens.
+See docs/algorithm.md for each equation next to the function that computes it.
+"""
+
+from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
+from igpo_rewards.normalization import group_normalize, grpo_advantages, zero_variance_group_fraction
+from igpo_rewards.returns import discounted_returns
+from igpo_rewards.rewards import answer_logprob, information_gain, turn_rewards
+from igpo_rewards.tokens import (
+    advantages_from_token_rewards,
+    broadcast_to_tokens,
+    place_turn_rewards,
+    turn_index_from_response_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IGPOAdvantages",
+    "advantages_from_token_rewards",
+    "answer_logprob",
+    "broadcast_to_tokens",
+    "discounted_returns",
+    "group_normalize",
+    "grpo_advantages",
+    "igpo_advantages",
+    "information_gain",
+    "place_turn_rewards",
+    "turn_index_from_response_mask",
+    "turn_rewards",
+    "zero_variance_group_fraction",
+]

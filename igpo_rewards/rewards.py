@@ -1,0 +1,176 @@
+"""Section 1-2 of the spec: probe beliefs, information gain and turn rewards.
+
+Shapes: B rollouts, T turns (padded), L answer tokens (padded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from igpo_rewards import _checks, _turns
+from igpo_rewards.backends import get_backend
+
+Array = Any
+
+INFORMATION_GAIN_KINDS = ("prob", "log_prob")
+
+
+def answer_logprob(token_logprobs: Array, token_mask: Array, *, validate: bool = True) -> Array:
+    r"""Length-normalized log-probability of the ground-truth answer at each probe.
+
+    .. math:: m_{i,j} = \frac{1}{L_{i,j}} \sum_{l} \log \pi(a_l \mid \text{context}_{i,j}, a_{<l})
+
+    where the sum runs over the answer tokens that ``token_mask`` marks and L_{i,j} is their
+    count; p_{i,j} = exp(m_{i,j}) is the geometric-mean probability of the answer.
+
+    Args:
+      token_logprobs: [B, T, L] log pi of each answer token at probe j of rollout i.
+        -inf (probability 0) is legitimate and makes m = -inf. Values where ``token_mask``
+        is 0 are ignored (they may hold anything, NaN included).
+      token_mask: [B, T, L] bool or 0/1, which answer tokens are real (not padding).
+      validate: check for NaN/+inf at masked-in positions (a host sync on accelerators).
+
+    Returns:
+      [B, T] floating array, dtype of ``token_logprobs`` (ints promoted to the default float).
+      A probe slot with no answer tokens (a padded turn) gets 0.0.
+
+    Raises:
+      ValueError: shapes differ, the mask holds values other than 0/1, or NaN/+inf at a
+        masked-in position.
+
+    Example:
+      >>> import numpy as np
+      >>> logprobs = np.log([[[0.5, 0.5], [1.0, 0.25]]])   # B=1, T=2, L=2
+      >>> mask = np.array([[[1, 1], [1, 0]]])               # probe 1 has one answer token
+      >>> np.round(np.exp(answer_logprob(logprobs, mask)), 4)
+      array([[0.5, 1. ]])
+    """
+    backend = get_backend(token_logprobs=token_logprobs, token_mask=token_mask)
+    token_logprobs = backend.asarray(token_logprobs)
+    token_mask = backend.asarray(token_mask, like=token_logprobs)
+    _checks.check_ndim("token_logprobs", token_logprobs, 3, "B, T, L")
+    _checks.check_same_shape("token_mask", token_mask, "token_logprobs", token_logprobs)
+    _checks.check_numeric(backend, "token_logprobs", token_logprobs)
+    token_mask = _checks.as_mask(backend, "token_mask", token_mask, validate=validate)
+    token_logprobs = backend.astype(token_logprobs, backend.float_dtype(token_logprobs))
+    if validate:
+        _checks.check_no_nan(backend, "token_logprobs", token_logprobs, token_mask, allow_neg_inf=True)
+    total = backend.sum(backend.where(token_mask, token_logprobs, 0.0), axis=2)
+    count = backend.astype(backend.sum(backend.astype(token_mask, backend.index_dtype()), axis=2), total.dtype)
+    return backend.where(count > 0, total / backend.maximum(count, 1.0), 0.0)
+
+
+def information_gain(
+    answer_logprob: Array,
+    turn_mask: Array,
+    *,
+    kind: str = "prob",
+    log_prob_floor: float = -20.0,
+    validate: bool = True,
+) -> Array:
+    r"""Information gain of each turn: how much it moved the belief in the answer.
+
+    .. math::
+        IG_{i,j} = p_{i,j+1} - p_{i,j} \quad (\text{kind="prob"}, p = e^{m}),
+        \qquad IG_{i,j} = m_{i,j+1} - m_{i,j} \quad (\text{kind="log_prob"})
+
+    for j < n_i - 1; IG = 0 at the final turn j = n_i - 1 and at padded turns.
+
+    -inf log-probs: with kind="prob" they are probability 0 (exp(-inf) = 0), so a turn that
+    takes the answer from impossible to p gains p. With kind="log_prob" each m is first
+    clamped to ``log_prob_floor`` (m := max(m, floor)), so the gain stays finite: from -inf to
+    m counts as m - floor.
+
+    Args:
+      answer_logprob: [B, T] m_{i,j}, probe j taken before turn j (see :func:`answer_logprob`).
+        Values at padded turns are ignored.
+      turn_mask: [B, T] prefix mask of valid turns (bool or 0/1); n_i = its row sum.
+      kind: "prob" (the paper's) or "log_prob" (the authors' later option).
+      log_prob_floor: lower clamp of m for kind="log_prob"; unused for "prob".
+      validate: check the prefix mask and NaN/+inf at valid turns.
+
+    Returns:
+      [B, T] floating array of IG, dtype of ``answer_logprob``. A one-turn rollout has none
+      (all zeros); rows with no valid turn are zeros.
+
+    Example:
+      >>> import numpy as np
+      >>> m = np.log([[0.1, 0.6, 0.5]])            # beliefs before turns 0, 1, 2
+      >>> np.round(information_gain(m, [[1, 1, 1]]), 4)   # 0.6 - 0.1, 0.5 - 0.6, final turn
+      array([[ 0.5, -0.1,  0. ]])
+    """
+    _checks.check_choice("kind", kind, INFORMATION_GAIN_KINDS)
+    _checks.check_weight("log_prob_floor", log_prob_floor)
+    backend = get_backend(answer_logprob=answer_logprob, turn_mask=turn_mask)
+    beliefs, turn_mask = _turns.turn_values_and_mask(
+        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
+    )
+    beliefs = backend.where(turn_mask, beliefs, 0.0)
+    if kind == "prob":
+        beliefs = backend.exp(beliefs)
+    else:
+        beliefs = backend.maximum(beliefs, float(log_prob_floor))
+    num_rollouts, num_turns = beliefs.shape
+    if num_turns == 0:
+        return beliefs
+    # Turn j has a successor probe exactly when turn j+1 is valid (j < n_i - 1).
+    gain = backend.where(turn_mask[:, 1:], beliefs[:, 1:] - beliefs[:, :-1], 0.0)
+    return backend.concat([gain, backend.zeros((num_rollouts, 1), gain.dtype, like=gain)], axis=1)
+
+
+def turn_rewards(
+    answer_logprob: Array,
+    outcome: Array,
+    turn_mask: Array,
+    *,
+    kind: str = "prob",
+    ig_weight: float = 1.0,
+    outcome_weight: float = 1.0,
+    log_prob_floor: float = -20.0,
+    validate: bool = True,
+) -> Array:
+    r"""Dense turn rewards: information gain on every turn but the last, the outcome on the last.
+
+    .. math::
+        r_{i,j} = w_{ig} \, IG_{i,j} \ (j < n_i - 1), \qquad
+        r_{i,n_i-1} = w_{out} \, R_i, \qquad r_{i,j} = 0 \ (j \ge n_i)
+
+    Args:
+      answer_logprob: [B, T] probe log-probs m_{i,j} (see :func:`information_gain`).
+      outcome: [B] outcome reward R_i (answer F1, or the format penalty). Int/bool promote.
+      turn_mask: [B, T] prefix mask of valid turns.
+      kind, log_prob_floor: as in :func:`information_gain`.
+      ig_weight, outcome_weight: w_ig and w_out (1.0 in the paper).
+      validate: value checks (prefix mask, NaN/inf).
+
+    Returns:
+      [B, T] rewards, dtype promoted from ``answer_logprob`` and ``outcome``. A one-turn
+      rollout gets only w_out * R_i; a row with no valid turn gets zeros (its outcome is
+      ignored: such rows are batch padding).
+
+    Example:
+      >>> import numpy as np
+      >>> m = np.log([[0.1, 0.6, 0.5], [0.2, 0.2, 0.2]])
+      >>> np.round(turn_rewards(m, [0.0, 1.0], [[1, 1, 1], [1, 0, 0]]), 4)
+      array([[ 0.5, -0.1,  0. ],
+             [ 1. ,  0. ,  0. ]])
+    """
+    _checks.check_weight("ig_weight", ig_weight)
+    _checks.check_weight("outcome_weight", outcome_weight)
+    backend = get_backend(answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask)
+    answer_logprob = backend.asarray(answer_logprob)
+    outcome = backend.asarray(outcome, like=answer_logprob)
+    _checks.check_numeric(backend, "outcome", outcome)
+    _checks.check_ndim("answer_logprob", answer_logprob, 2, "B, T")
+    _checks.check_length("outcome", outcome, answer_logprob.shape[0], "answer_logprob")
+    gain = information_gain(
+        answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor, validate=validate
+    )
+    dtype = backend.float_dtype(gain, outcome)
+    gain, outcome = backend.astype(gain, dtype), backend.astype(outcome, dtype)
+    if validate:
+        _checks.check_no_nan(backend, "outcome", outcome, None, allow_neg_inf=False)
+    turn_mask = _checks.as_mask(backend, "turn_mask", backend.asarray(turn_mask, like=gain), validate=False)
+    is_final = _turns.final_turn_mask(backend, turn_mask)
+    rewards = backend.where(is_final, outcome_weight * outcome[:, None], ig_weight * gain)
+    return backend.where(turn_mask, rewards, 0.0)
