@@ -1,0 +1,28 @@
+"""Reference trainer: a multi-turn search agent trained with IGPO (or GRPO) end to end.
+
+Readable top to bottom like cleanrl, one module per job. The data flow of one RL step:
+
+1. ``world.build_world`` (or ``world.load_qa_parquet`` + ``world.read_corpus_jsonl``) gives
+   ``QAExample`` questions with answer aliases and a corpus of ``Document`` s.
+2. ``prompts.build_prompt`` wraps a question in the Search-R1 instruction (chat template).
+3. ``rollout.generate_rollouts`` samples G trajectories per question with HF ``generate``
+   (temperature 1, stop on ``</search>`` / ``</answer>``); each ``<search>`` query goes to a
+   ``retrieval.Retriever`` and ``retrieval.format_observation`` is inserted inside
+   ``<information>..</information>``; a malformed turn ends the rollout. Each ``Trajectory``
+   keeps the exact token ids, the spans of generated turns and of observations, and its
+   outcome ``igpo_rewards.outcome_reward(response, answers)``.
+4. ``probes`` runs ONE packed forward per batch that returns the old log-probs of the
+   generated tokens and the ground-truth probe log-probs before every turn.
+5. ``igpo_rewards.answer_logprob`` -> ``igpo_rewards.igpo_advantages`` (IGPO: information
+   gain turn rewards + outcome, group-normalized, discounted) or
+   ``igpo_rewards.grpo_advantages`` (GRPO: outcome only) give one advantage per turn.
+6. ``igpo_rewards.broadcast_to_tokens`` puts each turn's advantage on its generated tokens
+   (prompt and observation tokens get none and are excluded from the loss).
+7. ``training.policy_loss``: PPO clipped surrogate + k3 KL to the frozen warm-start reference,
+   token mean within a sequence then mean over sequences; AdamW with gradient clipping.
+
+Around the step: ``warm_start`` (SFT on imperfect demonstrations, the start of every RL run),
+``checkpoint`` (atomic safetensors checkpoints, exact resume), ``evaluation`` (greedy EM/F1 by
+hop count or per data source), ``report`` (report.md with plots), ``config`` and ``cli``
+(the ``igpo-train`` console script: ``demo``, ``train``, ``eval``, ``report``).
+"""
