@@ -30,6 +30,15 @@ from reference_trainer.rollout import StopOnStrings, cut_turn, generate_rollouts
 from reference_trainer.world import build_world
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and other processes may share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world():
     return build_world(seed=3, num_train=12, num_heldout=3, num_countries=3, cities_per_country=2, num_organisations=3)

@@ -1,0 +1,353 @@
+"""The trainer's configuration: dataclasses with a docstring per field (tyro turns them into flags).
+
+``RunConfig`` is the whole run: where the data and the model come from, the world's size,
+the tiny model's size, the warm start, the RL loop and the evaluation. Every ``igpo-train``
+subcommand takes it; flags override a TOML/YAML file given with ``--config FILE``, which
+overrides the defaults (``load_config_file`` / ``merge_overrides``). ``quick_config`` is the
+tiny budget of ``igpo-train demo --quick`` (the CI smoke test). ``validate_config`` raises a
+``ValueError`` naming the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class WorldConfig:
+    """The embedded synthetic world (``reference_trainer.world.build_world``)."""
+
+    seed: int = 0
+    """Seed of the world generator (entities, corpus, questions)."""
+    num_train: int = 300
+    """Training questions (hops 1/2/3 balanced)."""
+    num_heldout: int = 90
+    """Held-out questions, about people never asked about in training."""
+    num_countries: int = 6
+    """Countries in the world."""
+    cities_per_country: int = 3
+    """Cities per country (the first one is the capital)."""
+    num_organisations: int = 12
+    """Organisations (employers)."""
+
+
+@dataclass
+class TinyModelConfig:
+    """The model built from scratch when no ``--model`` is given (``reference_trainer.modeling``)."""
+
+    vocab_size: int = 1024
+    """Byte-level BPE vocabulary trained on the world's text (tags are added on top)."""
+    hidden_size: int = 96
+    """Transformer width."""
+    num_layers: int = 3
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (hidden_size / num_heads must be even)."""
+    intermediate_size: int = 256
+    """MLP width."""
+    max_position_embeddings: int = 1024
+    """Longest sequence: prompt + turns + observations (+ probe copies)."""
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised fine-tuning on generated demonstrations (``reference_trainer.warm_start``)."""
+
+    steps: int = 300
+    """Optimizer steps of SFT (deliberately few: the warm start must leave room for RL)."""
+    batch_size: int = 16
+    """Demonstrations per SFT step."""
+    learning_rate: float = 3e-3
+    """AdamW learning rate of SFT (constant after a short warm-up)."""
+    warmup_steps: int = 20
+    """Linear learning-rate warm-up steps."""
+    noisy_query_prob: float = 0.2
+    """Probability that a demonstration's search uses a corrupted query, then retries the right one."""
+    skip_hop_prob: float = 0.25
+    """Probability that a multi-hop demonstration stops searching one hop early and answers the bridge entity (wrong)."""
+    think_prob: float = 0.0
+    """Probability that a demonstration turn starts with a short <think> block."""
+
+
+@dataclass
+class RLConfig:
+    """The RL loop (``reference_trainer.training``): rollouts, rewards, advantages, PPO update."""
+
+    algorithm: Literal["igpo", "grpo"] = "igpo"
+    """igpo: information-gain turn rewards + outcome (igpo_rewards.igpo_advantages); grpo: outcome only."""
+    steps: int = 60
+    """RL steps (one batch of rollouts and one round of updates each)."""
+    questions_per_step: int = 8
+    """Questions per step; each gets group_size rollouts."""
+    group_size: int = 8
+    """G, rollouts per question (the group of the normalization)."""
+    max_turns: int = 4
+    """Most turns per rollout (searches plus the answer); up to 10 for real data."""
+    max_new_tokens: int = 24
+    """Most tokens sampled in one turn."""
+    topk: int = 3
+    """Documents retrieved per search."""
+    learning_rate: float = 2e-4
+    """AdamW learning rate of the policy."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (0 disables clipping)."""
+    clip_ratio: float = 0.2
+    """PPO clip epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
+    kl_coef: float = 0.001
+    """Weight of the k3 KL to the frozen warm-start reference in the loss (0 skips the reference forward)."""
+    minibatches: int = 2
+    """Optimizer steps per RL step: the rollouts are split into this many minibatches (whole groups)."""
+    ppo_epochs: int = 1
+    """Passes over the rollouts per RL step."""
+    micro_batch_size: int = 32
+    """Rows per forward/backward (bounds memory; gradients are accumulated)."""
+    generation_batch_size: int = 64
+    """Rows per generate call."""
+    gamma: float = 1.0
+    """Turn discount of the IGPO advantage (1.0 in every published config)."""
+    ig_kind: Literal["prob", "log_prob"] = "prob"
+    """Information gain on probabilities (the paper) or on log-probabilities."""
+    norm_mode: Literal["joint", "separate"] = "joint"
+    """Group normalization pool: IG and outcome rewards together (the paper) or separately."""
+    weighting: Literal["turn", "trajectory"] = "turn"
+    """Pool statistics with one weight per turn (the paper) or equal weight per rollout."""
+    scale: Literal["std", "none"] = "std"
+    """Divide by the group std (the paper) or only subtract the mean (Dr. GRPO style)."""
+    ig_weight: float = 1.0
+    """w_ig, the weight of the information-gain rewards."""
+    outcome_weight: float = 1.0
+    """w_out, the weight of the outcome reward."""
+    grpo_probes: bool = False
+    """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
+    eval_every: int = 10
+    """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every this many steps (and at the end); 0 = only at the end."""
+    case_studies_per_eval: int = 2
+    """Trajectories (with per-turn IG and advantage) written to trajectories.jsonl at each evaluation step."""
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation on held-out questions (``reference_trainer.evaluation``)."""
+
+    max_questions: int = 0
+    """Evaluate at most this many questions (0 = all)."""
+    max_turns: int = 0
+    """Most turns per rollout at evaluation (0 = the RL value)."""
+    batch_size: int = 64
+    """Rows per generate call."""
+
+
+@dataclass
+class RunConfig:
+    """One run of ``igpo-train``: data, model, world, warm start, RL and evaluation settings."""
+
+    out: str = "runs/demo"
+    """Run directory: resolved config, metrics.jsonl, checkpoints, eval.json, report.md."""
+    seed: int = 0
+    """Seed of everything random in training (torch, Python); the world has its own seed."""
+    threads: int = 0
+    """Torch CPU threads (0 = torch's default)."""
+    device: str = "cpu"
+    """Torch device of the model ("cpu", "cuda", "cuda:1", ...)."""
+    model: str | None = None
+    """Path of a pretrained HF chat model (save_pretrained layout); default: a tiny model built from scratch."""
+    init: str | None = None
+    """Checkpoint or model directory the RL run starts from (train); default: the warm start in the run directory."""
+    data: str | None = None
+    """Training questions, verl/Search-R1 parquet; default: the synthetic world."""
+    eval_data: str | None = None
+    """Held-out questions, verl/Search-R1 parquet (default: a held-out share of --data, or the world's held-out set)."""
+    corpus: str | None = None
+    """Retrieval corpus, Search-R1 jsonl ({"id", "contents"} per line); needed with --data unless --retriever-url."""
+    retriever_url: str | None = None
+    """A Search-R1 /retrieve server to use instead of the local BM25 index."""
+    eval_fraction: float = 0.1
+    """Share of --data held out for evaluation when --eval-data is not given."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the run directory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of a loaded --model (bfloat16 for 7B models on a GPU)."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def quick_config(config: RunConfig | None = None) -> RunConfig:
+    """The tiny budget of ``demo --quick``: same pipeline, a few steps of everything.
+
+    Fields that the caller changed from their defaults are kept; only the budget (sizes and
+    step counts) is shrunk.
+    """
+    config = config if config is not None else RunConfig()
+    base = RunConfig()
+    shrink = {
+        "world": dict(num_train=30, num_heldout=12, num_countries=3, cities_per_country=2, num_organisations=4),
+        "tiny": dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=768),
+        "warm_start": dict(steps=6, batch_size=8, warmup_steps=2),
+        "rl": dict(steps=2, questions_per_step=2, group_size=4, max_new_tokens=12, minibatches=1, eval_every=1, checkpoint_every=1),
+        "eval": dict(max_questions=12),
+    }
+    for section, values in shrink.items():
+        current, default = getattr(config, section), getattr(base, section)
+        for name, value in values.items():
+            if getattr(current, name) == getattr(default, name):
+                setattr(current, name, value)
+    return config
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain JSON-ready dict of a (nested) config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict[str, Any], *, cls: type = RunConfig, where: str = "config") -> Any:
+    """Build a config dataclass from a (nested) dict; unknown keys raise ``ValueError`` naming them."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a table/mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = from_dict(value, cls=type(default), where=f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    """Read a ``RunConfig`` from a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON file.
+
+    Missing keys keep their defaults; sections are tables (``[rl]`` in TOML). Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` for an unreadable file, an
+    unknown key or a bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except ValueError:
+        raise
+    except Exception as error:  # parser errors of tomllib / yaml
+        raise ValueError(f"cannot parse config file {path}: {error}") from None
+    config = from_dict(values, where=str(path))
+    validate_config(config)
+    return config
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _positive_int(where: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where} must be an int >= {minimum}, got {value!r}")
+
+
+def _number(where: str, value: Any, low: float = -math.inf, high: float = math.inf, *, open_low: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    if value < low or value > high or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{where} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def _choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {choices}, got {value!r}")
+
+
+def validate_config(config: RunConfig) -> RunConfig:
+    """Check every field's type and range; raises ``ValueError`` naming the field. Returns the config."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    _positive_int("seed", config.seed, -(2**63))
+    _positive_int("threads", config.threads, 0)
+    _number("eval_fraction", config.eval_fraction, 0.0, 1.0)
+    _choice("dtype", config.dtype, ("float32", "bfloat16", "float16"))
+    for name in ("model", "init", "data", "eval_data", "corpus", "retriever_url"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{name} must be a non-empty path string or None, got {value!r}")
+    if not isinstance(config.out, str) or not config.out:
+        raise ValueError(f"out must be a non-empty path string, got {config.out!r}")
+    world = config.world
+    _positive_int("world.seed", world.seed, -(2**63))
+    _positive_int("world.num_train", world.num_train)
+    _positive_int("world.num_heldout", world.num_heldout)
+    _positive_int("world.num_countries", world.num_countries, 2)
+    _positive_int("world.cities_per_country", world.cities_per_country, 2)
+    _positive_int("world.num_organisations", world.num_organisations)
+    tiny = config.tiny
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+        _positive_int(f"tiny.{name}", getattr(tiny, name))
+    warm = config.warm_start
+    _positive_int("warm_start.steps", warm.steps, 0)
+    _positive_int("warm_start.batch_size", warm.batch_size)
+    _positive_int("warm_start.warmup_steps", warm.warmup_steps, 0)
+    _number("warm_start.learning_rate", warm.learning_rate, 0.0, open_low=True)
+    for name in ("noisy_query_prob", "skip_hop_prob", "think_prob"):
+        _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)
+    rl = config.rl
+    _choice("rl.algorithm", rl.algorithm, ("igpo", "grpo"))
+    _positive_int("rl.steps", rl.steps, 0)
+    for name in ("questions_per_step", "group_size", "max_turns", "max_new_tokens", "topk", "minibatches",
+                 "ppo_epochs", "micro_batch_size", "generation_batch_size"):
+        _positive_int(f"rl.{name}", getattr(rl, name))
+    for name in ("eval_every", "checkpoint_every", "case_studies_per_eval"):
+        _positive_int(f"rl.{name}", getattr(rl, name), 0)
+    if rl.minibatches > rl.questions_per_step:
+        raise ValueError(
+            f"rl.minibatches ({rl.minibatches}) must be <= rl.questions_per_step ({rl.questions_per_step}): "
+            "minibatches hold whole groups"
+        )
+    _number("rl.learning_rate", rl.learning_rate, 0.0, open_low=True)
+    _number("rl.weight_decay", rl.weight_decay, 0.0)
+    _number("rl.grad_clip", rl.grad_clip, 0.0)
+    _number("rl.clip_ratio", rl.clip_ratio, 0.0, 1.0, open_low=True)
+    _number("rl.kl_coef", rl.kl_coef, 0.0)
+    _number("rl.gamma", rl.gamma, 0.0, 1.0)
+    _number("rl.ig_weight", rl.ig_weight)
+    _number("rl.outcome_weight", rl.outcome_weight)
+    _choice("rl.ig_kind", rl.ig_kind, ("prob", "log_prob"))
+    _choice("rl.norm_mode", rl.norm_mode, ("joint", "separate"))
+    _choice("rl.weighting", rl.weighting, ("turn", "trajectory"))
+    _choice("rl.scale", rl.scale, ("std", "none"))
+    _positive_int("eval.max_questions", config.eval.max_questions, 0)
+    _positive_int("eval.max_turns", config.eval.max_turns, 0)
+    _positive_int("eval.batch_size", config.eval.batch_size)
+    return config
