@@ -1,0 +1,558 @@
+"""The ground-truth probe before every turn, all probes of a trajectory in one packed forward.
+
+IGPO measures the policy's belief in the ground-truth answer a before each turn j
+(ALGORITHM.md section 1): teacher-force the fixed probe text after the context so far and score
+only the answer's tokens,
+
+    m_{i,j} = (1/L) * sum_l log pi(a_l | context_{i,j}, probe text, a_<l),
+
+where context_{i,j} = ``token_ids[:turn_spans[j][0]]`` (the prompt for j = 0; up to the end of
+observation j-1 after). The probe suffix ("Now there's enough information to answer" then
+``<answer> a </answer>``) is tokenized ONCE per example (``build_probe_suffix``); its answer
+tokens are found by CHARACTER OFFSETS (``offset_mapping``): every token whose character span
+overlaps the answer's characters is scored, so a token that BPE merged across the boundary
+(" Paris" with its leading space) is scored whole, never miscounted. The suffix is appended
+as token ids after each prefix, exactly as the naive reference does.
+
+The packed layout (``build_packed_inputs``), one row per trajectory b with n_b probes::
+
+    [ trajectory tokens 0 .. S_b-1 | probe copy 0 | probe copy 1 | ... | copy n_b-1 | padding ]
+
+* input ids: the trajectory, then n_b copies of the P_b suffix ids, then ``pad_token_id``.
+* position ids: trajectory token t -> t; token k of copy j -> start_j + k (it continues its
+  prefix); padding -> 0.
+* 4D additive attention mask [B, 1, N, N] in the model's dtype: 0 where a query may attend,
+  ``finfo(dtype).min`` where not. Trajectory tokens are causal among themselves; copy j sees
+  trajectory positions [0, start_j) and its own copy causally, nothing else; padding sees only
+  itself (no fully masked row, so no NaN).
+
+So one forward returns, at once, the log-probs of the trajectory's own tokens (the PPO "old"
+log-probs; trajectory outputs are unaffected by the copies since no trajectory query sees them)
+and every probe's answer log-probs. ``packed_forward`` does not touch autograd: call it under
+``torch.no_grad()`` for old log-probs + probes, or with grad (usually without probes) for the
+new log-probs of the update. Dropout follows ``model.training``; the caller sets eval/train.
+
+Three ways to compute the probes, for benchmarks and for the test that they agree:
+(a) ``naive_probe_logprobs``: one forward per probe (what the authors' released code does);
+(b) ``packed_probe_logprobs``: one packed forward per trajectory, probes only;
+(c) ``packed_forward``: probes folded into the old-log-prob forward (what training uses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+import igpo_rewards
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from reference_trainer.rollout import Trajectory
+
+__all__ = [
+    "ANSWER_PLACEHOLDER",
+    "PROBE_TEMPLATE",
+    "PackedForward",
+    "PackedInputs",
+    "ProbeSuffix",
+    "build_packed_inputs",
+    "build_probe_suffix",
+    "naive_probe_logprobs",
+    "packed_forward",
+    "packed_probe_logprobs",
+    "probe_starts",
+    "trajectory_forward",
+]
+
+ANSWER_PLACEHOLDER = "{answer}"
+#: The paper's probe text; ``{answer}`` is replaced by the ground-truth answer (the first alias).
+PROBE_TEMPLATE = "Now there's enough information to answer\n<answer> {answer} </answer>"
+
+
+@dataclass(frozen=True)
+class ProbeSuffix:
+    """The tokenized probe text for one answer.
+
+    Attributes:
+        text: the suffix text (the template with the answer filled in).
+        token_ids: its token ids (tokenized alone, no special tokens added), length P.
+        answer_start, answer_end: ``token_ids[answer_start:answer_end]`` are the answer tokens
+            (every token whose character span overlaps the answer's characters); L = their count.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    answer_start: int
+    answer_end: int
+
+    @property
+    def num_answer_tokens(self) -> int:
+        """L, the number of scored tokens."""
+        return self.answer_end - self.answer_start
+
+
+def build_probe_suffix(
+    tokenizer: PreTrainedTokenizerBase, answer: str, *, template: str = PROBE_TEMPLATE
+) -> ProbeSuffix:
+    """Tokenize the probe suffix for ``answer`` and locate the answer's tokens by character offsets.
+
+    The answer occupies characters ``[c0, c1)`` of ``text = template.replace("{answer}", answer)``
+    with ``c0 = template.index("{answer}")``. Token i is an answer token iff its offset span
+    ``[s, e)`` is non-empty and overlaps ``[c0, c1)``: a token that BPE merged across the boundary
+    (the leading space in " Paris", or template text glued to the answer) is scored whole.
+
+    Args:
+        tokenizer: a fast tokenizer (offsets mapping needed).
+        answer: the ground-truth answer string, non-empty.
+        template: the probe text with exactly one ``{answer}``.
+
+    Raises:
+        TypeError: a slow tokenizer or a non-str answer.
+        ValueError: an empty answer, a template without exactly one ``{answer}``, or no token
+            overlapping the answer.
+
+    Example:
+        >>> from reference_trainer.modeling import train_tokenizer
+        >>> tok = train_tokenizer(["Now there's enough information to answer Paris"] * 3, vocab_size=320)
+        >>> suffix = build_probe_suffix(tok, "Paris")
+        >>> tok.decode(suffix.token_ids[suffix.answer_start:suffix.answer_end])
+        ' Paris'
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"tokenizer must be a fast tokenizer (offsets mapping), got {type(tokenizer).__name__}")
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+    if not answer:
+        raise ValueError("answer is empty: there is nothing to score")
+    if template.count(ANSWER_PLACEHOLDER) != 1:
+        raise ValueError(f"template must contain {ANSWER_PLACEHOLDER!r} exactly once, got {template!r}")
+    char_start = template.index(ANSWER_PLACEHOLDER)
+    char_end = char_start + len(answer)
+    text = template.replace(ANSWER_PLACEHOLDER, answer)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    scored = [
+        i
+        for i, (start, end) in enumerate(encoding["offset_mapping"])
+        if end > start and start < char_end and end > char_start
+    ]
+    if not scored:
+        raise ValueError(f"no token of the probe text {text!r} overlaps the answer {answer!r}")
+    return ProbeSuffix(
+        text=text,
+        token_ids=tuple(int(i) for i in encoding["input_ids"]),
+        answer_start=scored[0],
+        answer_end=scored[-1] + 1,
+    )
+
+
+class PackedInputs(NamedTuple):
+    """Model inputs of a packed batch and where to read each log-prob (see the module docstring).
+
+    Shapes: B trajectories, N packed length, K_t trajectory targets, K_p probe targets.
+    A target (row b, source position src, token id) means: the logits at packed position
+    ``src`` of row b score ``token``.
+    """
+
+    input_ids: torch.Tensor  # [B, N] long
+    position_ids: torch.Tensor  # [B, N] long
+    attention_mask: torch.Tensor  # [B, 1, N, N] additive, model dtype
+    trajectory_targets: torch.Tensor  # [K_t, 4] long: row, source position, token id, token index t
+    probe_targets: torch.Tensor  # [K_p, 5] long: row, source position, token id, probe j, answer index l
+    sequence_length: int  # S = max trajectory length
+    num_probes: int  # T = max probes per trajectory
+    num_answer_tokens: int  # L = max answer tokens
+
+
+def _check_batch(
+    token_ids: Sequence[Sequence[int]],
+    starts: Sequence[Sequence[int]] | None,
+    suffixes: Sequence[ProbeSuffix | None] | None,
+) -> tuple[list[list[int]], list[list[int]], list[ProbeSuffix | None]]:
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) or len(token_ids) == 0:
+        raise ValueError(f"token_ids must be a non-empty sequence of token id sequences, got {token_ids!r:.80}")
+    rows = [list(map(int, row)) for row in token_ids]
+    for b, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"token_ids[{b}] is empty")
+    if starts is None:
+        if suffixes is not None:
+            raise ValueError("suffixes given without probe_starts")
+        return rows, [[] for _ in rows], [None for _ in rows]
+    if suffixes is None:
+        raise ValueError("probe_starts given without suffixes")
+    if len(starts) != len(rows) or len(suffixes) != len(rows):
+        raise ValueError(
+            f"token_ids, probe_starts and suffixes must have one entry per trajectory, "
+            f"got {len(rows)}, {len(starts)} and {len(suffixes)}"
+        )
+    start_rows = [list(map(int, row)) for row in starts]
+    for b, (row, row_starts, suffix) in enumerate(zip(rows, start_rows, suffixes)):
+        bad = [s for s in row_starts if not 1 <= s <= len(row)]
+        if bad:
+            raise ValueError(
+                f"probe_starts[{b}] must lie in [1, {len(row)}] (len(token_ids[{b}])), got {bad}"
+            )
+        if row_starts and not isinstance(suffix, ProbeSuffix):
+            raise TypeError(f"suffixes[{b}] must be a ProbeSuffix (trajectory {b} has probes), got {suffix!r}")
+    return rows, start_rows, list(suffixes)
+
+
+def build_packed_inputs(
+    token_ids: Sequence[Sequence[int]],
+    probe_starts: Sequence[Sequence[int]] | None = None,
+    suffixes: Sequence[ProbeSuffix | None] | None = None,
+    *,
+    pad_token_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> PackedInputs:
+    """Pack trajectories and their probe copies into one padded batch with a 4D attention mask.
+
+    Args:
+        token_ids: B trajectories, each a non-empty list of token ids (lengths S_b may differ).
+        probe_starts: per trajectory, the start of each probe's context: probe j of trajectory b
+            scores its answer after ``token_ids[b][:probe_starts[b][j]]``; each start in
+            [1, S_b]. ``None``: no probes (a plain padded causal batch).
+        suffixes: per trajectory, the ``ProbeSuffix`` of its answer (``None`` allowed for a
+            trajectory without probes).
+        pad_token_id: id written at padded positions (never attended to by a real token).
+        dtype: dtype of the additive mask (the model's dtype).
+        device: where the tensors go.
+
+    Returns:
+        ``PackedInputs``; row b has length S_b + n_b * P_b before right padding to N.
+
+    Raises:
+        ValueError / TypeError: empty batch or trajectory, mismatched lengths, a start outside
+        [1, S_b], or a missing suffix.
+    """
+    rows, start_rows, suffix_rows = _check_batch(token_ids, probe_starts, suffixes)
+    batch = len(rows)
+    lengths = [
+        len(row) + len(starts) * (len(suffix.token_ids) if starts else 0)
+        for row, starts, suffix in zip(rows, start_rows, suffix_rows)
+    ]
+    width = max(lengths)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segment = torch.full((batch, width), -2, dtype=torch.long)  # -1 trajectory, j copy j, -2 padding
+    visible_until = torch.full((batch, width), -1, dtype=torch.long)  # last trajectory key a query sees
+    trajectory_targets: list[torch.Tensor] = []
+    probe_targets: list[list[int]] = []
+    for b, (row, starts, suffix) in enumerate(zip(rows, start_rows, suffix_rows)):
+        length = len(row)
+        input_ids[b, :length] = torch.tensor(row, dtype=torch.long)
+        position_ids[b, :length] = torch.arange(length)
+        segment[b, :length] = -1
+        visible_until[b, :length] = torch.arange(length)
+        if length > 1:
+            t = torch.arange(1, length)
+            trajectory_targets.append(
+                torch.stack([torch.full_like(t, b), t - 1, input_ids[b, 1:length], t], dim=1)
+            )
+        if not starts:
+            continue
+        copy_ids = torch.tensor(suffix.token_ids, dtype=torch.long)
+        copy_length = len(suffix.token_ids)
+        for j, start in enumerate(starts):
+            offset = length + j * copy_length
+            input_ids[b, offset : offset + copy_length] = copy_ids
+            position_ids[b, offset : offset + copy_length] = start + torch.arange(copy_length)
+            segment[b, offset : offset + copy_length] = j
+            visible_until[b, offset : offset + copy_length] = start - 1
+            for l, k in enumerate(range(suffix.answer_start, suffix.answer_end)):
+                source = start - 1 if k == 0 else offset + k - 1
+                probe_targets.append([b, source, suffix.token_ids[k], j, l])
+
+    index = torch.arange(width)
+    query, key = index[:, None], index[None, :]
+    key_segment, query_segment = segment[:, None, :], segment[:, :, None]
+    allowed = (
+        ((key_segment == -1) & (key <= visible_until[:, :, None]))
+        | ((query_segment >= 0) & (key_segment == query_segment) & (key <= query))
+        | (key == query)
+    )
+    attention_mask = torch.zeros((batch, 1, width, width), dtype=dtype)
+    attention_mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    trajectory_tensor = (
+        torch.cat(trajectory_targets) if trajectory_targets else torch.zeros((0, 4), dtype=torch.long)
+    )
+    probe_tensor = torch.tensor(probe_targets, dtype=torch.long).reshape(-1, 5)
+    return PackedInputs(
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        trajectory_targets=trajectory_tensor.to(device),
+        probe_targets=probe_tensor.to(device),
+        sequence_length=max(len(row) for row in rows),
+        num_probes=max(len(starts) for starts in start_rows),
+        num_answer_tokens=max(
+            (suffix.num_answer_tokens for starts, suffix in zip(start_rows, suffix_rows) if starts), default=0
+        ),
+    )
+
+
+class PackedForward(NamedTuple):
+    """What one packed forward returns. B trajectories, S = max length, T = max probes, L = max answer tokens.
+
+    Attributes:
+        token_logprobs: [B, S] float32, ``log pi(token_ids[b][t] | token_ids[b][:t])`` at index t
+            (aligned with the token it scores, so ``turn_spans`` index it directly); 0.0 at t = 0
+            (nothing predicts the first token) and at padding.
+        token_mask: [B, S] bool, True where ``token_logprobs`` is defined (1 <= t < S_b).
+        probe_logprobs: [B, T, L] float32, log-prob of answer token l at probe j; 0.0 at padding.
+        probe_mask: [B, T, L] bool, True at real answer tokens of real probes.
+        answer_logprob: [B, T] float32, ``igpo_rewards.answer_logprob(probe_logprobs, probe_mask)``
+            (length-normalized mean; 0.0 at padded probes), the input of ``igpo_advantages``.
+        token_entropy: [B, S] float32 entropy of the distribution that produced token t (0.0
+            where undefined), or ``None`` unless requested.
+    """
+
+    token_logprobs: torch.Tensor
+    token_mask: torch.Tensor
+    probe_logprobs: torch.Tensor
+    probe_mask: torch.Tensor
+    answer_logprob: torch.Tensor
+    token_entropy: torch.Tensor | None
+
+
+def _check_model(model: PreTrainedModel) -> None:
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"the packed forward needs attn_implementation 'sdpa' or 'eager' (custom 4D masks), "
+            f"the model uses {implementation!r}; load it with attn_implementation='sdpa'"
+        )
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise ValueError("models with final_logit_softcapping are not supported by the packed forward")
+
+
+def _score(
+    model: PreTrainedModel,
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    sources: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    chunk_size: int,
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob (and entropy) of ``tokens`` under the logits at ``hidden[rows, sources]``, in chunks."""
+    head = model.get_output_embeddings()
+    logprobs, entropies = [], []
+    for begin in range(0, rows.shape[0], chunk_size):
+        end = begin + chunk_size
+        logits = head(hidden[rows[begin:end], sources[begin:end]]).float()
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        logprobs.append(log_softmax.gather(-1, tokens[begin:end, None])[:, 0])
+        if entropy:
+            entropies.append(-(log_softmax.exp() * log_softmax).sum(-1))
+    if not logprobs:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return empty, (empty if entropy else None)
+    return torch.cat(logprobs), (torch.cat(entropies) if entropy else None)
+
+
+def packed_forward(
+    model: PreTrainedModel,
+    token_ids: Sequence[Sequence[int]],
+    probe_starts: Sequence[Sequence[int]] | None = None,
+    suffixes: Sequence[ProbeSuffix | None] | None = None,
+    *,
+    pad_token_id: int | None = None,
+    return_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> PackedForward:
+    """ONE forward over the batch: trajectory token log-probs and every probe's answer log-probs.
+
+    Gradients flow if autograd is on (the caller chooses with ``torch.no_grad()``). Logits are
+    computed only at the positions that score something, ``chunk_size`` rows at a time, in
+    float32 (the lm head is applied to the base model's last hidden state, as Llama/Qwen2/
+    Mistral-style causal LMs do).
+
+    Args:
+        model: a causal LM with ``attn_implementation`` "sdpa" or "eager".
+        token_ids: B trajectories (lengths may differ).
+        probe_starts: per trajectory, where each probe's context ends (see
+            ``build_packed_inputs``); ``None`` for no probes (then T = L = 0).
+        suffixes: per trajectory, its ``ProbeSuffix``.
+        pad_token_id: padding id; defaults to ``model.config.pad_token_id`` (or 0).
+        return_entropy: also return the per-token entropy of the trajectory tokens.
+        chunk_size: rows of logits materialised at once (memory bound for large vocabularies).
+
+    Returns:
+        ``PackedForward`` (shapes in its docstring), on the model's device.
+
+    Raises:
+        ValueError / TypeError: see ``build_packed_inputs``; an unsupported attention
+        implementation; ``chunk_size`` < 1.
+    """
+    _check_model(model)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    device = model.get_input_embeddings().weight.device
+    packed = build_packed_inputs(
+        token_ids, probe_starts, suffixes, pad_token_id=pad_token_id, dtype=model.dtype, device=device
+    )
+    hidden = model.base_model(
+        input_ids=packed.input_ids,
+        attention_mask=packed.attention_mask,
+        position_ids=packed.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+
+    batch = packed.input_ids.shape[0]
+    traj = packed.trajectory_targets
+    values, entropy = _score(
+        model, hidden, traj[:, 0], traj[:, 1], traj[:, 2], chunk_size=chunk_size, entropy=return_entropy
+    )
+    token_logprobs = hidden.new_zeros((batch, packed.sequence_length), dtype=torch.float32)
+    token_logprobs = token_logprobs.index_put((traj[:, 0], traj[:, 3]), values)
+    token_mask = torch.zeros((batch, packed.sequence_length), dtype=torch.bool, device=device)
+    token_mask[traj[:, 0], traj[:, 3]] = True
+    token_entropy = None
+    if return_entropy:
+        token_entropy = hidden.new_zeros((batch, packed.sequence_length), dtype=torch.float32)
+        token_entropy = token_entropy.index_put((traj[:, 0], traj[:, 3]), entropy)
+
+    probe_logprobs, probe_mask = _probe_arrays(model, hidden, packed, chunk_size=chunk_size)
+    answer_logprob = igpo_rewards.answer_logprob(probe_logprobs, probe_mask)
+    return PackedForward(token_logprobs, token_mask, probe_logprobs, probe_mask, answer_logprob, token_entropy)
+
+
+def _probe_arrays(
+    model: PreTrainedModel, hidden: torch.Tensor, packed: PackedInputs, *, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = packed.input_ids.shape[0]
+    shape = (batch, packed.num_probes, packed.num_answer_tokens)
+    probe = packed.probe_targets
+    values, _ = _score(model, hidden, probe[:, 0], probe[:, 1], probe[:, 2], chunk_size=chunk_size, entropy=False)
+    where = (probe[:, 0], probe[:, 3], probe[:, 4])
+    probe_logprobs = hidden.new_zeros(shape, dtype=torch.float32).index_put(where, values)
+    probe_mask = torch.zeros(shape, dtype=torch.bool, device=hidden.device)
+    probe_mask[where] = True
+    return probe_logprobs, probe_mask
+
+
+def packed_probe_logprobs(
+    model: PreTrainedModel,
+    token_ids: Sequence[Sequence[int]],
+    probe_starts: Sequence[Sequence[int]],
+    suffixes: Sequence[ProbeSuffix | None],
+    *,
+    pad_token_id: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probes only, one packed forward per batch (way (b)): [B, T, L] log-probs and mask.
+
+    Each trajectory is cut at its last probe start (later tokens are context of no probe) and
+    its trajectory log-probs are not computed. Same arguments and conventions as
+    ``packed_forward``.
+    """
+    _check_model(model)
+    rows, start_rows, suffix_rows = _check_batch(token_ids, probe_starts, suffixes)
+    cut = [row[: max(starts, default=1)] for row, starts in zip(rows, start_rows)]
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    device = model.get_input_embeddings().weight.device
+    packed = build_packed_inputs(
+        cut, start_rows, suffix_rows, pad_token_id=pad_token_id, dtype=model.dtype, device=device
+    )
+    hidden = model.base_model(
+        input_ids=packed.input_ids,
+        attention_mask=packed.attention_mask,
+        position_ids=packed.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    return _probe_arrays(model, hidden, packed, chunk_size=chunk_size)
+
+
+def naive_probe_logprobs(
+    model: PreTrainedModel,
+    token_ids: Sequence[Sequence[int]],
+    probe_starts: Sequence[Sequence[int]],
+    suffixes: Sequence[ProbeSuffix | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference (way (a)): one plain forward per probe over ``token_ids[b][:start] + suffix``.
+
+    Uses the model's own forward (its default causal mask and positions) and its logits, so it
+    shares no code with the packed path. Returns [B, T, L] float32 log-probs and a bool mask in
+    the layout of ``PackedForward.probe_logprobs`` / ``probe_mask``.
+    """
+    rows, start_rows, suffix_rows = _check_batch(token_ids, probe_starts, suffixes)
+    device = model.get_input_embeddings().weight.device
+    num_probes = max(len(starts) for starts in start_rows)
+    num_answer = max((s.num_answer_tokens for st, s in zip(start_rows, suffix_rows) if st), default=0)
+    probe_logprobs = torch.zeros((len(rows), num_probes, num_answer), dtype=torch.float32, device=device)
+    probe_mask = torch.zeros((len(rows), num_probes, num_answer), dtype=torch.bool, device=device)
+    for b, (row, starts, suffix) in enumerate(zip(rows, start_rows, suffix_rows)):
+        for j, start in enumerate(starts):
+            sequence = torch.tensor([row[:start] + list(suffix.token_ids)], dtype=torch.long, device=device)
+            logits = model(input_ids=sequence, use_cache=False).logits[0].float()
+            log_softmax = torch.log_softmax(logits, dim=-1)
+            for l, k in enumerate(range(suffix.answer_start, suffix.answer_end)):
+                probe_logprobs[b, j, l] = log_softmax[start + k - 1, suffix.token_ids[k]]
+                probe_mask[b, j, l] = True
+    return probe_logprobs, probe_mask
+
+
+def probe_starts(trajectory: Trajectory) -> list[int]:
+    """Where each probe's context ends: the start of each turn, ``[s for s, _ in turn_spans]``.
+
+    Probe j sees ``token_ids[:turn_spans[j][0]]``: the prompt for j = 0, everything up to the end
+    of observation j-1 after. A trajectory with n turns has n probes.
+    """
+    return [int(start) for start, _ in trajectory.turn_spans]
+
+
+def trajectory_forward(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    trajectories: Sequence[Trajectory],
+    *,
+    include_probes: bool = True,
+    template: str = PROBE_TEMPLATE,
+    return_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> PackedForward:
+    """``packed_forward`` over ``rollout.Trajectory`` objects: old log-probs and the probe before every turn.
+
+    The probe answer is the example's first alias ``trajectory.example.answers[0]``; its suffix
+    is tokenized once per distinct answer in the batch (the G rollouts of a question share it).
+    With ``include_probes=False`` it is a plain padded forward (e.g. for the new log-probs with
+    grad, or the reference model's log-probs); ``probe_logprobs`` is then [B, 0, 0].
+    ``answer_logprob`` ([B, T], T = the batch's max turns) lines up with the turn mask built from
+    ``len(trajectory.turn_spans)``.
+    """
+    if len(trajectories) == 0:
+        raise ValueError("trajectories is empty")
+    token_ids = [trajectory.token_ids for trajectory in trajectories]
+    if not include_probes:
+        return packed_forward(
+            model, token_ids, pad_token_id=tokenizer.pad_token_id, return_entropy=return_entropy, chunk_size=chunk_size
+        )
+    cache: dict[str, ProbeSuffix] = {}
+    suffixes = []
+    for index, trajectory in enumerate(trajectories):
+        if not trajectory.example.answers:
+            raise ValueError(f"trajectories[{index}].example has no answers to probe")
+        answer = trajectory.example.answers[0]
+        if answer not in cache:
+            cache[answer] = build_probe_suffix(tokenizer, answer, template=template)
+        suffixes.append(cache[answer])
+    return packed_forward(
+        model,
+        token_ids,
+        [probe_starts(trajectory) for trajectory in trajectories],
+        suffixes,
+        pad_token_id=tokenizer.pad_token_id,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+    )
