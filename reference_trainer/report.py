@@ -1,0 +1,503 @@
+"""The report: report.md with PNG plots comparing runs (IGPO vs GRPO) that share a warm start.
+
+``write_report(run_dirs, out_dir, warm_start_eval=...)`` reads the files below and writes
+``out_dir/report.md`` plus ``heldout_em_f1.png``, ``advantage_collapse.png`` and (when a run
+recorded trajectories) ``case_study.png``. Plots use matplotlib's Agg canvas without pyplot,
+so nothing global changes and no display is needed.
+
+File schemas (what the training code writes into a run directory; EM, F1 and fractions are
+numbers in [0, 1], the report shows them in percent):
+
+``config.json`` (required): the resolved run configuration, one JSON object. The report lists
+the top-level keys whose values differ between runs.
+
+``metrics.jsonl`` (required): one JSON object per line, in step order.
+
+    "step"                           int, required: RL updates done (0 = the starting policy).
+    "zero_variance_group_fraction"   fraction of the step's groups in which every advantage is 0
+                                     (GRPO: all outcomes equal; IGPO: all pooled turn rewards
+                                     equal): the advantage-collapse rate. Every training step.
+    "outcome_zero_variance_group_fraction"
+                                     optional: fraction of groups whose outcomes are all equal
+                                     (GRPO's collapse condition), logged by both methods.
+    "heldout_em", "heldout_f1"       only on evaluation steps: greedy held-out EM and F1.
+    other numbers, shown by the summary table when present: "reward_mean", "train_f1",
+    "train_em", "ig_mean", "ig_std", "zero_advantage_token_fraction", "kl", "entropy",
+    "clip_fraction", "tokens_per_second", "seconds_rollout", "seconds_retrieval",
+    "seconds_probes", "seconds_update". Values may be null; unknown keys are ignored.
+
+``eval.json`` (optional, final evaluation of the run; also the ``warm_start_eval`` file):
+
+    {"step": int, "em": float, "f1": float, "n": int,
+     "by_hops": {"1": {"em": float, "f1": float, "n": int}, "2": {...}, ...},     # optional
+     "by_data_source": {"nq": {"em": float, "f1": float, "n": int}, ...}}        # optional
+
+Without eval.json the run's last held-out EM/F1 in metrics.jsonl stands in (overall only).
+
+``trajectories.jsonl`` (optional): case-study trajectories, one JSON object per line.
+
+    {"step": int (optional), "question": str, "answers": [str, ...], "hops": int (optional),
+     "outcome": float,
+     "turns": [{"text": str,                  # the generated text of the turn
+                "observation": str | null,    # optional: the retrieved text that followed it
+                "probe_prob": float,          # p(answer) measured by the probe BEFORE this turn
+                "information_gain": float | null,   # null (or absent) on the final turn
+                "advantage": float}, ...]}
+
+The case study draws one trajectory of the first run whose label contains "igpo" (else the
+first run that has trajectories): a multi-turn one with a positive outcome when there is one,
+latest step first. Each turn is a box colored by the sign of its advantage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+EM_F1_PLOT = "heldout_em_f1.png"
+COLLAPSE_PLOT = "advantage_collapse.png"
+CASE_STUDY_PLOT = "case_study.png"
+
+SUMMARY_KEYS = ("reward_mean", "train_f1", "train_em", "ig_mean", "ig_std", "zero_variance_group_fraction",
+                "zero_advantage_token_fraction", "kl", "entropy", "clip_fraction", "tokens_per_second",
+                "seconds_rollout", "seconds_retrieval", "seconds_probes", "seconds_update")
+"""metrics.jsonl keys shown (last logged value, and mean over steps) in the training summary table."""
+
+# The paper's table order; keys are lowercase data_source values.
+_PAPER_SOURCES = (("nq", "NQ"), ("tq", "TQ"), ("triviaqa", "TQ"), ("hotpotqa", "HotpotQA"), ("2wiki", "2Wiki"),
+                  ("2wikimultihopqa", "2Wiki"), ("musique", "MuSiQue"), ("bamboogle", "Bamboogle"), ("popqa", "PopQA"))
+
+_POSITIVE, _NEGATIVE, _NEUTRAL = ("#d9f2d9", "#2e7d32"), ("#f8d7d7", "#c62828"), ("#eeeeee", "#757575")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading run files
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; ValueError naming the line otherwise."""
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}): {line.strip()[:80]!r}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            records.append((line_number, record))
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fraction(value: Any, where: str) -> float:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} must be a number in [0, 1] (a fraction, not a percentage), got {value!r}")
+    return float(value)
+
+
+def load_metrics(path: str | Path) -> list[dict]:
+    """Read metrics.jsonl: a list of per-step dicts, each with an int "step".
+
+    Raises FileNotFoundError for a missing file and ValueError (with the line number) for a
+    line that is not a JSON object, lacks an int "step", or has held-out EM/F1 or
+    zero_variance_group_fraction outside [0, 1]. An empty file gives [].
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    metrics = []
+    for line_number, record in _read_json_lines(path):
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{path}:{line_number}: 'step' must be a non-negative int, got {step!r}")
+        for key in ("heldout_em", "heldout_f1", "zero_variance_group_fraction", "outcome_zero_variance_group_fraction"):
+            if record.get(key) is not None:
+                _check_fraction(record[key], f"{path}:{line_number}: {key!r}")
+        metrics.append(record)
+    return metrics
+
+
+def _check_scores(scores: Any, where: str) -> dict:
+    if not isinstance(scores, dict):
+        raise ValueError(f"{where} must be an object with 'em' and 'f1', got {scores!r:.120}")
+    for key in ("em", "f1"):
+        if key not in scores:
+            raise ValueError(f"{where} lacks {key!r}; keys present: {sorted(scores)}")
+        _check_fraction(scores[key], f"{where}[{key!r}]")
+    return scores
+
+
+def load_eval(path: str | Path) -> dict:
+    """Read an eval.json (a file, or a directory holding eval.json); schema in the module docstring.
+
+    Raises FileNotFoundError for a missing file, ValueError for bad JSON or scores that are
+    missing or outside [0, 1].
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation file not found: {path}")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    _check_scores(result, str(path))
+    for group in ("by_hops", "by_data_source"):
+        breakdown = result.get(group)
+        if breakdown is None:
+            continue
+        if not isinstance(breakdown, dict):
+            raise ValueError(f"{path}: {group!r} must be an object, got {breakdown!r:.120}")
+        for key, scores in breakdown.items():
+            _check_scores(scores, f"{path}: {group}[{key!r}]")
+    return result
+
+
+def load_trajectories(path: str | Path) -> list[dict]:
+    """Read trajectories.jsonl; every line needs "question", "outcome" and a non-empty "turns"
+    list whose items have "text", "probe_prob" and "advantage" (ValueError naming the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trajectories file not found: {path}")
+    trajectories = []
+    for line_number, record in _read_json_lines(path):
+        where = f"{path}:{line_number}"
+        if not isinstance(record.get("question"), str) or not _is_number(record.get("outcome")):
+            raise ValueError(f"{where}: needs a string 'question' and a number 'outcome'; keys present: {sorted(record)}")
+        turns = record.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: 'turns' must be a non-empty list, got {turns!r:.120}")
+        for index, turn in enumerate(turns):
+            if (not isinstance(turn, dict) or not isinstance(turn.get("text"), str)
+                    or not _is_number(turn.get("probe_prob")) or not _is_number(turn.get("advantage"))):
+                raise ValueError(f"{where}: turns[{index}] needs a string 'text' and numbers 'probe_prob' and "
+                                 f"'advantage', got {turn!r:.160}")
+            gain = turn.get("information_gain")
+            if gain is not None and not _is_number(gain):
+                raise ValueError(f"{where}: turns[{index}]['information_gain'] must be a number or null, got {gain!r}")
+        trajectories.append(record)
+    return trajectories
+
+
+def _load_run(label: str, run_dir: Path) -> dict:
+    if not isinstance(run_dir, (str, Path)):
+        raise TypeError(f"run_dirs[{label!r}] must be a path, got {type(run_dir).__name__}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory for {label!r} not found: {run_dir}")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"run {label!r}: {config_path} not found (every run directory has its config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    run = {"label": label, "dir": run_dir, "config": config, "metrics": load_metrics(run_dir / "metrics.jsonl"),
+           "eval": None, "trajectories": []}
+    if (run_dir / "eval.json").is_file():
+        run["eval"] = load_eval(run_dir / "eval.json")
+    else:  # fall back on the last evaluation logged during training
+        evaluated = [record for record in run["metrics"]
+                     if record.get("heldout_em") is not None and record.get("heldout_f1") is not None]
+        if evaluated:
+            last = evaluated[-1]
+            run["eval"] = {"step": last["step"], "em": last["heldout_em"], "f1": last["heldout_f1"]}
+    if (run_dir / "trajectories.jsonl").is_file():
+        run["trajectories"] = load_trajectories(run_dir / "trajectories.jsonl")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _plot_heldout(runs: list[dict], warm: dict | None, path: Path) -> None:
+    figure = _new_figure(10, 4)
+    axes = figure.subplots(1, 2, sharex=True)
+    for ax, key, name in ((axes[0], "heldout_em", "em"), (axes[1], "heldout_f1", "f1")):
+        for index, run in enumerate(runs):
+            points = [(record["step"], 100 * record[key]) for record in run["metrics"] if record.get(key) is not None]
+            if warm is not None and not any(step == 0 for step, _ in points):
+                points.insert(0, (0, 100 * warm[name]))  # every RL run starts from the warm start
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o", markersize=3, color=f"C{index}", label=run["label"])
+        if warm is not None:
+            ax.axhline(100 * warm[name], color="black", linestyle="--", linewidth=1, label="warm start")
+        ax.set_title(f"held-out {name.upper()}")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(f"{name.upper()} (%)")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no held-out evaluation logged", ha="center", va="center", transform=ax.transAxes)
+    figure.savefig(path)
+
+
+def _plot_collapse(runs: list[dict], path: Path) -> None:
+    figure = _new_figure(7, 4)
+    ax = figure.subplots()
+    for index, run in enumerate(runs):
+        for key, style, suffix in (("zero_variance_group_fraction", "-", "all advantages 0"),
+                                   ("outcome_zero_variance_group_fraction", ":", "all outcomes equal")):
+            points = [(record["step"], 100 * record[key]) for record in run["metrics"] if record.get(key) is not None]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, style, color=f"C{index}", label=f"{run['label']}: {suffix}")
+    ax.set_title("advantage collapse: groups whose advantages are all zero")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("groups (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no zero_variance_group_fraction logged", ha="center", va="center", transform=ax.transAxes)
+    figure.savefig(path)
+
+
+def _excerpt(text: str, width: int, max_lines: int) -> str:
+    lines = textwrap.wrap(" ".join(text.split()), width=width) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 3] + "..."
+    return "\n".join(lines)
+
+
+def _turn_header(number: int, turn: dict) -> str:
+    gain = turn.get("information_gain")
+    gain_text = "final turn (outcome)" if gain is None else f"IG = {gain:+.3f}"
+    return f"Turn {number}   p(answer) before = {turn['probe_prob']:.3f}   {gain_text}   advantage = {turn['advantage']:+.3f}"
+
+
+def _plot_case_study(trajectory: dict, label: str, path: Path) -> None:
+    from matplotlib.patches import FancyBboxPatch
+
+    turns = trajectory["turns"]
+    box_height, gap, header = 1.5, 0.3, 1.2
+    total = header + len(turns) * (box_height + gap)
+    figure = _new_figure(11, 0.55 * total + 0.3)
+    ax = figure.subplots()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, total)
+    ax.axis("off")
+    answers = ", ".join(trajectory.get("answers") or [])
+    ax.text(0.0, total - 0.3, _excerpt(f"{label} case study: {trajectory['question']}", 110, 1),
+            fontsize=11, weight="bold", va="top", parse_math=False)
+    ax.text(0.0, total - 0.85, f"gold answer: {answers}    outcome reward: {trajectory['outcome']:+.3f}",
+            fontsize=9, va="top", parse_math=False)
+    for index, turn in enumerate(turns):
+        top = total - header - index * (box_height + gap)
+        fill, edge = _POSITIVE if turn["advantage"] > 0 else _NEGATIVE if turn["advantage"] < 0 else _NEUTRAL
+        ax.add_patch(FancyBboxPatch((0.005, top - box_height), 0.99, box_height, boxstyle="round,pad=0,rounding_size=0.1",
+                                    facecolor=fill, edgecolor=edge, linewidth=1.5, mutation_aspect=1 / 0.55))
+        ax.text(0.02, top - 0.2, _turn_header(index + 1, turn), fontsize=9, weight="bold", color=edge, va="top",
+                parse_math=False)
+        body = _excerpt(turn["text"], 120, 2)
+        if turn.get("observation"):
+            body += "\n" + _excerpt("[information] " + turn["observation"], 120, 1)
+        ax.text(0.02, top - 0.75, body, fontsize=8, family="monospace", va="top", parse_math=False)
+    figure.savefig(path)
+
+
+def _pick_case_study(runs: list[dict]) -> tuple[str, dict] | None:
+    with_trajectories = [run for run in runs if run["trajectories"]]
+    if not with_trajectories:
+        return None
+    igpo = [run for run in with_trajectories if "igpo" in run["label"].lower()]
+    run = (igpo or with_trajectories)[0]
+    ranked = max(enumerate(run["trajectories"]),
+                 key=lambda item: (len(item[1]["turns"]) >= 2, item[1]["outcome"] > 0,
+                                   item[1].get("step") or 0, len(item[1]["turns"]), item[0]))
+    return run["label"], ranked[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _percent(scores: dict | None, key: str) -> str:
+    return "n/a" if scores is None or scores.get(key) is None else f"{100 * scores[key]:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(_cell, row)) + " |" for row in rows)]
+
+
+def _results_table(policies: list[tuple[str, dict | None]], warm: dict | None) -> list[str]:
+    hops = sorted({key for _, result in policies if result for key in (result.get("by_hops") or {})},
+                  key=lambda key: (not str(key).isdigit(), int(key) if str(key).isdigit() else 0, str(key)))
+    header = ["policy"] + [f"{hop}-hop {name}" for hop in hops for name in ("EM", "F1")] + ["EM", "F1", "n"]
+    if warm is not None:
+        header.append("EM vs warm start")
+    rows = []
+    for label, result in policies:
+        by_hops = (result or {}).get("by_hops") or {}
+        row = [label] + [_percent(by_hops.get(hop), name) for hop in hops for name in ("em", "f1")]
+        row += [_percent(result, "em"), _percent(result, "f1"), str((result or {}).get("n", "n/a"))]
+        if warm is not None:
+            row.append("n/a" if result is None else f"{100 * (result['em'] - warm['em']):+.1f}")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _source_table(policies: list[tuple[str, dict | None]]) -> list[str]:
+    """EM per data source in the paper's column order (NQ, TQ, HotpotQA, 2Wiki, MuSiQue, Bamboogle, PopQA, Avg.)."""
+    present = {str(key) for _, result in policies if result for key in (result.get("by_data_source") or {})}
+    if not present:
+        return []
+    named = dict(_PAPER_SOURCES)
+    columns = [key for key, _ in _PAPER_SOURCES if any(source.lower() == key for source in present)]
+    columns = [next(source for source in present if source.lower() == key) for key in columns]
+    columns += sorted(source for source in present if source not in columns)
+    header = ["policy (EM)"] + [named.get(source.lower(), source) for source in columns] + ["Avg."]
+    rows = []
+    for label, result in policies:
+        by_source = (result or {}).get("by_data_source") or {}
+        values = [by_source[source]["em"] for source in columns if source in by_source]
+        average = f"{100 * sum(values) / len(values):.1f}" if len(values) == len(columns) else "n/a"
+        rows.append([label] + [_percent(by_source.get(source), "em") for source in columns] + [average])
+    return ["", "Exact match per data source (paper's column order; Avg. is the unweighted mean):", "",
+            *_table(header, rows)]
+
+
+def _summary_table(runs: list[dict]) -> list[str]:
+    keys = [key for key in SUMMARY_KEYS if any(record.get(key) is not None for run in runs for record in run["metrics"])]
+    if not keys:
+        return ["No training statistics were logged."]
+    header = ["metric"] + [f"{run['label']} last / mean" for run in runs]
+    rows = []
+    for key in keys:
+        row = [key]
+        for run in runs:
+            values = [record[key] for record in run["metrics"] if _is_number(record.get(key))]
+            row.append("n/a" if not values else f"{values[-1]:.4g} / {sum(values) / len(values):.4g}")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _config_differences(runs: list[dict]) -> list[str]:
+    keys = sorted({key for run in runs for key in run["config"]})
+    differing = [key for key in keys
+                 if len({json.dumps(run["config"].get(key), sort_keys=True, default=str) for run in runs}) > 1]
+    if len(runs) < 2 or not differing:
+        return ["The runs' configurations are identical." if len(runs) > 1 else "One run."]
+    rows = [[key] + [json.dumps(run["config"].get(key), default=str)[:60] for run in runs] for key in differing]
+    return _table(["setting"] + [run["label"] for run in runs], rows)
+
+
+def _mean_collapse(run: dict) -> str:
+    values = [record["zero_variance_group_fraction"] for record in run["metrics"]
+              if record.get("zero_variance_group_fraction") is not None]
+    return "n/a" if not values else f"{100 * sum(values) / len(values):.1f}%"
+
+
+def write_report(run_dirs: dict[str, Path], out_dir: Path, *, warm_start_eval: Path | None = None) -> Path:
+    """Write ``out_dir/report.md`` and its PNG plots from run directories (schemas: module docstring).
+
+    Args:
+        run_dirs: label -> run directory, in display order, e.g. {"IGPO": Path(...), "GRPO": Path(...)}.
+        out_dir: where report.md and the PNGs go (created if needed; may be a run directory).
+        warm_start_eval: the warm-start policy's eval.json (or a directory holding one), shown as
+            the first table row, a dashed line in the EM/F1 plot and step 0 of every run's curve.
+
+    Returns:
+        The path of report.md.
+
+    Raises:
+        TypeError / ValueError: ``run_dirs`` empty or not a dict, or a malformed file.
+        FileNotFoundError: a run directory, its config.json or metrics.jsonl, or warm_start_eval is missing.
+    """
+    if not isinstance(run_dirs, dict) or not run_dirs:
+        raise ValueError(f"run_dirs must be a non-empty dict label -> run directory, got {run_dirs!r:.120}")
+    runs = [_load_run(str(label), run_dir) for label, run_dir in run_dirs.items()]
+    warm = load_eval(warm_start_eval) if warm_start_eval is not None else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    _plot_heldout(runs, warm, out_dir / EM_F1_PLOT)
+    _plot_collapse(runs, out_dir / COLLAPSE_PLOT)
+    case_study = _pick_case_study(runs)
+    if case_study is not None:
+        _plot_case_study(case_study[1], case_study[0], out_dir / CASE_STUDY_PLOT)
+
+    labels = " vs ".join(run["label"] for run in runs)
+    lines = [f"# Reference trainer report: {labels}", ""]
+    for run in runs:
+        steps = max((record["step"] for record in run["metrics"]), default=0)
+        lines.append(f"- **{run['label']}**: `{run['dir']}`, {steps} RL steps")
+    if warm is not None:
+        lines.append(f"- **warm start**: `{warm_start_eval}`")
+
+    policies = ([("warm start", warm)] if warm is not None else []) + [(run["label"], run["eval"]) for run in runs]
+    lines += ["", "## Final held-out results", "",
+              "Greedy decoding, exact match (EM) and word-level F1 in percent, by number of hops.", ""]
+    lines += _results_table(policies, warm)
+    lines += _source_table(policies)
+    lines.append("")
+    for run in runs:
+        if run["eval"] is None:
+            lines.append(f"- {run['label']}: no held-out evaluation recorded.")
+        elif warm is not None:
+            change = 100 * (run["eval"]["em"] - warm["em"])
+            lines.append(f"- {run['label']}: held-out EM {_percent(run['eval'], 'em')} vs warm start "
+                         f"{_percent(warm, 'em')} ({change:+.1f} points).")
+        else:
+            lines.append(f"- {run['label']}: held-out EM {_percent(run['eval'], 'em')}, F1 {_percent(run['eval'], 'f1')}.")
+
+    lines += ["", "## Held-out EM and F1 over training", "", f"![held-out EM and F1 over RL steps]({EM_F1_PLOT})",
+              "", "## Advantage collapse", "",
+              "Share of groups in which every advantage is zero, so the group teaches nothing "
+              "(solid; dotted: groups whose outcomes are all equal, GRPO's collapse condition).", "",
+              f"![advantage-collapse rate over RL steps]({COLLAPSE_PLOT})", ""]
+    lines += [f"- {run['label']}: mean collapse rate {_mean_collapse(run)}." for run in runs]
+
+    lines += ["", "## Case study", ""]
+    if case_study is None:
+        lines.append("No trajectories were recorded.")
+    else:
+        label, trajectory = case_study
+        lines += [f"One {label} trajectory (step {trajectory.get('step', 'n/a')}), each turn with the probe's "
+                  "p(answer) before it, its information gain and its advantage (green: positive, red: negative).", "",
+                  f"![case study]({CASE_STUDY_PLOT})", "",
+                  f"Question: {_cell(trajectory['question'])}  ",
+                  f"Gold answer: {_cell(', '.join(trajectory.get('answers') or []))}; "
+                  f"outcome reward {trajectory['outcome']:+.3f}", ""]
+        lines += _table(["turn", "p(answer) before", "IG", "advantage", "text"],
+                        [[str(index + 1), f"{turn['probe_prob']:.3f}",
+                          "final" if turn.get("information_gain") is None else f"{turn['information_gain']:+.3f}",
+                          f"{turn['advantage']:+.3f}", "`" + _excerpt(turn["text"], 200, 1).replace("`", "'") + "`"]
+                         for index, turn in enumerate(trajectory["turns"])])
+
+    lines += ["", "## Training summary", ""] + _summary_table(runs)
+    lines += ["", "## Configuration differences", ""] + _config_differences(runs)
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report

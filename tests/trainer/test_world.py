@@ -1,0 +1,325 @@
+"""Tests for reference_trainer.world: the seeded world, corpus jsonl IO and the parquet QA loader."""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from reference_trainer.retrieval import BM25Retriever
+from reference_trainer.world import (
+    Document,
+    QAExample,
+    build_world,
+    load_qa_parquet,
+    read_corpus_jsonl,
+    write_corpus_jsonl,
+    write_qa_parquet,
+)
+
+SHARED_PARQUET = Path(__file__).resolve().parents[3] / "shared" / "data" / "search_qa_dev.parquet"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_sizes(world):
+    assert (len(world.train), len(world.heldout)) == (300, 100)
+    # 150 + 50 people, 8 countries with 4 cities each, 16 organisations: one document each.
+    assert len(world.corpus) == 200 + 8 * (4 + 1) + 16
+    assert Counter(example.hops for example in world.train) == {1: 100, 2: 100, 3: 100}
+    assert Counter(example.hops for example in world.heldout) == {1: 34, 2: 33, 3: 33}
+    assert [doc.id for doc in world.corpus] == [str(index) for index in range(len(world.corpus))]
+
+
+def test_same_seed_same_world_other_seed_other_world(world):
+    again = build_world(seed=0)
+    assert (again.train, again.heldout, again.corpus) == (world.train, world.heldout, world.corpus)
+    other = build_world(seed=1)
+    assert {doc.title for doc in other.corpus} != {doc.title for doc in world.corpus}
+
+
+def test_titles_unique_and_questions_distinct(world):
+    titles = [doc.title for doc in world.corpus]
+    assert len(set(titles)) == len(titles)
+    questions = [example.question for example in world.train + world.heldout]
+    assert len(set(questions)) == len(questions)
+
+
+def test_heldout_subjects_never_appear_in_training_questions(world):
+    heldout_subjects = {example.gold_queries[0] for example in world.heldout}
+    assert heldout_subjects
+    for example in world.train:
+        assert not any(subject in example.question for subject in heldout_subjects)
+
+
+def test_gold_chain_is_consistent(world):
+    for example in world.train + world.heldout:
+        assert example.data_source == "world"
+        assert len(example.gold_queries) == len(example.gold_bridge_answers) == example.hops
+        assert example.gold_queries[0] in example.question
+        assert example.gold_queries[1:] == example.gold_bridge_answers[:-1]
+        assert example.answers == (example.gold_bridge_answers[-1],)
+        assert example.answers[0] not in example.question
+        # A 3-hop question is never answerable by its first bridge (born in the capital).
+        assert len(set(example.gold_bridge_answers)) == example.hops
+
+
+def _solve_from_corpus(question: str, docs: dict[str, str]) -> tuple[str, list[str]]:
+    """An independent reader: answer a world question by following the documents' sentences."""
+
+    def fact(title: str, pattern: str) -> str:
+        match = re.search(pattern.format(re.escape(title)), docs[title])
+        assert match, (title, pattern, docs[title])
+        return match.group(1)
+
+    born = r"{} was born in (\w+)\."
+    works = r"{} works for ([\w ]+?)\."
+    country = r"{} is a city in (\w+)\."
+    capital = r"The capital of {} is (\w+)\."
+    based = r"{} is an organisation based in (\w+)\."
+    chains = [(r"Where was (.+) born\?", [born]),
+              (r"Which organisation does (.+) work for\?", [works]),
+              (r"In which country was (.+) born\?", [born, country]),
+              (r"In which city is the employer of (.+) based\?", [works, based]),
+              (r"What is the capital of the country where (.+) was born\?", [born, country, capital]),
+              (r"In which country is the employer of (.+) based\?", [works, based, country])]
+    for question_pattern, steps in chains:
+        match = re.fullmatch(question_pattern, question)
+        if match:
+            entity, visited = match.group(1), []
+            for step in steps:
+                visited.append(entity)
+                entity = fact(entity, step)
+            return entity, visited
+    raise AssertionError(f"unknown question form: {question}")
+
+
+def test_every_question_is_answered_by_reading_the_corpus(world):
+    docs = {doc.title: doc.text for doc in world.corpus}
+    for example in world.train + world.heldout:
+        answer, visited = _solve_from_corpus(example.question, docs)
+        assert answer == example.answers[0]
+        assert tuple(visited) == example.gold_queries
+
+
+def test_distractors_share_names_and_cities(world):
+    people = [example.gold_queries[0] for example in world.train + world.heldout]
+    surnames = Counter(name.split()[1] for name in set(people))
+    assert max(surnames.values()) >= 3  # several people per surname
+    birthplace = next(example.gold_bridge_answers[0] for example in world.train if "born" in example.question)
+    mentions = [doc.title for doc in world.corpus if re.search(rf"\b{birthplace}\b", doc.text)]
+    assert birthplace in mentions and len(mentions) >= 3  # its own document and others mentioning it
+
+
+def test_bm25_top3_retrieves_the_gold_document_for_every_gold_query(world):
+    retriever = BM25Retriever(world.corpus)
+    steps = [(example, hop) for example in world.train + world.heldout for hop in range(example.hops)]
+    results = retriever.search([example.gold_queries[hop] for example, hop in steps], topk=3)
+    for (example, hop), docs in zip(steps, results):
+        titles = [doc.title for doc in docs]
+        assert example.gold_queries[hop] in titles, (example.question, hop, titles)
+        # and that document states the bridge answer
+        gold_doc = docs[titles.index(example.gold_queries[hop])]
+        assert example.gold_bridge_answers[hop] in gold_doc.text
+
+
+def test_small_world_and_sizes_are_configurable():
+    small = build_world(seed=3, num_train=12, num_heldout=6, num_people=20, num_countries=3,
+                        cities_per_country=3, num_organisations=2)
+    assert (len(small.train), len(small.heldout), len(small.corpus)) == (12, 6, 20 + 3 * 4 + 2)
+    assert small.seed == 3
+    no_heldout = build_world(seed=0, num_train=3, num_heldout=0)
+    assert no_heldout.heldout == [] and len(no_heldout.train) == 3
+
+
+@pytest.mark.parametrize("num_train, num_heldout", [(1, 0), (2, 1), (3, 3), (6, 3), (7, 2), (20, 10)])
+def test_tiny_worlds_are_complete(num_train, num_heldout):
+    tiny = build_world(seed=num_train, num_train=num_train, num_heldout=num_heldout, num_countries=2,
+                       cities_per_country=2, num_organisations=1)
+    assert (len(tiny.train), len(tiny.heldout)) == (num_train, num_heldout)
+    docs = {doc.title: doc.text for doc in tiny.corpus}
+    for example in tiny.train + tiny.heldout:
+        assert _solve_from_corpus(example.question, docs)[0] == example.answers[0]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"num_train": 0}, ValueError, "num_train must be >= 1, got 0"),
+    ({"num_train": "3"}, TypeError, "num_train must be an int, got str"),
+    ({"num_heldout": -1}, ValueError, "num_heldout must be >= 0, got -1"),
+    ({"num_countries": 1}, ValueError, "num_countries must be >= 2, got 1"),
+    ({"cities_per_country": 1}, ValueError, "cities_per_country must be >= 2, got 1"),
+    ({"num_organisations": 2.0}, TypeError, "num_organisations must be an int, got float"),
+    ({"num_train": 30, "num_heldout": 3, "num_people": 4}, ValueError, "cannot draw 10 distinct 1-hop train questions"),
+])
+def test_bad_sizes_raise(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        build_world(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus IO
+# ---------------------------------------------------------------------------------------------
+
+
+def test_document_contents_round_trip():
+    doc = Document(id="3", title="Mira Tosk", text='Line one.\nLine "two".')
+    assert doc.contents == '"Mira Tosk"\nLine one.\nLine "two".'
+    assert Document.from_contents("3", doc.contents) == doc
+    assert Document.from_contents(5, "no title line") == Document("5", "no title line", "")
+    assert Document.from_contents("1", "Unquoted title\ntext") == Document("1", "Unquoted title", "text")
+    with pytest.raises(TypeError, match="contents must be a str, got int"):
+        Document.from_contents("1", 7)
+
+
+def test_corpus_jsonl_round_trip(tmp_path, world):
+    path = write_corpus_jsonl(world.corpus, tmp_path / "sub" / "corpus.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(world.corpus)
+    first = json.loads(lines[0])
+    assert first == {"id": "0", "contents": '"' + world.corpus[0].title + '"\n' + world.corpus[0].text}
+    assert read_corpus_jsonl(path) == world.corpus
+
+
+def test_read_corpus_accepts_int_ids_blank_lines_and_extra_keys(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": 0, "contents": "\\"A\\"\\ntext a", "title": "ignored"}\n\n'
+                    '{"id": "x", "contents": "\\"B\\"\\ntext b"}\n', encoding="utf-8")
+    assert read_corpus_jsonl(path) == [Document("0", "A", "text a"), Document("x", "B", "text b")]
+
+
+@pytest.mark.parametrize("content, error, message", [
+    ("", ValueError, "is empty"),
+    ("\n  \n", ValueError, "is empty"),
+    ('{"id": "0", "contents": "a"}\n{"id": "1", "contents": \n', ValueError, "corpus.jsonl:2: not valid JSON"),
+    ('["0", "a"]\n', ValueError, "corpus.jsonl:1: expected a JSON object, got list"),
+    ('{"id": "0", "text": "a"}\n', ValueError, "corpus.jsonl:1: missing key(s) ['contents']; keys present: ['id', 'text']"),
+    ('{"id": "0", "contents": 3}\n', ValueError, "corpus.jsonl:1: contents must be a string, got int"),
+    ('{"id": null, "contents": "a"}\n', ValueError, "corpus.jsonl:1: id must be a string or an int, got None"),
+    ('{"id": "0", "contents": "a"}\n{"id": "0", "contents": "b"}\n', ValueError, "corpus.jsonl:2: duplicate document id '0'"),
+])
+def test_read_corpus_errors(tmp_path, content, error, message):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(error, match=re.escape(message)):
+        read_corpus_jsonl(path)
+
+
+def test_read_corpus_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus file not found: .*nope.jsonl"):
+        read_corpus_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_write_corpus_rejects_non_documents(tmp_path):
+    with pytest.raises(TypeError, match=r"docs\[1\] must be a Document, got dict"):
+        write_corpus_jsonl([Document("0", "a", "b"), {"id": "1"}], tmp_path / "c.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet questions
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_rows(path, rows, **extra_columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else extra_columns
+    pq.write_table(pa.table(columns), path)
+
+
+def test_load_search_r1_template_and_target_lists(tmp_path):
+    template = ("Answer the given question. You must conduct reasoning inside <think> and </think> first. "
+                "For example, <answer> Beijing </answer>. Question: {}\n")
+    rows = [
+        {"data_source": "nq", "prompt": [{"role": "user", "content": template.format("who wrote hamlet?")}],
+         "reward_model": {"ground_truth": {"target": ["William Shakespeare", "Shakespeare"]}, "style": "rule"}},
+        {"data_source": "hotpotqa", "prompt": [{"role": "user", "content": template.format("what is 2+2?")}],
+         "reward_model": {"ground_truth": {"target": ["4"]}, "style": "rule"}},
+    ]
+    path = tmp_path / "search_r1.parquet"
+    _write_rows(path, rows)
+    assert load_qa_parquet(path) == [
+        QAExample("who wrote hamlet?", ("William Shakespeare", "Shakespeare"), 0, "nq"),
+        QAExample("what is 2+2?", ("4",), 0, "hotpotqa"),
+    ]
+
+
+def test_load_answer_split_string_and_system_message(tmp_path):
+    rows = [{"data_source": "popqa",
+             "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "  Capital of Columbia County? "}],
+             "reward_model": {"ground_truth": "Bloomsburg<|answer_split|> Eyersburg <|answer_split|>", "style": "unknown"}}]
+    path = tmp_path / "q.parquet"
+    _write_rows(path, rows)
+    assert load_qa_parquet(path) == [QAExample("Capital of Columbia County?", ("Bloomsburg", "Eyersburg"), 0, "popqa")]
+
+
+def test_write_and_load_qa_parquet_round_trip(tmp_path, world):
+    examples = world.heldout[:10]
+    path = write_qa_parquet(examples, tmp_path / "heldout.parquet", split="test")
+    assert load_qa_parquet(path) == examples
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    assert table.column("extra_info").to_pylist()[3]["split"] == "test"
+    assert table.column("reward_model").to_pylist()[0]["ground_truth"] == examples[0].answers[0]
+
+
+@pytest.mark.skipif(not SHARED_PARQUET.is_file(), reason="the shared dev parquet is only on the development machine")
+def test_load_shared_dev_parquet():
+    examples = load_qa_parquet(SHARED_PARQUET)
+    assert len(examples) == 3197
+    assert Counter(example.data_source for example in examples)["Bamboogle"] == 125
+    assert examples[0] == QAExample("What is the date of birth of Millicent Leveson-Gower, Duchess Of Sutherland's husband?",
+                                    ("20 July 1851",), 0, "2wiki")
+    assert examples[1].answers == ("Bloomsburg", "The Only Town in Pennsylvania", "Eyersburg")
+
+
+def test_load_qa_parquet_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="question file not found"):
+        load_qa_parquet(tmp_path / "missing.parquet")
+
+    not_parquet = tmp_path / "bad.parquet"
+    not_parquet.write_text("hello", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not a readable parquet file"):
+        load_qa_parquet(not_parquet)
+
+    no_prompt = tmp_path / "no_prompt.parquet"
+    _write_rows(no_prompt, [{"data_source": "nq", "reward_model": {"ground_truth": "a", "style": "x"}}])
+    with pytest.raises(ValueError, match=re.escape("missing column(s) ['prompt']")):
+        load_qa_parquet(no_prompt)
+
+    import pyarrow as pa
+
+    empty = tmp_path / "empty.parquet"
+    _write_rows(empty, [], data_source=pa.array([], pa.string()), prompt=pa.array([], pa.list_(pa.string())),
+                reward_model=pa.array([], pa.string()))
+    with pytest.raises(ValueError, match=r"holds no questions \(0 rows\)"):
+        load_qa_parquet(empty)
+
+    no_answer = tmp_path / "no_answer.parquet"
+    _write_rows(no_answer, [{"data_source": "nq", "prompt": [{"role": "user", "content": "q?"}],
+                             "reward_model": {"ground_truth": " <|answer_split|> ", "style": "x"}}])
+    with pytest.raises(ValueError, match="row 0: reward_model.ground_truth holds no answer"):
+        load_qa_parquet(no_answer)
+
+    no_user = tmp_path / "no_user.parquet"
+    _write_rows(no_user, [{"data_source": "nq", "prompt": [{"role": "system", "content": "q?"}],
+                           "reward_model": {"ground_truth": "a", "style": "x"}}])
+    with pytest.raises(ValueError, match="row 0: prompt has no user message"):
+        load_qa_parquet(no_user)
+
+
+def test_write_qa_parquet_errors(tmp_path):
+    with pytest.raises(ValueError, match="examples is empty"):
+        write_qa_parquet([], tmp_path / "x.parquet")
+    with pytest.raises(TypeError, match=r"examples\[0\] must be a QAExample, got str"):
+        write_qa_parquet(["q"], tmp_path / "x.parquet")
