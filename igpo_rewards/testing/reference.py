@@ -1,0 +1,689 @@
+"""Float64 loop reference ("oracle") of every IGPO formula.
+
+Plain Python loops over rollouts, turns and tokens, written straight from the specification
+(docs/algorithm.md, arXiv 2510.14967) so that it can be read next to the equations. It is what
+the vectorized NumPy/Torch/JAX implementations are tested against, and the loop-style baseline
+in the benchmarks. Readability wins over speed everywhere in this module.
+
+Conventions (the same names and argument meanings as the public API of ``igpo_rewards``):
+
+* Shapes: B rollouts, T turns (padded), L answer tokens (padded), S response tokens.
+* Inputs: anything ``np.asarray`` accepts (Torch tensors on any device and dtype are accepted
+  too). Values are converted to float64, masks to bool (nonzero = True), indices to int64.
+* ``turn_mask[B, T]`` is a prefix mask; rollout i has ``n_i = turn_mask[i].sum()`` turns,
+  ``0 .. n_i - 1``. Rows with ``n_i = 0`` are batch padding: they get zeros everywhere.
+  The oracle does not check that masks are prefixes (validation is the public API's job); it
+  only checks shapes.
+* ``group_ids[B]``: any hashable ids (ints, strings, an object array of uid strings).
+* Outputs: float64 NumPy arrays (int64 for turn indices, a Python float for
+  :func:`zero_variance_group_fraction`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "IGPOAdvantages",
+    "answer_logprob",
+    "information_gain",
+    "turn_rewards",
+    "group_normalize",
+    "discounted_returns",
+    "igpo_advantages",
+    "grpo_advantages",
+    "turn_index_from_response_mask",
+    "broadcast_to_tokens",
+    "place_turn_rewards",
+    "advantages_from_token_rewards",
+    "zero_variance_group_fraction",
+]
+
+_KINDS = ("prob", "log_prob")
+_MODES = ("joint", "separate")
+_WEIGHTINGS = ("turn", "trajectory")
+_SCALES = ("std", "none")
+
+
+class IGPOAdvantages(NamedTuple):
+    """Every intermediate of :func:`igpo_advantages`, each float64 ``[B, T]``."""
+
+    advantages: np.ndarray
+    normalized_rewards: np.ndarray
+    rewards: np.ndarray
+    information_gain: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------
+# Input conversion and shape checks (the only checking the oracle does).
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.double()  # NumPy has no bfloat16
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _float64(x: Any) -> np.ndarray:
+    return _to_numpy(x).astype(np.float64)
+
+
+def _bool(x: Any) -> np.ndarray:
+    return _to_numpy(x) != 0
+
+
+def _int64(x: Any) -> np.ndarray:
+    return _to_numpy(x).astype(np.int64)
+
+
+def _check_ndim(array: np.ndarray, name: str, ndim: int, layout: str) -> None:
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(array.shape)}")
+
+
+def _check_same_shape(array: np.ndarray, name: str, other: np.ndarray, other_name: str) -> None:
+    if array.shape != other.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(array.shape)} but {other_name} has shape "
+            f"{tuple(other.shape)}; they must match"
+        )
+
+
+def _check_rollouts(array: np.ndarray, name: str, num_rollouts: int) -> None:
+    if array.ndim != 1 or array.shape[0] != num_rollouts:
+        raise ValueError(
+            f"{name} must have shape [B] = [{num_rollouts}], got shape {tuple(array.shape)}"
+        )
+
+
+def _group_keys(group_ids: Any, num_rollouts: int) -> list[Hashable]:
+    """One hashable key per rollout (Python scalars, so that 3 and np.int64(3) are one group)."""
+    if isinstance(group_ids, (list, tuple)):
+        keys = list(group_ids)
+        if len(keys) != num_rollouts:
+            raise ValueError(
+                f"group_ids must have length B = {num_rollouts}, got length {len(keys)}"
+            )
+        return keys
+    ids = _to_numpy(group_ids)
+    _check_rollouts(ids, "group_ids", num_rollouts)
+    return ids.tolist()
+
+
+def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _num_turns(turn_mask: np.ndarray) -> list[int]:
+    """n_i for each rollout: the number of valid turns of a prefix mask."""
+    return [int(turn_mask[i].sum()) for i in range(turn_mask.shape[0])]
+
+
+def _runs(response_mask_row: np.ndarray) -> list[tuple[int, int]]:
+    """The maximal runs of 1s of one response_mask row, as ``(start, stop)`` token ranges."""
+    runs = []
+    start = None
+    for s, generated in enumerate(response_mask_row):
+        if generated and start is None:
+            start = s
+        elif not generated and start is not None:
+            runs.append((start, s))
+            start = None
+    if start is not None:
+        runs.append((start, len(response_mask_row)))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Section 1: the probe.
+
+
+def answer_logprob(token_logprobs: Any, token_mask: Any) -> np.ndarray:
+    """Length-normalized log-probability of the answer at each probe.
+
+    m_{i,j} = (1/L_{i,j}) * sum_{l: mask_{i,j,l}} log pi(a_l | context_{i,j}, a_<l)
+
+    Args:
+      token_logprobs: ``[B, T, L]`` log-probabilities of the answer tokens.
+      token_mask: ``[B, T, L]``, nonzero where a token belongs to the answer.
+
+    Returns:
+      ``[B, T]`` float64. A probe slot with no answer token gives 0.0; a ``-inf`` token
+      log-prob gives ``-inf`` (probability 0). Values under mask 0 are ignored.
+    """
+    logprobs = _float64(token_logprobs)
+    mask = _bool(token_mask)
+    _check_ndim(logprobs, "token_logprobs", 3, "[B, T, L]")
+    _check_same_shape(mask, "token_mask", logprobs, "token_logprobs")
+    num_rollouts, num_turns, num_tokens = logprobs.shape
+    out = np.zeros((num_rollouts, num_turns), dtype=np.float64)
+    for i in range(num_rollouts):
+        for j in range(num_turns):
+            total = 0.0
+            count = 0
+            for token in range(num_tokens):
+                if mask[i, j, token]:
+                    total += float(logprobs[i, j, token])
+                    count += 1
+            out[i, j] = total / count if count > 0 else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Section 2: turn rewards.
+
+
+def _belief(logprob: float, kind: str, log_prob_floor: float) -> float:
+    if kind == "prob":
+        return math.exp(logprob)  # math.exp(-inf) == 0.0
+    return max(logprob, log_prob_floor)
+
+
+def information_gain(
+    answer_logprob: Any,
+    turn_mask: Any,
+    *,
+    kind: str = "prob",
+    log_prob_floor: float = -20.0,
+) -> np.ndarray:
+    """Information gain of every non-final turn.
+
+    prob:      IG_{i,j} = exp(m_{i,j+1}) - exp(m_{i,j})                          j < n_i - 1
+    log_prob:  IG_{i,j} = max(m_{i,j+1}, floor) - max(m_{i,j}, floor)            j < n_i - 1
+
+    ``exp(-inf) = 0``; the floor makes ``-inf`` finite for the log_prob kind. The final turn
+    ``j = n_i - 1`` and padded turns get 0. Values of ``answer_logprob`` at padded turns are
+    ignored.
+
+    Args:
+      answer_logprob: ``[B, T]`` probe log-probs m (probe j is taken right before turn j).
+      turn_mask: ``[B, T]`` prefix mask of valid turns.
+      kind: ``"prob"`` (the paper's) or ``"log_prob"``.
+      log_prob_floor: lower clamp of m for ``kind="log_prob"``.
+
+    Returns:
+      ``[B, T]`` float64.
+    """
+    logprob = _float64(answer_logprob)
+    mask = _bool(turn_mask)
+    _check_ndim(logprob, "answer_logprob", 2, "[B, T]")
+    _check_same_shape(mask, "turn_mask", logprob, "answer_logprob")
+    _check_choice(kind, "kind", _KINDS)
+    out = np.zeros(logprob.shape, dtype=np.float64)
+    for i, n in enumerate(_num_turns(mask)):
+        for j in range(n - 1):
+            before = _belief(float(logprob[i, j]), kind, log_prob_floor)
+            after = _belief(float(logprob[i, j + 1]), kind, log_prob_floor)
+            out[i, j] = after - before
+    return out
+
+
+def turn_rewards(
+    answer_logprob: Any,
+    outcome: Any,
+    turn_mask: Any,
+    *,
+    kind: str = "prob",
+    ig_weight: float = 1.0,
+    outcome_weight: float = 1.0,
+    log_prob_floor: float = -20.0,
+) -> np.ndarray:
+    """Per-turn reward: information gain on non-final turns, outcome on the final turn.
+
+    r_{i,j} = ig_weight * IG_{i,j}      for j < n_i - 1
+    r_{i,n_i-1} = outcome_weight * R_i
+    r_{i,j} = 0                         for j >= n_i
+
+    Args:
+      answer_logprob: ``[B, T]`` probe log-probs.
+      outcome: ``[B]`` outcome rewards R_i.
+      turn_mask: ``[B, T]`` prefix mask of valid turns.
+
+    Returns:
+      ``[B, T]`` float64. A one-turn rollout gets only ``outcome_weight * R_i``.
+    """
+    gains = information_gain(answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
+    outcome = _float64(outcome)
+    mask = _bool(turn_mask)
+    _check_rollouts(outcome, "outcome", mask.shape[0])
+    out = np.zeros(gains.shape, dtype=np.float64)
+    for i, n in enumerate(_num_turns(mask)):
+        for j in range(n - 1):
+            out[i, j] = ig_weight * gains[i, j]
+        if n > 0:
+            out[i, n - 1] = outcome_weight * float(outcome[i])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Section 3: group normalization.
+
+
+def _normalize_pool(
+    values: list[float],
+    weights: list[float],
+    *,
+    scale: str,
+    eps: float,
+    ddof: int,
+) -> list[float]:
+    """z-score one pool: weighted two-pass mean, then weighted variance."""
+    count = len(values)
+    if all(value == values[0] for value in values):
+        return [0.0] * count  # a pool of equal entries gives exactly 0 (no rounding residue)
+    total_weight = sum(weights)
+    mean = sum(w * v for w, v in zip(weights, values)) / total_weight
+    if scale == "none":
+        return [v - mean for v in values]
+    dof = count - ddof
+    if count == 1 or dof <= 0:
+        std = 1.0
+    else:
+        squares = sum(w * (v - mean) ** 2 for w, v in zip(weights, values))
+        std = math.sqrt(squares / (total_weight * dof / count))
+    return [(v - mean) / (std + eps) for v in values]
+
+
+def group_normalize(
+    rewards: Any,
+    turn_mask: Any,
+    group_ids: Any,
+    *,
+    mode: str = "joint",
+    weighting: str = "turn",
+    scale: str = "std",
+    eps: float = 1e-6,
+    ddof: int = 0,
+) -> np.ndarray:
+    """z-score the valid turn rewards within pools of the same group.
+
+    A^_{i,j} = (r_{i,j} - mean_pool) / (std_pool + eps)      (scale="std")
+    A^_{i,j} = r_{i,j} - mean_pool                            (scale="none")
+
+    With N entries in the pool, weights w (turn: 1; trajectory: 1 / number of entries rollout i
+    has in the pool) and W = sum w::
+
+      mean = sum(w r) / W
+      var  = sum(w (r - mean)^2) / (W (N - ddof) / N)
+      std  = sqrt(var);   std := 1 when N == 1 or N - ddof <= 0
+
+    Pools: ``"joint"`` = all valid entries of a group; ``"separate"`` = per group, the final-turn
+    entries (j = n_i - 1) and the non-final entries (j < n_i - 1) apart. A pool whose entries
+    are all equal gives exactly 0. Padded entries get 0.
+
+    Args:
+      rewards: ``[B, T]`` turn rewards.
+      turn_mask: ``[B, T]`` prefix mask of valid turns.
+      group_ids: ``[B]`` hashable group ids.
+
+    Returns:
+      ``[B, T]`` float64.
+    """
+    values = _float64(rewards)
+    mask = _bool(turn_mask)
+    _check_ndim(values, "rewards", 2, "[B, T]")
+    _check_same_shape(mask, "turn_mask", values, "rewards")
+    keys = _group_keys(group_ids, values.shape[0])
+    _check_choice(mode, "mode", _MODES)
+    _check_choice(weighting, "weighting", _WEIGHTINGS)
+    _check_choice(scale, "scale", _SCALES)
+
+    # pool key -> list of (rollout, turn) entries
+    pools: dict[tuple[Hashable, str], list[tuple[int, int]]] = {}
+    for i, n in enumerate(_num_turns(mask)):
+        for j in range(n):
+            if mode == "joint":
+                pool = "all"
+            else:
+                pool = "final" if j == n - 1 else "information_gain"
+            pools.setdefault((keys[i], pool), []).append((i, j))
+
+    out = np.zeros(values.shape, dtype=np.float64)
+    for entries in pools.values():
+        entries_of_rollout: dict[int, int] = {}
+        for i, _ in entries:
+            entries_of_rollout[i] = entries_of_rollout.get(i, 0) + 1
+        if weighting == "turn":
+            weights = [1.0 for _ in entries]
+        else:
+            weights = [1.0 / entries_of_rollout[i] for i, _ in entries]
+        pool_values = [float(values[i, j]) for i, j in entries]
+        normalized = _normalize_pool(pool_values, weights, scale=scale, eps=eps, ddof=ddof)
+        for (i, j), value in zip(entries, normalized):
+            out[i, j] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Section 4: discounted turn advantage.
+
+
+def discounted_returns(rewards: Any, turn_mask: Any, *, gamma: float = 1.0) -> np.ndarray:
+    """Discounted sum of the (normalized) turn rewards from each turn to the final one.
+
+    A_{i,j} = sum_{k=j}^{n_i-1} gamma^(k-j) * A^_{i,k}       (0^0 = 1, so gamma=0 gives A^)
+
+    Padded turns (j >= n_i) get 0.
+
+    Args:
+      rewards: ``[B, T]`` per-turn values.
+      turn_mask: ``[B, T]`` prefix mask of valid turns.
+      gamma: discount in [0, 1] (not checked here).
+
+    Returns:
+      ``[B, T]`` float64.
+    """
+    values = _float64(rewards)
+    mask = _bool(turn_mask)
+    _check_ndim(values, "rewards", 2, "[B, T]")
+    _check_same_shape(mask, "turn_mask", values, "rewards")
+    gamma = float(gamma)
+    out = np.zeros(values.shape, dtype=np.float64)
+    for i, n in enumerate(_num_turns(mask)):
+        for j in range(n):
+            out[i, j] = sum(gamma ** (k - j) * float(values[i, k]) for k in range(j, n))
+    return out
+
+
+def igpo_advantages(
+    answer_logprob: Any,
+    outcome: Any,
+    turn_mask: Any,
+    group_ids: Any,
+    *,
+    gamma: float = 1.0,
+    kind: str = "prob",
+    mode: str = "joint",
+    weighting: str = "turn",
+    scale: str = "std",
+    eps: float = 1e-6,
+    ddof: int = 0,
+    ig_weight: float = 1.0,
+    outcome_weight: float = 1.0,
+    log_prob_floor: float = -20.0,
+) -> IGPOAdvantages:
+    """IGPO turn advantages: information_gain -> turn_rewards -> group_normalize -> discounted_returns.
+
+    Args:
+      answer_logprob: ``[B, T]`` probe log-probs.
+      outcome: ``[B]`` outcome rewards.
+      turn_mask: ``[B, T]`` prefix mask of valid turns.
+      group_ids: ``[B]`` hashable group ids.
+
+    Returns:
+      :class:`IGPOAdvantages` ``(advantages, normalized_rewards, rewards, information_gain)``,
+      each ``[B, T]`` float64.
+    """
+    gains = information_gain(answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
+    rewards = turn_rewards(
+        answer_logprob,
+        outcome,
+        turn_mask,
+        kind=kind,
+        ig_weight=ig_weight,
+        outcome_weight=outcome_weight,
+        log_prob_floor=log_prob_floor,
+    )
+    normalized = group_normalize(
+        rewards, turn_mask, group_ids, mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof
+    )
+    advantages = discounted_returns(normalized, turn_mask, gamma=gamma)
+    return IGPOAdvantages(advantages, normalized, rewards, gains)
+
+
+def grpo_advantages(
+    outcome: Any,
+    group_ids: Any,
+    *,
+    scale: str = "std",
+    eps: float = 1e-6,
+    ddof: int = 0,
+) -> np.ndarray:
+    """Outcome-only GRPO baseline: one z-scored scalar per rollout.
+
+    A_i = (R_i - mean_g) / (std_g + eps)     (scale="std");    A_i = R_i - mean_g  (scale="none")
+
+    std over the group with ``ddof``; std := 1 for a single-rollout group (or N - ddof <= 0).
+    A group whose outcomes are all equal gets exactly 0 (advantage collapse).
+
+    Args:
+      outcome: ``[B]`` outcome rewards.
+      group_ids: ``[B]`` hashable group ids.
+
+    Returns:
+      ``[B]`` float64.
+    """
+    values = _float64(outcome)
+    _check_ndim(values, "outcome", 1, "[B]")
+    keys = _group_keys(group_ids, values.shape[0])
+    _check_choice(scale, "scale", _SCALES)
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    out = np.zeros(values.shape, dtype=np.float64)
+    for members in groups.values():
+        normalized = _normalize_pool(
+            [float(values[i]) for i in members],
+            [1.0 for _ in members],
+            scale=scale,
+            eps=eps,
+            ddof=ddof,
+        )
+        for i, value in zip(members, normalized):
+            out[i] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Section 5: from turns to tokens (verl layout).
+
+
+def turn_index_from_response_mask(response_mask: Any) -> np.ndarray:
+    """Token -> turn index: each maximal run of 1s is one turn, numbered from 0; -1 elsewhere.
+
+    Example: ``[1, 1, 0, 0, 1, 0, 1, 1, 0, 0] -> [0, 0, -1, -1, 1, -1, 2, 2, -1, -1]``.
+
+    Args:
+      response_mask: ``[B, S]``, nonzero on generated tokens.
+
+    Returns:
+      ``[B, S]`` int64.
+    """
+    mask = _bool(response_mask)
+    _check_ndim(mask, "response_mask", 2, "[B, S]")
+    out = np.full(mask.shape, -1, dtype=np.int64)
+    for i in range(mask.shape[0]):
+        turn = -1
+        previous = False
+        for s in range(mask.shape[1]):
+            generated = bool(mask[i, s])
+            if generated and not previous:
+                turn += 1
+            if generated:
+                out[i, s] = turn
+            previous = generated
+    return out
+
+
+def broadcast_to_tokens(
+    turn_values: Any, token_turn_index: Any, *, turn_mask: Any = None
+) -> np.ndarray:
+    """Give every token the value of its turn.
+
+    out_{i,s} = turn_values[i, idx_{i,s}]  where idx_{i,s} >= 0, else 0.
+
+    With ``turn_mask``, a token whose turn is masked out also gets 0.
+
+    Args:
+      turn_values: ``[B, T]`` per-turn values.
+      token_turn_index: ``[B, S]`` turn of each token, -1 for none.
+      turn_mask: optional ``[B, T]`` mask of valid turns.
+
+    Returns:
+      ``[B, S]`` float64.
+    """
+    values = _float64(turn_values)
+    index = _int64(token_turn_index)
+    _check_ndim(values, "turn_values", 2, "[B, T]")
+    _check_ndim(index, "token_turn_index", 2, "[B, S]")
+    if index.shape[0] != values.shape[0]:
+        raise ValueError(
+            f"token_turn_index has shape {tuple(index.shape)} but turn_values has shape "
+            f"{tuple(values.shape)}; B must match"
+        )
+    mask = None
+    if turn_mask is not None:
+        mask = _bool(turn_mask)
+        _check_same_shape(mask, "turn_mask", values, "turn_values")
+    num_turns = values.shape[1]
+    out = np.zeros(index.shape, dtype=np.float64)
+    for i in range(index.shape[0]):
+        for s in range(index.shape[1]):
+            turn = int(index[i, s])
+            if turn < 0:
+                continue
+            if turn >= num_turns:
+                raise ValueError(
+                    f"token_turn_index[{i}, {s}] = {turn} points past turn_values with T = {num_turns}"
+                )
+            if mask is None or mask[i, turn]:
+                out[i, s] = values[i, turn]
+    return out
+
+
+def place_turn_rewards(
+    turn_rewards: Any, response_mask: Any, *, turn_mask: Any = None
+) -> np.ndarray:
+    """Put turn j's reward at the last token of the j-th run of 1s (verl's layout).
+
+    out_{i, last token of run j} = turn_rewards[i, j];   0 on every other token.
+
+    The inverse of reading turn rewards in :func:`advantages_from_token_rewards`. With
+    ``turn_mask``, masked-out turns are not placed.
+
+    Args:
+      turn_rewards: ``[B, T]`` per-turn rewards.
+      response_mask: ``[B, S]``, nonzero on generated tokens.
+      turn_mask: optional ``[B, T]`` mask of valid turns.
+
+    Returns:
+      ``[B, S]`` float64.
+    """
+    rewards = _float64(turn_rewards)
+    mask = _bool(response_mask)
+    _check_ndim(rewards, "turn_rewards", 2, "[B, T]")
+    _check_ndim(mask, "response_mask", 2, "[B, S]")
+    if mask.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"response_mask has shape {tuple(mask.shape)} but turn_rewards has shape "
+            f"{tuple(rewards.shape)}; B must match"
+        )
+    valid = None
+    if turn_mask is not None:
+        valid = _bool(turn_mask)
+        _check_same_shape(valid, "turn_mask", rewards, "turn_rewards")
+    num_turns = rewards.shape[1]
+    out = np.zeros(mask.shape, dtype=np.float64)
+    for i in range(mask.shape[0]):
+        runs = _runs(mask[i])
+        if len(runs) > num_turns:
+            raise ValueError(
+                f"response_mask row {i} has {len(runs)} turns but turn_rewards has T = {num_turns}"
+            )
+        for j, (_, stop) in enumerate(runs):
+            if valid is None or valid[i, j]:
+                out[i, stop - 1] = rewards[i, j]
+    return out
+
+
+def advantages_from_token_rewards(
+    token_level_rewards: Any,
+    response_mask: Any,
+    group_ids: Any,
+    *,
+    gamma: float = 1.0,
+    mode: str = "joint",
+    weighting: str = "turn",
+    scale: str = "std",
+    eps: float = 1e-6,
+    ddof: int = 0,
+    max_turns: int | None = None,
+) -> np.ndarray:
+    """IGPO token advantages from verl/SkyRL token-level rewards.
+
+    r_{i,j} = token_level_rewards[i, last token of run j]
+    r_{i,n_i-1} += sum of token_level_rewards[i, s] for the tokens s after the last run
+    A^ = group_normalize(r);  A = discounted_returns(A^, gamma);  out_{i,s} = A_{i, turn of s}
+
+    Turns are the maximal runs of 1s of ``response_mask`` (never found by reward != 0). Rewards
+    on other tokens (not the last of a run, not after the last run) are ignored. Observation,
+    padding and empty-row tokens get 0.
+
+    Args:
+      token_level_rewards: ``[B, S]`` rewards per response token.
+      response_mask: ``[B, S]``, nonzero on generated tokens.
+      group_ids: ``[B]`` hashable group ids.
+      max_turns: T of the intermediate turn arrays; default: the most runs in a row.
+
+    Returns:
+      ``[B, S]`` float64.
+    """
+    rewards = _float64(token_level_rewards)
+    mask = _bool(response_mask)
+    _check_ndim(rewards, "token_level_rewards", 2, "[B, S]")
+    _check_same_shape(mask, "response_mask", rewards, "token_level_rewards")
+    num_rollouts, num_tokens = rewards.shape
+    keys = _group_keys(group_ids, num_rollouts)
+    runs = [_runs(mask[i]) for i in range(num_rollouts)]
+    most_runs = max((len(row) for row in runs), default=0)
+    num_turns = most_runs if max_turns is None else int(max_turns)
+    if most_runs > num_turns:
+        raise ValueError(f"response_mask has a row with {most_runs} turns > max_turns = {num_turns}")
+
+    turn_reward = np.zeros((num_rollouts, num_turns), dtype=np.float64)
+    turn_mask = np.zeros((num_rollouts, num_turns), dtype=bool)
+    for i in range(num_rollouts):
+        for j, (_, stop) in enumerate(runs[i]):
+            turn_reward[i, j] = rewards[i, stop - 1]
+            turn_mask[i, j] = True
+        if runs[i]:
+            last_stop = runs[i][-1][1]
+            for s in range(last_stop, num_tokens):
+                turn_reward[i, len(runs[i]) - 1] += rewards[i, s]
+
+    normalized = group_normalize(
+        turn_reward, turn_mask, keys, mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof
+    )
+    advantages = discounted_returns(normalized, turn_mask, gamma=gamma)
+    return broadcast_to_tokens(advantages, turn_index_from_response_mask(mask))
+
+
+def zero_variance_group_fraction(values: Any, group_ids: Any) -> float:
+    """Fraction of groups whose values are all equal (the GRPO advantage-collapse rate).
+
+    A single-rollout group counts as zero-variance. An empty batch (no groups) gives 0.0.
+
+    Args:
+      values: ``[B]`` one value per rollout (e.g. the outcome rewards).
+      group_ids: ``[B]`` hashable group ids.
+
+    Returns:
+      A Python float in [0, 1].
+    """
+    values = _float64(values)
+    _check_ndim(values, "values", 1, "[B]")
+    keys = _group_keys(group_ids, values.shape[0])
+    groups: dict[Hashable, list[float]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(float(values[i]))
+    if not groups:
+        return 0.0
+    collapsed = sum(1 for members in groups.values() if all(v == members[0] for v in members))
+    return collapsed / len(groups)
