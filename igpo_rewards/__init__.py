@@ -14,6 +14,15 @@ from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.normalization import group_normalize, grpo_advantages, zero_variance_group_fraction
 from igpo_rewards.returns import discounted_returns
 from igpo_rewards.rewards import answer_logprob, information_gain, turn_rewards
+from igpo_rewards.scoring import (
+    answer_f1,
+    exact_match,
+    extract_answer,
+    is_well_formed,
+    normalize_answer,
+    outcome_reward,
+    split_ground_truth,
+)
 from igpo_rewards.tokens import (
     advantages_from_token_rewards,
     broadcast_to_tokens,
@@ -24,17 +33,27 @@ from igpo_rewards.tokens import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # turn rewards and advantages (spec sections 1-4)
     "IGPOAdvantages",
-    "advantages_from_token_rewards",
     "answer_logprob",
-    "broadcast_to_tokens",
     "discounted_returns",
     "group_normalize",
     "grpo_advantages",
     "igpo_advantages",
     "information_gain",
-    "place_turn_rewards",
-    "turn_index_from_response_mask",
     "turn_rewards",
     "zero_variance_group_fraction",
+    # verl/SkyRL token layout (section 5)
+    "advantages_from_token_rewards",
+    "broadcast_to_tokens",
+    "place_turn_rewards",
+    "turn_index_from_response_mask",
+    # answer scoring (pure Python)
+    "answer_f1",
+    "exact_match",
+    "extract_answer",
+    "is_well_formed",
+    "normalize_answer",
+    "outcome_reward",
+    "split_ground_truth",
 ]

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 from igpo_rewards.normalization import group_normalize
 from igpo_rewards.returns import discounted_returns
-from igpo_rewards.rewards import information_gain, turn_rewards
+from igpo_rewards.rewards import information_gain, rewards_from_gain
 
 Array = Any
 
@@ -80,13 +80,12 @@ def igpo_advantages(
     gain = information_gain(
         answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor, validate=validate
     )
-    rewards = turn_rewards(
-        answer_logprob, outcome, turn_mask, kind=kind, ig_weight=ig_weight, outcome_weight=outcome_weight,
-        log_prob_floor=log_prob_floor, validate=False,
+    rewards = rewards_from_gain(
+        gain, outcome, turn_mask, ig_weight=ig_weight, outcome_weight=outcome_weight, validate=validate
     )
     normalized = group_normalize(
         rewards, turn_mask, group_ids, mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof,
-        validate=validate,
+        validate=False,
     )
     advantages = discounted_returns(normalized, turn_mask, gamma=gamma, validate=False)
     return IGPOAdvantages(advantages, normalized, rewards, gain)

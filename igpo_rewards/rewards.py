@@ -155,17 +155,24 @@ def turn_rewards(
       array([[ 0.5, -0.1,  0. ],
              [ 1. ,  0. ,  0. ]])
     """
-    _checks.check_weight("ig_weight", ig_weight)
-    _checks.check_weight("outcome_weight", outcome_weight)
-    backend = get_backend(answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask)
-    answer_logprob = backend.asarray(answer_logprob)
-    outcome = backend.asarray(outcome, like=answer_logprob)
-    _checks.check_numeric(backend, "outcome", outcome)
-    _checks.check_ndim("answer_logprob", answer_logprob, 2, "B, T")
-    _checks.check_length("outcome", outcome, answer_logprob.shape[0], "answer_logprob")
     gain = information_gain(
         answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor, validate=validate
     )
+    return rewards_from_gain(
+        gain, outcome, turn_mask, ig_weight=ig_weight, outcome_weight=outcome_weight, validate=validate
+    )
+
+
+def rewards_from_gain(
+    gain: Array, outcome: Array, turn_mask: Array, *, ig_weight: float, outcome_weight: float, validate: bool
+) -> Array:
+    """The reward assignment of :func:`turn_rewards` given IG [B, T] already computed (and checked)."""
+    _checks.check_weight("ig_weight", ig_weight)
+    _checks.check_weight("outcome_weight", outcome_weight)
+    backend = get_backend(gain=gain, outcome=outcome, turn_mask=turn_mask)
+    outcome = backend.asarray(outcome, like=gain)
+    _checks.check_numeric(backend, "outcome", outcome)
+    _checks.check_length("outcome", outcome, gain.shape[0], "answer_logprob")
     dtype = backend.float_dtype(gain, outcome)
     gain, outcome = backend.astype(gain, dtype), backend.astype(outcome, dtype)
     if validate:

@@ -1,0 +1,45 @@
+"""Test helpers: run a function on one backend at a chosen precision, read results back.
+
+JAX computes in float32 unless x64 is enabled, so float64 runs on JAX happen inside
+``jax.enable_x64(True)``; everything else is plain conversion through
+``igpo_rewards.testing.to_backend``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import numpy as np
+
+from igpo_rewards.testing import to_backend
+
+
+def precision(backend: str, float_dtype: str):
+    """Context in which ``backend`` can hold ``float_dtype`` arrays (x64 for JAX float64)."""
+    if backend == "jax" and float_dtype == "float64":
+        import jax
+
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+def run(function: Callable[..., Any], backend: str, *arrays: Any, float_dtype: str = "float64", **options: Any) -> Any:
+    """Calls ``function`` on the arrays converted to ``backend``; returns NumPy results."""
+    with precision(backend, float_dtype):
+        converted = [to_backend(np.asarray(a), backend, float_dtype=float_dtype) for a in arrays]
+        result = function(*converted, **options)
+        return to_numpy(result)
+
+
+def to_numpy(result: Any) -> Any:
+    if isinstance(result, tuple):
+        return type(result)(*[to_numpy(r) for r in result])
+    if hasattr(result, "detach"):
+        return result.detach().cpu().numpy()
+    return np.asarray(result)
+
+
+def library_of(array: Any) -> str:
+    module = type(array).__module__.split(".")[0]
+    return {"jaxlib": "jax", "numpy": "numpy", "torch": "torch", "jax": "jax"}[module]
