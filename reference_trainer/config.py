@@ -72,6 +72,12 @@ class WarmStartConfig:
     """Probability that a multi-hop demonstration stops searching one hop early and answers the bridge entity (wrong)."""
     think_prob: float = 0.0
     """Probability that a demonstration turn starts with a short <think> block."""
+    rename_prob: float = 0.5
+    """Probability that a demonstration's person gets a fresh name (first and last name of two other people), so names are copied, not recalled."""
+    pretrain_steps: int = 200
+    """Language-model steps on corpus documents (people renamed) before SFT; for models built from scratch."""
+    pretrain_batch_size: int = 64
+    """Documents per language-model step."""
 
 
 @dataclass
@@ -161,7 +167,7 @@ class RunConfig:
     model: str | None = None
     """Path of a pretrained HF chat model (save_pretrained layout); default: a tiny model built from scratch."""
     init: str | None = None
-    """Checkpoint or model directory the RL run starts from (train); default: the warm start in the run directory."""
+    """Model or checkpoint directory: where train starts (also its frozen KL reference), what eval evaluates."""
     data: str | None = None
     """Training questions, verl/Search-R1 parquet; default: the synthetic world."""
     eval_data: str | None = None
@@ -320,7 +326,9 @@ def validate_config(config: RunConfig) -> RunConfig:
     _positive_int("warm_start.batch_size", warm.batch_size)
     _positive_int("warm_start.warmup_steps", warm.warmup_steps, 0)
     _number("warm_start.learning_rate", warm.learning_rate, 0.0, open_low=True)
-    for name in ("noisy_query_prob", "skip_hop_prob", "think_prob"):
+    _positive_int("warm_start.pretrain_steps", warm.pretrain_steps, 0)
+    _positive_int("warm_start.pretrain_batch_size", warm.pretrain_batch_size)
+    for name in ("noisy_query_prob", "skip_hop_prob", "think_prob", "rename_prob"):
         _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)
     rl = config.rl
     _choice("rl.algorithm", rl.algorithm, ("igpo", "grpo"))

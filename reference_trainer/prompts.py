@@ -26,12 +26,10 @@ STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
 """Generation of a turn stops right after the first of these."""
 
 INSTRUCTION = (
-    "Answer the question below. Think inside <think> and </think> when you need to. "
-    "When some fact is missing, ask the search engine with <search> query </search>; "
-    "the results come back between <information> and </information>. "
-    "You may search several times. "
-    "When you know the answer, give it inside <answer> and </answer> with no explanation, "
-    "for example <answer> Paris </answer>. Question: {question}\n"
+    "Answer the question. You may think inside <think> </think>. "
+    "To look up a fact, write <search> query </search> and the results appear inside "
+    "<information> </information>. Search as often as needed, then give only the answer "
+    "inside <answer> </answer>. Question: {question}\n"
 )
 """The user message of every rollout (Search-R1/IGPO style); ``{question}`` is filled in."""
 

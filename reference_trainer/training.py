@@ -21,17 +21,26 @@ Read ``rl_step`` top to bottom; every reward and advantage comes from ``igpo_rew
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import igpo_rewards
 from igpo_rewards.scoring import outcome_reward
-from reference_trainer.config import RLConfig
+from reference_trainer.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint, write_text_atomic
+from reference_trainer.config import RLConfig, RunConfig, to_dict
+from reference_trainer.evaluation import evaluate
+from reference_trainer.modeling import load_pretrained
 from reference_trainer.probes import trajectory_forward
 from reference_trainer.rollout import RolloutResult, Trajectory, generate_rollouts
 
@@ -498,3 +507,123 @@ def case_studies(step_result: StepResult, tokenizer: Any, *, count: int, step: i
             }
         )
     return records
+
+
+# --- the training loop ------------------------------------------------------------------------------
+
+
+def examples_for_step(examples: Sequence[Any], step: int, count: int, seed: int) -> list[Any]:
+    """The questions of RL step ``step`` (1-based): consecutive slices of seeded per-epoch shuffles.
+
+    A pure function of its arguments, so a resumed run draws exactly the questions the
+    uninterrupted run would have drawn, without any sampler state in the checkpoint.
+    """
+    if not examples:
+        raise ValueError("examples is empty: no training questions")
+    picked: list[Any] = []
+    position = (step - 1) * count
+    while len(picked) < count:
+        epoch, offset = divmod(position, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = min(count - len(picked), len(examples) - offset)
+        picked += [examples[index] for index in order[offset : offset + take]]
+        position += take
+    return picked
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records of steps after ``last_step`` (written by a run killed before its next checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def train(
+    config: RunConfig,
+    *,
+    init: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    retriever: Any,
+    train_examples: Sequence[Any],
+    eval_examples: Sequence[Any],
+) -> dict[str, Any]:
+    """The RL run: ``config.rl.steps`` calls of ``rl_step`` from the model in ``init``.
+
+    Writes into ``run_dir``: ``config.json``, ``metrics.jsonl`` (step 0 = the starting policy's
+    held-out scores, then one record per step, with held-out EM/F1 every ``eval_every`` steps),
+    ``trajectories.jsonl`` (case studies at evaluation steps), ``checkpoints/`` (every
+    ``checkpoint_every`` steps and at the end) and ``eval.json`` (the final evaluation, by hop
+    and by data source). The frozen KL reference is the model in ``init``. With
+    ``config.resume`` the run continues from its latest checkpoint (weights, optimizer, RNG,
+    step) and ends exactly where an uninterrupted run would. Returns the final evaluation.
+    """
+    rl, run_dir = config.rl, Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    metrics_path, trajectories_path = run_dir / "metrics.jsonl", run_dir / "trajectories.jsonl"
+    eval_turns = config.eval.max_turns or rl.max_turns
+    eval_examples = list(eval_examples)[: config.eval.max_questions or None]
+
+    def evaluate_policy(model: Any, step: int) -> dict[str, Any]:
+        return evaluate(
+            model, tokenizer, retriever, eval_examples, max_turns=eval_turns, max_new_tokens=rl.max_new_tokens,
+            topk=rl.topk, batch_size=config.eval.batch_size, step=step, progress=False,
+        )
+
+    # -- seeding ------------------------------------------------------------------------------------
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.manual_seed(config.seed)
+
+    # -- policy, frozen reference, optimizer (from the latest checkpoint when resuming) -------------
+    resume_from = latest_checkpoint(checkpoints) if config.resume else None
+    dtype = getattr(torch, config.dtype)
+    policy, tokenizer = load_pretrained(resume_from or init, dtype=dtype, device=config.device)
+    reference = None
+    if rl.kl_coef > 0:
+        reference, _ = load_pretrained(init, dtype=dtype, device=config.device)
+        reference.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=rl.learning_rate, weight_decay=rl.weight_decay)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        start = int(restore_training_state(resume_from, optimizer)["step"])
+        _truncate_jsonl(metrics_path, start)
+        _truncate_jsonl(trajectories_path, start)
+    else:
+        start = 0
+        write_text_atomic(run_dir / "config.json", json.dumps(to_dict(config), indent=2))
+        for path in (metrics_path, trajectories_path, run_dir / "eval.json"):
+            path.unlink(missing_ok=True)
+        initial = evaluate_policy(policy, 0)
+        _append_jsonl(metrics_path, [{"step": 0, "heldout_em": initial["em"], "heldout_f1": initial["f1"]}])
+
+    # -- the loop: rollouts -> probes -> advantages -> update, then log / evaluate / checkpoint -------
+    bar = tqdm(range(start + 1, rl.steps + 1), desc=f"{rl.algorithm} RL", disable=not config.progress, initial=start, total=rl.steps)
+    for step in bar:
+        examples = examples_for_step(train_examples, step, rl.questions_per_step, config.seed)
+        result = rl_step(policy, reference, tokenizer, optimizer, retriever, examples, rl)
+        record = {"step": step, **result.metrics}
+        last = step == rl.steps
+        if (rl.eval_every and step % rl.eval_every == 0) or last:
+            scores = evaluate_policy(policy, step)
+            record.update(heldout_em=scores["em"], heldout_f1=scores["f1"])
+            _append_jsonl(trajectories_path, case_studies(result, tokenizer, count=rl.case_studies_per_eval, step=step))
+        _append_jsonl(metrics_path, [record])
+        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", em=f"{record.get('heldout_em', float('nan')):.2f}")
+        if (rl.checkpoint_every and step % rl.checkpoint_every == 0) or last:
+            save_checkpoint(checkpoints, step=step, model=policy, tokenizer=tokenizer, optimizer=optimizer,
+                            trainer_state={"algorithm": rl.algorithm, "init": str(init)})
+
+    # -- final evaluation -----------------------------------------------------------------------------
+    final = evaluate_policy(policy, rl.steps)
+    write_text_atomic(run_dir / "eval.json", json.dumps(final, indent=2))
+    return final

@@ -128,7 +128,7 @@ def test_valid_turns_make_a_well_formed_response():
 
 def test_build_prompt_uses_chat_template(tokenizer):
     prompt = build_prompt("Where was Ilsa Marr born?", tokenizer)
-    assert prompt.startswith("<|startoftext|><|im_start|>user\nAnswer the question below.")
+    assert prompt.startswith("<|startoftext|><|im_start|>user\nAnswer the question. You may think")
     assert prompt.endswith("Question: Where was Ilsa Marr born?\n<|im_end|>\n<|im_start|>assistant\n")
 
     class Plain:

@@ -1,0 +1,133 @@
+"""Checkpoints: exact round trip of weights, optimizer and RNG; atomic writes; no pickles."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reference_trainer.checkpoint import (
+    LATEST,
+    checkpoint_name,
+    latest_checkpoint,
+    optimizer_state_from_files,
+    optimizer_state_to_files,
+    read_trainer_state,
+    restore_training_state,
+    save_checkpoint,
+)
+from reference_trainer.modeling import build_model, load_pretrained, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["<search> Ilsa Marr </search> was born in Tovia"] * 4, vocab_size=300)
+
+
+def trained(tokenizer, steps=3):
+    """A tiny model and its AdamW after a few steps (so every optimizer state tensor is non-trivial)."""
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.tensor([tokenizer("<search> Ilsa Marr </search>")["input_ids"]])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_optimizer_state_split_round_trip(tokenizer):
+    _, optimizer = trained(tokenizer)
+    tensors, meta = optimizer_state_to_files(optimizer)
+    assert all(isinstance(value, torch.Tensor) for value in tensors.values())
+    json.dumps(meta)  # everything else is JSON
+    rebuilt = optimizer_state_from_files(tensors, json.loads(json.dumps(meta)))
+    original = optimizer.state_dict()
+    assert rebuilt["param_groups"] == original["param_groups"]
+    assert set(rebuilt["state"]) == set(original["state"])
+    for index, values in original["state"].items():
+        assert set(rebuilt["state"][index]) == set(values)
+        for name, value in values.items():
+            assert torch.equal(rebuilt["state"][index][name], value)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path, tokenizer):
+    model, optimizer = trained(tokenizer)
+    torch.manual_seed(11)
+    random.seed(12)
+    np.random.seed(13)
+    path = save_checkpoint(tmp_path, step=7, model=model, tokenizer=tokenizer, optimizer=optimizer, trainer_state={"algorithm": "igpo"})
+    assert path == tmp_path / checkpoint_name(7) == tmp_path / "step_000007"
+    expected_draws = (torch.rand(3), random.random(), np.random.rand())
+
+    # scramble every RNG, then restore into a freshly loaded model + optimizer
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    loaded, _ = load_pretrained(path)
+    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-2, weight_decay=0.1)
+    state = restore_training_state(path, fresh)
+    assert state == {"algorithm": "igpo", "step": 7}
+    draws = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(draws[0], expected_draws[0]) and draws[1:] == expected_draws[1:]
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            assert torch.equal(fresh.state_dict()["state"][index][name], value)
+    # continuing both gives the same weights
+    ids = torch.tensor([tokenizer("was born in Tovia")["input_ids"]])
+    for m, o in ((model, optimizer), (loaded, fresh)):
+        o.zero_grad()
+        m(input_ids=ids, labels=ids).loss.backward()
+        o.step()
+    for a, b in zip(model.parameters(), loaded.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_holds_no_pickle(tmp_path, tokenizer):
+    model, optimizer = trained(tokenizer, steps=1)
+    path = save_checkpoint(tmp_path, step=1, model=model, tokenizer=tokenizer, optimizer=optimizer)
+    names = sorted(p.name for p in path.iterdir())
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))], names
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        assert load_file(path / name)  # readable as safetensors
+    for name in ("optimizer.json", "rng.json", "trainer_state.json", "config.json"):
+        json.loads((path / name).read_text())
+
+
+def test_latest_pointer_pruning_and_leftovers(tmp_path, tokenizer):
+    model, optimizer = trained(tokenizer, steps=1)
+    assert latest_checkpoint(tmp_path) is None and latest_checkpoint(tmp_path / "missing") is None
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step=step, model=model, tokenizer=tokenizer, optimizer=optimizer, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000003"]
+    assert (tmp_path / LATEST).read_text().strip() == "step_000003"
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
+    # a write killed half way leaves a temporary directory, never a step_* one: it is ignored
+    torn = tmp_path / ".step_000004.tmp-999"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
+    # a latest pointer to a checkpoint that is gone falls back on the newest complete one
+    (tmp_path / LATEST).write_text("step_000009\n")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
+    # writing the same step again replaces it in place
+    save_checkpoint(tmp_path, step=3, model=model, tokenizer=tokenizer, optimizer=optimizer, trainer_state={"again": True})
+    assert read_trainer_state(tmp_path / "step_000003") == {"again": True, "step": 3}
+    assert not list(tmp_path.glob(".step_000003*"))
+
+
+def test_checkpoint_errors(tmp_path, tokenizer):
+    model, optimizer = trained(tokenizer, steps=1)
+    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+        save_checkpoint(tmp_path, step=-1, model=model, tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match="trainer_state.json is missing"):
+        restore_training_state(tmp_path, optimizer)
+    path = save_checkpoint(tmp_path, step=1, model=model, tokenizer=tokenizer)  # no optimizer saved
+    with pytest.raises(FileNotFoundError, match="no optimizer state"):
+        restore_training_state(path, optimizer)

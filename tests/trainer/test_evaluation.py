@@ -1,0 +1,107 @@
+"""Evaluation: EM/F1 against all aliases, by hop and by data source, greedy rollouts, the paper's table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference_trainer import rollout
+from reference_trainer.evaluation import evaluate, paper_table, score_trajectory, summarize
+from reference_trainer.modeling import build_model, train_tokenizer
+from reference_trainer.prompts import INSTRUCTION
+from reference_trainer.retrieval import BM25Retriever
+from reference_trainer.rollout import Trajectory
+from reference_trainer.world import Document, QAExample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def finished(example, response, stop_reason="answer"):
+    """A one-turn trajectory whose response is ``response``."""
+    return Trajectory(example, [1, 2, 3], 2, [(2, 3)], [], [response], response, 0.0, stop_reason=stop_reason)
+
+
+def test_score_trajectory_uses_every_alias_and_zero_for_malformed():
+    example = QAExample("q", ("Tovia", "Tovia City"), 1, "world")
+    assert score_trajectory(finished(example, "<answer> tovia city </answer>")) == (1.0, 1.0)
+    em, f1 = score_trajectory(finished(example, "<answer> Tovia town </answer>"))
+    assert em == 0.0 and f1 == pytest.approx(2 * 1 / (2 + 1))  # best alias "Tovia": 1 common word of 2 and 1
+    assert score_trajectory(finished(example, "<answer> Tovia", "invalid: no </search> or </answer>")) == (0.0, 0.0)
+    assert score_trajectory(finished(example, "<search> x </search>", "max_turns")) == (0.0, 0.0)
+
+
+def test_summarize_by_hops_and_source():
+    a = QAExample("a", ("Kelm",), 1, "world")
+    b = QAExample("b", ("Red Hill",), 2, "world")
+    c = QAExample("c", ("Oslo",), 0, "nq")
+    trajectories = [
+        finished(a, "<answer> Kelm </answer>"),
+        finished(b, "<answer> Red </answer>"),
+        finished(b, "<search> Red Hill </search>", "max_turns"),
+        finished(c, "<answer> Oslo </answer>"),
+    ]
+    trajectories[2].queries.append("Red Hill")
+    result = summarize(trajectories, step=5)
+    assert result["step"] == 5 and result["n"] == 4
+    assert result["em"] == pytest.approx(2 / 4)
+    assert result["f1"] == pytest.approx((1 + 2 / 3 + 0 + 1) / 4)
+    assert result["by_hops"] == {
+        "1": {"em": 1.0, "f1": 1.0, "n": 1},
+        "2": {"em": 0.0, "f1": pytest.approx(1 / 3), "n": 2},
+    }
+    assert result["by_data_source"]["nq"] == {"em": 1.0, "f1": 1.0, "n": 1}
+    assert result["by_data_source"]["world"]["n"] == 3
+    assert result["format_error_fraction"] == 0.25
+    assert result["searches_mean"] == 0.25 and result["turns_mean"] == 1.0
+    with pytest.raises(ValueError, match="empty"):
+        summarize([])
+
+
+def test_paper_table_layout_and_dataset_average():
+    result = {
+        "by_data_source": {
+            "nq": {"em": 0.5, "f1": 0.6, "n": 10},
+            "triviaqa": {"em": 0.2, "f1": 0.4, "n": 1},
+            "tq": {"em": 0.4, "f1": 0.4, "n": 3},
+            "Bamboogle": {"em": 0.1, "f1": 0.2, "n": 5},
+            "world": {"em": 1.0, "f1": 1.0, "n": 2},
+        }
+    }
+    lines = paper_table(result, label="IGPO").splitlines()
+    assert lines[0] == "| IGPO | NQ | TQ | HotpotQA | 2Wiki | MuSiQue | Bamboogle | PopQA | world | Avg. |"
+    tq_em = (0.2 * 1 + 0.4 * 3) / 4  # both TriviaQA spellings pooled by question count
+    average = (0.5 + tq_em + 0.1 + 1.0) / 4  # mean over the datasets present
+    assert lines[2] == f"| EM | 50.0 | {100 * tq_em:.1f} | - | - | - | 10.0 | - | 100.0 | {100 * average:.1f} |"
+
+
+def test_evaluate_runs_greedy_rollouts(monkeypatch):
+    docs = [Document("0", "Ilsa Marr", "Ilsa Marr was born in Kelm."), Document("1", "Kelm", "Kelm is a city in Tovia.")]
+    examples = [QAExample("Where was Ilsa Marr born?", ("Kelm",), 1, "world"), QAExample("In which country was Ilsa Marr born?", ("Tovia",), 2, "world")]
+    tokenizer = train_tokenizer([d.contents for d in docs] + [e.question for e in examples] + [INSTRUCTION], vocab_size=300)
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=512)
+    seen = []
+
+    def scripted(model_, tokenizer_, contexts, *, max_new_tokens, greedy=False, batch_size=64):
+        seen.append(greedy)
+        texts = []
+        for context in contexts:
+            text = tokenizer.decode(context)
+            texts.append("<search> Ilsa Marr </search>" if "Doc 1" not in text else "<answer> Kelm </answer>")
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    monkeypatch.setattr(rollout, "generate_turn", scripted)
+    model.train()
+    result, trajectories = evaluate(model, tokenizer, BM25Retriever(docs), examples, max_turns=3, batch_size=1, step=3, return_trajectories=True)
+    assert model.training  # the mode is restored
+    assert seen and all(seen)
+    assert [t.turn_texts for t in trajectories] == [["<search> Ilsa Marr </search>", "<answer> Kelm </answer>"]] * 2
+    assert result["em"] == 0.5 and result["by_hops"]["1"]["em"] == 1.0 and result["by_hops"]["2"]["em"] == 0.0
+    assert result["searches_mean"] == 1.0 and result["step"] == 3
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, tokenizer, BM25Retriever(docs), [])
