@@ -252,6 +252,8 @@ def load_config_file(path: str | Path) -> RunConfig:
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
     try:
         if suffix == ".toml":
             try:
@@ -259,17 +261,13 @@ def load_config_file(path: str | Path) -> RunConfig:
             except ModuleNotFoundError:  # Python < 3.11
                 import tomli as tomllib
             values = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
         elif suffix == ".json":
             values = json.loads(text)
         else:
-            raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
-    except ValueError:
-        raise
-    except Exception as error:  # parser errors of tomllib / yaml
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as error:  # the parsers' own error types
         raise ValueError(f"cannot parse config file {path}: {error}") from None
     config = from_dict(values, where=str(path))
     validate_config(config)

@@ -1,0 +1,422 @@
+"""``igpo-train``: the console script (demo, train, eval, report).
+
+    igpo-train demo [--quick] [--out DIR]         world -> tokenizer -> model -> warm start
+                                                  -> IGPO and GRPO from the same start
+                                                  -> evaluation -> DIR/report.md
+    igpo-train train --init DIR --out RUN [--rl.algorithm grpo] [--resume]
+    igpo-train eval --init DIR --out DIR          greedy EM/F1 (by hop, per data source)
+    igpo-train report --out DIR [--runs IGPO=RUN ...]
+
+Every subcommand takes the fields of ``config.RunConfig`` as flags (``--rl.steps 100``,
+``--warm-start.steps 50``, ...), and ``--config FILE`` (TOML/YAML/JSON) whose values the flags
+override. ``--model PATH`` (a pretrained HF chat model), ``--data file.parquet`` and
+``--corpus file.jsonl`` (verl/Search-R1 layouts) or ``--retriever-url`` swap the embedded
+world and tiny model for real ones; the code path is the same. Errors about paths, configs
+and data are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import numpy as np
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from reference_trainer.checkpoint import write_text_atomic
+from reference_trainer.config import RunConfig, load_config_file, quick_config, to_dict, validate_config
+from reference_trainer.evaluation import evaluate, paper_table
+from reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from reference_trainer.probes import PROBE_TEMPLATE
+from reference_trainer.prompts import INSTRUCTION, observation_block
+from reference_trainer.retrieval import BM25Retriever, HTTPRetriever, format_observation
+from reference_trainer.world import (
+    build_world,
+    load_qa_parquet,
+    read_corpus_jsonl,
+    write_corpus_jsonl,
+    write_qa_parquet,
+)
+
+# --- subcommands ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoCommand(RunConfig):
+    """Build the world, warm start, train IGPO and GRPO from the same start, evaluate both, write report.md."""
+
+    config: str | None = None
+    """TOML/YAML/JSON file of config values; flags override it."""
+    quick: bool = False
+    """Tiny budget (the CI smoke test): same pipeline, a few steps of everything."""
+    parallel: bool = True
+    """Train IGPO and GRPO at the same time in two processes with one thread each."""
+
+
+@dataclass
+class TrainCommand(RunConfig):
+    """RL (IGPO or GRPO, --rl.algorithm) from --init (a warm start) or --model, into --out."""
+
+    config: str | None = None
+    """TOML/YAML/JSON file of config values; flags override it."""
+
+
+@dataclass
+class EvalCommand(RunConfig):
+    """Greedy evaluation of --init (a model or checkpoint directory) or --model on held-out questions."""
+
+    config: str | None = None
+    """TOML/YAML/JSON file of config values; flags override it."""
+
+
+@dataclass
+class ReportCommand:
+    """Write report.md with plots from run directories (default: the igpo/ and grpo/ runs of a demo in --out)."""
+
+    out: str = "runs/demo"
+    """Directory of report.md (and of the demo whose runs are reported)."""
+    runs: tuple[str, ...] = ()
+    """Runs as LABEL=DIR (default: IGPO=OUT/igpo GRPO=OUT/grpo)."""
+    warm_start_eval: str | None = None
+    """eval.json of the warm-start policy (default: OUT/warm_start/eval.json when it exists)."""
+
+
+# --- data, retriever, model -------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """Questions and the search engine of a run."""
+
+    train: list[Any]
+    heldout: list[Any]
+    retriever: Any
+    world: Any = None
+
+
+def _split(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    count = max(1, round(len(examples) * fraction)) if fraction > 0 else 0
+    if count >= len(examples):
+        raise ValueError(f"eval_fraction {fraction} leaves no training question out of {len(examples)}")
+    held = set(order[:count])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def build_data(config: RunConfig) -> Data:
+    """The run's questions and retriever: --data/--corpus/--retriever-url, else the synthetic world."""
+    if config.data is None and config.eval_data is None:
+        if config.corpus is not None:
+            raise ValueError("--corpus needs --data (or --eval-data): the synthetic world brings its own corpus")
+        w = config.world
+        world = build_world(
+            w.seed, num_train=w.num_train, num_heldout=w.num_heldout, num_countries=w.num_countries,
+            cities_per_country=w.cities_per_country, num_organisations=w.num_organisations,
+        )
+        retriever = HTTPRetriever(config.retriever_url) if config.retriever_url else BM25Retriever(world.corpus)
+        return Data(world.train, world.heldout, retriever, world)
+    if config.corpus is None and config.retriever_url is None:
+        raise ValueError("--data needs a retrieval corpus: give --corpus file.jsonl or --retriever-url URL")
+    if config.corpus is not None and not Path(config.corpus).is_file():
+        raise FileNotFoundError(f"--corpus: file not found: {config.corpus}")
+    retriever = HTTPRetriever(config.retriever_url) if config.retriever_url else BM25Retriever(read_corpus_jsonl(config.corpus))
+    train = load_qa_parquet(config.data) if config.data is not None else []
+    if config.eval_data is not None:
+        heldout = load_qa_parquet(config.eval_data)
+    else:
+        train, heldout = _split(train, config.eval_fraction, config.seed)
+    return Data(train, heldout, retriever)
+
+
+def tokenizer_texts(world: Any) -> list[str]:
+    """What the tiny model's tokenizer is trained on: the corpus, the questions, the fixed texts.
+
+    The instruction, the probe text and the observation layout are repeated so that BPE
+    merges them into few tokens (they are in every sequence).
+    """
+    texts = [doc.contents for doc in world.corpus]
+    texts += [example.question for example in world.train]
+    texts += [format_observation(world.corpus[i : i + 3]) for i in range(0, len(world.corpus), 3)]
+    texts += [INSTRUCTION, PROBE_TEMPLATE, observation_block("Doc 1(Title: \"x\") x")] * 50
+    return texts
+
+
+def build_policy(config: RunConfig, data: Data) -> tuple[Any, Any]:
+    """``--model PATH`` loaded, or a tokenizer trained on the world's text and a tiny model built from scratch."""
+    if config.model is not None:
+        return load_pretrained(config.model, dtype=getattr(torch, config.dtype), device=config.device)
+    if data.world is None:
+        raise ValueError("with --data a pretrained model is needed: give --model PATH (the tiny model is built for the world)")
+    tiny = config.tiny
+    tokenizer = train_tokenizer(tokenizer_texts(data.world), vocab_size=tiny.vocab_size, model_max_length=tiny.max_position_embeddings)
+    model = build_model(
+        tokenizer, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_position_embeddings, seed=config.seed,
+    )
+    return model.to(config.device), tokenizer
+
+
+def seed_everything(config: RunConfig) -> None:
+    """The seeding block: Python, NumPy and torch RNGs from ``config.seed``; torch threads."""
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.manual_seed(config.seed)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+
+
+def _run_config(command: RunConfig) -> RunConfig:
+    """The plain ``RunConfig`` part of a subcommand (drops the subcommand's own flags)."""
+    return RunConfig(**{f.name: copy.deepcopy(getattr(command, f.name)) for f in dataclasses.fields(RunConfig)})
+
+
+def _eval_kwargs(config: RunConfig) -> dict[str, Any]:
+    return dict(
+        max_turns=config.eval.max_turns or config.rl.max_turns, max_new_tokens=config.rl.max_new_tokens,
+        topk=config.rl.topk, batch_size=config.eval.batch_size,
+    )
+
+
+# --- demo ----------------------------------------------------------------------------------------------
+
+
+def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+
+
+def _train_children(configs: dict[str, RunConfig], out: Path, *, parallel: bool, progress: bool) -> None:
+    """Run ``igpo-train train`` for each config (at once when ``parallel``), showing their progress."""
+    pending = list(configs.items())
+    running: list[tuple[str, subprocess.Popen, Any, Path]] = []
+    bars = {}
+    while pending or running:
+        while pending and (parallel or not running):
+            label, config = pending.pop(0)
+            config_path = out / f"{label}.config.json"
+            write_text_atomic(config_path, json.dumps(to_dict(config), indent=2))
+            log = open(out / f"{label}.log", "w", encoding="utf-8")
+            command = [sys.executable, "-m", "reference_trainer.cli", "train", "--config", str(config_path)]
+            running.append((label, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, Path(config.out)))
+            bars[label] = tqdm(total=config.rl.steps + 1, desc=f"{label} RL", disable=not progress, leave=True)
+        time.sleep(0.5)
+        for item in list(running):
+            label, process, log, run_dir = item
+            bars[label].n = _count_lines(run_dir / "metrics.jsonl")
+            bars[label].refresh()
+            if process.poll() is not None:
+                log.close()
+                running.remove(item)
+                bars[label].close()
+                if process.returncode != 0:
+                    for _, other, other_log, _ in running:
+                        other.kill()
+                        other_log.close()
+                    tail = (out / f"{label}.log").read_text(encoding="utf-8").strip().splitlines()[-15:]
+                    raise RuntimeError(f"the {label} run failed (exit {process.returncode}); end of {out / (label + '.log')}:\n" + "\n".join(tail))
+
+
+def run_demo(command: DemoCommand) -> Path:
+    """The README's pipeline; returns the path of report.md."""
+    config = _run_config(command)
+    if command.quick:
+        config = quick_config(config)
+    validate_config(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    seed_everything(config)
+
+    # -- data: the world (or --data/--corpus), written in the Search-R1 layouts -------------------
+    data = build_data(config)
+    data_dir = out / "data"
+    if data.world is not None:
+        write_corpus_jsonl(data.world.corpus, data_dir / "corpus.jsonl")
+        write_qa_parquet(data.train, data_dir / "train.parquet", split="train")
+        write_qa_parquet(data.heldout, data_dir / "heldout.parquet", split="test")
+    write_text_atomic(out / "config.json", json.dumps(to_dict(config), indent=2))
+
+    # -- tokenizer + model, then the warm start (SFT on imperfect demonstrations) -------------------
+    model, tokenizer = build_policy(config, data)
+    warm_dir = out / "warm_start"
+    heldout = data.heldout[: config.eval.max_questions or None]
+    if any(example.gold_queries for example in data.train) and config.warm_start.steps > 0:
+        from reference_trainer.warm_start import warm_start
+
+        history = warm_start(
+            model, tokenizer, data.retriever, data.train, config.warm_start, topk=config.rl.topk, seed=config.seed,
+            progress=config.progress,
+        )
+    else:
+        print("warm start skipped: the questions have no gold search chains (or --warm-start.steps 0)", file=sys.stderr)
+        history = []
+    save_pretrained(model, tokenizer, warm_dir)
+    warm_eval = evaluate(model, tokenizer, data.retriever, heldout, step=0, progress=config.progress, **_eval_kwargs(config))
+    write_text_atomic(warm_dir / "eval.json", json.dumps(warm_eval, indent=2))
+    write_text_atomic(warm_dir / "metrics.jsonl", "".join(json.dumps({"run": "warm_start", **h}) + "\n" for h in history))
+    del model
+
+    # -- IGPO and GRPO from the same warm start (everything but the advantages identical) -----------
+    children = {}
+    for label in ("igpo", "grpo"):
+        child = copy.deepcopy(config)
+        child.rl.algorithm = label
+        child.init, child.model, child.out, child.resume = str(warm_dir), None, str(out / label), False
+        if data.world is not None:
+            child.data, child.eval_data, child.corpus = (
+                str(data_dir / "train.parquet"), str(data_dir / "heldout.parquet"), str(data_dir / "corpus.jsonl"),
+            )
+        child.progress = False
+        if command.parallel:
+            child.threads = 1
+        children[label] = child
+    _train_children(children, out, parallel=command.parallel, progress=config.progress)
+
+    # -- report, and one metrics.jsonl with every run's records ---------------------------------------
+    from reference_trainer.report import write_report
+
+    report = write_report({"IGPO": out / "igpo", "GRPO": out / "grpo"}, out, warm_start_eval=warm_dir / "eval.json")
+    merged = out / "metrics.jsonl"
+    merged.unlink(missing_ok=True)
+    _append_jsonl(merged, [{"run": "warm_start", "step": 0, "heldout_em": warm_eval["em"], "heldout_f1": warm_eval["f1"]}])
+    for label in ("igpo", "grpo"):
+        lines = (out / label / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        _append_jsonl(merged, [{"run": label, **json.loads(line)} for line in lines if line.strip()])
+    results = {label: json.loads((out / label / "eval.json").read_text(encoding="utf-8")) for label in ("igpo", "grpo")}
+    elapsed = time.perf_counter() - started
+    print(
+        f"held-out EM: warm start {100 * warm_eval['em']:.1f}, IGPO {100 * results['igpo']['em']:.1f}, "
+        f"GRPO {100 * results['grpo']['em']:.1f}  ({elapsed / 60:.1f} min) -> {report}"
+    )
+    write_text_atomic(out / "timing.json", json.dumps({"seconds": elapsed}))
+    return Path(report)
+
+
+# --- train / eval / report ------------------------------------------------------------------------------
+
+
+def run_train(command: TrainCommand) -> dict[str, Any]:
+    """One RL run from --init (or --model) into --out; returns its final evaluation."""
+    from reference_trainer.training import train
+
+    config = validate_config(_run_config(command))
+    init = config.init or config.model
+    if init is None:
+        raise ValueError("train needs --init DIR (e.g. DIR/warm_start of a demo) or --model PATH")
+    if not Path(init).is_dir():
+        raise FileNotFoundError(f"--init/--model: directory not found: {init}")
+    seed_everything(config)
+    data = build_data(config)
+    if not data.train:
+        raise ValueError("no training questions (give --data file.parquet)")
+    return train(config, init=init, run_dir=config.out, retriever=data.retriever, train_examples=data.train, eval_examples=data.heldout)
+
+
+def run_eval(command: EvalCommand) -> dict[str, Any]:
+    """Greedy EM/F1 of --init (or --model) on the held-out questions; writes --out/eval.json."""
+    config = validate_config(_run_config(command))
+    path = config.init or config.model
+    if path is None:
+        raise ValueError("eval needs --init DIR (a model or checkpoint directory) or --model PATH")
+    seed_everything(config)
+    model, tokenizer = load_pretrained(path, dtype=getattr(torch, config.dtype), device=config.device)
+    data = build_data(config)
+    examples = data.heldout[: config.eval.max_questions or None]
+    result = evaluate(model, tokenizer, data.retriever, examples, progress=config.progress, **_eval_kwargs(config))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "eval.json", json.dumps(result, indent=2))
+    print(f"EM {100 * result['em']:.1f}  F1 {100 * result['f1']:.1f}  (n = {result['n']}) -> {out / 'eval.json'}")
+    if result["by_hops"]:
+        print("by hops: " + ", ".join(f"{h}: EM {100 * s['em']:.1f} (n = {s['n']})" for h, s in result["by_hops"].items()))
+    print(paper_table(result, label=Path(path).name))
+    return result
+
+
+def run_report(command: ReportCommand) -> Path:
+    """report.md from run directories."""
+    from reference_trainer.report import write_report
+
+    out = Path(command.out)
+    runs = {}
+    for item in command.runs or (f"IGPO={out / 'igpo'}", f"GRPO={out / 'grpo'}"):
+        label, separator, directory = item.partition("=")
+        if not separator or not label or not directory:
+            raise ValueError(f"--runs items must look like LABEL=DIR, got {item!r}")
+        runs[label] = Path(directory)
+    warm = command.warm_start_eval
+    if warm is None and (out / "warm_start" / "eval.json").is_file():
+        warm = str(out / "warm_start" / "eval.json")
+    report = write_report(runs, out, warm_start_eval=Path(warm) if warm else None)
+    print(report)
+    return Path(report)
+
+
+# --- entry point -------------------------------------------------------------------------------------------
+
+
+def _config_file_flag(argv: list[str]) -> str | None:
+    for index, item in enumerate(argv):
+        if item == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if item.startswith("--config="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def parse(argv: list[str]) -> Any:
+    """The subcommand object for ``argv``: defaults <- ``--config FILE`` <- flags."""
+    path = _config_file_flag(argv)
+    base = load_config_file(path) if path else RunConfig()
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(RunConfig)}
+    defaults = {
+        "demo": DemoCommand(**copy.deepcopy(fields)),
+        "train": TrainCommand(**copy.deepcopy(fields)),
+        "eval": EvalCommand(**copy.deepcopy(fields)),
+    }
+    command_type = Union[
+        Annotated[DemoCommand, tyro.conf.subcommand("demo", default=defaults["demo"])],
+        Annotated[TrainCommand, tyro.conf.subcommand("train", default=defaults["train"])],
+        Annotated[EvalCommand, tyro.conf.subcommand("eval", default=defaults["eval"])],
+        Annotated[ReportCommand, tyro.conf.subcommand("report")],
+    ]
+    return tyro.cli(command_type, args=argv, prog="igpo-train", description=__doc__.split("\n\n")[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status (2 for a bad path, config or dataset)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command = parse(argv)
+        if isinstance(command, DemoCommand):
+            run_demo(command)
+        elif isinstance(command, TrainCommand):
+            run_train(command)
+        elif isinstance(command, EvalCommand):
+            run_eval(command)
+        else:
+            run_report(command)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"igpo-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""igpo-train: config precedence, clear errors, and the --model/--data/--corpus path with a tiny pretrained model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reference_trainer.cli import DemoCommand, EvalCommand, ReportCommand, TrainCommand, main, parse
+from reference_trainer.config import RunConfig, load_config_file, quick_config, validate_config
+from reference_trainer.modeling import make_tiny_pretrained
+from reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_defaults_and_subcommands():
+    command = parse(["demo"])
+    assert isinstance(command, DemoCommand) and command.rl.algorithm == "igpo" and command.rl.group_size == 8
+    assert command.rl.max_turns == 4 and command.rl.clip_ratio == 0.2 and command.rl.kl_coef == 0.001
+    assert isinstance(parse(["train", "--rl.algorithm", "grpo"]), TrainCommand)
+    assert parse(["train", "--rl.algorithm", "grpo"]).rl.algorithm == "grpo"
+    assert isinstance(parse(["eval"]), EvalCommand)
+    report = parse(["report", "--out", "x", "--runs", "A=a", "B=b"])
+    assert isinstance(report, ReportCommand) and report.runs == ("A=a", "B=b")
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('out = "from_file"\n[rl]\nsteps = 7\ngroup_size = 4\n[world]\nnum_train = 33\n')
+    command = parse(["train", "--config", str(toml), "--rl.steps", "3"])
+    assert command.rl.steps == 3  # flag
+    assert command.rl.group_size == 4 and command.world.num_train == 33 and command.out == "from_file"  # file
+    assert command.rl.max_turns == 4  # default
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("rl:\n  algorithm: grpo\n")
+    assert load_config_file(yaml).rl.algorithm == "grpo"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[rl]\nstepz = 3\n", "unknown key(s) ['stepz']"),
+        ("[rl]\ngroup_size = 0\n", "rl.group_size must be an int >= 1, got 0"),
+        ('[rl]\nalgorithm = "ppo"\n', "rl.algorithm must be one of ('igpo', 'grpo'), got 'ppo'"),
+        ("[rl]\nclip_ratio = 1.5\n", "rl.clip_ratio must be in (0.0, 1.0], got 1.5"),
+        ("rl = 3\n", "must be a table/mapping"),
+        ("[rl\n", "cannot parse config file"),
+    ],
+)
+def test_bad_config_files_exit_2_with_the_reason(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    assert main(["train", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_validate_config_and_quick():
+    with pytest.raises(ValueError, match=r"rl.minibatches \(9\) must be <= rl.questions_per_step \(8\)"):
+        config = RunConfig()
+        config.rl.minibatches = 9
+        validate_config(config)
+    quick = quick_config(RunConfig())
+    assert quick.rl.steps < RunConfig().rl.steps and quick.warm_start.steps < RunConfig().warm_start.steps
+    custom = RunConfig()
+    custom.rl.steps = 5
+    assert quick_config(custom).rl.steps == 5  # a value the user chose is kept
+    validate_config(quick)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train"], "train needs --init DIR"),
+        (["train", "--init", "/nonexistent/warm"], "directory not found: /nonexistent/warm"),
+        (["eval"], "eval needs --init DIR"),
+        (["eval", "--init", "/nonexistent/model"], "is not a directory"),
+        (["train", "--config", "/nonexistent.toml"], "config file not found: /nonexistent.toml"),
+        (["demo", "--corpus", "c.jsonl"], "--corpus needs --data"),
+        (["report", "--out", "/nonexistent/run"], "not found"),
+        (["report", "--runs", "nolabel"], "LABEL=DIR"),
+    ],
+)
+def test_bad_paths_exit_2_with_the_reason(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+# --- real-data path: --model + --data + --corpus ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory):
+    """A tiny random pretrained chat model, a Search-R1 corpus and verl parquet questions."""
+    root = tmp_path_factory.mktemp("real")
+    world = build_world(seed=4, num_train=8, num_heldout=3, num_countries=2, cities_per_country=2, num_organisations=2)
+    model_dir = make_tiny_pretrained(root / "model", texts=[doc.contents for doc in world.corpus] * 2)
+    corpus = write_corpus_jsonl(world.corpus, root / "corpus.jsonl")
+    questions = [QAExample(e.question, e.answers, 0, source, (), ()) for e, source in zip(world.train, ["nq", "hotpotqa"] * 4)]
+    data = write_qa_parquet(questions, root / "train.parquet")
+    return root, model_dir, corpus, data
+
+
+def test_data_errors(real_files, tmp_path, capsys):
+    root, model_dir, corpus, data = real_files
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    not_parquet = tmp_path / "bad.parquet"
+    not_parquet.write_text("not parquet")
+    cases = [
+        (["eval", "--model", str(model_dir), "--data", str(data)], "--data needs a retrieval corpus"),
+        (["eval", "--model", str(model_dir), "--data", str(data), "--corpus", str(tmp_path / "none.jsonl")], "--corpus: file not found"),
+        (["eval", "--model", str(model_dir), "--data", str(data), "--corpus", str(empty)], "is empty"),
+        (["eval", "--model", str(model_dir), "--data", str(not_parquet), "--corpus", str(corpus)], "not a readable parquet file"),
+        (["eval", "--model", str(model_dir), "--data", str(tmp_path / "none.parquet"), "--corpus", str(corpus)], "question file not found"),
+        (["demo", "--data", str(data), "--corpus", str(corpus), "--out", str(tmp_path / "d")], "a pretrained model is needed"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_train_and_eval_with_a_pretrained_model_and_parquet_data(real_files, tmp_path, capsys):
+    root, model_dir, corpus, data = real_files
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--corpus", str(corpus), "--threads", "1", "--no-progress", "--eval-fraction", "0.25"]
+    argv = ["train", "--model", str(model_dir), "--out", str(run), *common,
+            "--rl.steps", "2", "--rl.questions-per-step", "2", "--rl.group-size", "2", "--rl.max-new-tokens", "4",
+            "--rl.minibatches", "1", "--rl.eval-every", "1"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all("heldout_em" in r for r in records) and "reward_mean" in records[1]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == str(model_dir) and config["rl"]["steps"] == 2
+    final = json.loads((run / "eval.json").read_text())
+    assert final["n"] == 2 and set(final["by_data_source"]) <= {"nq", "hotpotqa"}
+    assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--init", str(run / "checkpoints" / "step_000002"), "--out", str(out), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "| EM |" in printed and "NQ" in printed
+    assert json.loads((out / "eval.json").read_text())["n"] == 2
