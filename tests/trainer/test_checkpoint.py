@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +23,9 @@ from reference_trainer.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from reference_trainer.modeling import build_model, load_pretrained, train_tokenizer
+from reference_trainer.cli import tokenizer_texts
+from reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from reference_trainer.world import build_world
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +136,54 @@ def test_checkpoint_errors(tmp_path, tokenizer):
     path = save_checkpoint(tmp_path, step=1, model=model, tokenizer=tokenizer)  # no optimizer saved
     with pytest.raises(FileNotFoundError, match="no optimizer state"):
         restore_training_state(path, optimizer)
+
+
+# --- resume: a run killed mid-step continues to the uninterrupted result ------------------------------
+
+
+def _train_command(init, out, *extra):
+    return [
+        sys.executable, "-m", "reference_trainer.cli", "train", "--init", str(init), "--out", str(out),
+        "--threads", "1", "--no-progress", "--seed", "3",
+        "--world.num-train", "12", "--world.num-heldout", "3", "--world.num-countries", "2",
+        "--world.cities-per-country", "2", "--world.num-organisations", "2",
+        "--rl.steps", "4", "--rl.questions-per-step", "2", "--rl.group-size", "3", "--rl.max-new-tokens", "5",
+        "--rl.max-turns", "2", "--rl.checkpoint-every", "1", "--rl.eval-every", "2", "--eval.max-questions", "3", *extra,
+    ]
+
+
+def _without_timing(path):
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "tokens_per_second"} for r in records]
+
+
+def test_resume_after_a_kill_mid_step_matches_the_uninterrupted_run(tmp_path):
+    world = build_world(seed=0, num_train=12, num_heldout=3, num_countries=2, cities_per_country=2, num_organisations=2)
+    tokenizer = train_tokenizer(tokenizer_texts(world), vocab_size=400)
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=1024)
+    init = save_pretrained(model, tokenizer, tmp_path / "init")
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_command(init, full), check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(_train_command(init, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = killed / "checkpoints" / LATEST
+    deadline = time.monotonic() + 300
+    while not (pointer.is_file() and pointer.read_text().strip() == "step_000001"):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.01)
+    process.kill()  # SIGKILL while step 2 runs: no cleanup code gets to run
+    process.wait()
+    assert not (killed / "checkpoints" / "step_000004").exists() and not (killed / "eval.json").exists()
+
+    subprocess.run(_train_command(init, killed, "--resume"), check=True, capture_output=True, timeout=600)
+    final_full, final_killed = full / "checkpoints" / "step_000004", killed / "checkpoints" / "step_000004"
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        expected, resumed = load_file(final_full / name), load_file(final_killed / name)
+        assert expected.keys() == resumed.keys()
+        for key in expected:
+            assert torch.equal(expected[key], resumed[key]), (name, key)
+    assert _without_timing(killed / "metrics.jsonl") == _without_timing(full / "metrics.jsonl")
+    assert [r["step"] for r in _without_timing(killed / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert json.loads((killed / "eval.json").read_text()) == json.loads((full / "eval.json").read_text())
