@@ -28,12 +28,13 @@ class IGPOSettings:
     """IGPO's hyperparameters as the adapters read them; the defaults are the paper's.
 
     Example:
-      >>> IGPOSettings.from_mapping({"mode": "separate", "gamma": 0.9})
-      IGPOSettings(gamma=0.9, kind='prob', mode='separate', weighting='turn', scale='std', eps=1e-06, ddof=0, ig_weight=1.0, outcome_weight=1.0, log_prob_floor=-20.0, max_turns=None)
-      >>> IGPOSettings.from_mapping({"gama": 0.9})
+      >>> settings = IGPOSettings.from_mapping({"mode": "separate", "gamma": 0.9})
+      >>> settings.mode, settings.gamma, settings.weighting
+      ('separate', 0.9, 'turn')
+      >>> IGPOSettings.from_mapping({"gama": 0.9})  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      ValueError: igpo settings: unknown key(s) ['gama']; known keys: ['gamma', 'kind', 'mode', 'weighting', 'scale', 'eps', 'ddof', 'ig_weight', 'outcome_weight', 'log_prob_floor', 'max_turns']
+      ValueError: igpo settings: unknown key(s) ['gama']; known keys: ['gamma', 'kind', ...]
     """
 
     gamma: float = 1.0

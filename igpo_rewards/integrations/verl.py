@@ -341,7 +341,8 @@ def check_registered() -> None:
 
 def _why_not_loaded(verl_module: Any) -> str:
     version = getattr(verl_module, "__version__", "unknown")
-    entry_points = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == ESTIMATOR_NAME]
+    installed = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    entry_points = [ep for ep in installed if ep.name == ESTIMATOR_NAME]
     policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
     if not entry_points:
         return (

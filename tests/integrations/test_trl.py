@@ -1,0 +1,167 @@
+"""IGPOTrainer (igpo_rewards.integrations.trl) on a tiny Llama and synthetic multi-turn rollouts.
+
+The model and its byte-level BPE tokenizer are built locally (reference_trainer.modeling); the
+rollouts come from a TRL rollout_func (trl_igpo_run.py) whose completion k is a function of k
+alone. Expected advantages are computed from the same synthetic data with the float64 loop
+oracle (igpo_rewards.testing.reference), with turns read off env_mask by a plain loop here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import trl_igpo_run as run
+from igpo_rewards.integrations import IGPOSettings
+from igpo_rewards.integrations.trl import IGPOTrainer, token_turn_index
+from igpo_rewards.testing import reference
+from reference_trainer.modeling import make_tiny_pretrained
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_pretrained(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, tmp_path_factory):
+    """The whole global batch scored by one process."""
+    trainer = run.make_trainer(model_dir, tmp_path_factory.mktemp("trainer"), per_device_batch=run.GLOBAL_ROWS)
+    return trainer, run.score_local_slice(trainer)
+
+
+def turns_of_tokens(env_mask):
+    """Turn of each token: a new turn starts at every 0 -> 1 step (plain loop, no library)."""
+    turns, current, previous = [], -1, 0
+    for value in env_mask:
+        if value == 1 and previous == 0:
+            current += 1
+        turns.append(current if value == 1 else -1)
+        previous = value
+    return turns
+
+
+def expected_advantages(tokenizer, settings: IGPOSettings) -> list[np.ndarray]:
+    rows = [run.synthetic_completion(k, len(tokenizer), tokenizer.eos_token_id) for k in range(run.GLOBAL_ROWS)]
+    num_turns = max(len(row["igpo_answer_logprob"]) for row in rows)
+    answer_logprob = np.zeros((len(rows), num_turns))
+    turn_mask = np.zeros((len(rows), num_turns), dtype=bool)
+    for k, row in enumerate(rows):
+        answer_logprob[k, : len(row["igpo_answer_logprob"])] = row["igpo_answer_logprob"]
+        turn_mask[k, : len(row["igpo_answer_logprob"])] = True
+    outcome = [row["outcome"] for row in rows]
+    groups = [k // run.NUM_GENERATIONS for k in range(len(rows))]
+    turn_advantages = reference.igpo_advantages(
+        answer_logprob, outcome, turn_mask, groups, gamma=settings.gamma, **settings.reward_kwargs(),
+        **settings.normalization_kwargs(),
+    ).advantages
+    return [
+        np.array([turn_advantages[k, turn] if turn >= 0 else 0.0 for turn in turns_of_tokens(row["env_mask"])])
+        for k, row in enumerate(rows)
+    ]
+
+
+def assert_rows_match(advantages: torch.Tensor, expected: list[np.ndarray], first_row: int = 0):
+    for offset, row in enumerate(advantages):
+        want = expected[first_row + offset]
+        np.testing.assert_allclose(row[: want.size].numpy(), want, rtol=1e-5, atol=1e-6)
+        assert torch.count_nonzero(row[want.size :]) == 0  # padding
+
+
+def test_advantages_equal_igpo_rewards_on_the_same_rollouts(one_process):
+    trainer, result = one_process
+    advantages = result["advantages"]
+    assert advantages.dtype == torch.float32 and advantages.dim() == 2 and advantages.shape[0] == run.GLOBAL_ROWS
+    expected = expected_advantages(trainer.processing_class, IGPOSettings())
+    assert_rows_match(advantages, expected)
+    # Question 2: every outcome is 1.0, so GRPO's advantages are all 0; IGPO's turn rewards are not.
+    first = run.EQUAL_OUTCOME_GROUP * run.NUM_GENERATIONS
+    group_two = advantages[first : first + run.NUM_GENERATIONS]
+    assert torch.count_nonzero(group_two) > 0
+    tokenizer = trainer.processing_class
+    turns = [len(run.synthetic_completion(k, len(tokenizer), 0)["igpo_answer_logprob"]) for k in range(run.GLOBAL_ROWS)]
+    assert sorted(set(turns)) == [1, 2, 3]
+    assert trainer._metrics["train"]["igpo/turns_mean"][-1] == pytest.approx(np.mean(turns))
+
+
+def test_igpo_settings_reach_the_computation(model_dir, tmp_path):
+    settings = {"gamma": 0.5, "mode": "separate", "weighting": "trajectory", "kind": "log_prob", "ig_weight": 2.0}
+    trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.GLOBAL_ROWS, igpo_settings=settings)
+    advantages = run.score_local_slice(trainer)["advantages"]
+    assert_rows_match(advantages, expected_advantages(trainer.processing_class, IGPOSettings.from_mapping(settings)))
+
+
+def test_two_processes_give_the_same_advantages_as_one(one_process, model_dir, tmp_path):
+    _, single = one_process
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        str(HERE / "trl_igpo_run.py"), str(model_dir), str(tmp_path),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=HERE)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert [rank["backend"] for rank in ranks] == ["gloo", "gloo"]
+    local = run.GLOBAL_ROWS // 2
+    for rank, part in enumerate(ranks):
+        assert part["advantages"].shape[0] == local
+        reference_rows = single["advantages"][rank * local : (rank + 1) * local]
+        width = part["advantages"].shape[1]  # each process pads to its own longest completion
+        torch.testing.assert_close(part["advantages"], reference_rows[:, :width])
+        assert torch.count_nonzero(reference_rows[:, width:]) == 0
+
+
+def test_one_training_step_uses_per_token_advantages(model_dir, tmp_path):
+    trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.GLOBAL_ROWS)
+    before = [parameter.detach().clone() for parameter in trainer.model.parameters()]
+    trainer.train()
+    (batch,) = trainer._buffered_inputs
+    assert batch["advantages"].shape == batch["completion_ids"].shape
+    assert torch.count_nonzero(batch["advantages"] * (1 - batch["tool_mask"])) == 0  # nothing on env tokens
+    assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert any(not torch.equal(old, new) for old, new in zip(before, trainer.model.parameters()))
+
+
+def test_token_turn_index_from_env_mask_or_explicit_turns():
+    from_mask = token_turn_index([4, 3], [[1, 0, 1, 1], [1, 1, 1]], None, 5)
+    assert from_mask.tolist() == [[0, -1, 1, 1, -1], [0, 0, 0, -1, -1]]
+    explicit = token_turn_index([4], None, [[0, 0, 1, 1]], 4)  # two turns with no observation between
+    assert explicit.tolist() == [[0, 0, 1, 1]]
+    assert token_turn_index([2], None, None, 3).tolist() == [[0, 0, -1]]
+    with pytest.raises(ValueError, match=r"env_mask\[0\] has 3 values but completion 0 has 4 tokens"):
+        token_turn_index([4], [[1, 0, 1]], None, 4)
+
+
+def test_bad_rollouts_fail_loudly(model_dir, tmp_path):
+    def without_probes(prompts, trainer):
+        output = run.rollout_func(prompts, trainer)
+        del output["igpo_answer_logprob"]
+        return output
+
+    def one_probe_short(prompts, trainer):
+        output = run.rollout_func(prompts, trainer)
+        output["igpo_answer_logprob"] = [row[:-1] if len(row) > 1 else row for row in output["igpo_answer_logprob"]]
+        return output
+
+    trainer = run.make_trainer(model_dir, tmp_path / "a", per_device_batch=run.GLOBAL_ROWS, rollout=without_probes)
+    with pytest.raises(ValueError, match="rollout_func must return 'igpo_answer_logprob'"):
+        run.score_local_slice(trainer)
+    trainer = run.make_trainer(model_dir, tmp_path / "b", per_device_batch=run.GLOBAL_ROWS, rollout=one_probe_short)
+    with pytest.raises(ValueError, match="one probe log-prob per turn"):
+        run.score_local_slice(trainer)
+    with pytest.raises(ValueError, match="needs a rollout_func"):
+        IGPOTrainer(model=trainer.model, reward_funcs=[run.outcome_reward], args=trainer.args,
+                    train_dataset=trainer.train_dataset, processing_class=trainer.processing_class)
