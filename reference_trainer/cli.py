@@ -102,6 +102,7 @@ class Data:
     heldout: list[Any]
     retriever: Any
     world: Any = None
+    corpus: list[Any] | None = None
 
 
 def _split(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -125,18 +126,19 @@ def build_data(config: RunConfig) -> Data:
             cities_per_country=w.cities_per_country, num_organisations=w.num_organisations,
         )
         retriever = HTTPRetriever(config.retriever_url) if config.retriever_url else BM25Retriever(world.corpus)
-        return Data(world.train, world.heldout, retriever, world)
+        return Data(world.train, world.heldout, retriever, world, world.corpus)
     if config.corpus is None and config.retriever_url is None:
         raise ValueError("--data needs a retrieval corpus: give --corpus file.jsonl or --retriever-url URL")
     if config.corpus is not None and not Path(config.corpus).is_file():
         raise FileNotFoundError(f"--corpus: file not found: {config.corpus}")
-    retriever = HTTPRetriever(config.retriever_url) if config.retriever_url else BM25Retriever(read_corpus_jsonl(config.corpus))
+    corpus = read_corpus_jsonl(config.corpus) if config.corpus is not None else None
+    retriever = HTTPRetriever(config.retriever_url) if config.retriever_url else BM25Retriever(corpus)
     train = load_qa_parquet(config.data) if config.data is not None else []
     if config.eval_data is not None:
         heldout = load_qa_parquet(config.eval_data)
     else:
         train, heldout = _split(train, config.eval_fraction, config.seed)
-    return Data(train, heldout, retriever)
+    return Data(train, heldout, retriever, corpus=corpus)
 
 
 def tokenizer_texts(world: Any) -> list[str]:
@@ -260,8 +262,8 @@ def run_demo(command: DemoCommand) -> Path:
         from reference_trainer.warm_start import warm_start
 
         history = warm_start(
-            model, tokenizer, data.retriever, data.train, config.warm_start, topk=config.rl.topk, seed=config.seed,
-            progress=config.progress,
+            model, tokenizer, data.retriever, data.train, config.warm_start, corpus=data.corpus if config.model is None else None,
+            topk=config.rl.topk, seed=config.seed, progress=config.progress,
         )
     else:
         print("warm start skipped: the questions have no gold search chains (or --warm-start.steps 0)", file=sys.stderr)

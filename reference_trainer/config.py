@@ -24,9 +24,9 @@ class WorldConfig:
 
     seed: int = 0
     """Seed of the world generator (entities, corpus, questions)."""
-    num_train: int = 300
+    num_train: int = 1000
     """Training questions (hops 1/2/3 balanced)."""
-    num_heldout: int = 90
+    num_heldout: int = 120
     """Held-out questions, about people never asked about in training."""
     num_countries: int = 6
     """Countries in the world."""
@@ -40,8 +40,8 @@ class WorldConfig:
 class TinyModelConfig:
     """The model built from scratch when no ``--model`` is given (``reference_trainer.modeling``)."""
 
-    vocab_size: int = 1024
-    """Byte-level BPE vocabulary trained on the world's text (tags are added on top)."""
+    vocab_size: int = 2048
+    """Byte-level BPE vocabulary trained on the world's text (tags are added on top); large enough that every name is one token."""
     hidden_size: int = 96
     """Transformer width."""
     num_layers: int = 3
@@ -58,22 +58,24 @@ class TinyModelConfig:
 class WarmStartConfig:
     """Supervised fine-tuning on generated demonstrations (``reference_trainer.warm_start``)."""
 
-    steps: int = 300
-    """Optimizer steps of SFT (deliberately few: the warm start must leave room for RL)."""
+    steps: int = 700
+    """Optimizer steps of SFT."""
     batch_size: int = 16
     """Demonstrations per SFT step."""
     learning_rate: float = 3e-3
     """AdamW learning rate of SFT (constant after a short warm-up)."""
     warmup_steps: int = 20
     """Linear learning-rate warm-up steps."""
-    noisy_query_prob: float = 0.2
+    noisy_query_prob: float = 0.1
     """Probability that a demonstration's search uses a corrupted query, then retries the right one."""
-    skip_hop_prob: float = 0.25
+    skip_hop_prob: float = 0.5
     """Probability that a multi-hop demonstration stops searching one hop early and answers the bridge entity (wrong)."""
     think_prob: float = 0.0
     """Probability that a demonstration turn starts with a short <think> block."""
-    rename_prob: float = 0.5
+    rename_prob: float = 1.0
     """Probability that a demonstration's person gets a fresh name (first and last name of two other people), so names are copied, not recalled."""
+    probe_weight: float = 0.2
+    """Weight of the probe term of the SFT loss: the answer after the probe text, at the last probe of right demonstrations (0 = off; for models built from scratch)."""
     pretrain_steps: int = 200
     """Language-model steps on corpus documents (people renamed) before SFT; for models built from scratch."""
     pretrain_batch_size: int = 64
@@ -86,7 +88,7 @@ class RLConfig:
 
     algorithm: Literal["igpo", "grpo"] = "igpo"
     """igpo: information-gain turn rewards + outcome (igpo_rewards.igpo_advantages); grpo: outcome only."""
-    steps: int = 60
+    steps: int = 30
     """RL steps (one batch of rollouts and one round of updates each)."""
     questions_per_step: int = 8
     """Questions per step; each gets group_size rollouts."""
@@ -98,7 +100,7 @@ class RLConfig:
     """Most tokens sampled in one turn."""
     topk: int = 3
     """Documents retrieved per search."""
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-4
     """AdamW learning rate of the policy."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -132,7 +134,7 @@ class RLConfig:
     """w_out, the weight of the outcome reward."""
     grpo_probes: bool = False
     """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
-    eval_every: int = 10
+    eval_every: int = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
     checkpoint_every: int = 10
     """Write a checkpoint every this many steps (and at the end); 0 = only at the end."""
@@ -160,8 +162,8 @@ class RunConfig:
     """Run directory: resolved config, metrics.jsonl, checkpoints, eval.json, report.md."""
     seed: int = 0
     """Seed of everything random in training (torch, Python); the world has its own seed."""
-    threads: int = 0
-    """Torch CPU threads (0 = torch's default)."""
+    threads: int = 1
+    """Torch CPU threads (0 = torch's default). One is fastest for the tiny model, above all when other processes share the cores."""
     device: str = "cpu"
     """Torch device of the model ("cpu", "cuda", "cuda:1", ...)."""
     model: str | None = None
@@ -202,7 +204,7 @@ def quick_config(config: RunConfig | None = None) -> RunConfig:
     shrink = {
         "world": dict(num_train=30, num_heldout=12, num_countries=3, cities_per_country=2, num_organisations=4),
         "tiny": dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=768),
-        "warm_start": dict(steps=6, batch_size=8, warmup_steps=2),
+        "warm_start": dict(steps=6, batch_size=8, warmup_steps=2, pretrain_steps=4, pretrain_batch_size=16),
         "rl": dict(steps=2, questions_per_step=2, group_size=4, max_new_tokens=12, minibatches=1, eval_every=1, checkpoint_every=1),
         "eval": dict(max_questions=12),
     }
@@ -326,6 +328,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     _number("warm_start.learning_rate", warm.learning_rate, 0.0, open_low=True)
     _positive_int("warm_start.pretrain_steps", warm.pretrain_steps, 0)
     _positive_int("warm_start.pretrain_batch_size", warm.pretrain_batch_size)
+    _number("warm_start.probe_weight", warm.probe_weight, 0.0)
     for name in ("noisy_query_prob", "skip_hop_prob", "think_prob", "rename_prob"):
         _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)
     rl = config.rl

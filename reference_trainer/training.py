@@ -607,6 +607,7 @@ def train(
         _append_jsonl(metrics_path, [{"step": 0, "heldout_em": initial["em"], "heldout_f1": initial["f1"]}])
 
     # -- the loop: rollouts -> probes -> advantages -> update, then log / evaluate / checkpoint -------
+    scores = None
     bar = tqdm(range(start + 1, rl.steps + 1), desc=f"{rl.algorithm} RL", disable=not config.progress, initial=start, total=rl.steps)
     for step in bar:
         examples = examples_for_step(train_examples, step, rl.questions_per_step, config.seed)
@@ -623,7 +624,7 @@ def train(
             save_checkpoint(checkpoints, step=step, model=policy, tokenizer=tokenizer, optimizer=optimizer,
                             trainer_state={"algorithm": rl.algorithm, "init": str(init)})
 
-    # -- final evaluation -----------------------------------------------------------------------------
-    final = evaluate_policy(policy, rl.steps)
+    # -- final evaluation (the last step's, unless the run was already complete) -----------------------
+    final = scores if scores is not None and scores["step"] == rl.steps else evaluate_policy(policy, rl.steps)
     write_text_atomic(run_dir / "eval.json", json.dumps(final, indent=2))
     return final

@@ -207,17 +207,48 @@ def build_demonstration(
     )
 
 
-def sft_loss(model: Any, tokenizer: Any, demonstrations: Sequence[Trajectory]) -> torch.Tensor:
-    """Mean negative log-likelihood of the generated (turn) tokens of the demonstrations.
+def sft_loss(
+    model: Any,
+    tokenizer: Any,
+    demonstrations: Sequence[Trajectory],
+    *,
+    probe_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SFT loss: mean negative log-likelihood of the generated (turn) tokens, plus the probe term.
 
     All turn tokens of the batch weigh the same (prompt and observation tokens are context).
+    With ``probe_weight > 0`` the same packed forward (``probes.trajectory_forward``) also
+    runs the ground-truth probe before every turn, and the loss adds ``probe_weight`` times
+    the mean answer-token NLL of the LAST probe of each demonstration that ends with the
+    right answer: the one whose context holds every retrieved fact. A model built from
+    scratch has never seen the probe's "answer now" text; this teaches it to answer from the
+    context after it, so its probe measures its belief in the answer (earlier probes, whose
+    context lacks the answer, are left alone and stay low). Returns ``(loss, {"sft": ...,
+    "probe": ...})``.
     """
-    out = trajectory_forward(model, tokenizer, demonstrations, include_probes=False)
+    use_probes = probe_weight > 0
+    out = trajectory_forward(model, tokenizer, demonstrations, include_probes=use_probes)
     mask = torch.zeros_like(out.token_logprobs, dtype=torch.bool)
     for row, demonstration in enumerate(demonstrations):
         for start, end in demonstration.turn_spans:
             mask[row, start:end] = True
-    return -(out.token_logprobs * mask).sum() / mask.sum().clamp(min=1)
+    loss = -(out.token_logprobs * mask).sum() / mask.sum().clamp(min=1)
+    parts = {"sft": float(loss.detach())}
+    if use_probes:
+        rows = [row for row, demo in enumerate(demonstrations) if _answers_right(demo)]
+        if rows:
+            last = torch.tensor([demonstrations[row].num_turns - 1 for row in rows])
+            index = torch.tensor(rows)
+            logprobs, probe_mask = out.probe_logprobs[index, last], out.probe_mask[index, last]
+            probe_nll = -((logprobs * probe_mask).sum(-1) / probe_mask.sum(-1).clamp(min=1)).mean()
+            loss = loss + probe_weight * probe_nll
+            parts["probe"] = float(probe_nll.detach())
+    return loss, parts
+
+
+def _answers_right(demonstration: Trajectory) -> bool:
+    """Whether a demonstration's final answer is the gold one (a skipped hop answers a bridge)."""
+    return demonstration.turn_texts[-1] == f"{ANSWER_OPEN} {demonstration.example.answers[0]} {ANSWER_CLOSE}"
 
 
 def learning_rate_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -347,11 +378,12 @@ def warm_start(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config.steps, config.learning_rate, config.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        loss = sft_loss(model, tokenizer, demonstrations)
+        loss, parts = sft_loss(model, tokenizer, demonstrations, probe_weight=config.probe_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        history.append({"phase": "sft", "step": step + 1, "loss": float(loss.detach()), "learning_rate": optimizer.param_groups[0]["lr"]})
+        history.append({"phase": "sft", "step": step + 1, "loss": float(loss.detach()), **parts,
+                        "learning_rate": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     model.eval()
     return history

@@ -29,7 +29,9 @@ def test_demo_quick(tmp_path):
     for name in ("data/corpus.jsonl", "data/train.parquet", "data/heldout.parquet", "config.json",
                  "warm_start/model.safetensors", "warm_start/eval.json", "igpo/eval.json", "grpo/eval.json"):
         assert (out / name).is_file(), name
+    phases = [json.loads(line)["phase"] for line in (out / "warm_start" / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((out / "config.json").read_text())
+    assert phases == ["pretrain"] * config["warm_start"]["pretrain_steps"] + ["sft"] * config["warm_start"]["steps"]
     steps = config["rl"]["steps"]
     for label in ("igpo", "grpo"):
         run_config = json.loads((out / label / "config.json").read_text())

@@ -11,6 +11,7 @@ from igpo_rewards.scoring import outcome_reward
 from reference_trainer.cli import tokenizer_texts
 from reference_trainer.config import WarmStartConfig
 from reference_trainer.modeling import build_model, train_tokenizer
+from reference_trainer.probes import build_probe_suffix, naive_probe_logprobs
 from reference_trainer.prompts import build_prompt, observation_block, parse_action
 from reference_trainer.retrieval import BM25Retriever, format_observation
 from reference_trainer.training import score_trajectories
@@ -137,12 +138,30 @@ def test_sft_loss_is_the_mean_nll_of_turn_tokens(world, tokenizer):
     retriever = BM25Retriever(world.corpus)
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=1024)
     demos = [build_demonstration(e, turns_of(e), tokenizer, retriever, topk=3) for e in world.train[:3]]
-    loss = sft_loss(model, tokenizer, demos)
+    loss, parts = sft_loss(model, tokenizer, demos)
     logprobs, _, _ = score_trajectories(model, tokenizer, demos, include_probes=False, micro_batch_size=8)
     values = [float(logprobs[row, t]) for row, demo in enumerate(demos) for s, e in demo.turn_spans for t in range(s, e)]
     assert float(loss.detach()) == pytest.approx(-sum(values) / len(values), rel=1e-5)
+    assert parts == {"sft": pytest.approx(float(loss.detach()))}
     loss.backward()
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_sft_probe_term_scores_the_last_probe_of_right_demonstrations(world, tokenizer):
+    """Checked against one plain forward per probe (probes.naive_probe_logprobs)."""
+    retriever = BM25Retriever(world.corpus)
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=1024)
+    multi_hop = [e for e in world.train if e.hops >= 2][:2]
+    right = build_demonstration(multi_hop[0], turns_of(multi_hop[0]), tokenizer, retriever, topk=3)
+    skipped = build_demonstration(multi_hop[1], turns_of(multi_hop[1], skip_hop_prob=1.0), tokenizer, retriever, topk=3)
+    loss, parts = sft_loss(model, tokenizer, [right, skipped], probe_weight=0.5)
+    suffix = build_probe_suffix(tokenizer, right.example.answers[0])
+    logprobs, mask = naive_probe_logprobs(model, [right.token_ids], [[right.turn_spans[-1][0]]], [suffix])
+    expected_probe = -float(logprobs[mask].mean().detach())
+    assert parts["probe"] == pytest.approx(expected_probe, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(parts["sft"] + 0.5 * expected_probe, rel=1e-5)
+    _, only_skipped = sft_loss(model, tokenizer, [skipped], probe_weight=0.5)
+    assert "probe" not in only_skipped  # a demonstration that answers a bridge teaches no probe
 
 
 def test_short_warm_start_lowers_the_loss(world, tokenizer):
@@ -151,6 +170,7 @@ def test_short_warm_start_lowers_the_loss(world, tokenizer):
     config = WarmStartConfig(steps=25, batch_size=4, learning_rate=3e-3, warmup_steps=2, pretrain_steps=5, pretrain_batch_size=8)
     history = warm_start(model, tokenizer, retriever, world.train, config, corpus=world.corpus, seed=0)
     assert [h["phase"] for h in history] == ["pretrain"] * 5 + ["sft"] * 25
+    assert sum("probe" in h for h in history) >= 20  # probe_weight 1 by default: batches with a right demo train the probe
     sft = [h["loss"] for h in history if h["phase"] == "sft"]
     assert sum(sft[-5:]) / 5 < sum(sft[:5]) / 5
     assert not model.training
