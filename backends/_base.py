@@ -81,6 +81,10 @@ class Backend(abc.ABC):
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array: ...
 
     @abc.abstractmethod
+    def clip(self, x: Array, low: int, high: int) -> Array:
+        """Elementwise min(max(x, low), high) for Python int bounds; keeps the dtype of ``x``."""
+
+    @abc.abstractmethod
     def isnan(self, x: Array) -> Array: ...
 
     @abc.abstractmethod
@@ -103,6 +107,40 @@ class Backend(abc.ABC):
         known without looking at the data where the library needs static sizes (Torch, JAX: B),
         so no host sync and no recompilation happens; segments no id maps to stay empty.
         """
+
+    # -- token layout (igpo_rewards.tokens) ------------------------------------------------
+    @abc.abstractmethod
+    def prefix_count(self, flags: Array) -> Array:
+        """[B, S] bool -> [B, S] int32: out[b, s] = number of True in flags[b, : s + 1]."""
+
+    @abc.abstractmethod
+    def searchsorted_rows(self, sorted_rows: Array, values: Array) -> Array:
+        """Row-wise left search: [B, S] non-decreasing ints, [B, Q] ints -> [B, Q] ints.
+
+        out[b, q] = the first s with sorted_rows[b, s] >= values[b, q], S when there is none.
+        """
+
+    @abc.abstractmethod
+    def gather_rows(self, table: Array, index: Array) -> Array:
+        """out[b, s] = table[b, index[b, s]] for [B, K] table and [B, S] ints in [0, K).
+
+        Indices must be in range (callers clip first); nothing is checked.
+        """
+
+    def host_numpy(self, *arrays: Array) -> list[Any] | None:
+        """Zero-copy NumPy views of ``arrays`` when the token layout may be computed on them.
+
+        The run-length formulation in igpo_rewards.tokens has data-dependent sizes and runs
+        on NumPy. A backend returns views when that is both possible and faster (host memory,
+        concrete values, no autograd), and None to keep the static-shape formulation (jit,
+        accelerators, gradients). Default: None.
+        """
+        return None
+
+    def from_host(self, array: Any, *, like: Array) -> Array:
+        """A NumPy result of the run-length formulation as an array of this library (zero-copy
+        where possible), on the device of ``like``."""
+        return self.asarray(array, like=like)
 
     # -- host interaction (validation only) ----------------------------------------------
     @abc.abstractmethod

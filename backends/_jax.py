@@ -67,6 +67,9 @@ class JaxBackend(Backend):
     def take_along_axis(self, x, index, axis):
         return jnp.take_along_axis(x, index, axis=axis)
 
+    def clip(self, x, low, high):
+        return jnp.clip(x, low, high)
+
     def isnan(self, x):
         return jnp.isnan(x)
 
@@ -90,6 +93,34 @@ class JaxBackend(Backend):
         rank_in_sorted = jnp.cumsum(is_new) - 1
         dense = jnp.zeros_like(rank_in_sorted).at[order].set(rank_in_sorted)
         return dense, max(group_ids.shape[0], 1)
+
+    def prefix_count(self, flags):
+        # XLA's CPU cumsum over a long axis is slow (tens of ns per element). Count in words
+        # instead: pack each block of 32 flags into a uint32, count the bits up to every
+        # position with population_count, and add the counts of the earlier blocks, a cumsum
+        # over S / 32 entries only. Every step is elementwise or a short reduction, so XLA fuses it.
+        num_rows, length = flags.shape
+        padding = (-length) % 32
+        if padding:
+            flags = jnp.pad(flags, ((0, 0), (0, padding)))
+        num_blocks = flags.shape[1] // 32
+        bit = jnp.arange(32, dtype=jnp.uint32)
+        words = jnp.sum(
+            flags.reshape(num_rows, num_blocks, 32).astype(jnp.uint32) << bit, axis=2, dtype=jnp.uint32
+        )
+        up_to = jnp.uint32(0xFFFFFFFF) >> (31 - bit)  # bits 0..i set
+        within = jax.lax.population_count(words[:, :, None] & up_to).astype(jnp.int32)
+        block_counts = jax.lax.population_count(words).astype(jnp.int32)
+        before = jnp.cumsum(block_counts, axis=1) - block_counts
+        counts = (within + before[:, :, None]).reshape(num_rows, num_blocks * 32)
+        return counts[:, :length]
+
+    def searchsorted_rows(self, sorted_rows, values):
+        search = jax.vmap(lambda row, targets: jnp.searchsorted(row, targets, side="left"))
+        return search(sorted_rows, values.astype(sorted_rows.dtype))
+
+    def gather_rows(self, table, index):
+        return jnp.take_along_axis(table, index, axis=1, mode="promise_in_bounds")
 
     def is_concrete(self, x):
         return not isinstance(x, jax.core.Tracer)

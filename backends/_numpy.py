@@ -65,6 +65,9 @@ class NumpyBackend(Backend):
     def take_along_axis(self, x, index, axis):
         return np.take_along_axis(x, index, axis=axis)
 
+    def clip(self, x, low, high):
+        return np.clip(x, low, high)
+
     def isnan(self, x):
         return np.isnan(x)
 
@@ -84,6 +87,32 @@ class NumpyBackend(Backend):
     def factorize(self, group_ids):
         uniques, inverse = np.unique(np.asarray(group_ids), return_inverse=True)
         return inverse.reshape(-1).astype(np.int64, copy=False), len(uniques)
+
+    def prefix_count(self, flags):
+        return np.cumsum(flags, axis=1, dtype=np.int32)
+
+    def searchsorted_rows(self, sorted_rows, values):
+        # One search over the concatenated rows: row b's keys are shifted by b * span, a gap
+        # wider than any row's range, so no search crosses into another row.
+        num_rows, length = sorted_rows.shape
+        if num_rows == 0 or length == 0:
+            return np.zeros(values.shape, dtype=np.int64)
+        low, high = int(sorted_rows.min()), int(sorted_rows.max())
+        span = high - low + 2
+        shift = np.arange(num_rows, dtype=np.int64)[:, None] * span
+        keys = (sorted_rows.astype(np.int64) - low + shift).reshape(-1)
+        targets = (np.clip(values.astype(np.int64) - low, 0, span - 1) + shift).reshape(-1)
+        found = np.searchsorted(keys, targets, side="left").reshape(values.shape)
+        return found - np.arange(num_rows, dtype=np.int64)[:, None] * length
+
+    def gather_rows(self, table, index):
+        return np.take_along_axis(table, index, axis=1)
+
+    def host_numpy(self, *arrays):
+        return list(arrays)
+
+    def from_host(self, array, *, like):
+        return array
 
     def is_concrete(self, x):
         return True

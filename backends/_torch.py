@@ -13,6 +13,12 @@ import torch
 from ._base import Backend
 
 
+_NUMPY_DTYPES = frozenset(
+    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+     torch.float16, torch.float32, torch.float64}
+)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -79,6 +85,9 @@ class TorchBackend(Backend):
     def take_along_axis(self, x, index, axis):
         return torch.take_along_dim(x, index, dim=axis)
 
+    def clip(self, x, low, high):
+        return torch.clamp(x, low, high)
+
     def isnan(self, x):
         return torch.isnan(x)
 
@@ -102,6 +111,41 @@ class TorchBackend(Backend):
         dense = torch.empty_like(rank_in_sorted)
         dense[order] = rank_in_sorted
         return dense, max(group_ids.shape[0], 1)
+
+    def prefix_count(self, flags):
+        return torch.cumsum(flags, dim=1, dtype=torch.int32)
+
+    def searchsorted_rows(self, sorted_rows, values):
+        return torch.searchsorted(sorted_rows.contiguous(), values.to(sorted_rows.dtype).contiguous())
+
+    def gather_rows(self, table, index):
+        # One flat index_select with int32 indices (differentiable in table): an int64 [B, S]
+        # index, as take_along_dim needs, would double the memory traffic.
+        num_rows, width = table.shape
+        if table.shape[0] * max(width, 1) >= 2**31 or index.numel() == 0:
+            return torch.take_along_dim(table, index.to(torch.int64), dim=1)
+        offsets = torch.arange(num_rows, dtype=torch.int32, device=table.device)[:, None] * width
+        flat = (index.to(torch.int32) + offsets).reshape(-1)
+        return table.reshape(-1).index_select(0, flat).reshape(index.shape)
+
+    def host_numpy(self, *arrays):
+        # CPU tensors outside torch.compile and autograd: NumPy's run-length kernels over
+        # shared memory are several times faster than torch's CPU kernels here, and NumPy's
+        # large allocations avoid the page faults torch's allocator takes on every new
+        # [B, S] buffer above glibc's mmap threshold.
+        if torch.compiler.is_compiling():
+            return None
+        for array in arrays:
+            if (type(array) is not torch.Tensor or array.device.type != "cpu" or array.requires_grad
+                    or array.dtype not in _NUMPY_DTYPES):
+                return None
+        try:
+            return [array.numpy() for array in arrays]
+        except RuntimeError:  # e.g. a functorch-transformed tensor: no plain memory to view
+            return None
+
+    def from_host(self, array, *, like):
+        return torch.from_numpy(array)
 
     def is_concrete(self, x):
         return not torch.compiler.is_compiling()

@@ -3,11 +3,24 @@
 Shapes: B rollouts, T turns (padded), S response tokens. In verl's layout a
 ``response_mask`` [B, S] marks generated tokens with 1 and observation/tool/padding tokens
 with 0, so each maximal run of 1s is one turn.
+
+Two formulations, chosen by the backend (``Backend.host_numpy``), give the same results:
+
+* run-length (NumPy arrays, and torch CPU tensors through zero-copy NumPy views): a row
+  holds a handful of runs (one per turn and per observation), so the [B, S] arrays are
+  read once to find the run boundaries, all the bookkeeping happens on the few runs, and the
+  output is written once with ``np.repeat``. Sizes depend on the data.
+* static-shape (JAX under jit or not, torch on accelerators, under torch.compile or with
+  autograd): a prefix count numbers the runs, a row-wise binary search finds each run's last
+  token, and one gather from a [B, T + 2] table writes the output. No host sync, no
+  scatter, shapes known in advance.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from igpo_rewards import _checks
 from igpo_rewards.backends import Backend, get_backend
@@ -32,8 +45,73 @@ def _run_starts_and_ends(backend: Backend, mask: Array) -> tuple[Array, Array]:
 
 
 def _turn_index(backend: Backend, mask: Array, starts: Array) -> Array:
-    run_number = backend.cumsum(backend.astype(starts, backend.index_dtype()), axis=1) - 1
+    run_number = backend.astype(backend.prefix_count(starts), backend.index_dtype()) - 1
     return backend.where(mask, run_number, -1)
+
+
+def _is_empty(x: Array) -> bool:
+    return 0 in tuple(x.shape)
+
+
+def _turn_table(backend: Backend, turn_values: Array) -> Array:
+    """[B, T + 2] table: column j + 1 holds turn j, columns 0 and T + 1 hold 0."""
+    zero = backend.zeros((turn_values.shape[0], 1), turn_values.dtype, like=turn_values)
+    return backend.concat([zero, turn_values, zero], axis=1)
+
+
+# -- run-length formulation (NumPy) ---------------------------------------------------------
+
+
+class _Runs(NamedTuple):
+    """The maximal runs of equal values in each row of a [B, S] NumPy array (B, S >= 1).
+
+    Runs are listed in row-major order; R = number of runs (a run never spans two rows).
+    """
+
+    starts: np.ndarray  # [R] flat (row-major) position of each run's first token
+    lengths: np.ndarray  # [R]
+    rows: np.ndarray  # [R] row of each run
+    first: np.ndarray  # [B] index of each row's first run
+    shape: tuple[int, int]
+
+    @property
+    def last(self) -> np.ndarray:
+        """[B] index of each row's last run."""
+        return np.append(self.first[1:], len(self.starts)) - 1
+
+    @property
+    def ends(self) -> np.ndarray:
+        """[R] flat position of each run's last token."""
+        return self.starts + self.lengths - 1
+
+    def expand(self, run_values: np.ndarray) -> np.ndarray:
+        """[B, S] array holding run_values[r] on every token of run r."""
+        return np.repeat(run_values, self.lengths).reshape(self.shape)
+
+
+def _find_runs(flat: np.ndarray, shape: tuple[int, int]) -> _Runs:
+    num_rows, length = shape
+    new_run = np.empty(flat.shape[0], dtype=bool)
+    new_run[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=new_run[1:])
+    new_run[::length] = True  # every row starts a run
+    starts = np.flatnonzero(new_run)
+    return _Runs(
+        starts=starts,
+        lengths=np.diff(starts, append=flat.shape[0]),
+        rows=starts // length,
+        first=np.searchsorted(starts, np.arange(num_rows) * length),
+        shape=shape,
+    )
+
+
+def _turn_of_runs(runs: _Runs, generated: np.ndarray) -> np.ndarray:
+    """[R] int64: for a run of 1s its turn (0, 1, ... within its row); for a run of 0s the turn
+    of the last run of 1s before it in its row (-1 if none), e.g. the final turn for the
+    tokens after the last turn."""
+    seen = np.cumsum(generated, dtype=np.int64)
+    before_row = seen[runs.first] - generated[runs.first]
+    return seen - before_row[runs.rows] - 1
 
 
 def turn_index_from_response_mask(response_mask: Array, *, validate: bool = True) -> Array:
@@ -54,6 +132,13 @@ def turn_index_from_response_mask(response_mask: Array, *, validate: bool = True
     """
     backend = get_backend(response_mask=response_mask)
     mask = _response_mask(backend, response_mask, validate=validate)
+    host = None if _is_empty(mask) else backend.host_numpy(mask)
+    if host is not None:
+        flat = host[0].reshape(-1)
+        runs = _find_runs(flat, host[0].shape)
+        generated = flat[runs.starts]
+        turn = np.where(generated, _turn_of_runs(runs, generated), -1)
+        return backend.from_host(runs.expand(turn), like=mask)
     starts, _ = _run_starts_and_ends(backend, mask)
     return _turn_index(backend, mask, starts)
 
@@ -96,28 +181,48 @@ def broadcast_to_tokens(
         raise TypeError(f"token_turn_index must be an integer array, got dtype {token_turn_index.dtype}")
     _checks.check_numeric(backend, "turn_values", turn_values)
     num_turns = turn_values.shape[1]
-    if validate and backend.is_concrete(token_turn_index):
-        limit = num_turns
-        limit_text = f"T = {num_turns} (turn_values {tuple(turn_values.shape)})"
-        if turn_mask is not None:
-            turn_mask = backend.asarray(turn_mask, like=turn_values)
-            _checks.check_same_shape("turn_mask", turn_mask, "turn_values", turn_values)
-            turn_mask = _checks.as_mask(backend, "turn_mask", turn_mask, validate=True)
-            _checks.check_prefix_mask(backend, "turn_mask", turn_mask)
-            limit = backend.sum(backend.astype(turn_mask, backend.index_dtype()), axis=1)[:, None]
-            limit_text = "the rollout's number of valid turns n_b (turn_mask row sums)"
+    checked = validate and backend.is_concrete(token_turn_index)
+    limit = num_turns
+    limit_text = f"T = {num_turns} (turn_values {tuple(turn_values.shape)})"
+    if checked and turn_mask is not None:
+        turn_mask = backend.asarray(turn_mask, like=turn_values)
+        _checks.check_same_shape("turn_mask", turn_mask, "turn_values", turn_values)
+        turn_mask = _checks.as_mask(backend, "turn_mask", turn_mask, validate=True)
+        _checks.check_prefix_mask(backend, "turn_mask", turn_mask)
+        limit = backend.sum(backend.astype(turn_mask, backend.index_dtype()), axis=1)[:, None]
+        limit_text = "the rollout's number of valid turns n_b (turn_mask row sums)"
+    host = None if _is_empty(token_turn_index) else backend.host_numpy(turn_values, token_turn_index)
+    if host is not None:
+        values, index = host
+        flat = index.reshape(-1)
+        runs = _find_runs(flat, index.shape)
+        run_turn = flat[runs.starts]  # one check and one read per run of equal indices
+        if checked:
+            limit = limit if isinstance(limit, int) else backend.to_numpy(limit)
+            run_limit = limit if isinstance(limit, int) else limit[runs.rows, 0]
+            if np.any((run_turn < -1) | (run_turn >= run_limit)):
+                _raise_index_out_of_range(index, limit, limit_text)
+        if num_turns == 0:
+            run_values = np.zeros(len(run_turn), dtype=values.dtype)
+        else:
+            readable = (run_turn >= 0) & (run_turn < num_turns)
+            run_values = np.where(readable, values[runs.rows, np.where(readable, run_turn, 0)], 0)
+        return backend.from_host(runs.expand(run_values), like=turn_values)
+
+    if checked:
         bad = (token_turn_index < -1) | (token_turn_index >= limit)
         if backend.any(bad):
-            import numpy as np
-
-            rows = np.argwhere(backend.to_numpy(bad))[:5].tolist()
-            raise ValueError(f"token_turn_index must lie in [-1, {limit_text}); out of range at (row, token) {rows}")
+            limit = limit if isinstance(limit, int) else backend.to_numpy(limit)
+            _raise_index_out_of_range(backend.to_numpy(token_turn_index), limit, limit_text)
     if num_turns == 0:
         return backend.zeros(token_turn_index.shape, turn_values.dtype, like=turn_values)
-    readable = (token_turn_index >= 0) & (token_turn_index < num_turns)
-    safe_index = backend.where(readable, token_turn_index, 0)
-    gathered = backend.take_along_axis(turn_values, safe_index, axis=1)
-    return backend.where(readable, gathered, 0)
+    slot = backend.clip(token_turn_index, -1, num_turns) + 1
+    return backend.gather_rows(_turn_table(backend, turn_values), slot)
+
+
+def _raise_index_out_of_range(index: np.ndarray, limit: Any, limit_text: str) -> None:
+    rows = np.argwhere((index < -1) | (index >= limit))[:5].tolist()
+    raise ValueError(f"token_turn_index must lie in [-1, {limit_text}); out of range at (row, token) {rows}")
 
 
 def place_turn_rewards(
@@ -162,8 +267,6 @@ def place_turn_rewards(
 
 
 def _check_runs_fit(backend: Backend, runs: Array, turn_rewards: Array, turn_mask: Array | None) -> None:
-    import numpy as np
-
     num_turns = turn_rewards.shape[1]
     if backend.any(runs > num_turns):
         rows = np.flatnonzero(backend.to_numpy(runs) > num_turns)[:5].tolist()
@@ -252,45 +355,131 @@ def advantages_from_token_rewards(
     _checks.check_same_shape("response_mask", mask, "token_level_rewards", rewards)
     if max_turns is not None:
         _checks.check_nonnegative_number("max_turns", max_turns, integer=True)
-    num_rollouts = rewards.shape[0]
+    num_rollouts, num_tokens = rewards.shape
+    options = dict(mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof, validate=False)
+    if max_turns is None and not backend.is_concrete(mask):
+        raise ValueError("max_turns is required under jit/tracing (the number of turns must be static)")
 
-    starts, ends = _run_starts_and_ends(backend, mask)
-    index = _turn_index(backend, mask, starts)
-    runs = backend.sum(backend.astype(starts, backend.index_dtype()), axis=1)
-    if max_turns is None:
-        if not backend.is_concrete(mask):
-            raise ValueError("max_turns is required under jit/tracing (the number of turns must be static)")
-        max_turns = int(backend.to_numpy(runs).max()) if num_rollouts else 0
+    if num_rollouts == 0 or num_tokens == 0:
+        max_turns = max_turns or 0
+        empty = backend.zeros((num_rollouts, max_turns), rewards.dtype, like=rewards)
+        group_normalize(empty, empty != 0, group_ids, **options)  # checks group_ids
+        return backend.zeros((num_rollouts, num_tokens), rewards.dtype, like=rewards)
 
-    # Tokens after a row's last generated token (cumulative count already at the row total).
-    generated = backend.astype(mask, backend.index_dtype())
-    generated_total = backend.sum(generated, axis=1)[:, None]
-    trailing = ~mask & (backend.cumsum(generated, axis=1) == generated_total)
-    read_turn = backend.where(ends, index, backend.where(trailing & (runs[:, None] > 0), runs[:, None] - 1, -1))
-    if validate and backend.is_concrete(rewards):
-        _checks.check_no_nan(backend, "token_level_rewards", rewards, read_turn >= 0, allow_neg_inf=False)
-        _check_nothing_lost(backend, rewards, mask, trailing, runs, max_turns)
-
-    readable = (read_turn >= 0) & (read_turn < max_turns)
-    num_slots = num_rollouts * max_turns  # slot b * T + j holds r_{b,j}; slot num_slots is a dump
-    row_offset = backend.arange(num_rollouts, like=rewards)[:, None] * max_turns
-    slot = backend.where(readable, row_offset + read_turn, num_slots)
-    turn_rewards = backend.segment_sum(
-        backend.where(readable, rewards, 0.0).reshape(-1), slot.reshape(-1), num_slots + 1
-    )[:num_slots].reshape(num_rollouts, max_turns)
+    host = backend.host_numpy(rewards, mask)
+    if host is not None:
+        turn_rewards, runs, layout = _turn_rewards_from_runs(*host, max_turns=max_turns, validate=validate)
+        max_turns = turn_rewards.shape[1]
+        turn_rewards = backend.from_host(turn_rewards, like=rewards)
+        runs = backend.from_host(runs, like=rewards)
+    else:
+        turn_rewards, runs, count = _turn_rewards_static(backend, rewards, mask, max_turns, validate=validate)
+        max_turns = turn_rewards.shape[1]
     turn_mask = backend.arange(max_turns, like=rewards)[None, :] < runs[:, None]
 
-    normalized = group_normalize(
-        turn_rewards, turn_mask, group_ids, mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof,
-        validate=False,
-    )
+    normalized = group_normalize(turn_rewards, turn_mask, group_ids, **options)
     advantages = discounted_returns(normalized, turn_mask, gamma=gamma, validate=False)
-    return broadcast_to_tokens(advantages, index, validate=False)
+    if host is not None:
+        runs_of_mask, generated, turn = layout
+        run_values = np.zeros(len(turn), dtype=host[0].dtype)
+        has_value = generated & (turn < max_turns)
+        run_values[has_value] = backend.to_numpy(advantages)[runs_of_mask.rows[has_value], turn[has_value]]
+        return backend.from_host(runs_of_mask.expand(run_values), like=rewards)
+    slot = backend.where(mask, backend.clip(count, 0, max_turns + 1), 0)  # run k -> column k
+    return backend.gather_rows(_turn_table(backend, advantages), slot)
+
+
+def _turn_rewards_from_runs(
+    rewards: np.ndarray, mask: np.ndarray, *, max_turns: int | None, validate: bool
+) -> tuple[np.ndarray, np.ndarray, tuple[_Runs, np.ndarray, np.ndarray]]:
+    """Run-length reading of verl's layout: [B, T] turn rewards, [B] runs per row, and the runs.
+
+    Only the runs of the mask and the nonzero rewards are visited: in verl's layout a row
+    holds a reward at the last token of each turn and maybe after the last turn, nowhere else.
+    """
+    flat_mask = mask.reshape(-1)
+    flat_rewards = rewards.reshape(-1)
+    runs = _find_runs(flat_mask, mask.shape)
+    generated = flat_mask[runs.starts]
+    turn = _turn_of_runs(runs, generated)  # for the 0-run after the last turn: the final turn
+    num_runs = turn[runs.last] + 1
+    if max_turns is None:
+        max_turns = int(num_runs.max())
+    ends = runs.ends[generated]
+
+    nonzero = np.flatnonzero(flat_rewards != 0)  # NaN counts as nonzero
+    run_of_nonzero = np.searchsorted(runs.starts, nonzero, side="right") - 1
+    is_last = np.zeros(len(runs.starts), dtype=bool)
+    is_last[runs.last] = True
+    in_zero_run = ~generated[run_of_nonzero]
+    trailing = in_zero_run & is_last[run_of_nonzero] & (num_runs[runs.rows[run_of_nonzero]] > 0)
+    if validate:
+        read = np.concatenate([flat_rewards[ends], flat_rewards[nonzero[trailing]]])
+        lost = in_zero_run & ~is_last[run_of_nonzero]
+        if not np.all(np.isfinite(read)) or np.any(lost) or np.any(num_runs > max_turns):
+            numpy_backend = get_backend()
+            starts, run_ends = _run_starts_and_ends(numpy_backend, mask)
+            key = _run_key(numpy_backend, mask, numpy_backend.prefix_count(starts))
+            _check_token_rewards(numpy_backend, rewards, mask, run_ends, key, num_runs, max_turns)
+
+    # Accumulate in float64 in token order (the run's last token, then the trailing tokens).
+    turn_rewards = np.zeros((mask.shape[0], max_turns), dtype=np.float64)
+    end_rows, end_turns = runs.rows[generated], turn[generated]
+    kept = end_turns < max_turns
+    turn_rewards[end_rows[kept], end_turns[kept]] = flat_rewards[ends[kept]]
+    trailing_runs = run_of_nonzero[trailing]
+    trailing_rows, trailing_turns = runs.rows[trailing_runs], turn[trailing_runs]
+    kept = trailing_turns < max_turns
+    np.add.at(turn_rewards, (trailing_rows[kept], trailing_turns[kept]), flat_rewards[nonzero[trailing][kept]])
+    return turn_rewards.astype(rewards.dtype), num_runs, (runs, generated, turn)
+
+
+def _run_key(backend: Backend, mask: Array, count: Array) -> Array:
+    """Non-decreasing [B, S] int32 key: 2k - 1 on the tokens of run k (k = 1, 2, ...), 2k on
+    the 0-mask tokens after run k (0 before the first run)."""
+    return count * 2 - backend.astype(mask, count.dtype)
+
+
+def _turn_rewards_static(
+    backend: Backend, rewards: Array, mask: Array, max_turns: int | None, *, validate: bool
+) -> tuple[Array, Array, Array]:
+    """Static-shape reading of verl's layout: [B, T] turn rewards, [B] runs, [B, S] run count."""
+    starts, ends = _run_starts_and_ends(backend, mask)
+    count = backend.prefix_count(starts)  # k on the tokens of run k and on the 0-mask tokens after it
+    runs = backend.astype(count[:, -1], backend.index_dtype())
+    key = _run_key(backend, mask, count)
+    if max_turns is None:
+        max_turns = int(backend.to_numpy(runs).max())
+    if validate and backend.is_concrete(rewards):
+        _check_token_rewards(backend, rewards, mask, ends, key, runs, max_turns)
+
+    # Run k ends right before the first token whose key reaches 2k; the tokens from the first
+    # key of 2 * runs on are the 0-mask tokens after the last run.
+    turn_number = backend.astype(backend.arange(max_turns, like=rewards), key.dtype)[None, :] + 1
+    runs_as_key = backend.astype(runs, key.dtype)[:, None]
+    targets = backend.concat([2 * turn_number + 0 * runs_as_key, 2 * runs_as_key], axis=1)  # [B, T + 1]
+    position = backend.searchsorted_rows(key, targets)
+    last_token = backend.clip(position[:, :max_turns] - 1, 0, rewards.shape[1] - 1)
+    at_end = backend.take_along_axis(rewards, backend.astype(last_token, backend.index_dtype()), axis=1)
+    token_position = backend.arange(rewards.shape[1], like=rewards)[None, :]
+    trailing = backend.sum(backend.where(token_position >= position[:, max_turns:], rewards, 0.0), axis=1)
+    turn_rewards = backend.where(turn_number <= runs_as_key, at_end, 0.0)
+    turn_rewards = turn_rewards + backend.where(turn_number == runs_as_key, trailing[:, None], 0.0)
+    return turn_rewards, runs, count
+
+
+def _check_token_rewards(
+    backend: Backend, rewards: Array, mask: Array, ends: Array, key: Array, runs: Array, max_turns: int
+) -> None:
+    """The value checks of advantages_from_token_rewards (raise on the first problem found)."""
+    runs = backend.asarray(runs, like=rewards)
+    trailing = ~mask & (key == 2 * backend.astype(runs, key.dtype)[:, None])  # after the last run
+    read = ends | (trailing & (runs[:, None] > 0))
+    _checks.check_no_nan(backend, "token_level_rewards", rewards, read, allow_neg_inf=False)
+    _check_nothing_lost(backend, rewards, mask, trailing, runs, max_turns)
 
 
 def _check_nothing_lost(backend: Backend, rewards: Array, mask: Array, trailing: Array, runs: Array, max_turns: int) -> None:
-    import numpy as np
-
     inside_observation = ~mask & ~trailing & (rewards != 0)
     if backend.any(inside_observation):
         cells = np.argwhere(backend.to_numpy(inside_observation))[:5].tolist()

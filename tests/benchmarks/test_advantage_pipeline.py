@@ -1,0 +1,198 @@
+"""How close the advantage pipeline comes to the memory-bandwidth floor (issue 5).
+
+For each workload and backend (NumPy, torch CPU, JAX CPU jitted and warm), one pytest-benchmark
+group holds:
+
+* ``copy``: the floor, a copy of one [B, S] float32 array (np.copyto, Tensor.copy_, a jitted
+  copy), since every pipeline must at least write its [B, S] float32 output;
+* ``igpo_advantages + broadcast_to_tokens``: turn advantages from probe log-probs, then onto
+  the tokens (with the turn mask check, as reference_trainer does);
+* ``advantages_from_token_rewards``: the verl path, from token-level rewards and the
+  response mask;
+* ``turn_index_from_response_mask``: the token -> turn index the first pipeline consumes.
+
+A ``python`` group times the loop style of released IGPO code (the float64 oracle of
+igpo_rewards.testing.reference) on one group of rollouts; the summary scales it by B / rows.
+Every benchmark checks its result against the oracle on the first and the last group of
+rollouts (whole groups, so group normalization sees the same pools), so the benchmarks fail
+on a wrong answer; timings are never asserted.
+
+Run (docs/benchmarks.md): ``IGPO_BENCH=full .venv/bin/python -m pytest tests/benchmarks --benchmark-only``.
+The default (quick) mode runs W3 for a few rounds inside the normal suite.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from bench_support import Workload, block, make_batch, rounds, selected_workloads, to_library, to_numpy
+
+import igpo_rewards as igpo
+from igpo_rewards.testing import reference
+
+WORKLOADS = selected_workloads()
+TOLERANCE = dict(rtol=1e-4, atol=2e-4)  # float32 pipelines against the float64 oracle
+
+
+@pytest.fixture(scope="module", params=WORKLOADS, ids=[w.name for w in WORKLOADS])
+def workload(request) -> Workload:
+    return request.param
+
+
+@functools.lru_cache(maxsize=1)
+def _batch(workload: Workload):
+    return make_batch(workload)
+
+
+def _checked_rows(workload: Workload) -> list[slice]:
+    """The first and the last group of rollouts."""
+    size = workload.group_size
+    return [slice(0, size), slice(workload.rollouts - size, workload.rollouts)]
+
+
+@functools.lru_cache(maxsize=4)
+def _oracle(workload: Workload, rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's [rows, S] token advantages by both paths, and its turn index."""
+    batch = _batch(workload)
+    part = slice(*rows)
+    turn = reference.igpo_advantages(
+        batch.answer_logprob[part], batch.outcome[part], batch.turn_mask[part], batch.group_ids[part]
+    ).advantages
+    from_turns = reference.broadcast_to_tokens(turn, batch.token_turn_index[part], turn_mask=batch.turn_mask[part])
+    from_tokens = reference.advantages_from_token_rewards(
+        batch.token_level_rewards[part], batch.response_mask[part], batch.group_ids[part],
+        max_turns=workload.turns,
+    )
+    return from_turns, from_tokens
+
+
+def _check_against_oracle(workload: Workload, result, which: int) -> None:
+    result = to_numpy(result)
+    assert result.shape == (workload.rollouts, workload.tokens) and result.dtype == np.float32
+    for rows in _checked_rows(workload):
+        want = _oracle(workload, (rows.start, rows.stop))[which]
+        np.testing.assert_allclose(result[rows], want, err_msg=f"rows {rows}", **TOLERANCE)
+
+
+def _pipelines(backend: str, workload: Workload):
+    """(igpo + broadcast, token path, turn index) callables on the library's arrays."""
+    num_turns = workload.turns
+
+    def turn_path(logprob, outcome, turn_mask, group_ids, token_turn_index):
+        advantages = igpo.igpo_advantages(logprob, outcome, turn_mask, group_ids).advantages
+        return igpo.broadcast_to_tokens(advantages, token_turn_index, turn_mask=turn_mask)
+
+    def token_path(token_level_rewards, response_mask, group_ids):
+        return igpo.advantages_from_token_rewards(token_level_rewards, response_mask, group_ids, max_turns=num_turns)
+
+    turn_index = igpo.turn_index_from_response_mask
+    if backend == "jax":
+        import jax
+
+        return jax.jit(turn_path), jax.jit(token_path), jax.jit(turn_index)
+    return turn_path, token_path, turn_index
+
+
+@pytest.fixture(scope="module")
+def library(backend, workload, request):
+    """The batch on the backend, the pipelines (JAX: compiled and run once), and the copy."""
+    if backend == "torch":
+        request.getfixturevalue("torch_threads")
+    data = to_library(_batch(workload), backend)
+    turn_path, token_path, turn_index = _pipelines(backend, workload)
+    turn_args = (data.answer_logprob, data.outcome, data.turn_mask, data.group_ids, data.token_turn_index)
+    token_args = (data.token_level_rewards, data.response_mask, data.group_ids)
+    for function, args in ((turn_path, turn_args), (token_path, token_args), (turn_index, (data.response_mask,))):
+        block(function(*args))  # warm: JAX compiles here, torch/NumPy touch their buffers
+    if backend == "numpy":
+        source = data.token_level_rewards
+        target = np.empty_like(source)
+        copy = functools.partial(np.copyto, target, source)
+    elif backend == "torch":
+        source = data.token_level_rewards
+        target = source.clone()
+        copy = functools.partial(target.copy_, source)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        jitted = jax.jit(jnp.copy)
+        copy = functools.partial(jitted, data.token_level_rewards)
+        block(copy())
+    return dict(turn=(turn_path, turn_args), token=(token_path, token_args),
+                index=(turn_index, (data.response_mask,)), copy=copy)
+
+
+def _time(benchmark, function, args, kind: str):
+    return benchmark.pedantic(lambda: block(function(*args)), rounds=rounds(kind), warmup_rounds=1, iterations=1)
+
+
+def _group(benchmark, workload: Workload, backend: str) -> None:
+    benchmark.group = f"{workload.name} {backend}: advantage pipeline vs copy"
+
+
+def test_copy(benchmark, backend, workload, library, recorder):
+    _group(benchmark, workload, backend)
+    _time(benchmark, library["copy"], (), "copy")
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend, name="copy")
+
+
+def test_igpo_advantages_then_broadcast(benchmark, backend, workload, library, recorder):
+    _group(benchmark, workload, backend)
+    function, args = library["turn"]
+    result = _time(benchmark, function, args, "pipeline")
+    _check_against_oracle(workload, result, 0)
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend,
+                    name="igpo_advantages + broadcast_to_tokens")
+
+
+def test_advantages_from_token_rewards(benchmark, backend, workload, library, recorder):
+    _group(benchmark, workload, backend)
+    function, args = library["token"]
+    result = _time(benchmark, function, args, "pipeline")
+    _check_against_oracle(workload, result, 1)
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend,
+                    name="advantages_from_token_rewards")
+
+
+def test_turn_index_from_response_mask(benchmark, backend, workload, library, recorder):
+    _group(benchmark, workload, backend)
+    function, args = library["index"]
+    result = to_numpy(_time(benchmark, function, args, "pipeline"))
+    np.testing.assert_array_equal(result, _batch(workload).token_turn_index)
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend,
+                    name="turn_index_from_response_mask")
+
+
+@pytest.mark.parametrize("path", ["igpo_advantages + broadcast_to_tokens", "advantages_from_token_rewards"])
+def test_loop_style(benchmark, workload, path, recorder):
+    """The per-rollout, per-token Python loops of released IGPO code, on the first group."""
+    benchmark.group = f"{workload.name} python: loop style on one group (scale by B / G)"
+    batch = _batch(workload)
+    rows = _checked_rows(workload)[0]
+    if path == "advantages_from_token_rewards":
+        args = (batch.token_level_rewards[rows], batch.response_mask[rows], batch.group_ids[rows])
+
+        def loop():
+            return reference.advantages_from_token_rewards(*args, max_turns=workload.turns)
+    else:
+        part = [array[rows] for array in (batch.answer_logprob, batch.outcome, batch.turn_mask, batch.group_ids)]
+
+        def loop():
+            turn = reference.igpo_advantages(*part).advantages
+            return reference.broadcast_to_tokens(turn, batch.token_turn_index[rows], turn_mask=batch.turn_mask[rows])
+
+    result = benchmark.pedantic(loop, rounds=rounds("loop"), iterations=1)
+    # The loop style is the oracle: check it against the library on the same rows instead.
+    library_result = (
+        igpo.advantages_from_token_rewards(*args, max_turns=workload.turns)
+        if path == "advantages_from_token_rewards"
+        else igpo.broadcast_to_tokens(
+            igpo.igpo_advantages(*part).advantages, batch.token_turn_index[rows], turn_mask=batch.turn_mask[rows])
+    )
+    np.testing.assert_allclose(library_result, result, **TOLERANCE)
+    num_rows = rows.stop - rows.start
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend="python", name=f"loop: {path}",
+                    rows=num_rows, scale=workload.rollouts / num_rows)

@@ -1,0 +1,283 @@
+"""Cost of the ground-truth probes on the reference model (issue 5, probe part).
+
+For a batch of finished trajectories with 4 and with 10 turns, every probe's answer log-prob
+(one probe before each turn) is computed three ways (reference_trainer.probes):
+
+(a) ``naive_probe_logprobs``: one full forward per probe (the released code's way);
+(b) ``packed_probe_logprobs``: one packed forward per batch, probes only;
+(c) ``packed_forward`` with probes: the probes folded into the old-log-prob forward the trainer
+    runs anyway; compared with ``packed_forward`` without probes (the old-log-prob forward
+    alone), the extra cost is what IGPO adds to a PPO step;
+(d) a candidate for (c), defined here: the old-log-prob forward keeps its KV cache, then one
+    second forward runs every probe copy against that cache. With one dense [N, N] mask, (c)
+    makes every trajectory query also score the probe keys (masked out, but computed), so its
+    attention work grows by about twice the extra tokens; (d) computes only the probe rows.
+
+The summary reports tokens processed (real and padded: attention runs on the padded packed
+layout) and wall time, and the extra cost of (c) over the old-log-prob forward next to the
+ideal extra tokens T x P (probe suffix length P) relative to the forward's tokens. The three
+ways must agree (checked on every run; timings are never asserted).
+
+Full mode (``IGPO_BENCH=full``): the demo's tiny model (reference_trainer.config.TinyModelConfig:
+hidden 96, 3 layers, 4 heads, MLP 256; 1024-token BPE vocabulary trained on the synthetic
+world), 8 trajectories. Quick mode: a 1-layer width-32 model, one trajectory.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import NamedTuple
+
+import pytest
+from bench_support import mode, rounds
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
+from reference_trainer.probes import (  # noqa: E402
+    build_packed_inputs,
+    build_probe_suffix,
+    naive_probe_logprobs,
+    packed_forward,
+    packed_probe_logprobs,
+)
+from reference_trainer.world import build_world  # noqa: E402
+
+TURN_COUNTS = (4, 10)
+TOLERANCE = 1e-4
+
+
+class Setting(NamedTuple):
+    trajectories: int
+    documents_per_observation: int
+    vocab_size: int
+    model: dict
+
+
+SETTINGS = {
+    "full": Setting(8, 3, 1024, dict(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256)),
+    "quick": Setting(1, 1, 300, dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)),
+}
+
+
+class ProbeBatch(NamedTuple):
+    token_ids: list[list[int]]
+    starts: list[list[int]]  # probe j of trajectory b scores the answer after token_ids[b][:starts[b][j]]
+    suffixes: list  # ProbeSuffix per trajectory
+
+
+@functools.lru_cache(maxsize=1)
+def _world():
+    return build_world(seed=0, num_train=40, num_heldout=0)
+
+
+@functools.lru_cache(maxsize=1)
+def _model_and_tokenizer():
+    setting = SETTINGS[mode()]
+    world = _world()
+    texts = [doc.contents for doc in world.corpus] + [example.question for example in world.train]
+    texts += [" ".join(TAGS) + " Now there's enough information to answer"] * 4
+    tokenizer = train_tokenizer(texts, vocab_size=setting.vocab_size, model_max_length=4096)
+    model = build_model(tokenizer, max_position_embeddings=4096, seed=0, **setting.model)
+    return model.eval(), tokenizer
+
+
+def _trajectory_batch(num_turns: int) -> ProbeBatch:
+    """Finished trajectories with ``num_turns`` turns, written as the agent writes them.
+
+    Prompt (instruction + question), then per turn a think/search call of about the demo's
+    24 new tokens and an observation of retrieved documents; the last turn answers.
+    """
+    setting = SETTINGS[mode()]
+    model, tokenizer = _model_and_tokenizer()
+    world = _world()
+    rng = random.Random(num_turns)
+    token_ids, starts, suffixes = [], [], []
+    for b in range(setting.trajectories):
+        example = world.train[b % len(world.train)]
+        ids = tokenizer(
+            "Answer the given question. Think inside <think> and </think>, search with <search> query "
+            f"</search>, answer inside <answer> and </answer>. Question: {example.question}\n",
+            add_special_tokens=False,
+        ).input_ids
+        turn_starts = []
+        for turn in range(num_turns):
+            turn_starts.append(len(ids))
+            if turn < num_turns - 1:
+                doc = rng.choice(world.corpus)
+                call = f"<think> I need to find {doc.title}. </think>\n<search> {doc.title} </search>"
+                docs = rng.sample(world.corpus, setting.documents_per_observation)
+                observation = "<information> " + " ".join(
+                    f"Doc {i + 1}(Title: {d.title}) {d.text}" for i, d in enumerate(docs)) + " </information>\n"
+                ids += tokenizer(call, add_special_tokens=False).input_ids[:24]
+                ids += tokenizer(observation, add_special_tokens=False).input_ids
+            else:
+                ids += tokenizer(f"<think> done </think>\n<answer> {example.answers[0]} </answer>",
+                                 add_special_tokens=False).input_ids
+        token_ids.append(ids)
+        starts.append(turn_starts)
+        suffixes.append(build_probe_suffix(tokenizer, example.answers[0]))
+    return ProbeBatch(token_ids, starts, suffixes)
+
+
+@pytest.fixture(scope="module", params=TURN_COUNTS, ids=[f"T{t}" for t in TURN_COUNTS])
+def probe_batch(request, torch_threads):
+    return request.param, _trajectory_batch(request.param)
+
+
+def _token_counts(batch: ProbeBatch) -> dict[str, int]:
+    """Tokens each way processes: real ones, and padded ones (rows x packed width)."""
+    lengths = [len(ids) for ids in batch.token_ids]
+    probe_lengths = [len(suffix.token_ids) for suffix in batch.suffixes]
+    naive = sum(start + p for starts, p in zip(batch.starts, probe_lengths) for start in starts)
+    cut = [max(starts) + len(starts) * p for starts, p in zip(batch.starts, probe_lengths)]
+    folded = [n + len(starts) * p for n, starts, p in zip(lengths, batch.starts, probe_lengths)]
+    rows = len(lengths)
+    copies = max(len(starts) for starts in batch.starts) * max(probe_lengths)
+    return dict(
+        two_pass=sum(folded), two_pass_padded=rows * (max(lengths) + copies),
+        naive=naive, naive_padded=naive,
+        packed_probes=sum(cut), packed_probes_padded=rows * max(cut),
+        folded=sum(folded), folded_padded=rows * max(folded),
+        old_logprob=sum(lengths), old_logprob_padded=rows * max(lengths),
+        ideal_extra=sum(len(starts) * p for starts, p in zip(batch.starts, probe_lengths)),
+        probe_length=max(probe_lengths),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _naive_reference(num_turns: int):
+    model, _ = _model_and_tokenizer()
+    batch = _trajectory_batch(num_turns)
+    with torch.no_grad():
+        return naive_probe_logprobs(model, batch.token_ids, batch.starts, batch.suffixes)
+
+
+def _run(benchmark, function, name: str, num_turns: int, batch: ProbeBatch, recorder):
+    benchmark.group = f"probes, {num_turns} turns: one forward per probe vs packed vs folded"
+    counts = _token_counts(batch)
+    benchmark.extra_info.update(counts)
+
+    def call():
+        with torch.no_grad():
+            return function()
+
+    result = benchmark.pedantic(call, rounds=rounds("probe"), warmup_rounds=1 if mode() == "full" else 0,
+                                iterations=1)
+    recorder.record(benchmark, suite="probes", workload=f"T={num_turns}", backend="torch", name=name, **counts)
+    return result
+
+
+def test_probes_one_forward_each(benchmark, probe_batch, recorder):
+    num_turns, batch = probe_batch
+    model, _ = _model_and_tokenizer()
+    logprobs, mask = _run(
+        benchmark, lambda: naive_probe_logprobs(model, batch.token_ids, batch.starts, batch.suffixes),
+        "(a) one forward per probe", num_turns, batch, recorder)
+    want, want_mask = _naive_reference(num_turns)
+    assert torch.equal(mask, want_mask) and int(mask.sum()) > 0
+    torch.testing.assert_close(logprobs, want, rtol=0.0, atol=TOLERANCE)
+
+
+def test_probes_packed(benchmark, probe_batch, recorder):
+    num_turns, batch = probe_batch
+    model, _ = _model_and_tokenizer()
+    logprobs, mask = _run(
+        benchmark, lambda: packed_probe_logprobs(model, batch.token_ids, batch.starts, batch.suffixes),
+        "(b) one packed forward, probes only", num_turns, batch, recorder)
+    want, want_mask = _naive_reference(num_turns)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(logprobs, want, rtol=0.0, atol=TOLERANCE)
+
+
+def test_probes_folded_into_old_logprob_forward(benchmark, probe_batch, recorder):
+    num_turns, batch = probe_batch
+    model, _ = _model_and_tokenizer()
+    result = _run(
+        benchmark, lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes),
+        "(c) probes folded into the old-log-prob forward", num_turns, batch, recorder)
+    want, want_mask = _naive_reference(num_turns)
+    assert torch.equal(result.probe_mask, want_mask)
+    torch.testing.assert_close(result.probe_logprobs, want, rtol=0.0, atol=TOLERANCE)
+    with torch.no_grad():
+        alone = packed_forward(model, batch.token_ids)
+    torch.testing.assert_close(result.token_logprobs, alone.token_logprobs, rtol=0.0, atol=TOLERANCE)
+
+
+def test_old_logprob_forward_alone(benchmark, probe_batch, recorder):
+    num_turns, batch = probe_batch
+    model, _ = _model_and_tokenizer()
+    result = _run(benchmark, lambda: packed_forward(model, batch.token_ids), "old-log-prob forward alone",
+                  num_turns, batch, recorder)
+    assert result.probe_logprobs.shape == (len(batch.token_ids), 0, 0)
+    assert bool(result.token_mask.any()) and bool(torch.isfinite(result.token_logprobs).all())
+
+
+def _two_pass_forward(model, batch: ProbeBatch):
+    """(d): old-log-prob forward with its KV cache, then every probe copy in one more forward.
+
+    Returns ([B, S] trajectory token log-probs, [B, T, L] probe log-probs) in the layout of
+    ``PackedForward``. Probe copy j of row b sits at slots [j * P, j * P + P_b) of the second
+    forward (P = longest suffix), at positions start_j + k, and sees the cached keys
+    [0, start_j) and its own copy causally.
+    """
+    packed = build_packed_inputs(batch.token_ids, pad_token_id=model.config.pad_token_id or 0, dtype=model.dtype)
+    first = model.base_model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                             position_ids=packed.position_ids, use_cache=True)
+    rows, length = packed.input_ids.shape
+    width = max(len(suffix.token_ids) for suffix in batch.suffixes)
+    num_probes = max(len(starts) for starts in batch.starts)
+    slots = num_probes * width
+    ids = torch.zeros((rows, slots), dtype=torch.long)
+    positions = torch.zeros((rows, slots), dtype=torch.long)
+    allowed = torch.zeros((rows, slots, length + slots), dtype=torch.bool)
+    allowed[:, torch.arange(slots), length + torch.arange(slots)] = True  # unused slots see themselves
+    sources, tokens, where = [], [], []
+    for b, (starts, suffix) in enumerate(zip(batch.starts, batch.suffixes)):
+        size = len(suffix.token_ids)
+        causal = torch.tril(torch.ones(size, size, dtype=torch.bool))
+        for j, start in enumerate(starts):
+            offset = j * width
+            ids[b, offset:offset + size] = torch.tensor(suffix.token_ids)
+            positions[b, offset:offset + size] = start + torch.arange(size)
+            allowed[b, offset:offset + size, :start] = True
+            allowed[b, offset:offset + size, length + offset:length + offset + size] = causal
+            for l, k in enumerate(range(suffix.answer_start, suffix.answer_end)):
+                # Hidden state that predicts answer token k: the prefix's last one for k = 0.
+                sources.append((0, b, start - 1) if k == 0 else (1, b, offset + k - 1))
+                tokens.append(suffix.token_ids[k])
+                where.append((b, j, l))
+    mask = torch.zeros((rows, 1, slots, length + slots), dtype=model.dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(model.dtype).min)
+    second = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              past_key_values=first.past_key_values, use_cache=False)
+    head = model.get_output_embeddings()
+    targets = packed.trajectory_targets
+    token_logprobs = torch.zeros((rows, packed.sequence_length))
+    for begin in range(0, targets.shape[0], 1024):
+        chunk = targets[begin:begin + 1024]
+        scores = torch.log_softmax(head(first.last_hidden_state[chunk[:, 0], chunk[:, 1]]).float(), dim=-1)
+        token_logprobs[chunk[:, 0], chunk[:, 3]] = scores.gather(-1, chunk[:, 2, None])[:, 0]
+    hidden = torch.stack([(first if stage == 0 else second).last_hidden_state[b, k] for stage, b, k in sources])
+    scores = torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    answer_tokens = max(suffix.num_answer_tokens for suffix in batch.suffixes)
+    probe_logprobs = torch.zeros((rows, num_probes, answer_tokens))
+    index = torch.tensor(where)
+    probe_logprobs[index[:, 0], index[:, 1], index[:, 2]] = scores
+    return token_logprobs, probe_logprobs
+
+
+def test_probes_two_pass_over_the_kv_cache(benchmark, probe_batch, recorder):
+    num_turns, batch = probe_batch
+    model, _ = _model_and_tokenizer()
+    token_logprobs, probe_logprobs = _run(
+        benchmark, lambda: _two_pass_forward(model, batch),
+        "(d) old-log-prob forward + one pass of probes over its KV cache", num_turns, batch, recorder)
+    want, want_mask = _naive_reference(num_turns)
+    torch.testing.assert_close(probe_logprobs[want_mask], want[want_mask], rtol=0.0, atol=TOLERANCE)
+    assert not bool(probe_logprobs[~want_mask].any())
+    with torch.no_grad():
+        alone = packed_forward(model, batch.token_ids)
+    torch.testing.assert_close(token_logprobs, alone.token_logprobs, rtol=0.0, atol=TOLERANCE)
