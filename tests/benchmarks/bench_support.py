@@ -69,7 +69,7 @@ def rounds(kind: str) -> int:
     """Timed rounds per benchmark: few in quick mode (the code must run, the numbers don't matter)."""
     if mode() == "quick":
         return 1 if kind == "probe" else 3
-    return {"copy": 40, "pipeline": 25, "loop": 3, "probe": 5}[kind]
+    return {"copy": 40, "pipeline": 25, "loop": 9, "probe": 9}[kind]
 
 
 class Batch(NamedTuple):

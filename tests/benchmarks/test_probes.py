@@ -18,8 +18,8 @@ layout) and wall time, and the extra cost of (c) over the old-log-prob forward n
 ideal extra tokens T x P (probe suffix length P) relative to the forward's tokens. The three
 ways must agree (checked on every run; timings are never asserted).
 
-Full mode (``IGPO_BENCH=full``): the demo's tiny model (reference_trainer.config.TinyModelConfig:
-hidden 96, 3 layers, 4 heads, MLP 256; 1024-token BPE vocabulary trained on the synthetic
+Full mode (``IGPO_BENCH=full``): the demo's tiny model (reference_trainer.config.TinyModelConfig,
+e.g. hidden 96, 3 layers, 4 heads, MLP 256, with its BPE vocabulary trained on the synthetic
 world), 8 trajectories. Quick mode: a 1-layer width-32 model, one trajectory.
 """
 
@@ -35,6 +35,7 @@ from bench_support import mode, rounds
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from reference_trainer.config import TinyModelConfig  # noqa: E402
 from reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
 from reference_trainer.probes import (  # noqa: E402
     build_packed_inputs,
@@ -56,10 +57,16 @@ class Setting(NamedTuple):
     model: dict
 
 
-SETTINGS = {
-    "full": Setting(8, 3, 1024, dict(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256)),
-    "quick": Setting(1, 1, 300, dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)),
-}
+def _settings() -> dict[str, Setting]:
+    tiny = TinyModelConfig()  # the demo's model, as the trainer builds it
+    sizes = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+    return {
+        "full": Setting(8, 3, tiny.vocab_size, {name: getattr(tiny, name) for name in sizes}),
+        "quick": Setting(1, 1, 300, dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)),
+    }
+
+
+SETTINGS = _settings()
 
 
 class ProbeBatch(NamedTuple):
@@ -70,7 +77,7 @@ class ProbeBatch(NamedTuple):
 
 @functools.lru_cache(maxsize=1)
 def _world():
-    return build_world(seed=0, num_train=40, num_heldout=0)
+    return build_world(seed=0, num_train=300 if mode() == "full" else 40, num_heldout=0)
 
 
 @functools.lru_cache(maxsize=1)
