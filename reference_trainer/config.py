@@ -26,7 +26,7 @@ class WorldConfig:
     """Seed of the world generator (entities, corpus, questions)."""
     num_train: int = 1000
     """Training questions (hops 1/2/3 balanced)."""
-    num_heldout: int = 120
+    num_heldout: int = 90
     """Held-out questions, about people never asked about in training."""
     num_countries: int = 6
     """Countries in the world."""
@@ -58,7 +58,7 @@ class TinyModelConfig:
 class WarmStartConfig:
     """Supervised fine-tuning on generated demonstrations (``reference_trainer.warm_start``)."""
 
-    steps: int = 700
+    steps: int = 600
     """Optimizer steps of SFT."""
     batch_size: int = 16
     """Demonstrations per SFT step."""
@@ -74,8 +74,10 @@ class WarmStartConfig:
     """Probability that a demonstration turn starts with a short <think> block."""
     rename_prob: float = 1.0
     """Probability that a demonstration's person gets a fresh name (first and last name of two other people), so names are copied, not recalled."""
-    probe_weight: float = 0.2
+    probe_weight: float = 0.3
     """Weight of the probe term of the SFT loss: the answer after the probe text, at the last probe of right demonstrations (0 = off; for models built from scratch)."""
+    probe_fraction: float = 0.3
+    """The probe term is on during this last fraction of the SFT steps (after the policy has learned to copy)."""
     pretrain_steps: int = 200
     """Language-model steps on corpus documents (people renamed) before SFT; for models built from scratch."""
     pretrain_batch_size: int = 64
@@ -329,7 +331,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     _positive_int("warm_start.pretrain_steps", warm.pretrain_steps, 0)
     _positive_int("warm_start.pretrain_batch_size", warm.pretrain_batch_size)
     _number("warm_start.probe_weight", warm.probe_weight, 0.0)
-    for name in ("noisy_query_prob", "skip_hop_prob", "think_prob", "rename_prob"):
+    for name in ("noisy_query_prob", "skip_hop_prob", "think_prob", "rename_prob", "probe_fraction"):
         _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)
     rl = config.rl
     _choice("rl.algorithm", rl.algorithm, ("igpo", "grpo"))

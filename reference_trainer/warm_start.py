@@ -338,8 +338,10 @@ def warm_start(
     from the question and read the person's facts from the observation instead of recalling
     them), writes one demonstration with its own mistakes (``demonstration_turns``) and takes
     one AdamW step on ``sft_loss`` with gradient-norm clipping at 1. Questions without a gold
-    search chain (real datasets) cannot be demonstrated and raise ``ValueError``. Returns the
-    per-step losses of both phases.
+    search chain (real datasets) cannot be demonstrated and raise ``ValueError``. During the
+    last ``config.probe_fraction`` of the steps the loss also has the probe term (see
+    ``sft_loss``), once the policy has learned to copy. Returns the per-step losses of both
+    phases.
     """
     usable = [example for example in examples if example.gold_queries]
     if not usable:
@@ -378,7 +380,8 @@ def warm_start(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config.steps, config.learning_rate, config.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = sft_loss(model, tokenizer, demonstrations, probe_weight=config.probe_weight)
+        probe_on = step >= round(config.steps * (1.0 - config.probe_fraction))
+        loss, parts = sft_loss(model, tokenizer, demonstrations, probe_weight=config.probe_weight if probe_on else 0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

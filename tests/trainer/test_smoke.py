@@ -18,12 +18,21 @@ def test_console_script_is_registered():
     assert scripts.get("igpo-train") == "reference_trainer.cli:main"
 
 
-def test_demo_quick(tmp_path):
-    out = tmp_path / "demo"
+def run_quick_demo(out):
     command = [sys.executable, "-m", "reference_trainer.cli", "demo", "--quick", "--out", str(out), "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "held-out EM: warm start" in result.stdout
+
+
+def without_timing(path):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "tokens_per_second"} for r in records]
+
+
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    run_quick_demo(out)
 
     # the data in the Search-R1 / verl layouts, the warm start, the two runs
     for name in ("data/corpus.jsonl", "data/train.parquet", "data/heldout.parquet", "config.json",
@@ -49,3 +58,14 @@ def test_demo_quick(tmp_path):
     report = (out / "report.md").read_text()
     assert "IGPO" in report and "GRPO" in report
     assert (out / "heldout_em_f1.png").is_file() and (out / "advantage_collapse.png").is_file()
+
+
+def test_demo_quick_is_deterministic(tmp_path):
+    """Fixed seeds give identical runs on CPU: the same numbers, step by step, and the same weights."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_quick_demo(first)
+    run_quick_demo(second)
+    assert without_timing(first / "metrics.jsonl") == without_timing(second / "metrics.jsonl")
+    for name in ("warm_start/model.safetensors", "igpo/checkpoints/step_000002/model.safetensors",
+                 "grpo/checkpoints/step_000002/model.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name

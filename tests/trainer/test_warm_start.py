@@ -170,7 +170,7 @@ def test_short_warm_start_lowers_the_loss(world, tokenizer):
     config = WarmStartConfig(steps=25, batch_size=4, learning_rate=3e-3, warmup_steps=2, pretrain_steps=5, pretrain_batch_size=8)
     history = warm_start(model, tokenizer, retriever, world.train, config, corpus=world.corpus, seed=0)
     assert [h["phase"] for h in history] == ["pretrain"] * 5 + ["sft"] * 25
-    assert sum("probe" in h for h in history) >= 20  # probe_weight 1 by default: batches with a right demo train the probe
+    assert 3 <= sum("probe" in h for h in history) <= 8  # the last 30% of the 25 SFT steps, when a batch has a right demo
     sft = [h["loss"] for h in history if h["phase"] == "sft"]
     assert sum(sft[-5:]) / 5 < sum(sft[:5]) / 5
     assert not model.training
