@@ -35,9 +35,19 @@ def requested_backends() -> list[str]:
     return names
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): run the test only on these of the requested backends"
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", requested_backends(), indirect=True, scope="session")
+        names = requested_backends()
+        marker = metafunc.definition.get_closest_marker("backends")
+        if marker is not None:
+            names = [name for name in names if name in marker.args]
+        metafunc.parametrize("backend", names, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")

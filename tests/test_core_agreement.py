@@ -8,12 +8,12 @@ run in float64 here so the comparison is tight. dtype handling is tested in test
 from __future__ import annotations
 
 import numpy as np
-from backend_support import run
-from hypothesis import given
 from hypothesis import strategies as st
 
 import igpo_rewards as igpo
 from igpo_rewards.testing import reference, token_batches, turn_batches
+
+from .backend_support import given_on_each_backend, run
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 
@@ -32,7 +32,7 @@ options = st.fixed_dictionaries(
 )
 
 
-@given(batch=turn_batches(), options=options)
+@given_on_each_backend(batch=turn_batches(), options=options)
 def test_igpo_advantages_match_the_oracle(backend, batch, options):
     got = run(igpo.igpo_advantages, backend, *batch, **options)
     want = reference.igpo_advantages(*batch, **options)
@@ -40,7 +40,7 @@ def test_igpo_advantages_match_the_oracle(backend, batch, options):
         np.testing.assert_allclose(getattr(got, field), getattr(want, field), err_msg=field, **TOLERANCE)
 
 
-@given(batch=turn_batches(), kind=st.sampled_from(["prob", "log_prob"]), floor=st.sampled_from([-20.0, -5.0]))
+@given_on_each_backend(batch=turn_batches(), kind=st.sampled_from(["prob", "log_prob"]), floor=st.sampled_from([-20.0, -5.0]))
 def test_information_gain_and_turn_rewards_match_the_oracle(backend, batch, kind, floor):
     gain = run(igpo.information_gain, backend, batch.answer_logprob, batch.turn_mask, kind=kind, log_prob_floor=floor)
     np.testing.assert_allclose(
@@ -53,7 +53,7 @@ def test_information_gain_and_turn_rewards_match_the_oracle(backend, batch, kind
     )
 
 
-@given(
+@given_on_each_backend(
     logprobs=st.lists(st.sampled_from([0.0, -0.1, -2.5, -30.0, -np.inf]), min_size=24, max_size=24),
     mask=st.lists(st.booleans(), min_size=24, max_size=24),
 )
@@ -64,7 +64,7 @@ def test_answer_logprob_matches_the_oracle(backend, logprobs, mask):
     np.testing.assert_allclose(got, reference.answer_logprob(token_logprobs, token_mask), **TOLERANCE)
 
 
-@given(batch=turn_batches(), scale=st.sampled_from(["std", "none"]), ddof=st.sampled_from([0, 1]))
+@given_on_each_backend(batch=turn_batches(), scale=st.sampled_from(["std", "none"]), ddof=st.sampled_from([0, 1]))
 def test_grpo_and_collapse_rate_match_the_oracle(backend, batch, scale, ddof):
     got = run(igpo.grpo_advantages, backend, batch.outcome, batch.group_ids, scale=scale, ddof=ddof)
     np.testing.assert_allclose(
@@ -74,7 +74,7 @@ def test_grpo_and_collapse_rate_match_the_oracle(backend, batch, scale, ddof):
     assert float(rate) == reference.zero_variance_group_fraction(batch.outcome, batch.group_ids)
 
 
-@given(
+@given_on_each_backend(
     batch=token_batches(final_reward_after_last_run=True),
     options=options.map(lambda o: {k: o[k] for k in ("gamma", "mode", "weighting", "scale", "ddof", "eps")}),
 )
@@ -87,7 +87,7 @@ def test_token_level_advantages_match_the_oracle(backend, batch, options):
     np.testing.assert_allclose(got, want, **TOLERANCE)
 
 
-@given(batch=token_batches())
+@given_on_each_backend(batch=token_batches())
 def test_token_layout_functions_match_the_oracle(backend, batch):
     index = run(igpo.turn_index_from_response_mask, backend, batch.response_mask)
     np.testing.assert_array_equal(index, reference.turn_index_from_response_mask(batch.response_mask))
@@ -98,7 +98,7 @@ def test_token_layout_functions_match_the_oracle(backend, batch):
     np.testing.assert_array_equal(spread, reference.broadcast_to_tokens(batch.turn_rewards, index))
 
 
-@given(batch=turn_batches(), options=options)
+@given_on_each_backend(batch=turn_batches(), options=options)
 def test_token_path_equals_turn_path(backend, batch, options):
     """Placing turn rewards into verl's layout and reading them back changes nothing."""
     options = {k: options[k] for k in ("gamma", "mode", "weighting", "scale", "ddof", "eps")}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from backend_support import run
 
 import igpo_rewards as igpo
+
+from .backend_support import run
 
 SQRT2 = math.sqrt(2.0)
 # eps = 1e-6 next to stds of ~0.2 moves results by ~5e-6 relative.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from backend_support import run
-from hypothesis import given
 from hypothesis import strategies as st
 
 import igpo_rewards as igpo
 from igpo_rewards.testing import turn_batches
+
+from .backend_support import given_on_each_backend, run
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 normalization = st.fixed_dictionaries(
@@ -20,13 +20,13 @@ normalization = st.fixed_dictionaries(
 )
 
 
-@given(batch=turn_batches(), options=normalization)
+@given_on_each_backend(batch=turn_batches(), options=normalization)
 def test_gamma_zero_gives_the_normalized_rewards(backend, batch, options):
     result = run(igpo.igpo_advantages, backend, *batch, gamma=0.0, **options)
     np.testing.assert_allclose(result.advantages, result.normalized_rewards, **TOLERANCE)
 
 
-@given(batch=turn_batches(), options=normalization)
+@given_on_each_backend(batch=turn_batches(), options=normalization)
 def test_weighted_mean_of_every_pool_is_zero(backend, batch, options):
     result = run(igpo.igpo_advantages, backend, *batch, **options)
     turns = batch.turn_mask.sum(axis=1)
@@ -44,7 +44,7 @@ def test_weighted_mean_of_every_pool_is_zero(backend, batch, options):
             assert abs(weighted_mean) < 1e-7
 
 
-@given(batch=turn_batches(), options=normalization, data=st.data())
+@given_on_each_backend(batch=turn_batches(), options=normalization, data=st.data())
 def test_permuting_rollouts_permutes_the_result(backend, batch, options, data):
     permutation = np.array(data.draw(st.permutations(range(len(batch.outcome)))), dtype=np.int64)
     permuted = type(batch)(*(field[permutation] for field in batch))
@@ -53,7 +53,7 @@ def test_permuting_rollouts_permutes_the_result(backend, batch, options, data):
     np.testing.assert_allclose(shuffled.advantages, original.advantages[permutation], **TOLERANCE)
 
 
-@given(batch=turn_batches(), options=normalization)
+@given_on_each_backend(batch=turn_batches(), options=normalization)
 def test_splitting_the_batch_by_group_changes_nothing(backend, batch, options):
     whole = run(igpo.igpo_advantages, backend, *batch, **options)
     for group in np.unique(batch.group_ids):
@@ -62,7 +62,7 @@ def test_splitting_the_batch_by_group_changes_nothing(backend, batch, options):
         np.testing.assert_allclose(part.advantages, whole.advantages[rows], **TOLERANCE)
 
 
-@given(batch=turn_batches(), shift=st.integers(-1000, 1000))
+@given_on_each_backend(batch=turn_batches(), shift=st.integers(-1000, 1000))
 def test_group_ids_are_labels_only(backend, batch, shift):
     relabelled = batch._replace(group_ids=batch.group_ids * 3 + shift)
     np.testing.assert_allclose(
@@ -72,7 +72,7 @@ def test_group_ids_are_labels_only(backend, batch, shift):
     )
 
 
-@given(batch=turn_batches(allow_empty_rows=False))
+@given_on_each_backend(batch=turn_batches(allow_empty_rows=False))
 def test_constant_groups_collapse_to_exact_zero(backend, batch):
     """All-equal rewards in a pool give exactly 0, not eps-amplified rounding noise (float32 too)."""
     rewards = np.full(batch.turn_mask.shape, 0.3)
@@ -84,7 +84,7 @@ def test_constant_groups_collapse_to_exact_zero(backend, batch):
     assert float(run(igpo.zero_variance_group_fraction, backend, outcome, batch.group_ids)) == 1.0
 
 
-@given(batch=turn_batches())
+@given_on_each_backend(batch=turn_batches())
 def test_padding_rows_contribute_nothing(backend, batch):
     """Appending rows with no valid turn (batch padding) leaves every real row unchanged."""
     padded = type(batch)(

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-from bench_support import SUMMARY_ENV, TORCH_THREADS_ENV, Recorder
+
+from .bench_support import SUMMARY_ENV, TORCH_THREADS_ENV, Recorder
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 

@@ -27,10 +27,11 @@ import functools
 
 import numpy as np
 import pytest
-from bench_support import Workload, block, make_batch, rounds, selected_workloads, to_library, to_numpy
 
 import igpo_rewards as igpo
 from igpo_rewards.testing import reference
+
+from .bench_support import Workload, block, make_batch, rounds, selected_workloads, to_library, to_numpy
 
 WORKLOADS = selected_workloads()
 TOLERANCE = dict(rtol=1e-4, atol=2e-4)  # float32 pipelines against the float64 oracle

@@ -30,7 +30,6 @@ import random
 from typing import NamedTuple
 
 import pytest
-from bench_support import mode, rounds
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -45,6 +44,8 @@ from reference_trainer.probes import (  # noqa: E402
     packed_probe_logprobs,
 )
 from reference_trainer.world import build_world  # noqa: E402
+
+from .bench_support import mode, rounds  # noqa: E402
 
 TURN_COUNTS = (4, 10)
 TOLERANCE = 1e-4

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from backend_support import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,15 +20,16 @@ import igpo_rewards as igpo
 from igpo_rewards.backends import _load
 from igpo_rewards.testing import reference, token_batches
 
+from ..backend_support import run
+
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 FORMULATIONS = ("run_length", "static_shape")
 
 
 @pytest.fixture(params=FORMULATIONS)
 def formulation(request, backend, monkeypatch):
-    """Forces the formulation on NumPy and torch."""
-    if backend == "jax":
-        pytest.skip("JAX has only the static-shape formulation, covered by tests/test_core_*.py")
+    """Forces the formulation on NumPy and torch (tests taking it are marked ``backends("numpy", "torch")``:
+    JAX has only the static-shape formulation, which tests/test_core_*.py run on JAX)."""
     if request.param == "static_shape":
         monkeypatch.setattr(type(_load(backend)), "host_numpy", lambda self, *arrays: None)
     return request.param
@@ -54,6 +54,7 @@ def test_backends_pick_the_expected_formulation(backend):
 
 
 # The patched host_numpy (a function-scoped fixture) is meant to hold for every example.
+@pytest.mark.backends("numpy", "torch")
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batch=token_batches(final_reward_after_last_run=True, max_turns=5, max_turn_tokens=4),
@@ -84,6 +85,7 @@ def _check_token_path(backend, batch, gamma, mode, extra_turns):
                                **TOLERANCE)
 
 
+@pytest.mark.backends("numpy", "torch")
 def test_unvalidated_out_of_range_reads_zero(backend, formulation):
     """validate=False: an index >= T or < -1 reads 0; turns past max_turns get 0 and lose their reward."""
     values = np.array([[0.5, -1.0], [2.0, 3.0]])
@@ -118,6 +120,7 @@ ERROR_CASES = {
 }
 
 
+@pytest.mark.backends("numpy", "torch")
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_token_reward_errors_are_the_same(backend, formulation, case):
     mask, rewards, options, message = ERROR_CASES[case]
@@ -125,6 +128,7 @@ def test_token_reward_errors_are_the_same(backend, formulation, case):
         run(igpo.advantages_from_token_rewards, backend, np.array(rewards), np.array(mask), np.array([0]), **options)
 
 
+@pytest.mark.backends("numpy", "torch")
 def test_nan_inside_a_turn_and_rewards_of_empty_rows_are_ignored(backend, formulation):
     """Only a run's last token is read: NaN elsewhere in it is not an error; a row without
     generated tokens has nothing to read, whatever its rewards."""
@@ -134,6 +138,7 @@ def test_nan_inside_a_turn_and_rewards_of_empty_rows_are_ignored(backend, formul
     np.testing.assert_allclose(got, [[0.0, 0.0, 0.0, 1.0, 0.0], [0.0] * 5])
 
 
+@pytest.mark.backends("numpy", "torch")
 @pytest.mark.parametrize("with_turn_mask", [False, True])
 def test_index_errors_are_the_same(backend, formulation, with_turn_mask):
     values = np.array([[0.5, -1.0], [2.0, 3.0]])

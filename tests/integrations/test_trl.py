@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-import trl_igpo_run as run
 from igpo_rewards.integrations import IGPOSettings
 from igpo_rewards.integrations.trl import IGPOTrainer, token_turn_index
 from igpo_rewards.testing import reference
 from reference_trainer.modeling import make_tiny_pretrained
+
+from . import trl_igpo_run as run
 
 HERE = Path(__file__).resolve().parent
 

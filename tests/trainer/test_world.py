@@ -1,6 +1,7 @@
 """Tests for reference_trainer.world: the seeded world, corpus jsonl IO and the parquet QA loader."""
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,10 @@ from reference_trainer.world import (
     write_qa_parquet,
 )
 
-SHARED_PARQUET = Path(__file__).resolve().parents[3] / "shared" / "data" / "search_qa_dev.parquet"
+SHARED_PARQUET = Path(
+    os.environ.get("IGPO_DEV_PARQUET")
+    or Path(__file__).resolve().parents[3] / "shared" / "data" / "search_qa_dev.parquet"
+)
 
 
 @pytest.fixture(scope="module")
