@@ -136,6 +136,8 @@ class RLConfig:
     """w_out, the weight of the outcome reward."""
     grpo_probes: bool = False
     """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
+    probe_layout: Literal["packed", "kv_cache"] = "packed"
+    """Probes in the old-log-prob forward: appended copies in ONE forward, or a second pass over its KV cache (same numbers; docs/benchmarks.md)."""
     eval_every: int = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
     checkpoint_every: int = 10
@@ -335,6 +337,7 @@ def validate_config(config: RunConfig) -> RunConfig:
         _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)
     rl = config.rl
     _choice("rl.algorithm", rl.algorithm, ("igpo", "grpo"))
+    _choice("rl.probe_layout", rl.probe_layout, ("packed", "kv_cache"))
     _positive_int("rl.steps", rl.steps, 0)
     for name in ("questions_per_step", "group_size", "max_turns", "max_new_tokens", "topk", "minibatches",
                  "ppo_epochs", "micro_batch_size", "generation_batch_size"):

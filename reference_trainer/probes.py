@@ -1,4 +1,4 @@
-"""The ground-truth probe before every turn, all probes of a trajectory in one packed forward.
+"""The ground-truth probe before every turn, all probes scored with the old-log-prob forward.
 
 IGPO measures the policy's belief in the ground-truth answer a before each turn j
 (ALGORITHM.md section 1): teacher-force the fixed probe text after the context so far and score
@@ -14,7 +14,11 @@ overlaps the answer's characters is scored, so a token that BPE merged across th
 (" Paris" with its leading space) is scored whole, never miscounted. The suffix is appended
 as token ids after each prefix, exactly as the naive reference does.
 
-The packed layout (``build_packed_inputs``), one row per trajectory b with n_b probes::
+Training scores the probes in the old-log-prob forward it runs anyway (``packed_forward``),
+in one of two layouts (``probe_layout``) that give the same numbers:
+
+"packed" (default, ``build_packed_inputs``): ONE forward, one row per trajectory b with n_b
+probes::
 
     [ trajectory tokens 0 .. S_b-1 | probe copy 0 | probe copy 1 | ... | copy n_b-1 | padding ]
 
@@ -26,20 +30,31 @@ The packed layout (``build_packed_inputs``), one row per trajectory b with n_b p
   trajectory positions [0, start_j) and its own copy causally, nothing else; padding sees only
   itself (no fully masked row, so no NaN).
 
-So one forward returns, at once, the log-probs of the trajectory's own tokens (the PPO "old"
-log-probs; trajectory outputs are unaffected by the copies since no trajectory query sees them)
-and every probe's answer log-probs. ``packed_forward`` does not touch autograd: call it under
-``torch.no_grad()`` for old log-probs + probes, or with grad (usually without probes) for the
-new log-probs of the update. Dropout follows ``model.training``; the caller sets eval/train.
+The trajectory's outputs are unaffected by the copies (no trajectory query sees them), so the
+one forward returns the old log-probs and every probe's answer log-probs at once. Its cost: the
+dense mask makes every trajectory query also score the probe keys (masked out, but computed).
+
+"kv_cache" (``build_probe_inputs``): the trajectory forward alone (a padded causal batch) keeps
+its KV cache; a second pass runs every probe copy of the batch as T x P query slots (copy j of
+row b at slots [j * P, j * P + P_b), same positions), under a [B, 1, Q, N + Q] mask: copy j sees
+the cached keys [0, start_j) and its own copy causally; unused slots see only themselves. Only
+the T x P probe tokens are computed beyond the trajectory forward, which needs no custom mask
+(on a GPU it could use a flash/causal kernel).
+
+``packed_forward`` does not touch autograd: call it under ``torch.no_grad()`` for old log-probs
++ probes, or with grad (the warm start's probe term; the update's new log-probs, without
+probes). Dropout follows ``model.training``; the caller sets eval/train.
 
 Three ways to compute the probes, for benchmarks and for the test that they agree:
 (a) ``naive_probe_logprobs``: one forward per probe (what the authors' released code does);
-(b) ``packed_probe_logprobs``: one packed forward per trajectory, probes only;
-(c) ``packed_forward``: probes folded into the old-log-prob forward (what training uses).
+(b) ``packed_probe_logprobs``: one packed forward per batch, probes only;
+(c) ``packed_forward``: probes folded into the old-log-prob forward (what training uses), in
+    either layout.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -55,11 +70,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANSWER_PLACEHOLDER",
+    "PROBE_LAYOUTS",
     "PROBE_TEMPLATE",
     "PackedForward",
     "PackedInputs",
+    "ProbeInputs",
     "ProbeSuffix",
     "build_packed_inputs",
+    "build_probe_inputs",
     "build_probe_suffix",
     "naive_probe_logprobs",
     "packed_forward",
@@ -297,8 +315,102 @@ def build_packed_inputs(
     )
 
 
+class ProbeInputs(NamedTuple):
+    """Inputs of the probe pass that follows a trajectory forward (see ``build_probe_inputs``).
+
+    Shapes: B trajectories, N the first pass's (padded) length, Q = T * P probe slots (T = max
+    probes, P = longest suffix), K_p probe targets. Sources index the two passes' hidden states
+    concatenated along the sequence: [0, N) the trajectory pass, N + q probe slot q.
+    """
+
+    input_ids: torch.Tensor  # [B, Q] long
+    position_ids: torch.Tensor  # [B, Q] long
+    attention_mask: torch.Tensor  # [B, 1, Q, N + Q] additive, model dtype: keys = cached trajectory, then slots
+    probe_targets: torch.Tensor  # [K_p, 5] long: row, source position, token id, probe j, answer index l
+    num_probes: int  # T
+    num_answer_tokens: int  # L
+
+
+def build_probe_inputs(
+    token_ids: Sequence[Sequence[int]],
+    probe_starts: Sequence[Sequence[int]],
+    suffixes: Sequence[ProbeSuffix | None],
+    *,
+    cached_length: int | None = None,
+    pad_token_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> ProbeInputs:
+    """Every probe copy of a batch as one forward over the KV cache of the trajectory forward.
+
+    Probe copy j of row b fills slots [j * P, j * P + P_b) (P = the batch's longest suffix, P_b
+    row b's): its ids are the suffix ids, its positions ``start_j + k`` (it continues its
+    prefix), and it attends to the cached trajectory keys [0, start_j) and to its own copy
+    causally. Unused slots hold ``pad_token_id`` and attend only to themselves (no fully masked
+    row, so no NaN). Answer token k of copy j is scored at the hidden state of the token before
+    it: the trajectory's position ``start_j - 1`` for k = 0 (the prefix's last token), slot
+    ``j * P + k - 1`` after.
+
+    Args:
+        token_ids, probe_starts, suffixes: as in ``build_packed_inputs`` (probes required).
+        cached_length: N, the length of the first pass (its padded width); default max S_b.
+        pad_token_id, dtype, device: as in ``build_packed_inputs``.
+
+    Raises:
+        ValueError / TypeError: as ``build_packed_inputs``; ``cached_length`` < max S_b.
+    """
+    rows, start_rows, suffix_rows = _check_batch(token_ids, probe_starts, suffixes)
+    longest = max(len(row) for row in rows)
+    cached = longest if cached_length is None else int(cached_length)
+    if cached < longest:
+        raise ValueError(f"cached_length must be >= the longest trajectory ({longest}), got {cached_length}")
+    batch = len(rows)
+    num_probes = max(len(starts) for starts in start_rows)
+    width = max((len(suffix.token_ids) for starts, suffix in zip(start_rows, suffix_rows) if starts), default=0)
+    slots = num_probes * width
+    input_ids = torch.full((batch, slots), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, slots), dtype=torch.long)
+    copy_of_slot = torch.full((batch, slots), -1, dtype=torch.long)  # j, or -1 for an unused slot
+    visible_until = torch.zeros((batch, slots), dtype=torch.long)  # cached keys [0, start_j) are visible
+    probe_targets: list[list[int]] = []
+    for b, (starts, suffix) in enumerate(zip(start_rows, suffix_rows)):
+        if not starts:
+            continue
+        copy_ids = torch.tensor(suffix.token_ids, dtype=torch.long)
+        size = len(suffix.token_ids)
+        for j, start in enumerate(starts):
+            offset = j * width
+            input_ids[b, offset : offset + size] = copy_ids
+            position_ids[b, offset : offset + size] = start + torch.arange(size)
+            copy_of_slot[b, offset : offset + size] = j
+            visible_until[b, offset : offset + size] = start
+            for l, k in enumerate(range(suffix.answer_start, suffix.answer_end)):
+                source = start - 1 if k == 0 else cached + offset + k - 1
+                probe_targets.append([b, source, suffix.token_ids[k], j, l])
+
+    slot = torch.arange(slots)
+    sees_cache = torch.arange(cached)[None, None, :] < visible_until[:, :, None]  # [B, Q, N]
+    query_copy, key_copy = copy_of_slot[:, :, None], copy_of_slot[:, None, :]
+    sees_slots = ((query_copy >= 0) & (key_copy == query_copy) & (slot[None, :] <= slot[:, None])) | (
+        slot[None, :] == slot[:, None]
+    )  # [B, Q, Q]
+    allowed = torch.cat([sees_cache, sees_slots], dim=2)
+    attention_mask = torch.zeros((batch, 1, slots, cached + slots), dtype=dtype)
+    attention_mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return ProbeInputs(
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        probe_targets=torch.tensor(probe_targets, dtype=torch.long).reshape(-1, 5).to(device),
+        num_probes=num_probes,
+        num_answer_tokens=max(
+            (suffix.num_answer_tokens for starts, suffix in zip(start_rows, suffix_rows) if starts), default=0
+        ),
+    )
+
+
 class PackedForward(NamedTuple):
-    """What one packed forward returns. B trajectories, S = max length, T = max probes, L = max answer tokens.
+    """What ``packed_forward`` returns. B trajectories, S = max length, T = max probes, L = max answer tokens.
 
     Attributes:
         token_logprobs: [B, S] float32, ``log pi(token_ids[b][t] | token_ids[b][:t])`` at index t
@@ -332,6 +444,16 @@ def _check_model(model: PreTrainedModel) -> None:
         raise ValueError("models with final_logit_softcapping are not supported by the packed forward")
 
 
+def _cache_argument(model: PreTrainedModel, output: object) -> dict[str, object]:
+    """The first pass's KV cache as the keyword the model's forward takes: ``cache`` in
+    transformers >= 5.x (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = output.past_key_values
+    keyword = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    return {keyword: cache}
+
+
 def _score(
     model: PreTrainedModel,
     hidden: torch.Tensor,
@@ -358,17 +480,32 @@ def _score(
     return torch.cat(logprobs), (torch.cat(entropies) if entropy else None)
 
 
+#: How ``packed_forward`` lays out the probes: "packed" (ONE forward, copies appended after the
+#: trajectory) or "kv_cache" (a second pass of the copies over the trajectory forward's KV cache).
+PROBE_LAYOUTS = ("packed", "kv_cache")
+
+
 def packed_forward(
     model: PreTrainedModel,
     token_ids: Sequence[Sequence[int]],
     probe_starts: Sequence[Sequence[int]] | None = None,
     suffixes: Sequence[ProbeSuffix | None] | None = None,
     *,
+    probe_layout: str = "packed",
     pad_token_id: int | None = None,
     return_entropy: bool = False,
     chunk_size: int = 1024,
 ) -> PackedForward:
-    """ONE forward over the batch: trajectory token log-probs and every probe's answer log-probs.
+    """Trajectory token log-probs (the PPO "old" ones) and every probe's answer log-probs.
+
+    ``probe_layout`` chooses how the probes ride along (same results, up to float rounding):
+
+    * ``"packed"`` (default): ONE forward over ``build_packed_inputs`` with the probe copies
+      appended after each trajectory under one [B, 1, N, N] mask.
+    * ``"kv_cache"``: the trajectory forward alone keeps its KV cache, then a second pass runs
+      only the T x P probe slots against it (``build_probe_inputs``). No trajectory query
+      scores a probe key, so the extra work is the ideal T x P tokens (docs/benchmarks.md
+      measures both), and the first pass needs no custom mask.
 
     Gradients flow if autograd is on (the caller chooses with ``torch.no_grad()``). Logits are
     computed only at the positions that score something, ``chunk_size`` rows at a time, in
@@ -381,6 +518,7 @@ def packed_forward(
         probe_starts: per trajectory, where each probe's context ends (see
             ``build_packed_inputs``); ``None`` for no probes (then T = L = 0).
         suffixes: per trajectory, its ``ProbeSuffix``.
+        probe_layout: "packed" or "kv_cache" (see above).
         pad_token_id: padding id; defaults to ``model.config.pad_token_id`` (or 0).
         return_entropy: also return the per-token entropy of the trajectory tokens.
         chunk_size: rows of logits materialised at once (memory bound for large vocabularies).
@@ -390,23 +528,34 @@ def packed_forward(
 
     Raises:
         ValueError / TypeError: see ``build_packed_inputs``; an unsupported attention
-        implementation; ``chunk_size`` < 1.
+        implementation; ``chunk_size`` < 1; an unknown ``probe_layout``.
     """
     _check_model(model)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if probe_layout not in PROBE_LAYOUTS:
+        raise ValueError(f"probe_layout must be one of {PROBE_LAYOUTS}, got {probe_layout!r}")
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     device = model.get_input_embeddings().weight.device
+    _check_batch(token_ids, probe_starts, suffixes)
+    with_probes = probe_starts is not None and any(len(starts) for starts in probe_starts)
+    cached = with_probes and probe_layout == "kv_cache"
     packed = build_packed_inputs(
-        token_ids, probe_starts, suffixes, pad_token_id=pad_token_id, dtype=model.dtype, device=device
+        token_ids,
+        None if cached else probe_starts,
+        None if cached else suffixes,
+        pad_token_id=pad_token_id,
+        dtype=model.dtype,
+        device=device,
     )
-    hidden = model.base_model(
+    first = model.base_model(
         input_ids=packed.input_ids,
         attention_mask=packed.attention_mask,
         position_ids=packed.position_ids,
-        use_cache=False,
-    ).last_hidden_state
+        use_cache=cached,
+    )
+    hidden = first.last_hidden_state
 
     batch = packed.input_ids.shape[0]
     traj = packed.trajectory_targets
@@ -422,13 +571,29 @@ def packed_forward(
         token_entropy = hidden.new_zeros((batch, packed.sequence_length), dtype=torch.float32)
         token_entropy = token_entropy.index_put((traj[:, 0], traj[:, 3]), entropy)
 
-    probe_logprobs, probe_mask = _probe_arrays(model, hidden, packed, chunk_size=chunk_size)
+    if cached:
+        # The probe pass: only the T x P probe queries, against the first pass's cached keys.
+        probes = build_probe_inputs(
+            token_ids, probe_starts, suffixes, cached_length=packed.input_ids.shape[1],
+            pad_token_id=pad_token_id, dtype=model.dtype, device=device,
+        )
+        second = model.base_model(
+            input_ids=probes.input_ids,
+            attention_mask=probes.attention_mask,
+            position_ids=probes.position_ids,
+            use_cache=False,
+            **_cache_argument(model, first),
+        )
+        hidden = torch.cat([hidden, second.last_hidden_state], dim=1)
+        probe_logprobs, probe_mask = _probe_arrays(model, hidden, probes, chunk_size=chunk_size)
+    else:
+        probe_logprobs, probe_mask = _probe_arrays(model, hidden, packed, chunk_size=chunk_size)
     answer_logprob = igpo_rewards.answer_logprob(probe_logprobs, probe_mask)
     return PackedForward(token_logprobs, token_mask, probe_logprobs, probe_mask, answer_logprob, token_entropy)
 
 
 def _probe_arrays(
-    model: PreTrainedModel, hidden: torch.Tensor, packed: PackedInputs, *, chunk_size: int
+    model: PreTrainedModel, hidden: torch.Tensor, packed: PackedInputs | ProbeInputs, *, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch = packed.input_ids.shape[0]
     shape = (batch, packed.num_probes, packed.num_answer_tokens)
@@ -519,6 +684,7 @@ def trajectory_forward(
     *,
     include_probes: bool = True,
     template: str = PROBE_TEMPLATE,
+    probe_layout: str = "packed",
     return_entropy: bool = False,
     chunk_size: int = 1024,
 ) -> PackedForward:
@@ -552,6 +718,7 @@ def trajectory_forward(
         token_ids,
         [probe_starts(trajectory) for trajectory in trajectories],
         suffixes,
+        probe_layout=probe_layout,
         pad_token_id=tokenizer.pad_token_id,
         return_entropy=return_entropy,
         chunk_size=chunk_size,

@@ -6,6 +6,7 @@ Read ``rl_step`` top to bottom; every reward and advantage comes from ``igpo_rew
 2. probes + old log-probs: ``probes.trajectory_forward`` runs ONE packed forward that returns
    the log-probs of the sampled tokens (the PPO "old" policy) and, before every turn, the
    length-normalized log-prob of the ground-truth answer (``answer_logprob``, [B, T]);
+   (``rl.probe_layout="kv_cache"``: the probes in a second pass over that forward's KV cache);
 3. advantages: IGPO calls ``igpo_rewards.igpo_advantages(answer_logprob, outcome, turn_mask,
    group_ids, ...)`` ([B, T] turn advantages); GRPO calls ``igpo_rewards.grpo_advantages(outcome,
    group_ids)`` ([B], the same value on every turn). Nothing else differs between the two;
@@ -244,13 +245,15 @@ def score_trajectories(
     include_probes: bool,
     micro_batch_size: int,
     return_entropy: bool = False,
+    probe_layout: str = "packed",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs of the sampled tokens (and the probes) without gradients, in micro batches.
 
-    One ``probes.trajectory_forward`` per micro batch: with ``include_probes`` the probe copies
-    ride along in the same packed forward. Returns CPU float32 tensors ``token_logprobs [B, S]``
-    (aligned with ``token_ids``; S = the longest trajectory), ``answer_logprob [B, T]`` (or
-    None) and ``entropy [B, S]`` (or None).
+    One ``probes.trajectory_forward`` per micro batch: with ``include_probes`` the probes are
+    scored in the same forward (``probe_layout`` "packed") or in a second pass over its KV cache
+    ("kv_cache"). Returns CPU float32 tensors ``token_logprobs [B, S]`` (aligned with
+    ``token_ids``; S = the longest trajectory), ``answer_logprob [B, T]`` (or None) and
+    ``entropy [B, S]`` (or None).
     """
     width = max(len(trajectory.token_ids) for trajectory in trajectories)
     turns = max(trajectory.num_turns for trajectory in trajectories)
@@ -259,7 +262,9 @@ def score_trajectories(
     entropy = torch.zeros((len(trajectories), width)) if return_entropy else None
     for first in range(0, len(trajectories), micro_batch_size):
         chunk = trajectories[first : first + micro_batch_size]
-        out = trajectory_forward(model, tokenizer, chunk, include_probes=include_probes, return_entropy=return_entropy)
+        out = trajectory_forward(
+            model, tokenizer, chunk, include_probes=include_probes, probe_layout=probe_layout, return_entropy=return_entropy
+        )
         rows = slice(first, first + len(chunk))
         token_logprobs[rows, : out.token_logprobs.shape[1]] = out.token_logprobs.float().cpu()
         if answer_logprob is not None:
@@ -381,10 +386,11 @@ def rl_step(
     )
     trajectories = rollouts.trajectories
 
-    # -- 2. old log-probs + the probe before every turn: one packed forward --------------------
+    # -- 2. old log-probs + the probe before every turn, in the same forward --------------------
     started = time.perf_counter()
     old_logprobs, answer_logprob, entropy = score_trajectories(
-        policy, tokenizer, trajectories, include_probes=use_probes, micro_batch_size=config.micro_batch_size, return_entropy=True
+        policy, tokenizer, trajectories, include_probes=use_probes, micro_batch_size=config.micro_batch_size,
+        return_entropy=True, probe_layout=config.probe_layout,
     )
     seconds_probes = time.perf_counter() - started
 

@@ -217,8 +217,7 @@ def sft_loss(
     """SFT loss: mean negative log-likelihood of the generated (turn) tokens, plus the probe term.
 
     All turn tokens of the batch weigh the same (prompt and observation tokens are context).
-    With ``probe_weight > 0`` the same packed forward (``probes.trajectory_forward``) also
-    runs the ground-truth probe before every turn, and the loss adds ``probe_weight`` times
+    With ``probe_weight > 0`` the same ``probes.trajectory_forward`` also runs the ground-truth probe before every turn, and the loss adds ``probe_weight`` times
     the mean answer-token NLL of the LAST probe of each demonstration that ends with the
     right answer: the one whose context holds every retrieved fact. A model built from
     scratch has never seen the probe's "answer now" text; this teaches it to answer from the

@@ -248,14 +248,15 @@ def pipeline_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-PROBE_WAYS = ("(a) one forward per probe", "(b) one packed forward, probes only",
-              "(c) probes folded into the old-log-prob forward",
-              "(d) old-log-prob forward + one pass of probes over its KV cache", "old-log-prob forward alone")
+WAY_C = "(c) probes folded into the old-log-prob forward (probe_layout='packed', the default)"
+WAY_D = "(d) old-log-prob forward, then the probes over its KV cache (probe_layout='kv_cache')"
+PROBE_WAYS = ("(a) one forward per probe", "(b) one packed forward, probes only", WAY_C, WAY_D,
+              "old-log-prob forward alone")
 PROBE_TOKENS = dict(zip(PROBE_WAYS, ("naive", "packed_probes", "folded", "two_pass", "old_logprob")))
 
 
 def probe_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per turn count: time and tokens of each way; the extra cost of (c) over the old-log-prob
+    """Per turn count: time and tokens of each way; the extra cost of (c) and (d) over the old-log-prob
     forward against the ideal extra tokens (T x P) relative to that forward's tokens."""
     table = []
     for workload in sorted({r["workload"] for r in rows if r["suite"] == "probes"}):
@@ -271,7 +272,7 @@ def probe_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if way in found and alone:
                 extra_time = found[way]["median_s"] / alone["median_s"] - 1.0
                 ideal = alone["ideal_extra"] / alone["old_logprob"]
-                table.append(dict(workload=workload, way=way[:3], extra_time_fraction=extra_time,
+                table.append(dict(workload=workload, way=way.split()[0], extra_time_fraction=extra_time,
                                   ideal_extra_token_fraction=ideal, ratio_to_ideal=extra_time / ideal,
                                   probe_length=alone["probe_length"]))
     return table

@@ -1,21 +1,22 @@
 """Cost of the ground-truth probes on the reference model (issue 5, probe part).
 
 For a batch of finished trajectories with 4 and with 10 turns, every probe's answer log-prob
-(one probe before each turn) is computed three ways (reference_trainer.probes):
+(one probe before each turn) is computed these ways (reference_trainer.probes):
 
 (a) ``naive_probe_logprobs``: one full forward per probe (the released code's way);
 (b) ``packed_probe_logprobs``: one packed forward per batch, probes only;
-(c) ``packed_forward`` with probes: the probes folded into the old-log-prob forward the trainer
-    runs anyway; compared with ``packed_forward`` without probes (the old-log-prob forward
-    alone), the extra cost is what IGPO adds to a PPO step;
-(d) a candidate for (c), defined here: the old-log-prob forward keeps its KV cache, then one
-    second forward runs every probe copy against that cache. With one dense [N, N] mask, (c)
-    makes every trajectory query also score the probe keys (masked out, but computed), so its
-    attention work grows by about twice the extra tokens; (d) computes only the probe rows.
+(c) ``packed_forward`` with probes (``probe_layout="packed"``, the trainer's default): the probe
+    copies appended after each trajectory in the old-log-prob forward the trainer runs anyway;
+    compared with ``packed_forward`` without probes (the old-log-prob forward alone), the extra
+    cost is what IGPO adds to a PPO step. With one dense [N, N] mask every trajectory query also
+    scores the probe keys (masked out, but computed), so attention grows by about twice the
+    extra tokens;
+(d) ``packed_forward(probe_layout="kv_cache")``: the old-log-prob forward keeps its KV cache,
+    then one second pass runs every probe copy against it: only the probe rows are computed.
 
 The summary reports tokens processed (real and padded: attention runs on the padded packed
-layout) and wall time, and the extra cost of (c) over the old-log-prob forward next to the
-ideal extra tokens T x P (probe suffix length P) relative to the forward's tokens. The three
+layout) and wall time, and the extra cost of (c) and (d) over the old-log-prob forward next to the
+ideal extra tokens T x P (probe suffix length P) relative to the forward's tokens. All
 ways must agree (checked on every run; timings are never asserted).
 
 Full mode (``IGPO_BENCH=full``): the demo's tiny model (reference_trainer.config.TinyModelConfig,
@@ -37,7 +38,6 @@ pytest.importorskip("transformers")
 from reference_trainer.config import TinyModelConfig  # noqa: E402
 from reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
 from reference_trainer.probes import (  # noqa: E402
-    build_packed_inputs,
     build_probe_suffix,
     naive_probe_logprobs,
     packed_forward,
@@ -45,7 +45,7 @@ from reference_trainer.probes import (  # noqa: E402
 )
 from reference_trainer.world import build_world  # noqa: E402
 
-from .bench_support import mode, rounds  # noqa: E402
+from .bench_support import WAY_C, WAY_D, mode, rounds  # noqa: E402
 
 TURN_COUNTS = (4, 10)
 TOLERANCE = 1e-4
@@ -200,12 +200,14 @@ def test_probes_packed(benchmark, probe_batch, recorder):
     torch.testing.assert_close(logprobs, want, rtol=0.0, atol=TOLERANCE)
 
 
-def test_probes_folded_into_old_logprob_forward(benchmark, probe_batch, recorder):
+@pytest.mark.parametrize("layout", ["packed", "kv_cache"])
+def test_probes_folded_into_old_logprob_forward(benchmark, probe_batch, recorder, layout):
     num_turns, batch = probe_batch
     model, _ = _model_and_tokenizer()
     result = _run(
-        benchmark, lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes),
-        "(c) probes folded into the old-log-prob forward", num_turns, batch, recorder)
+        benchmark,
+        lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes, probe_layout=layout),
+        WAY_C if layout == "packed" else WAY_D, num_turns, batch, recorder)
     want, want_mask = _naive_reference(num_turns)
     assert torch.equal(result.probe_mask, want_mask)
     torch.testing.assert_close(result.probe_logprobs, want, rtol=0.0, atol=TOLERANCE)
@@ -221,71 +223,3 @@ def test_old_logprob_forward_alone(benchmark, probe_batch, recorder):
                   num_turns, batch, recorder)
     assert result.probe_logprobs.shape == (len(batch.token_ids), 0, 0)
     assert bool(result.token_mask.any()) and bool(torch.isfinite(result.token_logprobs).all())
-
-
-def _two_pass_forward(model, batch: ProbeBatch):
-    """(d): old-log-prob forward with its KV cache, then every probe copy in one more forward.
-
-    Returns ([B, S] trajectory token log-probs, [B, T, L] probe log-probs) in the layout of
-    ``PackedForward``. Probe copy j of row b sits at slots [j * P, j * P + P_b) of the second
-    forward (P = longest suffix), at positions start_j + k, and sees the cached keys
-    [0, start_j) and its own copy causally.
-    """
-    packed = build_packed_inputs(batch.token_ids, pad_token_id=model.config.pad_token_id or 0, dtype=model.dtype)
-    first = model.base_model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                             position_ids=packed.position_ids, use_cache=True)
-    rows, length = packed.input_ids.shape
-    width = max(len(suffix.token_ids) for suffix in batch.suffixes)
-    num_probes = max(len(starts) for starts in batch.starts)
-    slots = num_probes * width
-    ids = torch.zeros((rows, slots), dtype=torch.long)
-    positions = torch.zeros((rows, slots), dtype=torch.long)
-    allowed = torch.zeros((rows, slots, length + slots), dtype=torch.bool)
-    allowed[:, torch.arange(slots), length + torch.arange(slots)] = True  # unused slots see themselves
-    sources, tokens, where = [], [], []
-    for b, (starts, suffix) in enumerate(zip(batch.starts, batch.suffixes)):
-        size = len(suffix.token_ids)
-        causal = torch.tril(torch.ones(size, size, dtype=torch.bool))
-        for j, start in enumerate(starts):
-            offset = j * width
-            ids[b, offset:offset + size] = torch.tensor(suffix.token_ids)
-            positions[b, offset:offset + size] = start + torch.arange(size)
-            allowed[b, offset:offset + size, :start] = True
-            allowed[b, offset:offset + size, length + offset:length + offset + size] = causal
-            for l, k in enumerate(range(suffix.answer_start, suffix.answer_end)):
-                # Hidden state that predicts answer token k: the prefix's last one for k = 0.
-                sources.append((0, b, start - 1) if k == 0 else (1, b, offset + k - 1))
-                tokens.append(suffix.token_ids[k])
-                where.append((b, j, l))
-    mask = torch.zeros((rows, 1, slots, length + slots), dtype=model.dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(model.dtype).min)
-    second = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=first.past_key_values, use_cache=False)
-    head = model.get_output_embeddings()
-    targets = packed.trajectory_targets
-    token_logprobs = torch.zeros((rows, packed.sequence_length))
-    for begin in range(0, targets.shape[0], 1024):
-        chunk = targets[begin:begin + 1024]
-        scores = torch.log_softmax(head(first.last_hidden_state[chunk[:, 0], chunk[:, 1]]).float(), dim=-1)
-        token_logprobs[chunk[:, 0], chunk[:, 3]] = scores.gather(-1, chunk[:, 2, None])[:, 0]
-    hidden = torch.stack([(first if stage == 0 else second).last_hidden_state[b, k] for stage, b, k in sources])
-    scores = torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-    answer_tokens = max(suffix.num_answer_tokens for suffix in batch.suffixes)
-    probe_logprobs = torch.zeros((rows, num_probes, answer_tokens))
-    index = torch.tensor(where)
-    probe_logprobs[index[:, 0], index[:, 1], index[:, 2]] = scores
-    return token_logprobs, probe_logprobs
-
-
-def test_probes_two_pass_over_the_kv_cache(benchmark, probe_batch, recorder):
-    num_turns, batch = probe_batch
-    model, _ = _model_and_tokenizer()
-    token_logprobs, probe_logprobs = _run(
-        benchmark, lambda: _two_pass_forward(model, batch),
-        "(d) old-log-prob forward + one pass of probes over its KV cache", num_turns, batch, recorder)
-    want, want_mask = _naive_reference(num_turns)
-    torch.testing.assert_close(probe_logprobs[want_mask], want[want_mask], rtol=0.0, atol=TOLERANCE)
-    assert not bool(probe_logprobs[~want_mask].any())
-    with torch.no_grad():
-        alone = packed_forward(model, batch.token_ids)
-    torch.testing.assert_close(token_logprobs, alone.token_logprobs, rtol=0.0, atol=TOLERANCE)

@@ -8,9 +8,11 @@ import torch
 import igpo_rewards
 from reference_trainer.modeling import build_model, train_tokenizer
 from reference_trainer.probes import (
+    PROBE_LAYOUTS,
     PROBE_TEMPLATE,
     ProbeSuffix,
     build_packed_inputs,
+    build_probe_inputs,
     build_probe_suffix,
     naive_probe_logprobs,
     packed_forward,
@@ -158,10 +160,72 @@ def test_packed_layout_matches_the_convention():
     assert (packed.sequence_length, packed.num_probes, packed.num_answer_tokens) == (4, 2, 2)
 
 
-def test_packed_equals_naive_per_probe(model, tokenizer):
+def test_probe_pass_layout_matches_the_convention():
+    """Probe slots of the second pass: ids, positions, the mask over [cache | slots], targets."""
+    suffix = ProbeSuffix(text="", token_ids=(101, 102, 103), answer_start=1, answer_end=3)
+    short = ProbeSuffix(text="", token_ids=(201, 202), answer_start=0, answer_end=2)
+    probes = build_probe_inputs(
+        [[1, 2, 3, 4], [5, 6], [7, 8, 9]], [[2, 4], [], [3]], [suffix, None, short], cached_length=5
+    )
+    assert probes.input_ids.tolist() == [
+        [101, 102, 103, 101, 102, 103],
+        [0, 0, 0, 0, 0, 0],
+        [201, 202, 0, 0, 0, 0],
+    ]
+    assert probes.position_ids.tolist() == [[2, 3, 4, 4, 5, 6], [0] * 6, [3, 4, 0, 0, 0, 0]]
+    allowed = (probes.attention_mask == 0)[:, 0]
+    assert allowed.shape == (3, 6, 5 + 6)
+    expected = torch.zeros(3, 6, 11, dtype=torch.bool)
+    for slot in range(6):
+        expected[:, slot, 5 + slot] = True  # every slot sees itself
+    for copy, start in enumerate([2, 4]):
+        for k in range(3):
+            expected[0, 3 * copy + k, :start] = True  # its prefix in the cache
+            expected[0, 3 * copy + k, 5 + 3 * copy : 5 + 3 * copy + k + 1] = True  # its copy, causally
+    for k in range(2):
+        expected[2, k, :3] = True
+        expected[2, k, 5 : 5 + k + 1] = True
+    assert torch.equal(allowed, expected)
+    assert (probes.attention_mask[~allowed[:, None]] == torch.finfo(torch.float32).min).all()
+    # Answer token 0 of a copy is read at the prefix's last token in the cache (start - 1), later
+    # ones at the copy's previous slot (cached_length + slot).
+    assert probes.probe_targets.tolist() == [
+        [0, 5 + 0, 102, 0, 0],
+        [0, 5 + 1, 103, 0, 1],
+        [0, 5 + 3, 102, 1, 0],
+        [0, 5 + 4, 103, 1, 1],
+        [2, 2, 201, 0, 0],
+        [2, 5 + 0, 202, 0, 1],
+    ]
+    assert (probes.num_probes, probes.num_answer_tokens) == (2, 2)
+    with pytest.raises(ValueError, match="cached_length must be >= the longest trajectory"):
+        build_probe_inputs([[1, 2, 3, 4]], [[2]], [suffix], cached_length=3)
+
+
+@pytest.mark.parametrize("layout", PROBE_LAYOUTS)
+def test_batches_without_probes_and_rows_without_probes(model, tokenizer, layout):
     token_ids, starts, suffixes = _batch(tokenizer)
     with torch.no_grad():
-        out = packed_forward(model, token_ids, starts, suffixes)
+        none = packed_forward(model, token_ids, [[] for _ in token_ids], [None] * len(token_ids), probe_layout=layout)
+        alone = packed_forward(model, token_ids)
+        mixed = packed_forward(
+            model, token_ids, [starts[0], [], starts[2]], [suffixes[0], None, suffixes[2]], probe_layout=layout
+        )
+        naive, naive_mask = naive_probe_logprobs(
+            model, [token_ids[0], token_ids[2]], [starts[0], starts[2]], [suffixes[0], suffixes[2]]
+        )
+    assert none.probe_logprobs.shape == (3, 0, 0) and none.answer_logprob.shape == (3, 0)
+    torch.testing.assert_close(none.token_logprobs, alone.token_logprobs, atol=0, rtol=0)
+    assert not mixed.probe_mask[1].any()
+    torch.testing.assert_close(mixed.probe_logprobs[[0, 2]], naive, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(mixed.token_logprobs, alone.token_logprobs, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("layout", PROBE_LAYOUTS)
+def test_packed_equals_naive_per_probe(model, tokenizer, layout):
+    token_ids, starts, suffixes = _batch(tokenizer)
+    with torch.no_grad():
+        out = packed_forward(model, token_ids, starts, suffixes, probe_layout=layout)
         naive, naive_mask = naive_probe_logprobs(model, token_ids, starts, suffixes)
         probes_only, probes_only_mask = packed_probe_logprobs(model, token_ids, starts, suffixes)
     lengths = [s.num_answer_tokens for s in suffixes]
@@ -181,11 +245,12 @@ def test_packed_equals_naive_per_probe(model, tokenizer):
     assert out.answer_logprob[2].max() - out.answer_logprob[2].min() > 1e-2
 
 
-def test_a_leaky_mask_would_be_caught(model, tokenizer):
+@pytest.mark.parametrize("layout", PROBE_LAYOUTS)
+def test_a_leaky_mask_would_be_caught(model, tokenizer, layout):
     token_ids, starts, suffixes = _batch(tokenizer)
     leaky_starts = [[len(row)] * len(row_starts) for row, row_starts in zip(token_ids, starts)]
     with torch.no_grad():
-        out = packed_forward(model, token_ids, starts, suffixes)
+        out = packed_forward(model, token_ids, starts, suffixes, probe_layout=layout)
         leaky, _ = naive_probe_logprobs(model, token_ids, leaky_starts, suffixes)
     assert (out.probe_logprobs[2, :3] - leaky[2, :3]).abs().max() > 10 * TOLERANCE
 
@@ -195,10 +260,11 @@ def _plain_token_logprobs(model, row):
     return torch.log_softmax(logits, dim=-1)[:-1].gather(-1, torch.tensor(row[1:])[:, None])[:, 0]
 
 
-def test_trajectory_logprobs_equal_a_plain_forward(model, tokenizer):
+@pytest.mark.parametrize("layout", PROBE_LAYOUTS)
+def test_trajectory_logprobs_equal_a_plain_forward(model, tokenizer, layout):
     token_ids, starts, suffixes = _batch(tokenizer)
     with torch.no_grad():
-        folded = packed_forward(model, token_ids, starts, suffixes, return_entropy=True)
+        folded = packed_forward(model, token_ids, starts, suffixes, probe_layout=layout, return_entropy=True)
         alone = packed_forward(model, token_ids)
     assert folded.token_logprobs.shape == (3, 40)
     for b, row in enumerate(token_ids):
@@ -215,18 +281,23 @@ def test_trajectory_logprobs_equal_a_plain_forward(model, tokenizer):
     assert alone.token_entropy is None
 
 
-def test_gradients_flow_and_match_a_plain_forward(model, tokenizer):
+@pytest.mark.parametrize("layout", PROBE_LAYOUTS)
+def test_gradients_flow_and_match_a_plain_forward(model, tokenizer, layout):
     token_ids, starts, suffixes = _batch(tokenizer)
     parameters = [p for p in model.parameters()]
-    out = packed_forward(model, token_ids, starts, suffixes)
+    out = packed_forward(model, token_ids, starts, suffixes, probe_layout=layout)
     loss = out.token_logprobs[out.token_mask].sum()
-    packed_grads = torch.autograd.grad(loss, parameters)
+    packed_grads = torch.autograd.grad(loss, parameters, retain_graph=True)
     plain = sum(_plain_token_logprobs(model, row).sum() for row in token_ids)
     plain_grads = torch.autograd.grad(plain, parameters)
     for packed_grad, plain_grad in zip(packed_grads, plain_grads):
         torch.testing.assert_close(packed_grad, plain_grad, atol=1e-4, rtol=1e-4)
     probe_loss = out.answer_logprob.sum()
-    assert probe_loss.requires_grad
+    probe_grads = torch.autograd.grad(probe_loss, parameters)
+    naive, naive_mask = naive_probe_logprobs(model, token_ids, starts, suffixes)
+    naive_grads = torch.autograd.grad(igpo_rewards.answer_logprob(naive, naive_mask).sum(), parameters)
+    for probe_grad, naive_grad in zip(probe_grads, naive_grads):
+        torch.testing.assert_close(probe_grad, naive_grad, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         assert not packed_forward(model, token_ids, starts, suffixes).token_logprobs.requires_grad
 
@@ -262,6 +333,9 @@ def test_trajectory_wrapper_uses_turn_starts_and_first_alias(model, tokenizer):
     torch.testing.assert_close(out.probe_logprobs, naive, atol=TOLERANCE, rtol=0)
     assert torch.equal(out.probe_mask, naive_mask)
     assert out.answer_logprob.shape == (3, 4)
+    with torch.no_grad():
+        cached = trajectory_forward(model, tokenizer, trajectories, probe_layout="kv_cache")
+    torch.testing.assert_close(cached.probe_logprobs, naive, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(without.token_logprobs, out.token_logprobs, atol=TOLERANCE, rtol=0)
     with pytest.raises(ValueError, match="empty"):
         trajectory_forward(model, tokenizer, [])
@@ -289,6 +363,11 @@ def test_packed_inputs_reject_bad_batches(token_ids, starts, suffix_count, error
         suffixes = [suffix] * suffix_count if starts is not None else None
     with pytest.raises(error, match=message):
         build_packed_inputs(token_ids, starts, suffixes)
+
+
+def test_unknown_probe_layout_is_refused(model):
+    with pytest.raises(ValueError, match=r"probe_layout must be one of \('packed', 'kv_cache'\), got 'flat'"):
+        packed_forward(model, [[1, 2, 3]], probe_layout="flat")
 
 
 def test_unsupported_attention_implementation_is_refused(tokenizer):
