@@ -68,8 +68,8 @@ def selected_workloads() -> list[Workload]:
 def rounds(kind: str) -> int:
     """Timed rounds per benchmark: few in quick mode (the code must run, the numbers don't matter)."""
     if mode() == "quick":
-        return 1 if kind == "probe" else 3
-    return {"copy": 40, "pipeline": 25, "loop": 9, "probe": 9}[kind]
+        return 1 if kind.startswith("probe") else 3
+    return {"copy": 40, "pipeline": 25, "loop": 9, "probe": 9, "probe_paired": 15}[kind]
 
 
 class Batch(NamedTuple):
@@ -275,6 +275,14 @@ def probe_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 table.append(dict(workload=workload, way=way.split()[0], extra_time_fraction=extra_time,
                                   ideal_extra_token_fraction=ideal, ratio_to_ideal=extra_time / ideal,
                                   probe_length=alone["probe_length"]))
+        for row in rows:
+            if row["suite"] == "probes_paired" and row["workload"] == workload:
+                ideal = row["ideal_extra"] / row["old_logprob"]
+                table.append(dict(workload=workload, way=row["name"].split()[0] + " (interleaved rounds)",
+                                  extra_time_fraction=row["paired_extra_fraction"],
+                                  ideal_extra_token_fraction=ideal,
+                                  ratio_to_ideal=row["paired_extra_fraction"] / ideal,
+                                  probe_length=row["probe_length"]))
     return table
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import random
+import statistics
+import time
 from typing import NamedTuple
 
 import pytest
@@ -223,3 +225,40 @@ def test_old_logprob_forward_alone(benchmark, probe_batch, recorder):
                   num_turns, batch, recorder)
     assert result.probe_logprobs.shape == (len(batch.token_ids), 0, 0)
     assert bool(result.token_mask.any()) and bool(torch.isfinite(result.token_logprobs).all())
+
+
+def test_probe_overhead_in_interleaved_rounds(benchmark, probe_batch, recorder):
+    """The extra cost of (c) and (d) over the forward alone, from rounds that time all three.
+
+    The separate benchmarks above time each way minutes apart, and on a shared machine the load
+    moves in between, so the ratio of their medians moves by more than the overhead itself.
+    Here every round runs the three in a shuffled order, and the reported overhead is the
+    median over rounds of (way / forward alone in the same round) - 1.
+    """
+    num_turns, batch = probe_batch
+    model, _ = _model_and_tokenizer()
+    ways = {
+        "alone": lambda: packed_forward(model, batch.token_ids),
+        WAY_C: lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes, probe_layout="packed"),
+        WAY_D: lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes, probe_layout="kv_cache"),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    shuffle = random.Random(num_turns)
+
+    def one_round():
+        order = list(ways)
+        shuffle.shuffle(order)
+        with torch.no_grad():
+            for name in order:
+                started = time.perf_counter()
+                ways[name]()
+                seconds[name].append(time.perf_counter() - started)
+
+    benchmark.group = f"probes, {num_turns} turns: interleaved rounds"
+    benchmark.pedantic(one_round, rounds=rounds("probe_paired"), warmup_rounds=0, iterations=1)
+    counts = _token_counts(batch)
+    assert len(seconds["alone"]) == len(seconds[WAY_C]) == len(seconds[WAY_D]) >= 1
+    for name in (WAY_C, WAY_D):
+        extra = statistics.median(t / alone - 1.0 for t, alone in zip(seconds[name], seconds["alone"]))
+        recorder.record(benchmark, suite="probes_paired", workload=f"T={num_turns}", backend="torch", name=name,
+                        paired_extra_fraction=extra, **counts)
