@@ -26,6 +26,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from reference_trainer.world import Document
@@ -45,6 +46,16 @@ class Retriever(Protocol):
 
 class RetrievalError(RuntimeError):
     """A retrieval backend failed: server unreachable, timed out, or answered something unreadable."""
+
+
+def _checked_docs(docs: Any) -> list[Document]:
+    if not isinstance(docs, (list, tuple)) or not docs:
+        raise ValueError(f"docs must be a non-empty list of Document, got {type(docs).__name__} "
+                         f"of length {len(docs) if hasattr(docs, '__len__') else '?'}")
+    for position, doc in enumerate(docs):
+        if not isinstance(doc, Document):
+            raise TypeError(f"docs[{position}] must be a Document, got {type(doc).__name__}")
+    return list(docs)
 
 
 def _check_search_args(queries: Any, topk: Any) -> None:
@@ -80,17 +91,36 @@ class BM25Retriever:
     def __init__(self, docs: Sequence[Document], *, k1: float = 1.5, b: float = 0.75):
         import bm25s
 
-        if not isinstance(docs, (list, tuple)) or not docs:
-            raise ValueError(f"docs must be a non-empty list of Document, got {type(docs).__name__} "
-                             f"of length {len(docs) if hasattr(docs, '__len__') else '?'}")
-        for position, doc in enumerate(docs):
-            if not isinstance(doc, Document):
-                raise TypeError(f"docs[{position}] must be a Document, got {type(doc).__name__}")
-        self.docs = list(docs)
+        self.docs = _checked_docs(docs)
         self._bm25s = bm25s
         self._index = bm25s.BM25(k1=k1, b=b)
         corpus_tokens = self._tokenize([doc.title + "\n" + doc.text for doc in self.docs])
         self._index.index(corpus_tokens, show_progress=False)
+
+    def save_index(self, directory: str | Path) -> None:
+        """Write the bm25s index (not the documents) to ``directory``, in bm25s' own format."""
+        self._index.save(str(directory), show_progress=False)
+
+    @classmethod
+    def from_saved_index(cls, docs: Sequence[Document], directory: str | Path) -> BM25Retriever:
+        """A retriever over ``docs`` whose index ``save_index`` wrote for the same documents.
+
+        Raises:
+            ValueError / TypeError: bad ``docs`` (as the constructor), or an index that holds
+                another number of documents than ``docs``.
+            Whatever bm25s raises for a missing or damaged folder.
+        """
+        import bm25s
+
+        checked = _checked_docs(docs)
+        index = bm25s.BM25.load(str(directory), load_corpus=False, show_progress=False)
+        if index.scores.get("num_docs") != len(checked):
+            raise ValueError(
+                f"the index in {directory} holds {index.scores.get('num_docs')} documents, docs has {len(checked)}"
+            )
+        retriever = cls.__new__(cls)
+        retriever.docs, retriever._bm25s, retriever._index = checked, bm25s, index
+        return retriever
 
     def _tokenize(self, texts: list[str]) -> list[list[str]]:
         return self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)

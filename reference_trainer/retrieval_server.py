@@ -88,17 +88,6 @@ def default_index_dir() -> Path:
     return Path(cache_home) / "igpo-rewards" / "bm25s"
 
 
-class _LoadedBM25Retriever(BM25Retriever):
-    """A ``BM25Retriever`` around a bm25s index loaded from disk instead of built from ``docs``."""
-
-    def __init__(self, docs: Sequence[Document], index: Any):
-        import bm25s
-
-        self.docs = list(docs)
-        self._bm25s = bm25s
-        self._index = index
-
-
 class IndexedCorpus(NamedTuple):
     """What ``load_or_build_index`` returns."""
 
@@ -118,8 +107,6 @@ def _index_meta(sha256: str, num_documents: int, k1: float, b: float) -> dict[st
 
 def _load_cached(index_path: Path, docs: list[Document], expected_meta: dict[str, Any]) -> BM25Retriever | None:
     """The cached retriever, or None when the folder is missing, incomplete or for other settings."""
-    import bm25s
-
     meta_path = index_path / _META_NAME
     if not meta_path.is_file():
         return None
@@ -128,15 +115,10 @@ def _load_cached(index_path: Path, docs: list[Document], expected_meta: dict[str
         if meta != expected_meta:
             logger.warning("cached index %s was written for %s, not %s; rebuilding", index_path, meta, expected_meta)
             return None
-        index = bm25s.BM25.load(str(index_path), load_corpus=False, show_progress=False)
-    except Exception as error:  # a damaged cache is rebuilt, never fatal
+        return BM25Retriever.from_saved_index(docs, index_path)
+    except Exception as error:  # a damaged or mismatched cache is rebuilt, never fatal
         logger.warning("cannot load cached index %s (%s: %s); rebuilding", index_path, type(error).__name__, error)
         return None
-    if index.scores.get("num_docs") != len(docs):
-        logger.warning("cached index %s holds %s documents, the corpus %d; rebuilding",
-                       index_path, index.scores.get("num_docs"), len(docs))
-        return None
-    return _LoadedBM25Retriever(docs, index)
 
 
 def load_or_build_index(corpus_path: str | Path, *, index_dir: str | Path | None = None,
@@ -182,7 +164,7 @@ def load_or_build_index(corpus_path: str | Path, *, index_dir: str | Path | None
     index_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=index_dir))
     try:
-        retriever._index.save(str(staging), show_progress=False)
+        retriever.save_index(staging)
         (staging / _META_NAME).write_text(json.dumps(expected_meta, indent=1), encoding="utf-8")
         if index_path.exists():  # a damaged or outdated entry: move it aside, then drop it
             stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=index_dir))

@@ -111,6 +111,17 @@ def test_bm25_constructor_errors():
         BM25Retriever([DOCS[0], "text"])
 
 
+def test_saved_index_loads_to_the_same_results(bm25, tmp_path):
+    bm25.save_index(tmp_path / "index")
+    loaded = BM25Retriever.from_saved_index(DOCS, tmp_path / "index")
+    queries = ["Borania capital", "Mira Tosk Dara", "Velum", "zzzz"]
+    assert loaded.search_with_scores(queries, topk=3) == bm25.search_with_scores(queries, topk=3)
+    with pytest.raises(ValueError, match=r"holds 5 documents, docs has 4"):
+        BM25Retriever.from_saved_index(DOCS[:4], tmp_path / "index")
+    with pytest.raises(TypeError, match=r"docs\[0\] must be a Document"):
+        BM25Retriever.from_saved_index(["text"], tmp_path / "index")
+
+
 # ---------------------------------------------------------------------------------------------
 # format_observation
 # ---------------------------------------------------------------------------------------------
