@@ -278,7 +278,10 @@ def _plot_collapse(runs: list[dict], path: Path) -> None:
 
 
 def _excerpt(text: str, width: int, max_lines: int) -> str:
-    lines = textwrap.wrap(" ".join(text.split()), width=width) or [""]
+    """Model text for a plot or a table cell: control characters become spaces, runs of white
+    space one space, then at most ``max_lines`` lines of ``width`` (the last one cut with ...)."""
+    printable = "".join(character if character.isprintable() else " " for character in text)
+    lines = textwrap.wrap(" ".join(printable.split()), width=width) or [""]
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         lines[-1] = lines[-1][: width - 3] + "..."

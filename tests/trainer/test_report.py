@@ -42,7 +42,7 @@ def _write_run(run_dir, *, algorithm, final_em, final_f1, collapse, eval_file=Tr
     if trajectories:
         chosen = {"step": 6, "question": "In which country was Mira Tosk born?", "answers": ["Borania"], "outcome": 1.0,
                   "turns": [_turn("<search> Mira Tosk </search>", 0.02, 0.75, 0.31),
-                            _turn("<search> Velum </search>", 0.33, -0.5, -0.04),
+                            _turn("<search> Velum\x00\x1b[31m </search>\r\n", 0.33, -0.5, -0.04),
                             _turn("<answer> Borania </answer>", 0.29, 1.25)]}
         one_turn = {"step": 6, "question": "Where was Aki Lo born?", "answers": ["Velum"], "outcome": 1.0,
                     "turns": [_turn("<answer> Velum </answer>", 0.9, 0.5)]}
@@ -92,7 +92,8 @@ def test_write_report_tables_and_plots(runs, tmp_path):
 
     # The case study is the multi-turn trajectory with a positive outcome, not the first or last line.
     assert "Question: In which country was Mira Tosk born?  " in lines
-    assert "| 2 | 0.330 | -0.040 | -0.500 | `<search> Velum </search>` |" in lines
+    # Control characters (NUL, ESC) in model text become spaces; white space runs collapse.
+    assert "| 2 | 0.330 | -0.040 | -0.500 | `<search> Velum [31m </search>` |" in lines
     assert "| 3 | 0.290 | final | +1.250 | `<answer> Borania </answer>` |" in lines
 
     assert "| reward_mean | 0.6 / 0.35 | 0.6 / 0.35 |" in lines  # last / mean over steps
