@@ -246,12 +246,13 @@ def test_ppo_update_micro_batches_accumulate_to_the_full_batch_gradient(setup):
     assert results[1][1]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the step
 
 
-def run_steps(setup, algorithm, steps=2):
+def run_steps(setup, algorithm, steps=2, probe_layout="packed"):
     world, tokenizer, model, retriever = setup
     torch.manual_seed(0)
     policy, reference = copy.deepcopy(model), copy.deepcopy(model)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    config = RLConfig(algorithm=algorithm, questions_per_step=2, group_size=3, max_turns=2, max_new_tokens=6, minibatches=2)
+    config = RLConfig(algorithm=algorithm, questions_per_step=2, group_size=3, max_turns=2, max_new_tokens=6, minibatches=2,
+                      probe_layout=probe_layout)
     results = [rl_step(policy, reference, tokenizer, optimizer, retriever, world.train[2 * s : 2 * s + 2], config) for s in range(steps)]
     return policy, results
 
@@ -276,3 +277,13 @@ def test_rl_step_runs_and_is_deterministic(setup, algorithm):
         assert len(records) == 2 and all(0.0 < turn["probe_prob"] <= 1.0 for r in records for turn in r["turns"])
     else:
         assert results_a[-1].answer_logprob is None and metrics["ig_mean"] is None
+
+
+def test_rl_step_probe_layouts_agree(setup):
+    """The KV-cache probe pass gives the step the same probes and advantages as the packed forward
+    (multi-turn probe batches are compared with one forward per probe in test_probes.py)."""
+    _, (packed,) = run_steps(setup, "igpo", steps=1)
+    _, (cached,) = run_steps(setup, "igpo", steps=1, probe_layout="kv_cache")
+    assert [t.token_ids for t in cached.rollouts.trajectories] == [t.token_ids for t in packed.rollouts.trajectories]
+    torch.testing.assert_close(cached.answer_logprob, packed.answer_logprob, rtol=0, atol=1e-4)
+    torch.testing.assert_close(cached.advantages.turn, packed.advantages.turn, rtol=0, atol=1e-3)
