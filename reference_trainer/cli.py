@@ -33,14 +33,14 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from reference_trainer.checkpoint import write_text_atomic
-from reference_trainer.config import RunConfig, load_config_file, quick_config, to_dict, validate_config
-from reference_trainer.evaluation import evaluate, paper_table
-from reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
-from reference_trainer.probes import PROBE_TEMPLATE
-from reference_trainer.prompts import INSTRUCTION, observation_block
-from reference_trainer.retrieval import BM25Retriever, HTTPRetriever, format_observation
-from reference_trainer.world import (
+from igpo_rewards.reference_trainer.checkpoint import write_text_atomic
+from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, to_dict, validate_config
+from igpo_rewards.reference_trainer.evaluation import evaluate, paper_table
+from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from igpo_rewards.reference_trainer.probes import PROBE_TEMPLATE
+from igpo_rewards.reference_trainer.prompts import INSTRUCTION, observation_block
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever, HTTPRetriever, format_observation
+from igpo_rewards.reference_trainer.world import (
     build_world,
     load_qa_parquet,
     read_corpus_jsonl,
@@ -214,7 +214,7 @@ def _train_children(configs: dict[str, RunConfig], out: Path, *, parallel: bool,
             config_path = out / f"{label}.config.json"
             write_text_atomic(config_path, json.dumps(to_dict(config), indent=2))
             log = open(out / f"{label}.log", "w", encoding="utf-8")
-            command = [sys.executable, "-m", "reference_trainer.cli", "train", "--config", str(config_path)]
+            command = [sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "train", "--config", str(config_path)]
             running.append((label, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, Path(config.out)))
             bars[label] = tqdm(total=config.rl.steps + 1, desc=f"{label} RL", disable=not progress, leave=True)
         time.sleep(0.5)
@@ -259,7 +259,7 @@ def run_demo(command: DemoCommand) -> Path:
     warm_dir = out / "warm_start"
     heldout = data.heldout[: config.eval.max_questions or None]
     if any(example.gold_queries for example in data.train) and config.warm_start.steps > 0:
-        from reference_trainer.warm_start import warm_start
+        from igpo_rewards.reference_trainer.warm_start import warm_start
 
         history = warm_start(
             model, tokenizer, data.retriever, data.train, config.warm_start, corpus=data.corpus if config.model is None else None,
@@ -291,7 +291,7 @@ def run_demo(command: DemoCommand) -> Path:
     _train_children(children, out, parallel=command.parallel, progress=config.progress)
 
     # -- report, and one metrics.jsonl with every run's records ---------------------------------------
-    from reference_trainer.report import write_report
+    from igpo_rewards.reference_trainer.report import write_report
 
     report = write_report({"IGPO": out / "igpo", "GRPO": out / "grpo"}, out, warm_start_eval=warm_dir / "eval.json")
     merged = out / "metrics.jsonl"
@@ -315,7 +315,7 @@ def run_demo(command: DemoCommand) -> Path:
 
 def run_train(command: TrainCommand) -> dict[str, Any]:
     """One RL run from --init (or --model) into --out; returns its final evaluation."""
-    from reference_trainer.training import train
+    from igpo_rewards.reference_trainer.training import train
 
     config = validate_config(_run_config(command))
     init = config.init or config.model
@@ -353,7 +353,7 @@ def run_eval(command: EvalCommand) -> dict[str, Any]:
 
 def run_report(command: ReportCommand) -> Path:
     """report.md from run directories."""
-    from reference_trainer.report import write_report
+    from igpo_rewards.reference_trainer.report import write_report
 
     out = Path(command.out)
     runs = {}

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 @dataclass
 class WorldConfig:
-    """The embedded synthetic world (``reference_trainer.world.build_world``)."""
+    """The embedded synthetic world (``igpo_rewards.reference_trainer.world.build_world``)."""
 
     seed: int = 0
     """Seed of the world generator (entities, corpus, questions)."""
@@ -38,7 +38,7 @@ class WorldConfig:
 
 @dataclass
 class TinyModelConfig:
-    """The model built from scratch when no ``--model`` is given (``reference_trainer.modeling``)."""
+    """The model built from scratch when no ``--model`` is given (``igpo_rewards.reference_trainer.modeling``)."""
 
     vocab_size: int = 2048
     """Byte-level BPE vocabulary trained on the world's text (tags are added on top); large enough that every name is one token."""
@@ -56,7 +56,7 @@ class TinyModelConfig:
 
 @dataclass
 class WarmStartConfig:
-    """Supervised fine-tuning on generated demonstrations (``reference_trainer.warm_start``)."""
+    """Supervised fine-tuning on generated demonstrations (``igpo_rewards.reference_trainer.warm_start``)."""
 
     steps: int = 600
     """Optimizer steps of SFT."""
@@ -86,7 +86,7 @@ class WarmStartConfig:
 
 @dataclass
 class RLConfig:
-    """The RL loop (``reference_trainer.training``): rollouts, rewards, advantages, PPO update."""
+    """The RL loop (``igpo_rewards.reference_trainer.training``): rollouts, rewards, advantages, PPO update."""
 
     algorithm: Literal["igpo", "grpo"] = "igpo"
     """igpo: information-gain turn rewards + outcome (igpo_rewards.igpo_advantages); grpo: outcome only."""
@@ -148,7 +148,7 @@ class RLConfig:
 
 @dataclass
 class EvalConfig:
-    """Greedy evaluation on held-out questions (``reference_trainer.evaluation``)."""
+    """Greedy evaluation on held-out questions (``igpo_rewards.reference_trainer.evaluation``)."""
 
     max_questions: int = 0
     """Evaluate at most this many questions (0 = all)."""

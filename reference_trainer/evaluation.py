@@ -4,7 +4,7 @@
 ``greedy=True``) and scores the response with ``igpo_rewards.scoring.outcome_reward(...,
 format_penalty=0.0)``: the answer's word F1 / exact match against every alias (the best
 alias counts), and 0 for a malformed response or one without an answer. The result is the
-``eval.json`` layout that ``reference_trainer.report`` reads::
+``eval.json`` layout that ``igpo_rewards.reference_trainer.report`` reads::
 
     {"step": int, "em": float, "f1": float, "n": int,
      "by_hops": {"1": {"em", "f1", "n"}, ...},              # questions with a known hop count
@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from igpo_rewards.scoring import outcome_reward
-from reference_trainer.rollout import Trajectory, generate_rollouts
+from igpo_rewards.reference_trainer.rollout import Trajectory, generate_rollouts
 
 PAPER_COLUMNS = (
     ("NQ", ("nq",)),

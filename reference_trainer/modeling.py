@@ -6,7 +6,7 @@ encode/decode), adds the agent's tags as ordinary (non-special, so they decode) 
 gives it a ChatML chat template so ``tokenizer.apply_chat_template`` works exactly as it does
 for Qwen2.5-Instruct. ``build_model`` builds a tiny ``LlamaForCausalLM`` from a config with
 ``attn_implementation="sdpa"``, which accepts the custom 4D additive attention masks that
-``reference_trainer.probes`` uses to pack all probes of a trajectory into one forward.
+``igpo_rewards.reference_trainer.probes`` uses to pack all probes of a trajectory into one forward.
 (Llama rather than Qwen2: transformers 5 loads the tokenizer of any ``qwen2`` checkpoint as
 ``Qwen2Tokenizer``, which rebuilds the normalizer and pre-tokenizer; next to a ``llama`` config
 ``AutoTokenizer`` keeps the tokenizer exactly as trained.)

@@ -66,7 +66,7 @@ import igpo_rewards
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from reference_trainer.rollout import Trajectory
+    from igpo_rewards.reference_trainer.rollout import Trajectory
 
 __all__ = [
     "ANSWER_PLACEHOLDER",
@@ -134,7 +134,7 @@ def build_probe_suffix(
             overlapping the answer.
 
     Example:
-        >>> from reference_trainer.modeling import train_tokenizer
+        >>> from igpo_rewards.reference_trainer.modeling import train_tokenizer
         >>> tok = train_tokenizer(["Now there's enough information to answer Paris"] * 3, vocab_size=320)
         >>> suffix = build_probe_suffix(tok, "Paris")
         >>> tok.decode(suffix.token_ids[suffix.answer_start:suffix.answer_end])

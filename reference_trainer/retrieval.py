@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from reference_trainer.world import Document
+from igpo_rewards.reference_trainer.world import Document
 
 NO_RESULTS = "No documents found."
 """What ``format_observation`` returns for an empty result list."""

@@ -32,12 +32,12 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from igpo_rewards.scoring import outcome_reward
-from reference_trainer.prompts import STOP_STRINGS, build_prompt, observation_block, parse_action
-from reference_trainer.retrieval import format_observation
+from igpo_rewards.reference_trainer.prompts import STOP_STRINGS, build_prompt, observation_block, parse_action
+from igpo_rewards.reference_trainer.retrieval import format_observation
 
 if TYPE_CHECKING:
-    from reference_trainer.retrieval import Retriever
-    from reference_trainer.world import QAExample
+    from igpo_rewards.reference_trainer.retrieval import Retriever
+    from igpo_rewards.reference_trainer.world import QAExample
 
 _STOP_WINDOW = max(len(stop) for stop in STOP_STRINGS) + 1
 """Tokens decoded at the end of a row to look for a stop string (a token holds >= 1 char)."""

@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 
 import igpo_rewards
 from igpo_rewards.scoring import outcome_reward
-from reference_trainer.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint, write_text_atomic
-from reference_trainer.config import RLConfig, RunConfig, to_dict
-from reference_trainer.evaluation import evaluate
-from reference_trainer.modeling import load_pretrained
-from reference_trainer.probes import trajectory_forward
-from reference_trainer.rollout import RolloutResult, Trajectory, generate_rollouts
+from igpo_rewards.reference_trainer.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint, write_text_atomic
+from igpo_rewards.reference_trainer.config import RLConfig, RunConfig, to_dict
+from igpo_rewards.reference_trainer.evaluation import evaluate
+from igpo_rewards.reference_trainer.modeling import load_pretrained
+from igpo_rewards.reference_trainer.probes import trajectory_forward
+from igpo_rewards.reference_trainer.rollout import RolloutResult, Trajectory, generate_rollouts
 
 # --- the loss -------------------------------------------------------------------------------
 
@@ -365,7 +365,7 @@ def rl_step(
 
     ``reference`` is the frozen warm-start model for the KL term (``None`` or
     ``config.kl_coef == 0`` skips it). Returns the step's metrics (keys as in
-    ``reference_trainer.report``'s metrics.jsonl schema) and its rollouts.
+    ``igpo_rewards.reference_trainer.report``'s metrics.jsonl schema) and its rollouts.
     """
     step_started = time.perf_counter()
     use_probes = config.algorithm == "igpo" or config.grpo_probes

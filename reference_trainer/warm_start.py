@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from reference_trainer.config import WarmStartConfig
-from reference_trainer.probes import packed_forward, trajectory_forward
-from reference_trainer.prompts import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, build_prompt, observation_block
-from reference_trainer.retrieval import format_observation
-from reference_trainer.rollout import Trajectory
+from igpo_rewards.reference_trainer.config import WarmStartConfig
+from igpo_rewards.reference_trainer.probes import packed_forward, trajectory_forward
+from igpo_rewards.reference_trainer.prompts import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, build_prompt, observation_block
+from igpo_rewards.reference_trainer.retrieval import format_observation
+from igpo_rewards.reference_trainer.rollout import Trajectory
 
 
 class CachedRetriever:
@@ -130,7 +130,7 @@ def demonstration_turns(
         ValueError: an example without a gold search chain.
 
     Example:
-        >>> from reference_trainer.world import QAExample
+        >>> from igpo_rewards.reference_trainer.world import QAExample
         >>> example = QAExample("In which country was Ilsa Marr born?", ("Tovia",), 2, "world",
         ...                     ("Ilsa Marr", "Kelm"), ("Kelm", "Tovia"))
         >>> demonstration_turns(example, random.Random(0), noisy_query_prob=0.0, skip_hop_prob=0.0,

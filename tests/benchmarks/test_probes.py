@@ -1,7 +1,7 @@
 """Cost of the ground-truth probes on the reference model (issue 5, probe part).
 
 For a batch of finished trajectories with 4 and with 10 turns, every probe's answer log-prob
-(one probe before each turn) is computed these ways (reference_trainer.probes):
+(one probe before each turn) is computed these ways (igpo_rewards.reference_trainer.probes):
 
 (a) ``naive_probe_logprobs``: one full forward per probe (the released code's way);
 (b) ``packed_probe_logprobs``: one packed forward per batch, probes only;
@@ -19,7 +19,7 @@ layout) and wall time, and the extra cost of (c) and (d) over the old-log-prob f
 ideal extra tokens T x P (probe suffix length P) relative to the forward's tokens. All
 ways must agree (checked on every run; timings are never asserted).
 
-Full mode (``IGPO_BENCH=full``): the demo's tiny model (reference_trainer.config.TinyModelConfig,
+Full mode (``IGPO_BENCH=full``): the demo's tiny model (igpo_rewards.reference_trainer.config.TinyModelConfig,
 e.g. hidden 96, 3 layers, 4 heads, MLP 256, with its BPE vocabulary trained on the synthetic
 world), 8 trajectories. Quick mode: a 1-layer width-32 model, one trajectory.
 """
@@ -37,15 +37,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from reference_trainer.config import TinyModelConfig  # noqa: E402
-from reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
-from reference_trainer.probes import (  # noqa: E402
+from igpo_rewards.reference_trainer.config import TinyModelConfig  # noqa: E402
+from igpo_rewards.reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
+from igpo_rewards.reference_trainer.probes import (  # noqa: E402
     build_probe_suffix,
     naive_probe_logprobs,
     packed_forward,
     packed_probe_logprobs,
 )
-from reference_trainer.world import build_world  # noqa: E402
+from igpo_rewards.reference_trainer.world import build_world  # noqa: E402
 
 from .bench_support import WAY_C, WAY_D, mode, rounds  # noqa: E402
 

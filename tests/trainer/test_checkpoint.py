@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference_trainer.checkpoint import (
+from igpo_rewards.reference_trainer.checkpoint import (
     LATEST,
     checkpoint_name,
     latest_checkpoint,
@@ -23,9 +23,9 @@ from reference_trainer.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from reference_trainer.cli import tokenizer_texts
-from reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
-from reference_trainer.world import build_world
+from igpo_rewards.reference_trainer.cli import tokenizer_texts
+from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from igpo_rewards.reference_trainer.world import build_world
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_checkpoint_errors(tmp_path, tokenizer):
 
 def _train_command(init, out, *extra):
     return [
-        sys.executable, "-m", "reference_trainer.cli", "train", "--init", str(init), "--out", str(out),
+        sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "train", "--init", str(init), "--out", str(out),
         "--threads", "1", "--no-progress", "--seed", "3",
         "--world.num-train", "12", "--world.num-heldout", "3", "--world.num-countries", "2",
         "--world.cities-per-country", "2", "--world.num-organisations", "2",

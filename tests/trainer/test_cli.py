@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from reference_trainer.cli import DemoCommand, EvalCommand, ReportCommand, TrainCommand, main, parse
-from reference_trainer.config import RunConfig, load_config_file, quick_config, validate_config
-from reference_trainer.modeling import make_tiny_pretrained
-from reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
+from igpo_rewards.reference_trainer.cli import DemoCommand, EvalCommand, ReportCommand, TrainCommand, main, parse
+from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, validate_config
+from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
+from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from reference_trainer import rollout
-from reference_trainer.evaluation import evaluate, paper_table, score_trajectory, summarize
-from reference_trainer.modeling import build_model, train_tokenizer
-from reference_trainer.prompts import INSTRUCTION
-from reference_trainer.retrieval import BM25Retriever
-from reference_trainer.rollout import Trajectory
-from reference_trainer.world import Document, QAExample
+from igpo_rewards.reference_trainer.evaluation import evaluate, paper_table, score_trajectory, summarize
+from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.reference_trainer.prompts import INSTRUCTION
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.reference_trainer.rollout import Trajectory
+from igpo_rewards.reference_trainer.world import Document, QAExample
 
 
 @pytest.fixture(autouse=True, scope="module")

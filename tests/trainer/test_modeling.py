@@ -1,4 +1,4 @@
-"""Tokenizer training, tiny model building, save/load round trips (reference_trainer.modeling)."""
+"""Tokenizer training, tiny model building, save/load round trips (igpo_rewards.reference_trainer.modeling)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reference_trainer.modeling import (
+from igpo_rewards.reference_trainer.modeling import (
     BOS_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,

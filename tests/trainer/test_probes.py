@@ -1,4 +1,4 @@
-"""The packed probe forward equals one naive forward per probe (reference_trainer.probes)."""
+"""The packed probe forward equals one naive forward per probe (igpo_rewards.reference_trainer.probes)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import igpo_rewards
-from reference_trainer.modeling import build_model, train_tokenizer
-from reference_trainer.probes import (
+from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.reference_trainer.probes import (
     PROBE_LAYOUTS,
     PROBE_TEMPLATE,
     ProbeSuffix,
@@ -20,8 +20,8 @@ from reference_trainer.probes import (
     probe_starts,
     trajectory_forward,
 )
-from reference_trainer.rollout import Trajectory
-from reference_trainer.world import QAExample
+from igpo_rewards.reference_trainer.rollout import Trajectory
+from igpo_rewards.reference_trainer.world import QAExample
 
 TEXTS = [
     "Now there's enough information to answer",

@@ -1,4 +1,4 @@
-"""Tests for reference_trainer.report: report.md and its PNGs from synthetic run directories."""
+"""Tests for igpo_rewards.reference_trainer.report: report.md and its PNGs from synthetic run directories."""
 
 import json
 import re
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from reference_trainer.report import (
+from igpo_rewards.reference_trainer.report import (
     CASE_STUDY_PLOT,
     COLLAPSE_PLOT,
     EM_F1_PLOT,

@@ -1,4 +1,4 @@
-"""Tests for reference_trainer.retrieval: BM25 over documents, the Search-R1 HTTP client, observations."""
+"""Tests for igpo_rewards.reference_trainer.retrieval: BM25 over documents, the Search-R1 HTTP client, observations."""
 
 import json
 import math
@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from reference_trainer.retrieval import (
+from igpo_rewards.reference_trainer.retrieval import (
     NO_RESULTS,
     BM25Retriever,
     HTTPRetriever,
@@ -18,7 +18,7 @@ from reference_trainer.retrieval import (
     Retriever,
     format_observation,
 )
-from reference_trainer.world import Document
+from igpo_rewards.reference_trainer.world import Document
 
 DOCS = [
     Document("0", "Kaleno", "Kaleno is a city in Borania. Kaleno is known for its bridges."),

@@ -3,7 +3,7 @@
 The loop tests script what the "model" writes (``rollout.generate_turn`` is replaced by a
 function that returns the tokens of a given text), so every branch (search, answer, tag
 soup, max turns, full context) is reached on purpose; the generation tests use a tiny random
-HF model built by ``reference_trainer.modeling``.
+HF model built by ``igpo_rewards.reference_trainer.modeling``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from igpo_rewards.scoring import outcome_reward
 from reference_trainer import rollout
-from reference_trainer.modeling import build_model, train_tokenizer
-from reference_trainer.prompts import (
+from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.reference_trainer.prompts import (
     INSTRUCTION,
     TAGS,
     Action,
@@ -25,9 +25,9 @@ from reference_trainer.prompts import (
     parse_action,
     stop_end,
 )
-from reference_trainer.retrieval import BM25Retriever, format_observation
-from reference_trainer.rollout import StopOnStrings, cut_turn, generate_rollouts, generate_turn, sampling_config
-from reference_trainer.world import build_world
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever, format_observation
+from igpo_rewards.reference_trainer.rollout import StopOnStrings, cut_turn, generate_rollouts, generate_turn, sampling_config
+from igpo_rewards.reference_trainer.world import build_world
 
 
 @pytest.fixture(autouse=True, scope="module")

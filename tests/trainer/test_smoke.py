@@ -12,14 +12,33 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import pytest
 
-def test_console_script_is_registered():
+
+def test_console_scripts_are_registered():
     scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts")}
-    assert scripts.get("igpo-train") == "reference_trainer.cli:main"
+    assert scripts.get("igpo-train") == "igpo_rewards._console:igpo_train"
+    assert scripts.get("igpo-retrieve") == "igpo_rewards._console:igpo_retrieve"
+
+
+@pytest.mark.parametrize(("command", "blocked", "extra"), [("igpo_train", "torch", "trainer"), ("igpo_retrieve", "fastapi", "server")])
+def test_console_script_names_the_missing_extra(command, blocked, extra):
+    # A NumPy-only install has the console scripts too: without the extra's packages they say
+    # which extra to install instead of dying with a raw ModuleNotFoundError.
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        f"from igpo_rewards import _console\n"
+        f"sys.exit(_console.{command}())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"pip install 'igpo-rewards[{extra}]'" in result.stderr
+    assert repr(blocked) in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def run_quick_demo(out):
-    command = [sys.executable, "-m", "reference_trainer.cli", "demo", "--quick", "--out", str(out), "--no-progress"]
+    command = [sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "demo", "--quick", "--out", str(out), "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "held-out EM: warm start" in result.stdout

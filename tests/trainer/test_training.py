@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from reference_trainer.config import RLConfig
-from reference_trainer.modeling import build_model, train_tokenizer
-from reference_trainer.prompts import INSTRUCTION
-from reference_trainer.retrieval import BM25Retriever
-from reference_trainer.rollout import Trajectory
-from reference_trainer.training import (
+from igpo_rewards.reference_trainer.config import RLConfig
+from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.reference_trainer.prompts import INSTRUCTION
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.reference_trainer.rollout import Trajectory
+from igpo_rewards.reference_trainer.training import (
     all_zero_group_fraction,
     case_studies,
     compute_advantages,
@@ -24,7 +24,7 @@ from reference_trainer.training import (
     score_trajectories,
     turn_layout,
 )
-from reference_trainer.world import QAExample, build_world
+from igpo_rewards.reference_trainer.world import QAExample, build_world
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from igpo_rewards.scoring import outcome_reward
-from reference_trainer.cli import tokenizer_texts
-from reference_trainer.config import WarmStartConfig
-from reference_trainer.modeling import build_model, train_tokenizer
-from reference_trainer.probes import build_probe_suffix, naive_probe_logprobs
-from reference_trainer.prompts import build_prompt, observation_block, parse_action
-from reference_trainer.retrieval import BM25Retriever, format_observation
-from reference_trainer.training import score_trajectories
-from reference_trainer.warm_start import (
+from igpo_rewards.reference_trainer.cli import tokenizer_texts
+from igpo_rewards.reference_trainer.config import WarmStartConfig
+from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.reference_trainer.probes import build_probe_suffix, naive_probe_logprobs
+from igpo_rewards.reference_trainer.prompts import build_prompt, observation_block, parse_action
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever, format_observation
+from igpo_rewards.reference_trainer.training import score_trajectories
+from igpo_rewards.reference_trainer.warm_start import (
     NamePool,
     RenamingRetriever,
     build_demonstration,
@@ -25,7 +25,7 @@ from reference_trainer.warm_start import (
     sft_loss,
     warm_start,
 )
-from reference_trainer.world import QAExample, build_world
+from igpo_rewards.reference_trainer.world import QAExample, build_world
 
 CHAIN = QAExample(
     "What is the capital of the country where Ilsa Marr was born?", ("Tovia",), 3, "world",

@@ -1,4 +1,4 @@
-"""Tests for reference_trainer.world: the seeded world, corpus jsonl IO and the parquet QA loader."""
+"""Tests for igpo_rewards.reference_trainer.world: the seeded world, corpus jsonl IO and the parquet QA loader."""
 
 import json
 import os
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reference_trainer.retrieval import BM25Retriever
-from reference_trainer.world import (
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.reference_trainer.world import (
     Document,
     QAExample,
     build_world,
