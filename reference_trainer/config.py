@@ -127,8 +127,8 @@ class RLConfig:
     """Every option of igpo_rewards.igpo_advantages / grpo_advantages, under the library's names (--rl.igpo.gamma, --rl.igpo.kind, --rl.igpo.eps, ...); GRPO uses scale, eps and ddof."""
     grpo_probes: bool = False
     """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
-    probe_layout: Literal[PROBE_LAYOUTS] = "packed"
-    """Probes in the old-log-prob forward: appended copies in ONE forward, or a second pass over its KV cache (same numbers; docs/benchmarks.md)."""
+    probe_layout: Literal[PROBE_LAYOUTS] = "kv_cache"
+    """Probes in the old-log-prob forward: a second pass of the probe copies over the trajectory pass's KV cache (the trajectory pass is then a plain causal forward; the faster one here), or the copies appended in ONE forward under a 4D mask ("packed"). Same numbers; docs/benchmarks.md."""
     eval_every: int = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
     checkpoint_every: int = 10
