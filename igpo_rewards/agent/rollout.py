@@ -315,6 +315,7 @@ def sample_turns(model: Any, tokenizer: Any, grid: TurnGrid, *, max_new_tokens: 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config = sampling_config(tokenizer, model, max_new_tokens=max_new_tokens, greedy=greedy)
+    config.return_dict_in_generate = True  # the output carries the cache
     ids, mask = grid.extend(config.pad_token_id, next(model.parameters()).device)
     keyword = _cache_keyword(model)
     output = model.generate(
@@ -322,7 +323,6 @@ def sample_turns(model: Any, tokenizer: Any, grid: TurnGrid, *, max_new_tokens: 
         attention_mask=mask,
         generation_config=config,
         stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, ids.shape[1])]),
-        return_dict_in_generate=True,
         **({keyword: grid.cache} if grid.cache is not None else {}),
     )
     eos_ids = _eos_ids(model, tokenizer)
