@@ -120,7 +120,9 @@ class RLConfig:
     ppo_epochs: int = 1
     """Passes over the rollouts per RL step."""
     micro_batch_size: int = 32
-    """Rows per forward/backward (bounds memory; gradients are accumulated)."""
+    """Most rows per forward/backward (bounds memory; gradients are accumulated exactly)."""
+    micro_batch_tokens: int = 4096
+    """Most padded tokens (rows x longest row) per forward/backward, rows sorted by length (like verl's dynamic batch size); 0 = rows only. Bounds memory and padding, changes no result."""
     generation_batch_size: int = 64
     """Rows per generate call."""
     igpo: IGPOSettings = field(default_factory=IGPOSettings)
@@ -333,7 +335,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     for name in ("questions_per_step", "group_size", "max_turns", "max_new_tokens", "topk", "minibatches",
                  "ppo_epochs", "micro_batch_size", "generation_batch_size"):
         _positive_int(f"rl.{name}", getattr(rl, name))
-    for name in ("eval_every", "checkpoint_every", "case_studies_per_eval"):
+    for name in ("eval_every", "checkpoint_every", "case_studies_per_eval", "micro_batch_tokens"):
         _positive_int(f"rl.{name}", getattr(rl, name), 0)
     if rl.minibatches > rl.questions_per_step:
         raise ValueError(

@@ -304,12 +304,40 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
+def _shared_prompt_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The KV cache of a first turn's rows but their last column, each distinct row computed once.
+
+    The G rollouts of a question start from the same prompt: their rows are identical, so the
+    prompt is encoded once and its cache copied to every row (``generate`` then feeds only the
+    last column). ``None`` when no row repeats another.
+    """
+    rows = [tuple(row) for row in ids.tolist()]
+    first: dict[tuple[int, ...], int] = {}  # distinct row -> its first index
+    for index, row in enumerate(rows):
+        first.setdefault(row, index)
+    if len(first) == len(rows) or ids.shape[1] < 2:
+        return None
+    position = {row: rank for rank, row in enumerate(first)}  # distinct row -> its row in the cache
+    distinct = torch.tensor(list(first.values()), dtype=torch.long, device=ids.device)
+    copy_of = torch.tensor([position[row] for row in rows], dtype=torch.long, device=ids.device)
+    prompt_mask = mask[distinct, :-1]
+    keyword = _cache_keyword(model)
+    output = model.base_model(
+        input_ids=ids[distinct, :-1], attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+    )
+    cache = getattr(output, keyword)
+    cache.batch_select_indices(copy_of)
+    return cache
+
+
 @torch.no_grad()
 def sample_turns(model: Any, tokenizer: Any, grid: TurnGrid, *, max_new_tokens: int, greedy: bool = False) -> list[list[int]]:
     """Sample the next turn of every row of ``grid`` (in its order), continuing from its KV cache.
 
     ``generate`` runs on the grid (``TurnGrid.extend``) with ``sampling_config`` and
-    ``StopOnStrings``; each row is then cut by ``cut_turn``. Every returned turn has at least one
+    ``StopOnStrings``; each row is then cut by ``cut_turn``. At the first turn, rows with the same
+    prompt share its encoding (``_shared_prompt_cache``). Every returned turn has at least one
     token.
     """
     if max_new_tokens < 1:
@@ -317,6 +345,8 @@ def sample_turns(model: Any, tokenizer: Any, grid: TurnGrid, *, max_new_tokens: 
     config = sampling_config(tokenizer, model, max_new_tokens=max_new_tokens, greedy=greedy)
     config.return_dict_in_generate = True  # the output carries the cache
     ids, mask = grid.extend(config.pad_token_id, next(model.parameters()).device)
+    if grid.cache is None:
+        grid.cache = _shared_prompt_cache(model, ids, mask)
     keyword = _cache_keyword(model)
     output = model.generate(
         input_ids=ids,

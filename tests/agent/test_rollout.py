@@ -9,6 +9,7 @@ HF model built by ``igpo_rewards.reference_trainer.modeling``.
 
 from __future__ import annotations
 
+import functools
 import random
 from types import SimpleNamespace
 
@@ -212,6 +213,25 @@ def test_sample_turns_left_padding_matches_unbatched(tokenizer, model):
     batched = sample_turns(model, tokenizer, grid_of(*contexts), max_new_tokens=12, greedy=True)
     assert batched == [greedy_alone(model, tokenizer, context, 12) for context in contexts]
     assert all(1 <= len(turn) <= 12 for turn in batched)
+
+
+def test_rows_with_the_same_prompt_share_its_encoding(tokenizer, model, monkeypatch):
+    """Repeated prompts (G rollouts of a question) are encoded once: the model sees 2 distinct
+    prompts, and the greedy turns are those of a fresh generate over each prompt."""
+    prompts = [tokenizer(build_prompt(q, tokenizer))["input_ids"] for q in ("Where?", "Where was Ilsa Marr born today?")]
+    batch_sizes = []
+    forward = model.base_model.forward
+
+    @functools.wraps(forward)  # keeps the signature the cache keyword is read from
+    def counting(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.base_model, "forward", counting)
+    turns = sample_turns(model, tokenizer, grid_of(*[prompts[0]] * 3, *[prompts[1]] * 2), max_new_tokens=5, greedy=True)
+    monkeypatch.undo()
+    assert batch_sizes[0] == 2  # the shared prompt pass, then generate's steps over all 5 rows
+    assert turns == [greedy_alone(model, tokenizer, prompts[0], 5)] * 3 + [greedy_alone(model, tokenizer, prompts[1], 5)] * 2
 
 
 def test_turn_grid_continues_from_its_cache_like_a_fresh_forward(tokenizer, model, monkeypatch):
