@@ -145,26 +145,35 @@ def _runs(response_mask_row: np.ndarray) -> list[tuple[int, int]]:
 # Section 1: the probe.
 
 
-def answer_logprob(token_logprobs: Any, token_mask: Any) -> np.ndarray:
+def answer_logprob(token_logprobs: Any, token_mask: Any, *, turn_mask: Any = None) -> np.ndarray:
     """Length-normalized log-probability of the answer at each probe.
 
     m_{i,j} = (1/L_{i,j}) * sum_{l: mask_{i,j,l}} log pi(a_l | context_{i,j}, a_<l)
 
+    A probe slot with no answer token has no log-prob: NaN at a valid turn, 0.0 (a
+    placeholder) at a padded one. The valid turns are ``turn_mask`` when given, else the slots
+    of row i up to the last one with an answer token.
+
     Args:
       token_logprobs: ``[B, T, L]`` log-probabilities of the answer tokens.
       token_mask: ``[B, T, L]``, nonzero where a token belongs to the answer.
+      turn_mask: optional ``[B, T]`` mask of valid turns.
 
     Returns:
-      ``[B, T]`` float64. A probe slot with no answer token gives 0.0; a ``-inf`` token
-      log-prob gives ``-inf`` (probability 0). Values under mask 0 are ignored.
+      ``[B, T]`` float64. A ``-inf`` token log-prob gives ``-inf`` (probability 0). Values
+      under mask 0 are ignored.
     """
     logprobs = _float64(token_logprobs)
     mask = _bool(token_mask)
     _check_ndim(logprobs, "token_logprobs", 3, "[B, T, L]")
     _check_same_shape(mask, "token_mask", logprobs, "token_logprobs")
     num_rollouts, num_turns, num_tokens = logprobs.shape
+    if turn_mask is not None:
+        valid = _bool(turn_mask)
+        _check_same_shape(valid, "turn_mask", logprobs[:, :, 0], "token_logprobs[:, :, 0]")
     out = np.zeros((num_rollouts, num_turns), dtype=np.float64)
     for i in range(num_rollouts):
+        last_with_answer = max((j for j in range(num_turns) if mask[i, j].any()), default=-1)
         for j in range(num_turns):
             total = 0.0
             count = 0
@@ -172,7 +181,11 @@ def answer_logprob(token_logprobs: Any, token_mask: Any) -> np.ndarray:
                 if mask[i, j, token]:
                     total += float(logprobs[i, j, token])
                     count += 1
-            out[i, j] = total / count if count > 0 else 0.0
+            is_valid = bool(valid[i, j]) if turn_mask is not None else j <= last_with_answer
+            if count > 0:
+                out[i, j] = total / count
+            elif is_valid:
+                out[i, j] = math.nan
     return out
 
 
