@@ -30,8 +30,9 @@ def igpo_advantages(
     answer_logprob: Array,
     outcome: Array,
     turn_mask: Array,
-    group_ids: Array,
+    group_ids: Array | None = None,
     *,
+    group_size: int | None = None,
     gamma: float = 1.0,
     kind: str = "prob",
     mode: str = "joint",
@@ -58,6 +59,8 @@ def igpo_advantages(
       group_ids: [B] question of each rollout: a list or NumPy array of any sortable ids
         (verl's uid strings included) on every backend, or an integer array of the inputs'
         library (see :func:`group_normalize`).
+      group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per
+        question (verl's and TRL's layout); B must be a multiple of G.
       gamma: turn discount in [0, 1] (1.0 in every published config).
       kind: "prob" or "log_prob" information gain.  log_prob_floor: see :func:`information_gain`.
       mode, weighting, scale, eps, ddof: see :func:`group_normalize` (defaults are the paper's).
@@ -96,7 +99,7 @@ def igpo_advantages(
         backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
     )
     outcome = outcome_array(backend, outcome, beliefs, validate=validate)
-    groups = _groups.resolve(backend, group_ids, beliefs.shape[0], like=beliefs)
+    groups = _groups.resolve(backend, group_ids, beliefs.shape[0], group_size=group_size, like=beliefs)
     gain, rewards = rewards_from_beliefs(backend, beliefs, outcome, turn_mask, **rewards_options)
     normalized = normalize(backend, rewards, turn_mask, groups, **options)
     advantages = discount(backend, normalized, turn_mask, gamma=gamma)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
+
 from igpo_rewards import _checks, _groups, _turns
 from igpo_rewards.backends import Backend, get_backend
 
@@ -31,8 +33,9 @@ def normalization_options(*, mode: Any, weighting: Any, scale: Any, eps: Any, dd
 def group_normalize(
     rewards: Array,
     turn_mask: Array,
-    group_ids: Array,
+    group_ids: Array | None = None,
     *,
+    group_size: int | None = None,
     mode: str = "joint",
     weighting: str = "turn",
     scale: str = "std",
@@ -57,9 +60,10 @@ def group_normalize(
     is the usual sum((r - mu)^2) / (N_p - ddof).
 
     Edge cases: sigma := 1 for a pool with one entry (e.g. a single-rollout group with one
-    turn), with N_p <= ddof, or whose entries are all equal, so these pools give exactly 0 for
-    any eps, eps = 0 included (deviations are taken from the pool's max, so a constant pool
-    has exact-zero deviations, never rounding noise that eps would amplify); padded turns and
+    turn), with N_p <= ddof, or with zero variance (entries all equal, or differences too small
+    to square in the dtype), so these pools give exactly 0 for any eps, eps = 0 included
+    (deviations are taken from the pool's max, so a constant pool has exact-zero deviations,
+    never rounding noise that eps would amplify), and never 0 / 0; padded turns and
     rows with no valid turn give 0. ``scale="none"`` only subtracts the mean (Dr. GRPO style).
     Half-precision rewards (float16, bfloat16) are pooled in float32 and the result cast back.
 
@@ -72,6 +76,9 @@ def group_normalize(
         list or NumPy array of any sortable ids (ints, strings, verl's object array of uid
         strings), factorized on the host; or an integer array of the rewards' own library,
         which stays on its device (and may be traced under jit).
+      group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per group
+        (verl's and TRL's layout; B a multiple of G). The pools are then reductions over a
+        [B / G, G, T] view: no factorization, no sort, no scatter, static shapes.
       mode: "joint" or "separate".  weighting: "turn" or "trajectory".  scale: "std" or "none".
       eps: added to sigma, a finite number >= 0.  ddof: delta degrees of freedom of sigma (0 =
         population std), an int >= 0.
@@ -80,10 +87,17 @@ def group_normalize(
     Returns:
       [B, T] normalized rewards, dtype of ``rewards``.
 
+    Raises:
+      TypeError: neither or both of ``group_ids`` and ``group_size``.
+      ValueError: B not a multiple of ``group_size`` (and the checks above).
+
     Example:
       >>> import numpy as np
       >>> rewards = np.array([[0.5, 1.0], [0.0, 0.0]])
       >>> np.round(group_normalize(rewards, [[1, 1], [1, 0]], [7, 7]), 4)  # pool {0.5, 1, 0}
+      array([[ 0.    ,  1.2247],
+             [-1.2247,  0.    ]])
+      >>> np.round(group_normalize(rewards, [[1, 1], [1, 0]], group_size=2), 4)  # the same group
       array([[ 0.    ,  1.2247],
              [-1.2247,  0.    ]])
     """
@@ -93,7 +107,7 @@ def group_normalize(
     rewards, turn_mask = _turns.turn_values_and_mask(
         backend, "rewards", rewards, turn_mask, validate=validate, allow_neg_inf=False
     )
-    groups = _groups.resolve(backend, group_ids, rewards.shape[0], like=rewards)
+    groups = _groups.resolve(backend, group_ids, rewards.shape[0], group_size=group_size, like=rewards)
     return normalize(backend, rewards, turn_mask, groups, **options)
 
 
@@ -109,31 +123,90 @@ def normalize(
     eps: float,
     ddof: int,
 ) -> Array:
-    """:func:`group_normalize` on checked arrays: rewards [B, T] float, bool turn mask, groups."""
+    """:func:`group_normalize` on checked arrays: rewards [B, T] float, bool turn mask, groups.
+
+    Two formulations of the same statistics: reductions over the [Q, G, T] view for contiguous
+    groups (``groups.group_size``), segment sums over dense group ids otherwise. Both take each
+    entry's deviation from its pool's max first (exact zeros for constant pools), then the
+    weighted mean and variance of the pool; sigma := 1 for degenerate pools (:func:`_pool_std`).
+    """
     num_rollouts, num_turns = rewards.shape
     if num_rollouts == 0 or num_turns == 0:
         return rewards
     values = backend.astype(rewards, backend.statistics_dtype(rewards.dtype))
+    if groups.group_size is not None:
+        normalized = _normalize_dense(backend, values, turn_mask, groups.group_size, mode=mode,
+                                      weighting=weighting, scale=scale, eps=eps, ddof=ddof)
+    else:
+        normalized = _normalize_segments(backend, values, turn_mask, groups, mode=mode,
+                                         weighting=weighting, scale=scale, eps=eps, ddof=ddof)
+    return backend.astype(backend.where(turn_mask, normalized, 0.0), rewards.dtype)
+
+
+def _normalize_segments(
+    backend: Backend, values: Array, turn_mask: Array, groups: _groups.Groups, *,
+    mode: str, weighting: str, scale: str, eps: float, ddof: int,
+) -> Array:
+    """Pools as segments of the flat [B * T] entries: segment sums over dense group ids."""
     pool, num_pools, weight = _pools(backend, turn_mask, groups, values.dtype, mode=mode, weighting=weighting)
-    valid = turn_mask.reshape(-1)
+    deviation = _pool_z_scores(
+        backend, values.reshape(-1), turn_mask.reshape(-1), weight,
+        pool_sum=lambda x: backend.segment_sum(x, pool, num_pools + 1),
+        pool_max=lambda x: backend.segment_max(x, pool, num_pools + 1),
+        spread=lambda per_pool: per_pool[pool],
+        scale=scale, eps=eps, ddof=ddof,
+    )
+    return deviation.reshape(values.shape)
 
-    def pool_sum(entries):
-        return backend.segment_sum(entries, pool, num_pools + 1)
 
-    # Shift by the pool's max first: exact zeros for constant pools, better rounding otherwise.
-    flat = values.reshape(-1)
-    pool_max = backend.segment_max(backend.where(valid, flat, float("-inf")), pool, num_pools + 1)
-    shifted = backend.where(valid, flat - backend.where(valid, pool_max[pool], 0.0), 0.0)
-    pool_count = pool_sum(backend.astype(valid, values.dtype))
+def _normalize_dense(
+    backend: Backend, values: Array, turn_mask: Array, group_size: int, *,
+    mode: str, weighting: str, scale: str, eps: float, ddof: int,
+) -> Array:
+    """Pools of G contiguous rollouts: reductions over a [P, Q, G, T] view (P pools per group).
+
+    ``member[p, q, g, t]`` says whether entry (q * G + g, t) is in pool p of group q: P = 1 for
+    mode "joint" (every valid turn), P = 2 for "separate" (the non-final turns, the final turn).
+    Per-pool values keep their reduced axes as size 1, so they broadcast back onto the entries.
+    """
+    is_final = _turns.final_turn_mask(backend, turn_mask)
+    pools = [turn_mask] if mode == "joint" else [turn_mask & ~is_final, is_final]
+    member = backend.stack([einops.rearrange(p, "(q g) t -> q g t", g=group_size) for p in pools], axis=0)
+    weight = backend.astype(member, values.dtype)
+    if weighting == "trajectory":  # 1 / (the rollout's number of entries in the pool)
+        weight = weight / backend.maximum(einops.reduce(weight, "p q g t -> p q g 1", "sum"), 1.0)
+    deviation = _pool_z_scores(
+        backend, einops.rearrange(values, "(q g) t -> 1 q g t", g=group_size), member, weight,
+        pool_sum=lambda x: einops.reduce(x, "p q g t -> p q 1 1", "sum"),
+        pool_max=lambda x: einops.reduce(x, "p q g t -> p q 1 1", "max"),
+        spread=lambda per_pool: per_pool,
+        scale=scale, eps=eps, ddof=ddof,
+    )
+    return einops.reduce(deviation, "p q g t -> (q g) t", "sum")  # each entry is in one pool at most
+
+
+def _pool_z_scores(
+    backend: Backend, entries: Array, member: Array, weight: Array, *,
+    pool_sum: Any, pool_max: Any, spread: Any, scale: str, eps: float, ddof: int,
+) -> Array:
+    """(r - mu_p) / (sigma_p + eps) of every entry in a pool, 0 elsewhere: the statistics of
+    :func:`group_normalize` given how to reduce over each pool (``pool_sum``, ``pool_max``) and how
+    to ``spread`` a per-pool value back onto the pool's entries.
+
+    Deviations are taken from the pool's max first: exact zeros for constant pools, better
+    rounding otherwise. W_p = pool weight, N_p = pool count.
+    """
+    pool_top = pool_max(backend.where(member, entries, float("-inf")))
+    shifted = backend.where(member, entries - backend.where(member, spread(pool_top), 0.0), 0.0)
+    pool_count = pool_sum(backend.astype(member, weight.dtype))
     pool_weight = pool_sum(weight)
     pool_mean = pool_sum(weight * shifted) / _positive(backend, pool_weight)
-    deviation = backend.where(valid, shifted - pool_mean[pool], 0.0)
+    deviation = backend.where(member, shifted - spread(pool_mean), 0.0)
     if scale == "std":
         effective = pool_weight * (pool_count - ddof) / backend.maximum(pool_count, 1.0)
         variance = pool_sum(weight * deviation * deviation) / _positive(backend, effective)
-        deviation = deviation / (_pool_std(backend, variance, pool_count, ddof)[pool] + eps)
-    normalized = backend.where(turn_mask, deviation.reshape(num_rollouts, num_turns), 0.0)
-    return backend.astype(normalized, rewards.dtype)
+        deviation = deviation / (spread(_pool_std(backend, variance, pool_count, ddof)) + eps)
+    return deviation
 
 
 def _positive(backend: Backend, x: Array) -> Array:
@@ -176,8 +249,9 @@ def _pools(
 
 def grpo_advantages(
     outcome: Array,
-    group_ids: Array,
+    group_ids: Array | None = None,
     *,
+    group_size: int | None = None,
     scale: str = "std",
     eps: float = 1e-6,
     ddof: int = 0,
@@ -194,6 +268,7 @@ def grpo_advantages(
     Args:
       outcome: [B] outcome rewards R_i.
       group_ids: [B] group of each rollout (see :func:`group_normalize`).
+      group_size: G contiguous rollouts per group, instead of ``group_ids``.
       scale, eps, ddof, validate: as in :func:`group_normalize`.
 
     Returns:
@@ -208,7 +283,7 @@ def grpo_advantages(
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(outcome=outcome, **_groups.dispatch(group_ids))
     outcome = _per_rollout_values(backend, "outcome", outcome, validate=validate, allow_neg_inf=False)
-    groups = _groups.resolve(backend, group_ids, outcome.shape[0], like=outcome)
+    groups = _groups.resolve(backend, group_ids, outcome.shape[0], group_size=group_size, like=outcome)
     single_turn = backend.zeros((outcome.shape[0], 1), backend.index_dtype(), like=outcome) == 0
     return normalize(backend, outcome[:, None], single_turn, groups, **options)[:, 0]
 
@@ -223,7 +298,9 @@ def _per_rollout_values(backend: Backend, argument: str, values: Array, *, valid
     return values
 
 
-def zero_variance_group_fraction(values: Array, group_ids: Array, *, validate: bool = True) -> Array:
+def zero_variance_group_fraction(
+    values: Array, group_ids: Array | None = None, *, group_size: int | None = None, validate: bool = True
+) -> Array:
     r"""The advantage-collapse rate: the fraction of groups whose values are all equal.
 
     With outcome rewards as ``values`` this is the share of questions on which GRPO gets no
@@ -232,6 +309,7 @@ def zero_variance_group_fraction(values: Array, group_ids: Array, *, validate: b
     Args:
       values: [B] one value per rollout (e.g. outcome rewards).
       group_ids: [B] group of each rollout (see :func:`group_normalize`).
+      group_size: G contiguous rollouts per group, instead of ``group_ids``.
       validate: check for NaN.
 
     Returns:
@@ -246,13 +324,17 @@ def zero_variance_group_fraction(values: Array, group_ids: Array, *, validate: b
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(values=values, **_groups.dispatch(group_ids))
     values = _per_rollout_values(backend, "values", values, validate=validate, allow_neg_inf=True)
-    groups = _groups.resolve(backend, group_ids, values.shape[0], like=values)
+    groups = _groups.resolve(backend, group_ids, values.shape[0], group_size=group_size, like=values)
     return collapsed_fraction(backend, values, groups)
 
 
 def collapsed_fraction(backend: Backend, values: Array, groups: _groups.Groups) -> Array:
     """:func:`zero_variance_group_fraction` on checked [B] values and groups."""
-    dense_groups, num_groups = groups
+    if groups.group_size is not None:
+        grouped = einops.rearrange(values, "(q g) -> q g", g=groups.group_size)
+        collapsed = einops.reduce(grouped, "q g -> q", "max") == einops.reduce(grouped, "q g -> q", "min")
+        return backend.sum(backend.astype(collapsed, values.dtype)) / float(max(groups.num_segments, 1))
+    dense_groups, num_groups, _ = groups
     group_max = backend.segment_max(values, dense_groups, num_groups)
     group_min = -backend.segment_max(-values, dense_groups, num_groups)
     # Device ids factorize into B segments, some possibly unused: count only groups present.

@@ -314,8 +314,9 @@ def _check_runs_fit(backend: Backend, runs: Array, turn_rewards: Array, turn_mas
 def advantages_from_token_rewards(
     token_level_rewards: Array,
     response_mask: Array,
-    group_ids: Array,
+    group_ids: Array | None = None,
     *,
+    group_size: int | None = None,
     gamma: float = 1.0,
     mode: str = "joint",
     weighting: str = "turn",
@@ -345,6 +346,8 @@ def advantages_from_token_rewards(
       response_mask: [B, S] 1 on generated tokens, 0 on observation/tool/padding tokens.
       group_ids: [B] group (question) of each rollout, e.g. verl's uid (any form that
         :func:`group_normalize` takes, NumPy object arrays of strings included).
+      group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per
+        question (verl repeats each prompt ``rollout.n`` times in a row); B a multiple of G.
       gamma, mode, weighting, scale, eps, ddof: as in :func:`igpo_advantages`.
       max_turns: T, the number of turn slots. None counts the runs (a host sync, so pass it
         on GPUs and under jax.jit, where it is required).
@@ -378,7 +381,7 @@ def advantages_from_token_rewards(
     mask = _response_mask(backend, response_mask, validate=validate, like=rewards)
     _checks.check_same_shape("response_mask", mask, "token_level_rewards", rewards)
     num_rollouts, num_tokens = rewards.shape
-    groups = _groups.resolve(backend, group_ids, num_rollouts, like=rewards)
+    groups = _groups.resolve(backend, group_ids, num_rollouts, group_size=group_size, like=rewards)
     if max_turns is None and not backend.is_concrete(mask):
         raise ValueError("max_turns is required under jit/tracing (the number of turns must be static)")
     if num_rollouts == 0 or num_tokens == 0:

@@ -162,6 +162,8 @@ def test_importing_igpo_rewards_imports_neither_torch_nor_jax():
     code = (
         "import sys, igpo_rewards, igpo_rewards.testing; import numpy as np\n"
         "igpo_rewards.igpo_advantages(np.zeros((2, 2)), [1.0, 0.0], [[1, 1], [1, 0]], [0, 0])\n"
+        "igpo_rewards.igpo_advantages(np.zeros((2, 2)), [1.0, 0.0], [[1, 1], [1, 0]], group_size=2)  # einops\n"
+        "assert 'einops' in sys.modules\n"
         "bad = [m for m in ('torch', 'jax', 'jaxlib', 'hypothesis') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
