@@ -37,9 +37,9 @@ from igpo_rewards.reference_trainer.checkpoint import write_text_atomic
 from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, to_dict, validate_config
 from igpo_rewards.reference_trainer.evaluation import evaluate, paper_table
 from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
-from igpo_rewards.reference_trainer.probes import PROBE_TEMPLATE
-from igpo_rewards.reference_trainer.prompts import INSTRUCTION, observation_block
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever, HTTPRetriever, format_observation
+from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block
+from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.world import (
     build_world,
     load_qa_parquet,

@@ -23,8 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from igpo_rewards.scoring import outcome_reward
-from igpo_rewards.reference_trainer.rollout import Trajectory, generate_rollouts
+from igpo_rewards.reference_trainer.rollout import QATrajectory, rollout_examples
 
 PAPER_COLUMNS = (
     ("NQ", ("nq",)),
@@ -38,14 +37,6 @@ PAPER_COLUMNS = (
 """The paper's columns and the ``data_source`` names (lowercase) each one collects."""
 
 
-def score_trajectory(trajectory: Trajectory) -> tuple[float, float]:
-    """``(em, f1)`` of a rollout against all aliases; 0 for a malformed response or no answer."""
-    answers = list(trajectory.example.answers)
-    em = outcome_reward(trajectory.final_response, answers, metric="em", format_penalty=0.0)
-    f1 = outcome_reward(trajectory.final_response, answers, metric="f1", format_penalty=0.0)
-    return em, f1
-
-
 def _summary(scores: Sequence[tuple[float, float]]) -> dict[str, Any]:
     return {
         "em": sum(em for em, _ in scores) / len(scores),
@@ -54,11 +45,11 @@ def _summary(scores: Sequence[tuple[float, float]]) -> dict[str, Any]:
     }
 
 
-def summarize(trajectories: Sequence[Trajectory], *, step: int = 0) -> dict[str, Any]:
+def summarize(trajectories: Sequence[QATrajectory], *, step: int = 0) -> dict[str, Any]:
     """Aggregate scored rollouts into the ``eval.json`` layout (see the module docstring)."""
     if not trajectories:
         raise ValueError("trajectories is empty: nothing to evaluate")
-    scores = [score_trajectory(trajectory) for trajectory in trajectories]
+    scores = [(trajectory.em, trajectory.f1) for trajectory in trajectories]
     by_hops: dict[str, list[tuple[float, float]]] = defaultdict(list)
     by_source: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for trajectory, score in zip(trajectories, scores):
@@ -87,7 +78,7 @@ def evaluate(
     step: int = 0,
     progress: bool = False,
     return_trajectories: bool = False,
-) -> dict[str, Any] | tuple[dict[str, Any], list[Trajectory]]:
+) -> dict[str, Any] | tuple[dict[str, Any], list[QATrajectory]]:
     """Greedy rollouts on ``examples`` and their EM/F1 (overall, by hop count, by data source).
 
     Questions are processed ``batch_size`` at a time (one ``generate`` batch per turn).
@@ -100,15 +91,14 @@ def evaluate(
         raise ValueError("examples is empty: nothing to evaluate")
     was_training = model.training
     model.eval()
-    trajectories: list[Trajectory] = []
+    trajectories: list[QATrajectory] = []
     chunks = range(0, len(examples), batch_size)
     for first in tqdm(chunks, desc="evaluate", disable=not progress, leave=False):
-        result = generate_rollouts(
+        result = rollout_examples(
             model,
             tokenizer,
             retriever,
             examples[first : first + batch_size],
-            group_size=1,
             max_turns=max_turns,
             max_new_tokens=max_new_tokens,
             topk=topk,

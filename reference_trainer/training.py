@@ -2,7 +2,7 @@
 
 Read ``rl_step`` top to bottom; every reward and advantage comes from ``igpo_rewards``:
 
-1. rollouts: ``rollout.generate_rollouts`` samples G rollouts for each question;
+1. rollouts: ``rollout.rollout_examples`` samples G rollouts for each question;
 2. probes + old log-probs: ``probes.trajectory_forward`` runs ONE packed forward that returns
    the log-probs of the sampled tokens (the PPO "old" policy) and, before every turn, the
    length-normalized log-prob of the ground-truth answer (``answer_logprob``, [B, T]);
@@ -37,13 +37,13 @@ import torch
 from tqdm.auto import tqdm
 
 import igpo_rewards
-from igpo_rewards.scoring import outcome_reward
 from igpo_rewards.reference_trainer.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint, write_text_atomic
 from igpo_rewards.reference_trainer.config import RLConfig, RunConfig, to_dict
 from igpo_rewards.reference_trainer.evaluation import evaluate
 from igpo_rewards.reference_trainer.modeling import load_pretrained
 from igpo_rewards.reference_trainer.probes import trajectory_forward
-from igpo_rewards.reference_trainer.rollout import RolloutResult, Trajectory, generate_rollouts
+from igpo_rewards.agent.rollout import RolloutResult
+from igpo_rewards.reference_trainer.rollout import QATrajectory, rollout_examples
 
 # --- the loss -------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ def policy_loss(
 # --- from trajectories to tensors ----------------------------------------------------------------
 
 
-def turn_layout(trajectories: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def turn_layout(trajectories: Sequence[QATrajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(turn_mask [B, T] bool, group_ids [B] long, outcome [B] float32)`` of a batch; T = max turns."""
     num_turns = [trajectory.num_turns for trajectory in trajectories]
     turn_mask = torch.arange(max(num_turns))[None, :] < torch.tensor(num_turns)[:, None]
@@ -142,7 +142,7 @@ def turn_layout(trajectories: Sequence[Trajectory]) -> tuple[torch.Tensor, torch
     return turn_mask, group_ids, outcome
 
 
-def response_mask(trajectories: Sequence[Trajectory], length: int | None = None) -> torch.Tensor:
+def response_mask(trajectories: Sequence[QATrajectory], length: int | None = None) -> torch.Tensor:
     """[B, S] long: 1 on every generated token (turn spans), 0 on prompt, observations and padding.
 
     Positions index ``token_ids`` directly (S = the longest trajectory unless ``length``), so
@@ -182,7 +182,7 @@ class Advantages:
 
 
 def compute_advantages(
-    trajectories: Sequence[Trajectory], answer_logprob: torch.Tensor | None, config: RLConfig
+    trajectories: Sequence[QATrajectory], answer_logprob: torch.Tensor | None, config: RLConfig
 ) -> Advantages:
     """Turn advantages with ``igpo_rewards`` (IGPO or GRPO), then broadcast to generated tokens.
 
@@ -240,7 +240,7 @@ def all_zero_group_fraction(values: torch.Tensor, group_ids: torch.Tensor) -> fl
 def score_trajectories(
     model: Any,
     tokenizer: Any,
-    trajectories: Sequence[Trajectory],
+    trajectories: Sequence[QATrajectory],
     *,
     include_probes: bool,
     micro_batch_size: int,
@@ -284,7 +284,7 @@ def ppo_update(
     policy: Any,
     tokenizer: Any,
     optimizer: torch.optim.Optimizer,
-    trajectories: Sequence[Trajectory],
+    trajectories: Sequence[QATrajectory],
     advantages: Advantages,
     old_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
@@ -373,7 +373,7 @@ def rl_step(
 
     # -- 1. rollouts: G per question, batched, with retrieval ------------------------------------
     policy.eval()
-    rollouts = generate_rollouts(
+    rollouts = rollout_examples(
         policy,
         tokenizer,
         retriever,
@@ -425,7 +425,7 @@ def rl_step(
     return StepResult(metrics, rollouts, advantages, answer_logprob)
 
 
-def step_metrics(trajectories: Sequence[Trajectory], advantages: Advantages, entropy: torch.Tensor) -> dict[str, Any]:
+def step_metrics(trajectories: Sequence[QATrajectory], advantages: Advantages, entropy: torch.Tensor) -> dict[str, Any]:
     """Per-step numbers about the rollouts and their advantages (see the metrics.jsonl schema).
 
     ``zero_variance_group_fraction``: groups in which every turn advantage is exactly 0 (GRPO:
@@ -433,10 +433,8 @@ def step_metrics(trajectories: Sequence[Trajectory], advantages: Advantages, ent
     ``outcome_zero_variance_group_fraction``: ``igpo_rewards.zero_variance_group_fraction`` of the
     outcomes (GRPO's collapse condition), logged for both methods.
     """
-    answers = [list(trajectory.example.answers) for trajectory in trajectories]
-    responses = [trajectory.final_response for trajectory in trajectories]
-    f1 = [outcome_reward(r, a, metric="f1", format_penalty=0.0) for r, a in zip(responses, answers)]
-    em = [outcome_reward(r, a, metric="em", format_penalty=0.0) for r, a in zip(responses, answers)]
+    f1 = [trajectory.f1 for trajectory in trajectories]
+    em = [trajectory.em for trajectory in trajectories]
     mask = advantages.loss_mask
     metrics: dict[str, Any] = {
         "reward_mean": float(advantages.outcome.mean()),

@@ -15,7 +15,7 @@ RL (and above all on multi-hop questions) the demonstrations are imperfect on pu
 - few SFT steps, so copying names is not yet reliable.
 
 The loss is the mean negative log-likelihood of the generated (turn) tokens only: the prompt
-and the observations are context. Demonstrations are ``rollout.Trajectory`` objects, so they
+and the observations are context. Demonstrations are ``rollout.QATrajectory`` objects, so they
 go through the same ``probes.trajectory_forward`` as RL.
 """
 
@@ -31,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from igpo_rewards.reference_trainer.config import WarmStartConfig
-from igpo_rewards.reference_trainer.probes import packed_forward, trajectory_forward
-from igpo_rewards.reference_trainer.prompts import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, build_prompt, observation_block
-from igpo_rewards.reference_trainer.retrieval import format_observation
-from igpo_rewards.reference_trainer.rollout import Trajectory
+from igpo_rewards.agent.probes import packed_forward
+from igpo_rewards.agent.protocol import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, build_prompt, observation_block
+from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.reference_trainer.probes import trajectory_forward
+from igpo_rewards.reference_trainer.rollout import QATrajectory
 
 
 class CachedRetriever:
@@ -170,7 +171,7 @@ def demonstration_turns(
 
 def build_demonstration(
     example: Any, turns: Sequence[tuple[str, str | None]], tokenizer: Any, retriever: Any, *, topk: int
-) -> Trajectory:
+) -> QATrajectory:
     """Tokenize a demonstration in exactly the layout of a rollout (prompt, turns, observation blocks)."""
 
     def encode(text: str) -> list[int]:
@@ -193,24 +194,23 @@ def build_demonstration(
             token_ids += ids
             pieces.append(block)
             queries.append(query)
-    return Trajectory(
-        example=example,
+    return QATrajectory(
         token_ids=token_ids,
         prompt_length=prompt_length,
         turn_spans=turn_spans,
         observation_spans=observation_spans,
         turn_texts=[text for text, _ in turns],
-        final_response="".join(pieces),
-        outcome=0.0,
+        response="".join(pieces),
         stop_reason="answer",
         queries=queries,
+        example=example,
     )
 
 
 def sft_loss(
     model: Any,
     tokenizer: Any,
-    demonstrations: Sequence[Trajectory],
+    demonstrations: Sequence[QATrajectory],
     *,
     probe_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -245,7 +245,7 @@ def sft_loss(
     return loss, parts
 
 
-def _answers_right(demonstration: Trajectory) -> bool:
+def _answers_right(demonstration: QATrajectory) -> bool:
     """Whether a demonstration's final answer is the gold one (a skipped hop answers a bridge)."""
     return demonstration.turn_texts[-1] == f"{ANSWER_OPEN} {demonstration.example.answers[0]} {ANSWER_CLOSE}"
 

@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from igpo_rewards.agent.retrieval import Document
+
 ANSWER_SPLIT = "<|answer_split|>"
 """Separator of answer aliases inside ``reward_model.ground_truth`` (verl/Search-R1 layout)."""
 
@@ -91,41 +93,6 @@ class QAExample:
     data_source: str
     gold_queries: tuple[str, ...] = ()
     gold_bridge_answers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Document:
-    """One retrievable document; ``contents`` is its Search-R1 form ``'"Title"\\ntext'``.
-
-    Example:
-        >>> doc = Document(id="7", title="Kaleno", text="Kaleno is a city in Borania.")
-        >>> doc.contents
-        '"Kaleno"\\nKaleno is a city in Borania.'
-        >>> Document.from_contents("7", doc.contents) == doc
-        True
-    """
-
-    id: str
-    title: str
-    text: str
-
-    @property
-    def contents(self) -> str:
-        return '"' + self.title + '"\n' + self.text
-
-    @classmethod
-    def from_contents(cls, id: str, contents: str) -> "Document":
-        """Split Search-R1 ``contents`` into title (first line, surrounding quotes removed) and text.
-
-        Contents without a newline are all title and an empty text.
-        """
-        if not isinstance(contents, str):
-            raise TypeError(f"contents must be a str, got {type(contents).__name__}: {contents!r:.80}")
-        title, _, text = contents.partition("\n")
-        title = title.strip()
-        if len(title) >= 2 and title.startswith('"') and title.endswith('"'):
-            title = title[1:-1]
-        return cls(id=str(id), title=title, text=text)
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Cost of the ground-truth probes on the reference model (issue 5, probe part).
 
 For a batch of finished trajectories with 4 and with 10 turns, every probe's answer log-prob
-(one probe before each turn) is computed these ways (igpo_rewards.reference_trainer.probes):
+(one probe before each turn) is computed these ways (igpo_rewards.agent.probes):
 
-(a) ``naive_probe_logprobs``: one full forward per probe (the released code's way);
-(b) ``packed_probe_logprobs``: one packed forward per batch, probes only;
+(a) ``naive_probe_logprobs`` (tests/probe_oracle.py): one full forward per probe (the released code's way);
+(b) ``packed_probe_logprobs`` (here): one packed forward per batch, probes only;
 (c) ``packed_forward`` with probes (``probe_layout="packed"``, the trainer's default): the probe
     copies appended after each trajectory in the old-log-prob forward the trainer runs anyway;
     compared with ``packed_forward`` without probes (the old-log-prob forward alone), the extra
@@ -37,16 +37,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from igpo_rewards.agent.probes import build_probe_suffix, packed_forward  # noqa: E402
 from igpo_rewards.reference_trainer.config import TinyModelConfig  # noqa: E402
 from igpo_rewards.reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
-from igpo_rewards.reference_trainer.probes import (  # noqa: E402
-    build_probe_suffix,
-    naive_probe_logprobs,
-    packed_forward,
-    packed_probe_logprobs,
-)
 from igpo_rewards.reference_trainer.world import build_world  # noqa: E402
 
+from ..probe_oracle import naive_probe_logprobs  # noqa: E402
 from .bench_support import WAY_C, WAY_D, mode, rounds  # noqa: E402
 
 TURN_COUNTS = (4, 10)
@@ -130,6 +126,14 @@ def _trajectory_batch(num_turns: int) -> ProbeBatch:
         starts.append(turn_starts)
         suffixes.append(build_probe_suffix(tokenizer, example.answers[0]))
     return ProbeBatch(token_ids, starts, suffixes)
+
+
+def packed_probe_logprobs(model, token_ids, starts, suffixes):
+    """Way (b): the probe copies in one packed forward, each trajectory cut at its last probe start
+    (later tokens are the context of no probe)."""
+    cut = [row[: max(row_starts)] for row, row_starts in zip(token_ids, starts)]
+    out = packed_forward(model, cut, starts, suffixes)
+    return out.probe_logprobs, out.probe_mask
 
 
 @pytest.fixture(scope="module", params=TURN_COUNTS, ids=[f"T{t}" for t in TURN_COUNTS])

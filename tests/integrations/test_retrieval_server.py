@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever, HTTPRetriever, RetrievalError
+from igpo_rewards.agent.retrieval import HTTPRetriever, RetrievalError
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.retrieval_server import (
     ServerLimits,
     _is_loopback,

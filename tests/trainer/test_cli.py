@@ -13,14 +13,6 @@ from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
 from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- configuration ---------------------------------------------------------------------------------
 
 

@@ -10,9 +10,9 @@ import torch
 
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.prompts import INSTRUCTION
+from igpo_rewards.agent.protocol import INSTRUCTION
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.rollout import Trajectory
+from igpo_rewards.reference_trainer.rollout import QATrajectory
 from igpo_rewards.reference_trainer.training import (
     all_zero_group_fraction,
     case_studies,
@@ -25,15 +25,6 @@ from igpo_rewards.reference_trainer.training import (
     turn_layout,
 )
 from igpo_rewards.reference_trainer.world import QAExample, build_world
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and other processes may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- policy_loss -------------------------------------------------------------------------------
 
@@ -110,14 +101,14 @@ def make_trajectory(turn_lengths, observation_length=3, prompt_length=4, outcome
         if j < len(turn_lengths) - 1:
             observation_spans.append((position, position + observation_length))
             position += observation_length
-    return Trajectory(
-        example=EXAMPLE,
+    return QATrajectory(
         token_ids=list(range(position)),
         prompt_length=prompt_length,
         turn_spans=turn_spans,
         observation_spans=observation_spans,
         turn_texts=["t"] * len(turn_lengths),
-        final_response="",
+        response="",
+        example=EXAMPLE,
         outcome=outcome,
         group_id=group_id,
     )
@@ -196,7 +187,7 @@ def text_trajectory(tokenizer, turns, outcome, group_id=0):
             block = tokenizer("\n\n<information>Doc 1 x</information>\n\n", add_special_tokens=False)["input_ids"]
             obs.append((len(ids), len(ids) + len(block)))
             ids += block
-    return Trajectory(EXAMPLE, ids, len(prompt), spans, obs, list(turns), "", outcome, group_id)
+    return QATrajectory(ids, len(prompt), spans, obs, list(turns), "", example=EXAMPLE, outcome=outcome, group_id=group_id)
 
 
 def turn_logprob(model, tokenizer, trajectory):

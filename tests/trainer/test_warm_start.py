@@ -11,9 +11,10 @@ from igpo_rewards.scoring import outcome_reward
 from igpo_rewards.reference_trainer.cli import tokenizer_texts
 from igpo_rewards.reference_trainer.config import WarmStartConfig
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.probes import build_probe_suffix, naive_probe_logprobs
-from igpo_rewards.reference_trainer.prompts import build_prompt, observation_block, parse_action
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever, format_observation
+from igpo_rewards.agent.probes import build_probe_suffix
+from igpo_rewards.agent.protocol import build_prompt, observation_block, parse_action
+from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.training import score_trajectories
 from igpo_rewards.reference_trainer.warm_start import (
     NamePool,
@@ -27,18 +28,12 @@ from igpo_rewards.reference_trainer.warm_start import (
 )
 from igpo_rewards.reference_trainer.world import QAExample, build_world
 
+from ..probe_oracle import naive_probe_logprobs
+
 CHAIN = QAExample(
     "What is the capital of the country where Ilsa Marr was born?", ("Tovia",), 3, "world",
     ("Ilsa Marr", "Kelm", "Borania"), ("Kelm", "Borania", "Tovia"),
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +102,7 @@ def test_build_demonstration_layout(world, tokenizer):
     assert demo.token_ids == expected
     assert [demo.token_ids[s:e] for s, e in demo.turn_spans] == [encode(text) for text, _ in turns]
     assert len(demo.observation_spans) == 2 and demo.queries == list(example.gold_queries)
-    assert outcome_reward(demo.final_response, list(example.answers)) == 1.0
+    assert outcome_reward(demo.response, list(example.answers)) == 1.0
 
 
 def test_renaming(world):

@@ -1,4 +1,4 @@
-"""The packed probe forward equals one naive forward per probe (igpo_rewards.reference_trainer.probes)."""
+"""The packed probe forward equals one naive forward per probe (igpo_rewards.agent.probes)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,19 @@ import pytest
 import torch
 
 import igpo_rewards
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.probes import (
+from igpo_rewards.agent.probes import (
     PROBE_LAYOUTS,
-    PROBE_TEMPLATE,
     ProbeSuffix,
     build_packed_inputs,
     build_probe_inputs,
     build_probe_suffix,
-    naive_probe_logprobs,
     packed_forward,
-    packed_probe_logprobs,
-    probe_starts,
-    trajectory_forward,
+    score_probes,
 )
-from igpo_rewards.reference_trainer.rollout import Trajectory
-from igpo_rewards.reference_trainer.world import QAExample
+from igpo_rewards.agent.protocol import PROBE_TEMPLATE
+from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+
+from ..probe_oracle import naive_probe_logprobs
 
 TEXTS = [
     "Now there's enough information to answer",
@@ -227,7 +224,6 @@ def test_packed_equals_naive_per_probe(model, tokenizer, layout):
     with torch.no_grad():
         out = packed_forward(model, token_ids, starts, suffixes, probe_layout=layout)
         naive, naive_mask = naive_probe_logprobs(model, token_ids, starts, suffixes)
-        probes_only, probes_only_mask = packed_probe_logprobs(model, token_ids, starts, suffixes)
     lengths = [s.num_answer_tokens for s in suffixes]
     assert out.probe_logprobs.shape == (3, 4, max(lengths))
     expected_mask = torch.zeros(3, 4, max(lengths), dtype=torch.bool)
@@ -235,9 +231,7 @@ def test_packed_equals_naive_per_probe(model, tokenizer, layout):
         expected_mask[b, : len(row_starts), :length] = True
     assert torch.equal(out.probe_mask, expected_mask)
     assert torch.equal(naive_mask, expected_mask)
-    assert torch.equal(probes_only_mask, expected_mask)
     torch.testing.assert_close(out.probe_logprobs, naive, atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(probes_only, naive, atol=TOLERANCE, rtol=0)
     assert (out.probe_logprobs[~expected_mask] == 0).all()
     expected_answer_logprob = igpo_rewards.answer_logprob(naive, naive_mask)
     torch.testing.assert_close(out.answer_logprob, expected_answer_logprob, atol=TOLERANCE, rtol=0)
@@ -302,43 +296,20 @@ def test_gradients_flow_and_match_a_plain_forward(model, tokenizer, layout):
         assert not packed_forward(model, token_ids, starts, suffixes).token_logprobs.requires_grad
 
 
-def test_trajectory_wrapper_uses_turn_starts_and_first_alias(model, tokenizer):
-    def trajectory(token_ids, turn_spans, answers):
-        example = QAExample(question="q", answers=answers, hops=len(turn_spans), data_source="test")
-        observations = [(end, next_start) for (_, end), (next_start, _) in zip(turn_spans, turn_spans[1:])]
-        return Trajectory(
-            example=example,
-            token_ids=token_ids,
-            prompt_length=turn_spans[0][0],
-            turn_spans=turn_spans,
-            observation_spans=observations,
-            turn_texts=[""] * len(turn_spans),
-            final_response="",
-            outcome=0.0,
-        )
-
+@pytest.mark.parametrize("layout", PROBE_LAYOUTS)
+def test_score_probes_uses_turn_starts_and_one_suffix_per_answer(model, tokenizer, layout):
     token_ids, _, _ = _batch(tokenizer)
-    trajectories = [
-        trajectory(token_ids[0], [(4, 9)], ("Paris", "paris")),
-        trajectory(token_ids[1], [(5, 9), (13, 21)], ("Ada Lovelace",)),
-        trajectory(token_ids[2], [(3, 6), (11, 15), (24, 30), (34, 40)], ("Paris",)),
-    ]
-    assert probe_starts(trajectories[2]) == [3, 11, 24, 34]
+    turn_starts = [[4], [5, 13], [3, 11, 24, 34]]
+    answers = ["Paris", "Ada Lovelace", "Paris"]
     with torch.no_grad():
-        out = trajectory_forward(model, tokenizer, trajectories)
-        starts = [probe_starts(t) for t in trajectories]
-        suffixes = [build_probe_suffix(tokenizer, a) for a in ("Paris", "Ada Lovelace", "Paris")]
-        naive, naive_mask = naive_probe_logprobs(model, token_ids, starts, suffixes)
-        without = trajectory_forward(model, tokenizer, trajectories, include_probes=False)
-    torch.testing.assert_close(out.probe_logprobs, naive, atol=TOLERANCE, rtol=0)
-    assert torch.equal(out.probe_mask, naive_mask)
-    assert out.answer_logprob.shape == (3, 4)
-    with torch.no_grad():
-        cached = trajectory_forward(model, tokenizer, trajectories, probe_layout="kv_cache")
-    torch.testing.assert_close(cached.probe_logprobs, naive, atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(without.token_logprobs, out.token_logprobs, atol=TOLERANCE, rtol=0)
-    with pytest.raises(ValueError, match="empty"):
-        trajectory_forward(model, tokenizer, [])
+        scores = score_probes(model, tokenizer, token_ids, turn_starts, answers, probe_layout=layout)
+        suffixes = [build_probe_suffix(tokenizer, answer) for answer in answers]
+        naive, naive_mask = naive_probe_logprobs(model, token_ids, turn_starts, suffixes)
+    assert scores.shape == (3, 4)
+    torch.testing.assert_close(scores, igpo_rewards.answer_logprob(naive, naive_mask), atol=TOLERANCE, rtol=0)
+    assert (scores[0, 1:] == 0).all() and (scores[1, 2:] == 0).all()
+    with pytest.raises(ValueError, match="one entry per trajectory"):
+        score_probes(model, tokenizer, token_ids, turn_starts, answers[:2])
 
 
 @pytest.mark.parametrize(
