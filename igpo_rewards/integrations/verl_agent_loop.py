@@ -47,9 +47,10 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, register
 from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, ToolAgentLoop
 
 import igpo_rewards
+from igpo_rewards.agent.probes import ProbeSuffix, build_probe_suffix
+from igpo_rewards.agent.protocol import PROBE_TEMPLATE
 from igpo_rewards.integrations import IGPOSettings
 from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, igpo_token_scores, settings_from_config
-from igpo_rewards.reference_trainer.probes import PROBE_TEMPLATE, ProbeSuffix, build_probe_suffix
 
 __all__ = [
     "AGENT_LOOP_NAME",

@@ -26,7 +26,7 @@ from typing import Any
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
-from igpo_rewards.reference_trainer.retrieval import HTTPRetriever, format_observation
+from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
 
 __all__ = ["SEARCH_TOOL_SCHEMA", "SearchTool"]
 

@@ -37,7 +37,8 @@ from igpo_rewards.integrations.verl_agent_loop import (
     probe_logprob_from_server_output,
 )
 from igpo_rewards.integrations.verl_manager import IGPOAgentLoopWorker, uses_v1_trainer, write_turn_rewards
-from igpo_rewards.reference_trainer.probes import PROBE_TEMPLATE, build_probe_suffix, packed_forward
+from igpo_rewards.agent.probes import build_probe_suffix, packed_forward
+from igpo_rewards.agent.protocol import PROBE_TEMPLATE
 from igpo_rewards.reference_trainer.world import build_world, write_corpus_jsonl
 from igpo_rewards.testing import reference
 
@@ -587,7 +588,7 @@ def test_probe_cost_server_side_versus_actor_side(legacy, setup):
     (old-log-prob forward with the probes over its KV cache, minus the forward alone) on the same
     trajectories. Token counts are asserted; timings are reported (``IGPO_BENCH=full`` runs more
     rounds and writes .benchmarks/igpo/verl_probe_cost.json)."""
-    from igpo_rewards.reference_trainer.probes import naive_probe_logprobs
+    from ..probe_oracle import naive_probe_logprobs
 
     out, probes, _ = legacy_rows(legacy)
     tokenizer, model = setup.policy.tokenizer, setup.policy.model

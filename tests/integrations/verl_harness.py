@@ -39,7 +39,8 @@ import torch
 
 from igpo_rewards.integrations.verl_search import SEARCH_TOOL_SCHEMA
 from igpo_rewards.reference_trainer.modeling import build_model, save_pretrained, train_tokenizer
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever, format_observation
+from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl
 
 #: A Qwen2.5-style ChatML template with hermes tool calls (what verl's "hermes" parser reads):
