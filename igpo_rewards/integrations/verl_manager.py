@@ -25,6 +25,7 @@ import ray
 from omegaconf import OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopManager, AgentLoopWorker
 from verl.protocol import DataProto
+from verl.utils.ray_utils import auto_await
 
 from igpo_rewards.integrations import IGPOSettings
 from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, assemble_igpo_rm_scores, settings_from_config
@@ -87,12 +88,15 @@ class IGPOAgentLoopManager(AgentLoopManager):
         super().__init__(*args, **kwargs)
 
     @classmethod
-    def create(cls, *args: Any, **kwargs: Any) -> Any:
-        """What both trainers call: ``create(config=..., llm_client=..., teacher_client=...,
-        reward_loop_worker_handles=...)``."""
+    @auto_await
+    async def create(cls, *args: Any, **kwargs: Any) -> Any:
+        """What both trainers call (like verl's, awaitable or not): ``create(config=...,
+        llm_client=..., teacher_client=..., reward_loop_worker_handles=...)``."""
         config = kwargs["config"] if "config" in kwargs else args[0]
         if uses_v1_trainer(config):
             from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopManagerTQ
 
-            return IGPOAgentLoopManagerTQ.create(*args, **kwargs)
-        return super().create(*args, **kwargs)
+            return await IGPOAgentLoopManagerTQ.create(*args, **kwargs)
+        instance = cls(*args, **kwargs)
+        await instance._init_agent_loop_workers()
+        return instance

@@ -549,11 +549,27 @@ def test_write_turn_rewards_leaves_rows_of_other_agent_loops_alone():
         write_turn_rewards(data, [None, 0.7], igpo_verl.IGPOSettings())
 
 
-def test_manager_picks_the_trainer():
+def test_manager_builds_the_workers_of_the_trainer_in_use(legacy, event_loop_for_verl, monkeypatch):
+    """IGPOAgentLoopManager.create, as both trainers call it, with the worker actors not started."""
     from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
 
-    assert uses_v1_trainer(OmegaConf.create({"trainer": {"use_v1": True}}))
-    assert not uses_v1_trainer(OmegaConf.create({"trainer": {"use_v1": False}}))
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopManagerTQ, IGPOAgentLoopWorkerTQ
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
+    async def no_actors(self):
+        self.agent_loop_workers = []
+
+    monkeypatch.setattr(AgentLoopManager, "_init_agent_loop_workers", no_actors)
+    for use_v1, manager_class, worker_class in ((False, IGPOAgentLoopManager, IGPOAgentLoopWorker),
+                                                (True, IGPOAgentLoopManagerTQ, IGPOAgentLoopWorkerTQ)):
+        config = OmegaConf.merge(legacy.config, {"trainer": {"use_v1": use_v1}})
+        assert uses_v1_trainer(config) is use_v1
+        manager = IGPOAgentLoopManager.create(config=config, llm_client=None, teacher_client=None,
+                                              reward_loop_worker_handles=None)
+        asyncio.set_event_loop(event_loop_for_verl)  # verl's auto_await ran it with asyncio.run
+        assert type(manager) is manager_class
+        assert manager.agent_loop_workers_class.__ray_actor_class__ is worker_class
 
 
 def test_compute_score_reads_hermes_transcripts():
