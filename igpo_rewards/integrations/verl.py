@@ -155,7 +155,8 @@ def compute_igpo_advantage(
       token_level_rewards: [B, S] float rewards (verl's ``token_level_rewards``).
       response_mask: [B, S] 0/1 mask of generated tokens.
       index: [B] group ids (verl's ``uid``); required.
-      config: verl's ``algorithm`` config (reads ``igpo`` and ``use_kl_in_reward``).
+      config: verl's ``algorithm`` config (reads ``igpo``, ``use_kl_in_reward`` and
+        ``rollout_correction``).
       **unused: other arguments verl passes to some estimators (e.g. ``reward_baselines``);
         IGPO does not use them.
 

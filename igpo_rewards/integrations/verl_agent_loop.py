@@ -247,11 +247,11 @@ class IGPOToolAgentLoop(ToolAgentLoop):
     def _finish(self, output: AgentLoopOutput) -> IGPOAgentLoopOutput:
         """Keeps the probes of the turns in the (truncated) response, one per run of 1s."""
         probes = self._probes
-        runs = _runs_of_ones(output.response_mask)
-        kept = _turn_of_each_run(runs, probes.turn_starts)
+        run_starts = _run_starts(output.response_mask)
+        kept = _turn_of_each_run(run_starts, probes.turn_starts)
         if kept is None:
             raise RuntimeError(
-                f"igpo_tool_agent: the response mask has runs of 1s starting at {[start for start, _ in runs]} but the "
+                f"igpo_tool_agent: the response mask has runs of 1s starting at {run_starts} but the "
                 f"assistant turns started at {probes.turn_starts}; each turn must be exactly one run of 1s"
             )
         output.extra_fields[ANSWER_LOGPROB_KEY] = [probes.values[turn] for turn in kept]
@@ -260,22 +260,16 @@ class IGPOToolAgentLoop(ToolAgentLoop):
         return IGPOAgentLoopOutput.from_output(output, self.igpo_settings)
 
 
-def _runs_of_ones(mask: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, end) of every maximal run of 1s."""
-    runs, start = [], None
-    for position, value in enumerate(list(mask) + [0]):
-        if value and start is None:
-            start = position
-        elif not value and start is not None:
-            runs.append((start, position))
-            start = None
-    return runs
+def _run_starts(mask: Sequence[int]) -> list[int]:
+    """Where each run of 1s (turn) of a response mask starts (``igpo_rewards.turn_index_from_response_mask``)."""
+    index = igpo_rewards.turn_index_from_response_mask(np.asarray([list(mask)], dtype=np.int64).reshape(1, -1))[0]
+    return [int(np.argmax(index == turn)) for turn in range(int(index.max(initial=-1)) + 1)]
 
 
-def _turn_of_each_run(runs: list[tuple[int, int]], turn_starts: list[int]) -> list[int] | None:
+def _turn_of_each_run(run_starts: list[int], turn_starts: list[int]) -> list[int] | None:
     """The assistant turn each run belongs to (the last turn started at or before it), or None
     when two runs fall in one turn (a turn split by 0-mask tokens)."""
-    turns = [int(np.searchsorted(turn_starts, start, side="right")) - 1 for start, _ in runs]
+    turns = [int(np.searchsorted(turn_starts, start, side="right")) - 1 for start in run_starts]
     if any(turn < 0 for turn in turns) or len(set(turns)) != len(turns):
         return None
     return turns
