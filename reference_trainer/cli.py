@@ -28,18 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-import numpy as np
 import torch
 import tyro
 from tqdm.auto import tqdm
 
-from igpo_rewards.reference_trainer.checkpoint import write_text_atomic
-from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, to_dict, validate_config
-from igpo_rewards.reference_trainer.evaluation import evaluate, paper_table
-from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
 from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block
 from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
+from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, to_dict, validate_config
+from igpo_rewards.reference_trainer.evaluation import evaluate
+from igpo_rewards.reference_trainer.files import append_jsonl, count_jsonl, write_text_atomic
+from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from igpo_rewards.reference_trainer.report import paper_table, write_report
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.reference_trainer.training import seed_everything, train
 from igpo_rewards.reference_trainer.world import (
     build_world,
     load_qa_parquet,
@@ -169,15 +170,6 @@ def build_policy(config: RunConfig, data: Data) -> tuple[Any, Any]:
     return model.to(config.device), tokenizer
 
 
-def seed_everything(config: RunConfig) -> None:
-    """The seeding block: Python, NumPy and torch RNGs from ``config.seed``; torch threads."""
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    torch.manual_seed(config.seed)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-
-
 def _run_config(command: RunConfig) -> RunConfig:
     """The plain ``RunConfig`` part of a subcommand (drops the subcommand's own flags)."""
     return RunConfig(**{f.name: copy.deepcopy(getattr(command, f.name)) for f in dataclasses.fields(RunConfig)})
@@ -191,16 +183,6 @@ def _eval_kwargs(config: RunConfig) -> dict[str, Any]:
 
 
 # --- demo ----------------------------------------------------------------------------------------------
-
-
-def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-
-
-def _count_lines(path: Path) -> int:
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
 
 
 def _train_children(configs: dict[str, RunConfig], out: Path, *, parallel: bool, progress: bool) -> None:
@@ -220,7 +202,7 @@ def _train_children(configs: dict[str, RunConfig], out: Path, *, parallel: bool,
         time.sleep(0.5)
         for item in list(running):
             label, process, log, run_dir = item
-            bars[label].n = _count_lines(run_dir / "metrics.jsonl")
+            bars[label].n = count_jsonl(run_dir / "metrics.jsonl")
             bars[label].refresh()
             if process.poll() is not None:
                 log.close()
@@ -291,15 +273,13 @@ def run_demo(command: DemoCommand) -> Path:
     _train_children(children, out, parallel=command.parallel, progress=config.progress)
 
     # -- report, and one metrics.jsonl with every run's records ---------------------------------------
-    from igpo_rewards.reference_trainer.report import write_report
-
     report = write_report({"IGPO": out / "igpo", "GRPO": out / "grpo"}, out, warm_start_eval=warm_dir / "eval.json")
     merged = out / "metrics.jsonl"
     merged.unlink(missing_ok=True)
-    _append_jsonl(merged, [{"run": "warm_start", "step": 0, "heldout_em": warm_eval["em"], "heldout_f1": warm_eval["f1"]}])
+    append_jsonl(merged, [{"run": "warm_start", "step": 0, "heldout_em": warm_eval["em"], "heldout_f1": warm_eval["f1"]}])
     for label in ("igpo", "grpo"):
         lines = (out / label / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        _append_jsonl(merged, [{"run": label, **json.loads(line)} for line in lines if line.strip()])
+        append_jsonl(merged, [{"run": label, **json.loads(line)} for line in lines if line.strip()])
     results = {label: json.loads((out / label / "eval.json").read_text(encoding="utf-8")) for label in ("igpo", "grpo")}
     elapsed = time.perf_counter() - started
     print(
@@ -314,16 +294,13 @@ def run_demo(command: DemoCommand) -> Path:
 
 
 def run_train(command: TrainCommand) -> dict[str, Any]:
-    """One RL run from --init (or --model) into --out; returns its final evaluation."""
-    from igpo_rewards.reference_trainer.training import train
-
+    """One RL run from --init (or --model) into --out (``training.train`` seeds it); returns its final evaluation."""
     config = validate_config(_run_config(command))
     init = config.init or config.model
     if init is None:
         raise ValueError("train needs --init DIR (e.g. DIR/warm_start of a demo) or --model PATH")
     if not Path(init).is_dir():
         raise FileNotFoundError(f"--init/--model: directory not found: {init}")
-    seed_everything(config)
     data = build_data(config)
     if not data.train:
         raise ValueError("no training questions (give --data file.parquet)")
@@ -347,14 +324,12 @@ def run_eval(command: EvalCommand) -> dict[str, Any]:
     print(f"EM {100 * result['em']:.1f}  F1 {100 * result['f1']:.1f}  (n = {result['n']}) -> {out / 'eval.json'}")
     if result["by_hops"]:
         print("by hops: " + ", ".join(f"{h}: EM {100 * s['em']:.1f} (n = {s['n']})" for h, s in result["by_hops"].items()))
-    print(paper_table(result, label=Path(path).name))
+    print("\n".join(paper_table({Path(path).name: result})))
     return result
 
 
 def run_report(command: ReportCommand) -> Path:
     """report.md from run directories."""
-    from igpo_rewards.reference_trainer.report import write_report
-
     out = Path(command.out)
     runs = {}
     for item in command.runs or (f"IGPO={out / 'igpo'}", f"GRPO={out / 'grpo'}"):

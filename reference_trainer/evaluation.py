@@ -11,8 +11,7 @@ alias counts), and 0 for a malformed response or one without an answer. The resu
      "by_data_source": {"nq": {"em", "f1", "n"}, ...},
      "format_error_fraction": float, "turns_mean": float, "searches_mean": float}
 
-``paper_table`` lays out the per-data-source scores like the paper's table (NQ, TQ,
-HotpotQA, 2Wiki, MuSiQue, Bamboogle, PopQA, average over the datasets present).
+``report.paper_table`` lays out the per-data-source scores like the paper's table.
 """
 
 from __future__ import annotations
@@ -24,17 +23,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from igpo_rewards.reference_trainer.rollout import QATrajectory, rollout_examples
-
-PAPER_COLUMNS = (
-    ("NQ", ("nq",)),
-    ("TQ", ("tq", "triviaqa")),
-    ("HotpotQA", ("hotpotqa",)),
-    ("2Wiki", ("2wiki", "2wikimultihopqa")),
-    ("MuSiQue", ("musique",)),
-    ("Bamboogle", ("bamboogle",)),
-    ("PopQA", ("popqa",)),
-)
-"""The paper's columns and the ``data_source`` names (lowercase) each one collects."""
 
 
 def _summary(scores: Sequence[tuple[float, float]]) -> dict[str, Any]:
@@ -110,38 +98,3 @@ def evaluate(
         model.train()
     summary = summarize(trajectories, step=step)
     return (summary, trajectories) if return_trajectories else summary
-
-
-def paper_table(result: dict[str, Any], *, label: str = "policy") -> str:
-    """A markdown table of EM (and F1) per data source in the paper's column order.
-
-    Columns with no questions show "-"; "Avg." is the mean over the datasets present (the
-    paper averages datasets, not questions). Data sources outside the paper's seven are
-    appended after them.
-
-    Example:
-        >>> print(paper_table({"by_data_source": {"nq": {"em": 0.5, "f1": 0.75, "n": 2},
-        ...                                       "popqa": {"em": 0.0, "f1": 0.5, "n": 1}}}))
-        | policy | NQ | TQ | HotpotQA | 2Wiki | MuSiQue | Bamboogle | PopQA | Avg. |
-        |---|---|---|---|---|---|---|---|---|
-        | EM | 50.0 | - | - | - | - | - | 0.0 | 25.0 |
-        | F1 | 75.0 | - | - | - | - | - | 50.0 | 62.5 |
-    """
-    sources = {source.lower(): scores for source, scores in result.get("by_data_source", {}).items()}
-    known = {name for _, names in PAPER_COLUMNS for name in names}
-    columns = [(title, [sources[name] for name in names if name in sources]) for title, names in PAPER_COLUMNS]
-    columns += [(source, [scores]) for source, scores in sorted(sources.items()) if source not in known]
-    lines = [
-        "| " + " | ".join([label, *[title for title, _ in columns], "Avg."]) + " |",
-        "|" + "---|" * (len(columns) + 2),
-    ]
-    for metric in ("em", "f1"):
-        values = []
-        for _, groups in columns:
-            n = sum(group["n"] for group in groups)
-            values.append(sum(group[metric] * group["n"] for group in groups) / n if n else None)
-        present = [value for value in values if value is not None]
-        average = sum(present) / len(present) if present else None
-        cells = ["-" if value is None else f"{100 * value:.1f}" for value in [*values, average]]
-        lines.append("| " + " | ".join([metric.upper(), *cells]) + " |")
-    return "\n".join(lines)

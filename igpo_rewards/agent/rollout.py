@@ -29,23 +29,26 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from igpo_rewards.agent.probes import pad_token_ids
 from igpo_rewards.agent.protocol import STOP_STRINGS, build_prompt, observation_block, parse_action
 from igpo_rewards.agent.retrieval import Retriever, format_observation
 
 __all__ = [
     "RolloutResult",
     "StopOnStrings",
+    "TokenLayout",
     "Trajectory",
     "cut_turn",
     "generate_rollouts",
     "generate_turn",
     "rollout_questions",
     "sampling_config",
+    "token_layout",
 ]
 
 
@@ -90,6 +93,44 @@ class Trajectory:
     def answered(self) -> bool:
         """Whether the rollout ended with a well-formed answer turn."""
         return self.stop_reason == "answer"
+
+
+class TokenLayout(NamedTuple):
+    """Trajectories as right-padded tensors. B trajectories, S the longest, T the most turns.
+
+    Attributes:
+        input_ids: [B, S] long, each trajectory's ``token_ids`` then the pad id.
+        lengths: [B] long.
+        token_turn: [B, S] long, the turn j of every generated token (``turn_spans[j]``), -1 on
+            prompt, observation and padding tokens: the token -> turn index of
+            ``igpo_rewards.broadcast_to_tokens``; ``token_turn >= 0`` is the loss (or TRL
+            ``env_mask``) mask.
+        turn_starts: [B, T] long, where turn j starts (the probe before it sees
+            ``input_ids[b, :turn_starts[b, j]]``); 0 at padded turns.
+        turn_mask: [B, T] bool, the real turns (a prefix of each row).
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    token_turn: torch.Tensor
+    turn_starts: torch.Tensor
+    turn_mask: torch.Tensor
+
+
+def token_layout(
+    trajectories: Sequence[Trajectory], *, pad_token_id: int = 0, device: torch.device | str | None = None
+) -> TokenLayout:
+    """The ``TokenLayout`` of a batch of trajectories, read from their spans (no loop per token)."""
+    input_ids, lengths = pad_token_ids([t.token_ids for t in trajectories], pad_token_id=pad_token_id, device=device)
+    counts = torch.tensor([t.num_turns for t in trajectories], device=device)
+    turn_mask = torch.arange(int(counts.max()), device=device)[None, :] < counts[:, None]
+    spans = torch.zeros((*turn_mask.shape, 2), dtype=torch.long, device=device)
+    spans[turn_mask] = torch.tensor([span for t in trajectories for span in t.turn_spans], dtype=torch.long, device=device)
+    position = torch.arange(input_ids.shape[1], device=device)
+    inside = (position >= spans[..., :1]) & (position < spans[..., 1:]) & turn_mask[..., None]  # [B, T, S]
+    turn = torch.arange(turn_mask.shape[1], device=device)[None, :, None]
+    token_turn = torch.where(inside.any(1), (inside * turn).sum(1), -1)
+    return TokenLayout(input_ids, lengths, token_turn, spans[..., 0], turn_mask)
 
 
 @dataclass

@@ -447,7 +447,12 @@ def test_index_command_builds_the_cache_entry(tmp_path, corpus_path, capsys):
 def test_console_script_is_declared():
     (script,) = [entry for entry in importlib.metadata.entry_points(group="console_scripts")
                  if entry.name == "igpo-retrieve"]
-    assert script.load() is main
+    # The script is igpo_rewards._console's wrapper, which loads this module's main (or names
+    # the missing `server` extra, tested in tests/trainer/test_smoke.py).
+    from igpo_rewards import _console
+
+    assert script.load() is _console.igpo_retrieve
+    assert _console._load_main("igpo-retrieve") is main
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from igpo_rewards import IGPOSettings
 from igpo_rewards.reference_trainer.cli import DemoCommand, EvalCommand, ReportCommand, TrainCommand, main, parse
 from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, validate_config
 from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
@@ -39,6 +41,34 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
     assert load_config_file(yaml).rl.algorithm == "grpo"
 
 
+def test_every_igpo_option_is_a_flag_and_a_config_key(tmp_path):
+    """RLConfig.igpo is igpo_rewards.IGPOSettings: each option of igpo_advantages / grpo_advantages,
+    under the library's name, from a flag (--rl.igpo.NAME) or a config file ([rl.igpo])."""
+    settings = IGPOSettings(gamma=0.5, kind="log_prob", mode="separate", weighting="trajectory", scale="none", eps=0.25,
+                            ddof=1, ig_weight=0.5, outcome_weight=3.0, log_prob_floor=-7.0)
+    flags = [item for field in dataclasses.fields(IGPOSettings) if field.name != "max_turns"
+             for item in (f"--rl.igpo.{field.name.replace('_', '-')}", str(getattr(settings, field.name)))]
+    assert parse(["train", *flags]).rl.igpo == settings
+    toml = tmp_path / "igpo.toml"
+    toml.write_text('[rl.igpo]\neps = 0.25\nlog_prob_floor = -7.0\nkind = "log_prob"\n')
+    assert load_config_file(toml).rl.igpo == IGPOSettings(eps=0.25, log_prob_floor=-7.0, kind="log_prob")
+    # the old trainer-only names are gone: one name per option
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ig_kind'\]"):
+        load_config_file(_write(tmp_path / "old.toml", '[rl]\nig_kind = "prob"\n'))
+
+
+def test_a_bad_igpo_flag_exits_2_with_the_reason(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # tyro reports what the settings object raised
+        main(["train", "--rl.igpo.gamma", "1.5"])
+    assert exit_info.value.code == 2
+    assert "gamma must be in [0, 1], got 1.5" in " ".join(capsys.readouterr().err.split())
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -48,6 +78,8 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
         ("[rl]\nclip_ratio = 1.5\n", "rl.clip_ratio must be in (0.0, 1.0], got 1.5"),
         ("rl = 3\n", "must be a table/mapping"),
         ("[rl\n", "cannot parse config file"),
+        ('[rl.igpo]\nkind = "logp"\n', "igpo settings: kind must be one of ['prob', 'log_prob'], got 'logp'"),
+        ("[rl.igpo]\ngama = 0.9\n", "unknown key(s) ['gama']"),
     ],
 )
 def test_bad_config_files_exit_2_with_the_reason(tmp_path, capsys, content, message):

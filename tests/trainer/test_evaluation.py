@@ -1,4 +1,4 @@
-"""Evaluation: EM/F1 against all aliases, by hop and by data source, greedy rollouts, the paper's table."""
+"""Evaluation: EM/F1 against all aliases, by hop and by data source, greedy rollouts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from igpo_rewards.agent import rollout
 from igpo_rewards.agent.protocol import INSTRUCTION
 from igpo_rewards.agent.retrieval import Document
 from igpo_rewards.agent.rollout import Trajectory
-from igpo_rewards.reference_trainer.evaluation import evaluate, paper_table, summarize
+from igpo_rewards.reference_trainer.evaluation import evaluate, summarize
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.rollout import score_response, scored
@@ -57,23 +57,6 @@ def test_summarize_by_hops_and_source():
     assert result["searches_mean"] == 0.25 and result["turns_mean"] == 1.0
     with pytest.raises(ValueError, match="empty"):
         summarize([])
-
-
-def test_paper_table_layout_and_dataset_average():
-    result = {
-        "by_data_source": {
-            "nq": {"em": 0.5, "f1": 0.6, "n": 10},
-            "triviaqa": {"em": 0.2, "f1": 0.4, "n": 1},
-            "tq": {"em": 0.4, "f1": 0.4, "n": 3},
-            "Bamboogle": {"em": 0.1, "f1": 0.2, "n": 5},
-            "world": {"em": 1.0, "f1": 1.0, "n": 2},
-        }
-    }
-    lines = paper_table(result, label="IGPO").splitlines()
-    assert lines[0] == "| IGPO | NQ | TQ | HotpotQA | 2Wiki | MuSiQue | Bamboogle | PopQA | world | Avg. |"
-    tq_em = (0.2 * 1 + 0.4 * 3) / 4  # both TriviaQA spellings pooled by question count
-    average = (0.5 + tq_em + 0.1 + 1.0) / 4  # mean over the datasets present
-    assert lines[2] == f"| EM | 50.0 | {100 * tq_em:.1f} | - | - | - | 10.0 | - | 100.0 | {100 * average:.1f} |"
 
 
 def test_evaluate_runs_greedy_rollouts(monkeypatch):

@@ -15,7 +15,8 @@ from igpo_rewards.agent.probes import build_probe_suffix
 from igpo_rewards.agent.protocol import build_prompt, observation_block, parse_action
 from igpo_rewards.agent.retrieval import format_observation
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.training import score_trajectories
+from igpo_rewards.agent.probes import token_logprobs
+from igpo_rewards.reference_trainer.batch import build_batch
 from igpo_rewards.reference_trainer.warm_start import (
     NamePool,
     RenamingRetriever,
@@ -134,7 +135,10 @@ def test_sft_loss_is_the_mean_nll_of_turn_tokens(world, tokenizer):
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=1024)
     demos = [build_demonstration(e, turns_of(e), tokenizer, retriever, topk=3) for e in world.train[:3]]
     loss, parts = sft_loss(model, tokenizer, demos)
-    logprobs, _, _ = score_trajectories(model, tokenizer, demos, include_probes=False, micro_batch_size=8)
+    batch = build_batch(demos, tokenizer, probes=False)
+    position = torch.arange(batch.input_ids.shape[1])[None, :]
+    with torch.no_grad():  # every token's log-prob; the turn tokens are picked from the spans below
+        logprobs, _ = token_logprobs(model, batch.input_ids, (position > 0) & (position < batch.lengths[:, None]))
     values = [float(logprobs[row, t]) for row, demo in enumerate(demos) for s, e in demo.turn_spans for t in range(s, e)]
     assert float(loss.detach()) == pytest.approx(-sum(values) / len(values), rel=1e-5)
     assert parts == {"sft": pytest.approx(float(loss.detach()))}
