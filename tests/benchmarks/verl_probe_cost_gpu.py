@@ -3,14 +3,15 @@
 Not collected by pytest (a GPU script). A server-side probe (``igpo_tool_agent`` through vLLM or
 SGLang with ``prompt_logprobs``) prefills its whole context plus the suffix and computes logits at
 every prompt position; the actor-side way runs the old-log-prob forward (which PPO needs anyway)
-with its KV cache and then only the T x P probe tokens (``packed_forward(probe_layout="kv_cache")``).
+with its KV cache and then only the T x P probe tokens (``probe_forward(probe_layout="kv_cache")``).
 Both are timed here on the same random-weight model of Qwen2.5-1.5B's shape (bf16, SDPA) over
 synthetic trajectories: a prompt, then T turns of a call and an observation; the probes' answer
 log-probs of the two ways are compared (<= 0.05 in bf16).
 
     python tests/benchmarks/verl_probe_cost_gpu.py [--turns 4 10] [--trajectories 8] [--rounds 3] [--smoke]
 
-Prints one JSON line per T (tokens and milliseconds of each way). docs/integrations/verl.md quotes a run.
+Prints one JSON line per T (tokens and milliseconds of each way). docs/integrations/verl.md quotes a
+run made with the kernel of main 55f3554 (``packed_forward``, the same KV-cache layout).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from igpo_rewards.agent.probes import ProbeSuffix, packed_forward
+from igpo_rewards.agent.probes import ProbeSuffix, pad_token_ids, probe_forward, suffix_table, token_logprobs
 
 PROMPT, CALL, OBSERVATION, SUFFIX, ANSWER = 500, 100, 500, 20, 4
 
@@ -90,13 +91,19 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for turns in arguments.turns:
         token_ids, starts, suffixes = trajectories(arguments.trajectories, turns, generator)
+        input_ids, lengths = pad_token_ids(token_ids, device=model.device)
+        turn_starts, _ = pad_token_ids(starts, device=model.device)
+        turn_mask = torch.ones(turn_starts.shape, dtype=torch.bool, device=model.device)
+        positions = torch.arange(input_ids.shape[1], device=model.device)[None, :]
+        scored = (positions >= PROMPT) & (positions < lengths[:, None])  # the response's old log-probs
+        table = suffix_table(suffixes, device=model.device)
         times: dict[str, list[float]] = {"server_side": [], "actor_forward": [], "actor_forward_with_probes": []}
         with torch.no_grad():
             for _ in range(arguments.rounds + 1):  # the first round warms up
                 server, ms_server = timed(server_side, model, token_ids, starts, suffixes)
-                _, ms_forward = timed(packed_forward, model, token_ids, pad_token_id=0)
-                actor, ms_actor = timed(packed_forward, model, token_ids, starts, suffixes, probe_layout="kv_cache",
-                                        pad_token_id=0)
+                _, ms_forward = timed(token_logprobs, model, input_ids, scored)
+                actor, ms_actor = timed(probe_forward, model, input_ids, lengths, turn_starts, turn_mask, table,
+                                        token_mask=scored, probe_layout="kv_cache", pad_token_id=0)
                 for name, value in (("server_side", ms_server), ("actor_forward", ms_forward),
                                     ("actor_forward_with_probes", ms_actor)):
                     times[name].append(value)

@@ -37,8 +37,14 @@ from igpo_rewards.integrations.verl_agent_loop import (
     probe_logprob_from_server_output,
 )
 from igpo_rewards.integrations.verl_manager import IGPOAgentLoopWorker, uses_v1_trainer, write_turn_rewards
-from igpo_rewards.agent.probes import build_probe_suffix, packed_forward
-from igpo_rewards.agent.protocol import PROBE_TEMPLATE
+from igpo_rewards.agent.probes import (
+    build_probe_suffix,
+    pad_token_ids,
+    probe_forward,
+    score_probes,
+    suffix_table,
+    token_logprobs,
+)
 from igpo_rewards.reference_trainer.world import build_world, write_corpus_jsonl
 from igpo_rewards.testing import reference
 
@@ -195,6 +201,16 @@ def expected_advantages(probes, outcomes, uids, masks, settings=None):
     return tokens, result
 
 
+def trajectory(out, row) -> SimpleNamespace:
+    """Row ``row`` of a legacy batch unpadded: token ids (prompt + response), where each turn starts
+    in them (the runs of response_mask), the probed answer (the ground truth's first alias)."""
+    prompt = out.batch["prompts"][row][out.batch["attention_mask"][row, : harness.PROMPT_LENGTH].bool()].tolist()
+    response = out.batch["responses"][row][out.batch["attention_mask"][row, harness.PROMPT_LENGTH:].bool()].tolist()
+    starts = [len(prompt) + start for start, _ in runs_of_ones(out.batch["response_mask"][row])]
+    answer = out.non_tensor_batch["reward_model"][row]["ground_truth"].split("<|answer_split|>")[0]
+    return SimpleNamespace(token_ids=prompt + response, prompt_length=len(prompt), turn_starts=starts, answer=answer)
+
+
 def legacy_rows(legacy):
     out = legacy.output
     probes = [list(values) for values in out.non_tensor_batch[igpo_verl.ANSWER_LOGPROB_KEY]]
@@ -236,20 +252,14 @@ def test_response_mask_has_one_run_of_ones_per_assistant_turn(legacy, setup):
 
 
 def test_probe_values_equal_the_reference_trainers_packed_probe_forward(legacy, setup):
-    """Each probe m_{i,j} scored by the rollout server = the reference trainer's packed forward of
-    the same model on the same tokens (the trajectory up to turn j, then the probe suffix)."""
+    """Each probe m_{i,j} scored by the rollout server = the packed probe forward the reference
+    trainer uses (igpo_rewards.agent.probes.score_probes) of the same model on the same tokens
+    (the trajectory up to turn j, then the probe suffix)."""
     out, probes, _ = legacy_rows(legacy)
-    tokenizer, model = setup.policy.tokenizer, setup.policy.model
-    token_ids, starts, suffixes = [], [], []
-    for row in range(len(out)):
-        prompt = out.batch["prompts"][row][out.batch["attention_mask"][row, : harness.PROMPT_LENGTH].bool()].tolist()
-        response = out.batch["responses"][row][out.batch["attention_mask"][row, harness.PROMPT_LENGTH:].bool()].tolist()
-        token_ids.append(prompt + response)
-        starts.append([len(prompt) + start for start, _ in runs_of_ones(out.batch["response_mask"][row])])
-        answer = out.non_tensor_batch["reward_model"][row]["ground_truth"].split("<|answer_split|>")[0]
-        suffixes.append(build_probe_suffix(tokenizer, answer, template=PROBE_TEMPLATE))
+    trajectories = [trajectory(out, row) for row in range(len(out))]
     with torch.no_grad():
-        expected = packed_forward(model, token_ids, starts, suffixes, pad_token_id=tokenizer.pad_token_id).answer_logprob
+        expected = score_probes(setup.policy.model, setup.policy.tokenizer, [t.token_ids for t in trajectories],
+                                [t.turn_starts for t in trajectories], [t.answer for t in trajectories])
     for row, values in enumerate(probes):
         np.testing.assert_allclose(values, expected[row, : len(values)].numpy(), rtol=0, atol=PROBE_TOLERANCE)
     # probe 0 sees only the prompt: equal within each group of rollouts
@@ -266,11 +276,9 @@ def test_probe_requests_and_their_prefilled_tokens(legacy, setup):
     assert server.log.requests["prompt_logprobs"] == turns == server.log.requests["generate"]
     total = 0
     for row in range(len(out)):
-        answer = out.non_tensor_batch["reward_model"][row]["ground_truth"].split("<|answer_split|>")[0]
-        suffix = build_probe_suffix(setup.policy.tokenizer, answer)
-        prompt_length = int(out.batch["attention_mask"][row, : harness.PROMPT_LENGTH].sum())
-        contexts = [prompt_length + start for start, _ in runs_of_ones(out.batch["response_mask"][row])]
-        expected = sum(context + len(suffix.token_ids) for context in contexts)
+        path = trajectory(out, row)
+        suffix = build_probe_suffix(setup.policy.tokenizer, path.answer)
+        expected = sum(start + len(suffix.token_ids) for start in path.turn_starts)
         assert out.non_tensor_batch[PROBE_TOKENS_KEY][row] == expected
         total += expected
     assert server.log.tokens["prompt_logprobs"] == total
@@ -599,49 +607,58 @@ def test_search_tool_refuses_bad_config_and_arguments(setup, event_loop_for_verl
 
 
 def test_probe_cost_server_side_versus_actor_side(legacy, setup):
-    """Tokens the probe requests prefilled per rollout against the ideal T x P, and wall time of
-    the server-side probes against the extra time of the reference trainer's actor-side forward
-    (old-log-prob forward with the probes over its KV cache, minus the forward alone) on the same
-    trajectories. Token counts are asserted; timings are reported (``IGPO_BENCH=full`` runs more
-    rounds and writes .benchmarks/igpo/verl_probe_cost.json)."""
+    """Tokens the probe requests prefilled per rollout against the ideal T x P, and the wall time of
+    scoring the probes as the server does (one forward over context + suffix per probe) against the
+    extra time of the actor-side way (igpo_rewards.agent.probes.probe_forward: the old-log-prob
+    forward of the response tokens with the probes over its KV cache, minus that forward alone),
+    on the same trajectories. Token counts and values are asserted; timings are reported
+    (``IGPO_BENCH=full`` runs 9 interleaved rounds and writes .benchmarks/igpo/verl_probe_cost.json)."""
     from ..probe_oracle import naive_probe_logprobs
 
     out, probes, _ = legacy_rows(legacy)
     tokenizer, model = setup.policy.tokenizer, setup.policy.model
-    token_ids, starts, suffixes, rows = [], [], [], []
-    for row in range(len(out)):
-        prompt = out.batch["prompts"][row][out.batch["attention_mask"][row, : harness.PROMPT_LENGTH].bool()].tolist()
-        response = out.batch["responses"][row][out.batch["attention_mask"][row, harness.PROMPT_LENGTH:].bool()].tolist()
-        answer = out.non_tensor_batch["reward_model"][row]["ground_truth"].split("<|answer_split|>")[0]
-        suffix = build_probe_suffix(tokenizer, answer)
-        token_ids.append(prompt + response)
-        starts.append([len(prompt) + start for start, _ in runs_of_ones(out.batch["response_mask"][row])])
-        suffixes.append(suffix)
+    paths = [trajectory(out, row) for row in range(len(out))]
+    suffixes = [build_probe_suffix(tokenizer, path.answer) for path in paths]
+    rows = []
+    for row, (path, suffix) in enumerate(zip(paths, suffixes)):
         ideal = len(probes[row]) * len(suffix.token_ids)
         prefilled = int(out.non_tensor_batch[PROBE_TOKENS_KEY][row])
-        assert prefilled == sum(start + len(suffix.token_ids) for start in starts[-1]) > ideal
-        rows.append({"turns": len(probes[row]), "probe_length": len(suffix.token_ids), "trajectory": len(token_ids[-1]),
+        assert prefilled == sum(start + len(suffix.token_ids) for start in path.turn_starts) > ideal
+        rows.append({"turns": len(probes[row]), "probe_length": len(suffix.token_ids), "trajectory": len(path.token_ids),
                      "prefilled": prefilled, "ideal": ideal})
+    # the actor-side inputs: one padded batch, the old log-probs of the response tokens
+    input_ids, lengths = pad_token_ids([path.token_ids for path in paths], pad_token_id=tokenizer.pad_token_id)
+    starts, _ = pad_token_ids([path.turn_starts for path in paths])
+    turn_mask = torch.arange(starts.shape[1])[None, :] < torch.tensor([[len(p.turn_starts)] for p in paths])
+    positions = torch.arange(input_ids.shape[1])[None, :]
+    response_tokens = (positions >= torch.tensor([[p.prompt_length] for p in paths])) & (positions < lengths[:, None])
+    table = suffix_table(suffixes)
 
     full = os.environ.get("IGPO_BENCH", "quick").strip().lower() == "full"
-    timings = {"server_side": [], "actor_forward": [], "actor_forward_with_probes": []}
+    ways = {
+        "server_side": lambda: igpo_rewards.answer_logprob(*naive_probe_logprobs(
+            model, [p.token_ids for p in paths], [p.turn_starts for p in paths], suffixes)),
+        "actor_forward": lambda: token_logprobs(model, input_ids, response_tokens)[0],
+        "actor_forward_with_probes": lambda: probe_forward(
+            model, input_ids, lengths, starts, turn_mask, table, token_mask=response_tokens, probe_layout="kv_cache",
+            pad_token_id=tokenizer.pad_token_id).answer_logprob,
+    }
+    timings: dict[str, list[float]] = {name: [] for name in ways}
+    results = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
             for _ in range(9 if full else 1):
-                for name, run in (
-                    ("server_side", lambda: naive_probe_logprobs(model, token_ids, starts, suffixes)),
-                    ("actor_forward", lambda: packed_forward(model, token_ids, pad_token_id=tokenizer.pad_token_id)),
-                    ("actor_forward_with_probes", lambda: packed_forward(model, token_ids, starts, suffixes,
-                                                                       probe_layout="kv_cache",
-                                                                       pad_token_id=tokenizer.pad_token_id)),
-                ):
+                for name, run in ways.items():
                     started = time.perf_counter()
-                    run()
+                    results[name] = run()
                     timings[name].append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
+    for name in ("server_side", "actor_forward_with_probes"):  # both ways give the agent loop's probes
+        for row, values in enumerate(probes):
+            np.testing.assert_allclose(values, results[name][row, : len(values)].numpy(), rtol=0, atol=PROBE_TOLERANCE)
     median = {name: float(np.median(values)) for name, values in timings.items()}
     report = {
         "rollouts": len(rows),
@@ -651,8 +668,9 @@ def test_probe_cost_server_side_versus_actor_side(legacy, setup):
         "harness_server_probe_seconds": legacy.server.log.seconds["prompt_logprobs"],
         "harness_server_generate_seconds": legacy.server.log.seconds["generate"],
         "server_side_probe_seconds": median["server_side"],
-        "actor_side_extra_seconds": median["actor_forward_with_probes"] - median["actor_forward"],
         "actor_forward_seconds": median["actor_forward"],
+        "actor_forward_with_probes_seconds": median["actor_forward_with_probes"],
+        "actor_side_extra_seconds": median["actor_forward_with_probes"] - median["actor_forward"],
         "rounds": len(timings["server_side"]),
         "rows": rows,
     }
