@@ -4,7 +4,7 @@ verl >= 0.9 imports this module through the ``verl.plugins`` entry point ``igpo_
 igpo-rewards declares, which registers :class:`IGPOToolAgentLoop` in verl's agent-loop registry:
 ``actor_rollout_ref.rollout.agent.default_agent_loop=igpo_tool_agent`` needs no file of the user's.
 
-Before each assistant turn j (ALGORITHM.md section 1) the loop sends the probe sequence
+Before each assistant turn j (docs/algorithm.md, section 1) the loop sends the probe sequence
 
     context_j (the prompt, or everything up to the end of observation j-1) + probe suffix
 
