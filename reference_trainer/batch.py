@@ -97,9 +97,26 @@ def build_batch(
     )
 
 
-def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, size: int, *, by_length: bool) -> Iterator[torch.Tensor]:
-    """``rows`` in chunks of ``size``; ``by_length`` sorts them by length first (less padding, for
-    forwards whose results do not depend on which rows share a chunk)."""
+def micro_batches(
+    rows: torch.Tensor, lengths: torch.Tensor, size: int, *, max_tokens: int = 0, by_length: bool = True
+) -> Iterator[torch.Tensor]:
+    """``rows`` in micro batches of at most ``size`` rows and, when ``max_tokens`` > 0, at most
+    ``max_tokens`` padded tokens (rows x the longest row; a longer row is a micro batch alone).
+
+    ``by_length`` sorts the rows by length first, so rows of similar lengths share a micro batch
+    and little is padding (as verl's dynamic batch size does). Neither changes what is computed:
+    every forward is per row, and the update weights each micro batch's loss by its share of rows.
+    """
     if by_length:
         rows = rows[torch.argsort(lengths[rows], stable=True)]
-    yield from torch.split(rows, size)
+    chunk: list[int] = []
+    longest = 0
+    for row, length in zip(rows.tolist(), lengths[rows].tolist()):
+        wider = max(longest, length)
+        if chunk and (len(chunk) == size or (max_tokens > 0 and (len(chunk) + 1) * wider > max_tokens)):
+            yield torch.tensor(chunk, dtype=torch.long, device=rows.device)
+            chunk, wider = [], length
+        chunk.append(row)
+        longest = wider
+    if chunk:
+        yield torch.tensor(chunk, dtype=torch.long, device=rows.device)

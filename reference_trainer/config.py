@@ -120,15 +120,17 @@ class RLConfig:
     ppo_epochs: int = 1
     """Passes over the rollouts per RL step."""
     micro_batch_size: int = 32
-    """Rows per forward/backward (bounds memory; gradients are accumulated)."""
+    """Most rows per forward/backward (bounds memory; gradients are accumulated exactly)."""
+    micro_batch_tokens: int = 4096
+    """Most padded tokens (rows x longest row) per forward/backward, rows sorted by length (like verl's dynamic batch size); 0 = rows only. Bounds memory and padding, changes no result."""
     generation_batch_size: int = 64
     """Rows per generate call."""
     igpo: IGPOSettings = field(default_factory=IGPOSettings)
     """Every option of igpo_rewards.igpo_advantages / grpo_advantages, under the library's names (--rl.igpo.gamma, --rl.igpo.kind, --rl.igpo.eps, ...); GRPO uses scale, eps and ddof."""
     grpo_probes: bool = False
     """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
-    probe_layout: Literal[PROBE_LAYOUTS] = "packed"
-    """Probes in the old-log-prob forward: appended copies in ONE forward, or a second pass over its KV cache (same numbers; docs/benchmarks.md)."""
+    probe_layout: Literal[PROBE_LAYOUTS] = "kv_cache"
+    """Probes in the old-log-prob forward: a second pass of the probe copies over the trajectory pass's KV cache (the trajectory pass is then a plain causal forward; the faster one here), or the copies appended in ONE forward under a 4D mask ("packed"). Same numbers; docs/benchmarks.md."""
     eval_every: int = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
     checkpoint_every: int = 10
@@ -333,7 +335,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     for name in ("questions_per_step", "group_size", "max_turns", "max_new_tokens", "topk", "minibatches",
                  "ppo_epochs", "micro_batch_size", "generation_batch_size"):
         _positive_int(f"rl.{name}", getattr(rl, name))
-    for name in ("eval_every", "checkpoint_every", "case_studies_per_eval"):
+    for name in ("eval_every", "checkpoint_every", "case_studies_per_eval", "micro_batch_tokens"):
         _positive_int(f"rl.{name}", getattr(rl, name), 0)
     if rl.minibatches > rl.questions_per_step:
         raise ValueError(

@@ -204,7 +204,7 @@ def score_batch(model: Any, batch: RolloutBatch, config: RLConfig, *, probes: bo
     answer_logprob = torch.zeros(batch.turn_mask.shape, device=logprobs.device) if probes else None
     spread = torch.zeros_like(logprobs) if entropy else None
     rows = torch.arange(len(batch.trajectories), device=logprobs.device)
-    for micro in micro_batches(rows, batch.lengths, config.micro_batch_size, by_length=True):
+    for micro in micro_batches(rows, batch.lengths, config.micro_batch_size, max_tokens=config.micro_batch_tokens):
         part = batch.select(micro)
         if probes:
             out = probe_forward(
@@ -272,7 +272,7 @@ def ppo_update(
     for _ in range(config.ppo_epochs):
         for rows in minibatches:
             optimizer.zero_grad(set_to_none=True)
-            for micro in micro_batches(rows, batch.lengths, config.micro_batch_size, by_length=False):
+            for micro in micro_batches(rows, batch.lengths, config.micro_batch_size, max_tokens=config.micro_batch_tokens):
                 ref = None if ref_logprobs is None else ref_logprobs[micro]
                 stats = _micro_step(
                     policy, batch.select(micro), token_advantages[micro], old_logprobs[micro], ref, len(micro) / len(rows), config

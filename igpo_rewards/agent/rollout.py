@@ -4,11 +4,12 @@
 turn by turn (TRL's ``rollout_func`` gets each prompt repeated ``num_generations`` times and
 passes them as they are; ``rollout_questions`` is the thin G-per-question layer on top):
 
-1. every unfinished rollout's context (prompt + turns + observations so far) is left-padded
-   into a batch and HF ``generate`` samples one turn (temperature 1, no top-k/top-p, so the
-   tokens come from the same distribution whose log-probs the PPO ratio uses; or greedy),
-   stopping a row at the first ``</search>`` or ``</answer>`` (``StopOnStrings``) or
-   end-of-sequence;
+1. the rollouts are cut into ``TurnGrid`` s of ``batch_size`` rows; every turn, each grid feeds
+   its unfinished rollouts' NEW context tokens (the prompt, then the last observation) to the
+   model on top of the KV cache it kept from the previous turns, and HF ``generate`` samples one
+   turn (temperature 1, no top-k/top-p, so the tokens come from the same distribution whose
+   log-probs the PPO ratio uses; or greedy), stopping a row at the first ``</search>`` or
+   ``</answer>`` (``StopOnStrings``) or end-of-sequence (``cut_turn``);
 2. ``protocol.parse_action`` reads the turn: an answer ends the rollout, an invalid turn
    (tag soup, no stop string, empty query) ends it too, a search is sent to the retriever;
 3. all queries of the turn go to ``retriever.search`` in one call, and
@@ -26,6 +27,7 @@ turn j cuts the context), and ``response``, the text an outcome reward scores
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,10 +45,11 @@ __all__ = [
     "StopOnStrings",
     "TokenLayout",
     "Trajectory",
+    "TurnGrid",
     "cut_turn",
     "generate_rollouts",
-    "generate_turn",
     "rollout_questions",
+    "sample_turns",
     "sampling_config",
     "token_layout",
 ]
@@ -234,50 +237,127 @@ def sampling_config(
     return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, **common)
 
 
-@torch.no_grad()
-def generate_turn(
-    model: Any,
-    tokenizer: Any,
-    contexts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    greedy: bool = False,
-    batch_size: int = 64,
-) -> list[list[int]]:
-    """Sample one turn for each context; returns the turn's tokens per context (in order).
+class TurnGrid:
+    """Rollouts generated together, turn after turn, with one KV cache kept between turns.
 
-    Contexts are sorted by length and cut into batches of ``batch_size`` (less padding),
-    left-padded (position ids follow the attention mask), and generated with
-    ``sampling_config`` and ``StopOnStrings``; each row is then cut by ``cut_turn``. Every
-    returned turn has at least one token.
+    Every row holds what its rollout has fed to the model so far, left to right: each turn
+    appends the row's new context tokens (the prompt at turn 0, the observation after a search)
+    as a left-padded block, then ``generate`` samples the turn. Everything that is not the
+    rollout's own token (padding, and the tokens ``generate`` kept sampling after a row's stop
+    string) stays in place as a hole: attention mask 0, so no real token sees it, and the
+    position ids (the mask's cumulative sum) count only real tokens, exactly as in the
+    rollout's ``token_ids``. So a turn feeds only its new tokens to the model, not the whole
+    context again. Rows whose rollout ended are dropped (from the cache too) before the next turn.
+    """
+
+    def __init__(self, states: Sequence[Any]):
+        self.states = list(states)
+        self.fed = [0] * len(self.states)  # context tokens of each rollout already in the grid
+        self.ids: torch.Tensor | None = None  # [R, W] long
+        self.mask: torch.Tensor | None = None  # [R, W] long, 1 on the rollouts' own tokens
+        self.cache: Any = None
+
+    @property
+    def contexts(self) -> list[list[int]]:
+        """Each row's rollout context (its ``token_ids`` so far)."""
+        return [state.context for state in self.states]
+
+    def drop_finished(self) -> None:
+        """Keep only the rows whose rollout goes on."""
+        keep = [row for row, state in enumerate(self.states) if not state.stop_reason]
+        if len(keep) == len(self.states):
+            return
+        self.states = [self.states[row] for row in keep]
+        self.fed = [self.fed[row] for row in keep]
+        if self.ids is not None:
+            index = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
+            self.ids, self.mask = self.ids[index], self.mask[index]
+            if self.cache is not None:
+                self.cache.batch_select_indices(index)
+
+    def extend(self, pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each row's new context tokens as a left-padded block; returns the whole grid."""
+        new = [state.context[fed:] for state, fed in zip(self.states, self.fed)]
+        width = max(len(tokens) for tokens in new)
+        block = torch.full((len(new), width), pad_token_id, dtype=torch.long)
+        block_mask = torch.zeros((len(new), width), dtype=torch.long)
+        for row, tokens in enumerate(new):
+            block[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            block_mask[row, width - len(tokens) :] = 1
+        self.fed = [len(state.context) for state in self.states]
+        block, block_mask = block.to(device), block_mask.to(device)
+        self.ids = block if self.ids is None else torch.cat([self.ids, block], dim=1)
+        self.mask = block_mask if self.mask is None else torch.cat([self.mask, block_mask], dim=1)
+        return self.ids, self.mask
+
+    def record(self, sequences: torch.Tensor, turns: list[list[int]], cache: Any) -> None:
+        """Keep what ``generate`` returned: the sampled tokens (a row's turn real, the rest holes) and the cache."""
+        sampled = sequences.shape[1] - self.ids.shape[1]
+        lengths = torch.tensor([len(turn) for turn in turns], device=sequences.device)
+        turn_mask = (torch.arange(sampled, device=sequences.device)[None, :] < lengths[:, None]).long()
+        self.ids, self.mask, self.cache = sequences, torch.cat([self.mask, turn_mask], dim=1), cache
+        self.fed = [fed + len(turn) for fed, turn in zip(self.fed, turns)]
+
+
+def _cache_keyword(model: Any) -> str:
+    """``cache`` in transformers >= 5 (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+def _shared_prompt_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The KV cache of a first turn's rows but their last column, each distinct row computed once.
+
+    The G rollouts of a question start from the same prompt: their rows are identical, so the
+    prompt is encoded once and its cache copied to every row (``generate`` then feeds only the
+    last column). ``None`` when no row repeats another.
+    """
+    rows = [tuple(row) for row in ids.tolist()]
+    first: dict[tuple[int, ...], int] = {}  # distinct row -> its first index
+    for index, row in enumerate(rows):
+        first.setdefault(row, index)
+    if len(first) == len(rows) or ids.shape[1] < 2:
+        return None
+    position = {row: rank for rank, row in enumerate(first)}  # distinct row -> its row in the cache
+    distinct = torch.tensor(list(first.values()), dtype=torch.long, device=ids.device)
+    copy_of = torch.tensor([position[row] for row in rows], dtype=torch.long, device=ids.device)
+    prompt_mask = mask[distinct, :-1]
+    keyword = _cache_keyword(model)
+    output = model.base_model(
+        input_ids=ids[distinct, :-1], attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+    )
+    cache = getattr(output, keyword)
+    cache.batch_select_indices(copy_of)
+    return cache
+
+
+@torch.no_grad()
+def sample_turns(model: Any, tokenizer: Any, grid: TurnGrid, *, max_new_tokens: int, greedy: bool = False) -> list[list[int]]:
+    """Sample the next turn of every row of ``grid`` (in its order), continuing from its KV cache.
+
+    ``generate`` runs on the grid (``TurnGrid.extend``) with ``sampling_config`` and
+    ``StopOnStrings``; each row is then cut by ``cut_turn``. At the first turn, rows with the same
+    prompt share its encoding (``_shared_prompt_cache``). Every returned turn has at least one
+    token.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    eos_ids = _eos_ids(model, tokenizer)
     config = sampling_config(tokenizer, model, max_new_tokens=max_new_tokens, greedy=greedy)
-    device = next(model.parameters()).device
-    order = sorted(range(len(contexts)), key=lambda index: len(contexts[index]))
-    turns: list[list[int]] = [[] for _ in contexts]
-    for first in range(0, len(order), batch_size):
-        rows = order[first : first + batch_size]
-        width = max(len(contexts[row]) for row in rows)
-        input_ids = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for slot, row in enumerate(rows):
-            length = len(contexts[row])
-            input_ids[slot, width - length :] = torch.tensor(list(contexts[row]), dtype=torch.long)
-            attention_mask[slot, width - length :] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, width)]),
-        )
-        generated = output[:, width:].tolist()
-        for slot, row in enumerate(rows):
-            turns[row] = cut_turn(tokenizer, generated[slot], eos_ids)
+    config.return_dict_in_generate = True  # the output carries the cache
+    ids, mask = grid.extend(config.pad_token_id, next(model.parameters()).device)
+    if grid.cache is None:
+        grid.cache = _shared_prompt_cache(model, ids, mask)
+    keyword = _cache_keyword(model)
+    output = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        generation_config=config,
+        stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, ids.shape[1])]),
+        **({keyword: grid.cache} if grid.cache is not None else {}),
+    )
+    eos_ids = _eos_ids(model, tokenizer)
+    turns = [cut_turn(tokenizer, row, eos_ids) for row in output.sequences[:, ids.shape[1] :].tolist()]
+    grid.record(output.sequences, turns, getattr(output, keyword, None))
     return turns
 
 
@@ -378,7 +458,8 @@ def generate_rollouts(
         max_context_tokens: the longest context; a rollout whose next observation would leave
             no room for a turn ends (``"context_full"``). Defaults to the model's
             ``max_position_embeddings``.
-        batch_size: rows per ``generate`` call.
+        batch_size: rollouts generated together (one ``TurnGrid``, one ``generate`` call per
+            turn, their KV cache kept between turns).
 
     Returns:
         ``RolloutResult`` with one trajectory per prompt, in order.
@@ -387,7 +468,7 @@ def generate_rollouts(
         ValueError: a bad count, an empty prompt, a prompt that leaves no room for a turn, or a
             retriever that answers another number of result lists than it got queries.
     """
-    _check_counts(max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk)
+    _check_counts(max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk, batch_size=batch_size)
     if max_context_tokens is None:
         max_context_tokens = int(getattr(model.config, "max_position_embeddings", 4096))
     states = []
@@ -395,19 +476,24 @@ def generate_rollouts(
         if not 0 < len(prompt) < max_context_tokens:
             raise ValueError(f"prompts[{index}] has {len(prompt)} tokens; it needs 1 to max_context_tokens - 1 = {max_context_tokens - 1}")
         states.append(_RolloutState(list(map(int, prompt)), len(prompt)))
+    grids = [TurnGrid(states[first : first + batch_size]) for first in range(0, len(states), batch_size)]
     result = RolloutResult([])
     for turn in range(max_turns):
-        active = [state for state in states if not state.stop_reason]
-        if not active:
+        for grid in grids:
+            grid.drop_finished()
+        grids = [grid for grid in grids if grid.states]
+        if not grids:
             break
         started = time.perf_counter()
-        room = max_context_tokens - max(len(state.context) for state in active)
-        turns = generate_turn(
-            model, tokenizer, [state.context for state in active],
-            max_new_tokens=max(1, min(max_new_tokens, room)), greedy=greedy, batch_size=batch_size,
-        )
+        room = max_context_tokens - max(len(context) for grid in grids for context in grid.contexts)
+        turns = [
+            turn_ids
+            for grid in grids
+            for turn_ids in sample_turns(model, tokenizer, grid, max_new_tokens=max(1, min(max_new_tokens, room)), greedy=greedy)
+        ]
         result.generation_seconds += time.perf_counter() - started
         result.generated_tokens += sum(len(turn_ids) for turn_ids in turns)
+        active = [state for grid in grids for state in grid.states]
         searches = _take_turns(tokenizer, active, turns, last=turn == max_turns - 1)
         if searches:
             started = time.perf_counter()

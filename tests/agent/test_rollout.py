@@ -1,7 +1,7 @@
 """The agent's protocol and rollout loop (igpo_rewards.agent.protocol, igpo_rewards.agent.rollout):
 action parsing, turn cutting, sampling settings, batching, and the multi-turn loop.
 
-The loop tests script what the "model" writes (``rollout.generate_turn`` is replaced by a
+The loop tests script what the "model" writes (``rollout.sample_turns`` is replaced by a
 function that returns the tokens of a given text), so every branch (search, answer, tag
 soup, max turns, full context) is reached on purpose; the generation tests use a tiny random
 HF model built by ``igpo_rewards.reference_trainer.modeling``.
@@ -9,10 +9,13 @@ HF model built by ``igpo_rewards.reference_trainer.modeling``.
 
 from __future__ import annotations
 
+import functools
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import StoppingCriteriaList
 
 from igpo_rewards.agent import rollout
 from igpo_rewards.agent.protocol import (
@@ -27,10 +30,11 @@ from igpo_rewards.agent.protocol import (
 from igpo_rewards.agent.retrieval import format_observation
 from igpo_rewards.agent.rollout import (
     StopOnStrings,
+    TurnGrid,
     cut_turn,
     generate_rollouts,
-    generate_turn,
     rollout_questions,
+    sample_turns,
     sampling_config,
 )
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
@@ -189,37 +193,92 @@ def test_sampling_config_is_pure_temperature_one(tokenizer, model):
         torch.testing.assert_close(scores, logits, rtol=0, atol=0)
 
 
-def test_generate_turn_left_padding_matches_unbatched(tokenizer, model):
+def grid_of(*contexts):
+    """A TurnGrid over rollouts whose contexts are ``contexts`` (the loop's rollout states stand-ins)."""
+    return TurnGrid([SimpleNamespace(context=list(context), stop_reason="") for context in contexts])
+
+
+def greedy_alone(model, tokenizer, context, max_new_tokens):
+    """One greedy turn from the whole context, no padding, no cache: the reference of the grid."""
+    config = sampling_config(tokenizer, model, max_new_tokens=max_new_tokens, greedy=True)
+    ids = torch.tensor([context])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                         stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, ids.shape[1])]))
+    return cut_turn(tokenizer, out[0, ids.shape[1] :].tolist(), [tokenizer.eos_token_id])
+
+
+def test_sample_turns_left_padding_matches_unbatched(tokenizer, model):
     contexts = [tokenizer(build_prompt(q, tokenizer))["input_ids"] for q in ("Where?", "Where was Ilsa Marr born today?")]
     contexts.append(contexts[1] + tokenizer("<search> Ilsa </search>", add_special_tokens=False)["input_ids"])
-    batched = generate_turn(model, tokenizer, contexts, max_new_tokens=12, greedy=True)
-    alone = [generate_turn(model, tokenizer, [context], max_new_tokens=12, greedy=True)[0] for context in contexts]
-    assert batched == alone
+    batched = sample_turns(model, tokenizer, grid_of(*contexts), max_new_tokens=12, greedy=True)
+    assert batched == [greedy_alone(model, tokenizer, context, 12) for context in contexts]
     assert all(1 <= len(turn) <= 12 for turn in batched)
 
 
-def test_generate_turn_sampling_is_seeded(tokenizer, model):
+def test_rows_with_the_same_prompt_share_its_encoding(tokenizer, model, monkeypatch):
+    """Repeated prompts (G rollouts of a question) are encoded once: the model sees 2 distinct
+    prompts, and the greedy turns are those of a fresh generate over each prompt."""
+    prompts = [tokenizer(build_prompt(q, tokenizer))["input_ids"] for q in ("Where?", "Where was Ilsa Marr born today?")]
+    batch_sizes = []
+    forward = model.base_model.forward
+
+    @functools.wraps(forward)  # keeps the signature the cache keyword is read from
+    def counting(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.base_model, "forward", counting)
+    turns = sample_turns(model, tokenizer, grid_of(*[prompts[0]] * 3, *[prompts[1]] * 2), max_new_tokens=5, greedy=True)
+    monkeypatch.undo()
+    assert batch_sizes[0] == 2  # the shared prompt pass, then generate's steps over all 5 rows
+    assert turns == [greedy_alone(model, tokenizer, prompts[0], 5)] * 3 + [greedy_alone(model, tokenizer, prompts[1], 5)] * 2
+
+
+def test_turn_grid_continues_from_its_cache_like_a_fresh_forward(tokenizer, model, monkeypatch):
+    """Turn after turn, with observations of different lengths appended, a turn cut short (so the
+    tokens generate sampled after it stay in the grid as holes) and a row dropped, the grid (new
+    tokens only, on its KV cache) samples what a greedy generate over the whole context samples."""
+    prompts = [tokenizer(build_prompt(q, tokenizer))["input_ids"] for q in ("Where?", "Where was Ilsa Marr born today?", "Who?")]
+    grid = grid_of(*prompts)
+    observations = [observation_block("Doc 1 Ilsa Marr was born in Kelm."), observation_block("x"), observation_block("Doc 1 a b c d e")]
+    full_cut = rollout.cut_turn
+    for turn in range(3):
+        keep = 3 if turn == 0 else None  # turn 0 stops after 3 tokens, as if a stop string came there
+        monkeypatch.setattr(rollout, "cut_turn", lambda tok, ids, eos: full_cut(tok, ids, eos)[:keep])
+        contexts = [list(context) for context in grid.contexts]
+        turns = sample_turns(model, tokenizer, grid, max_new_tokens=6, greedy=True)
+        assert turns == [greedy_alone(model, tokenizer, context, 6)[:keep] for context in contexts], turn
+        for state, turn_ids, text in zip(grid.states, turns, observations):
+            state.context += turn_ids + tokenizer(text, add_special_tokens=False)["input_ids"]
+        if turn == 0:
+            assert (grid.mask[:, -3:] == 0).all() and (grid.mask[:, -6:-3] == 1).all()  # the holes after the cut
+            grid.states[1].stop_reason = "answer"
+            grid.drop_finished()
+            observations = [observations[0], observations[2]]
+    assert len(grid.states) == 2 and grid.ids.shape[0] == 2
+    assert int(grid.mask.sum(1).min()) < grid.ids.shape[1]
+
+
+def test_sample_turns_sampling_is_seeded(tokenizer, model):
     contexts = [tokenizer(build_prompt("Where?", tokenizer))["input_ids"]] * 5
     torch.manual_seed(1)
-    first = generate_turn(model, tokenizer, contexts, max_new_tokens=8, batch_size=2)
+    first = sample_turns(model, tokenizer, grid_of(*contexts), max_new_tokens=8)
     torch.manual_seed(1)
-    second = generate_turn(model, tokenizer, contexts, max_new_tokens=8, batch_size=2)
+    second = sample_turns(model, tokenizer, grid_of(*contexts), max_new_tokens=8)
     assert first == second
     assert len({tuple(turn) for turn in first}) > 1  # temperature 1 on a random model: rows differ
 
 
-def test_generate_turn_rejects_bad_counts(tokenizer, model):
+def test_sample_turns_rejects_bad_counts(tokenizer, model):
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate_turn(model, tokenizer, [[1, 2]], max_new_tokens=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        generate_turn(model, tokenizer, [[1, 2]], max_new_tokens=2, batch_size=0)
+        sample_turns(model, tokenizer, grid_of([1, 2]), max_new_tokens=0)
 
 
 # --- the multi-turn loop with a scripted policy ------------------------------------------------
 
 
 def scripted(tokenizer, script):
-    """A stand-in for generate_turn: rollout r's k-th turn is the tokens of ``script(r, k)``.
+    """A stand-in for sample_turns: rollout r's k-th turn is the tokens of ``script(r, k)``.
 
     Rollouts are numbered in the order of the first call (the order of the trajectories);
     each keeps its context list object for its whole life, which identifies it later.
@@ -227,23 +286,23 @@ def scripted(tokenizer, script):
     rollout_of: dict[int, int] = {}
     turns_done: dict[int, int] = {}
 
-    def fake_generate_turn(model, tokenizer_, contexts, *, max_new_tokens, greedy=False, batch_size=64):
+    def fake_sample_turns(model, tokenizer_, grid, *, max_new_tokens, greedy=False):
         turns = []
-        for context in contexts:
+        for context in grid.contexts:
             rollout_id = rollout_of.setdefault(id(context), len(rollout_of))
             turn_number = turns_done.get(rollout_id, 0)
             turns_done[rollout_id] = turn_number + 1
             turns.append(tokenizer(script(rollout_id, turn_number), add_special_tokens=False)["input_ids"][:max_new_tokens])
         return turns
 
-    return fake_generate_turn
+    return fake_sample_turns
 
 
 def test_rollout_layout_with_scripted_searches(monkeypatch, world, tokenizer, model, retriever):
     example = next(e for e in world.train if e.hops == 2)
     first, second = example.gold_queries
     turns = [f"<search> {first} </search>", f"<think> next </think><search> {second} </search>", f"<answer> {example.answers[0]} </answer>"]
-    monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: turns[k]))
+    monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: turns[k]))
     result = rollout_questions(model, tokenizer, retriever, [example.question], group_size=2, max_turns=4)
     assert len(result.trajectories) == 2
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -274,7 +333,7 @@ def test_rollout_endings(monkeypatch, world, tokenizer, model, retriever):
         2: ["<search> a </search>", "<search> b </search>", "<search> c </search>"],  # hits max_turns
         3: ["<search> a"],  # truncated
     }
-    monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: scripts[r][k]))
+    monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: scripts[r][k]))
     result = rollout_examples(model, tokenizer, retriever, examples, group_size=2, max_turns=3)
     trajectories = result.trajectories
     assert [t.group_id for t in trajectories] == [0, 0, 1, 1]
@@ -291,7 +350,7 @@ def test_rollout_endings(monkeypatch, world, tokenizer, model, retriever):
 
 def test_rollout_context_full(monkeypatch, world, tokenizer, model, retriever):
     example = world.train[0]
-    monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: f"<search> {example.gold_queries[0]} </search>"))
+    monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: f"<search> {example.gold_queries[0]} </search>"))
     prompt_length = len(tokenizer(build_prompt(example.question, tokenizer))["input_ids"])
     result = rollout_questions(model, tokenizer, retriever, [example.question], max_turns=4, max_context_tokens=prompt_length + 20)
     (trajectory,) = result.trajectories
@@ -305,7 +364,7 @@ def test_rollout_context_full(monkeypatch, world, tokenizer, model, retriever):
 def test_rollout_survives_random_tag_soup(monkeypatch, world, tokenizer, model, retriever):
     rng = random.Random(7)
     pieces = [*TAGS, " ", "Ilsa", "x", world.corpus[0].title, "\n"]
-    monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: "".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))))
+    monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: "".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))))
     result = rollout_examples(model, tokenizer, retriever, world.train[:6], group_size=4, max_turns=4)
     for trajectory in result.trajectories:
         assert 1 <= trajectory.num_turns <= 4
@@ -334,6 +393,8 @@ def test_rollout_rejects_bad_arguments(world, tokenizer, model, retriever):
         generate_rollouts(model, tokenizer, retriever, [[1, 2]], max_turns=0)
     with pytest.raises(ValueError, match=r"prompts\[1\] has 0 tokens"):
         generate_rollouts(model, tokenizer, retriever, [[1, 2], []])
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_rollouts(model, tokenizer, retriever, [[1, 2]], batch_size=0)
 
 
 def test_retriever_result_count_is_checked(monkeypatch, world, tokenizer, model):
@@ -341,6 +402,6 @@ def test_retriever_result_count_is_checked(monkeypatch, world, tokenizer, model)
         def search(self, queries, topk=3):
             return []
 
-    monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: "<search> q </search>"))
+    monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: "<search> q </search>"))
     with pytest.raises(ValueError, match="retriever returned 0 results for 1 queries"):
         rollout_questions(model, tokenizer, Broken(), ["q"])

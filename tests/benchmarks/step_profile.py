@@ -15,6 +15,11 @@ the phases are found by the names each version's ``training`` module calls (the 
 function, the scoring forward, whose first call of a step is the probes + old log-probs and
 the second the reference, and ``ppo_update``). docs/benchmarks.md gives the before/after numbers
 this script measured, and how.
+
+    python tests/benchmarks/step_profile.py --summarize before=before_1.jsonl,before_2.jsonl after=after_1.jsonl,after_2.jsonl
+
+prints the median over all steps of each group's files (per phase, CPU and wall) and the ratios
+of the first group to the others.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import time
 
 import torch
@@ -56,13 +62,43 @@ def instrument(cpu: dict[str, list[float]]) -> None:
         setattr(training, name, timed)
 
 
+def summarize(groups: list[str]) -> None:
+    """Print, for each ``LABEL=FILE,FILE,...`` group of this script's outputs, the median over all
+    their steps of every phase (CPU and wall seconds), the median peak RSS, and the ratios of the
+    first group to each other (the docs/benchmarks.md table)."""
+    medians: dict[str, dict[str, float]] = {}
+    for group in groups:
+        label, _, files = group.partition("=")
+        lines = [json.loads(line) for path in files.split(",") for line in open(path, encoding="utf-8")]
+        steps = [line for line in lines if "step" in line]
+        row = {}
+        for kind in ("cpu", "wall"):
+            for phase in ("generation", "probes", "reference", "update", "reference_and_update", "step"):
+                values = [step[kind].get(phase) for step in steps]
+                if all(value is not None for value in values):
+                    row[f"{kind} {phase}"] = statistics.median(values)
+        row["peak_rss_mib"] = statistics.median(line["peak_rss_mib"] for line in lines if "peak_rss_mib" in line)
+        medians[label] = row
+        print(label, f"({len(steps)} steps)", json.dumps({key: round(value, 2) for key, value in row.items()}))
+    first, *others = medians
+    for other in others:
+        ratios = {key: round(value / medians[other][key], 2) for key, value in medians[first].items() if key in medians[other]}
+        print(f"{first} / {other}", json.dumps(ratios))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--init", required=True, help="warm-start model directory (save_pretrained layout)")
+    parser.add_argument("--summarize", nargs="+", metavar="LABEL=FILE,...", help="summarize earlier outputs and exit")
+    parser.add_argument("--init", help="warm-start model directory (save_pretrained layout)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--algorithm", default="igpo", choices=("igpo", "grpo"))
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
+    if arguments.summarize:
+        summarize(arguments.summarize)
+        return
+    if not arguments.init:
+        parser.error("--init is required (unless --summarize)")
     torch.set_num_threads(1)
     run = RunConfig()
     world = build_world(run.world.seed, num_train=run.world.num_train, num_heldout=run.world.num_heldout,

@@ -5,13 +5,13 @@ For a batch of finished trajectories with 4 and with 10 turns, every probe's ans
 
 (a) ``naive_probe_logprobs`` (tests/probe_oracle.py): one full forward per probe (the released code's way);
 (b) ``packed_probe_logprobs`` (here): one packed forward per batch, probes only;
-(c) ``probe_forward`` (``probe_layout="packed"``, the trainer's default): the probe copies
+(c) ``probe_forward`` (``probe_layout="packed"``, ``score_probes``' default): the probe copies
     appended after each trajectory in the old-log-prob forward the trainer runs anyway;
     compared with ``token_logprobs`` (the old-log-prob forward alone, plain causal attention),
     the extra cost is what IGPO adds to a PPO step. With one dense [N, N] mask every trajectory
     query also scores the probe keys (masked out, but computed), so attention grows by about
     twice the extra tokens, and it loses the causal fast path;
-(d) ``probe_forward(probe_layout="kv_cache")``: the old-log-prob forward (plain causal) keeps its
+(d) ``probe_forward(probe_layout="kv_cache")`` (the trainer's default): the old-log-prob forward (plain causal) keeps its
     KV cache, then one second pass runs every probe copy against it: only the probe rows are
     computed.
 

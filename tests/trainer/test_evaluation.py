@@ -66,15 +66,15 @@ def test_evaluate_runs_greedy_rollouts(monkeypatch):
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=512)
     seen = []
 
-    def scripted(model_, tokenizer_, contexts, *, max_new_tokens, greedy=False, batch_size=64):
+    def scripted(model_, tokenizer_, grid, *, max_new_tokens, greedy=False):
         seen.append(greedy)
         texts = []
-        for context in contexts:
+        for context in grid.contexts:
             text = tokenizer.decode(context)
             texts.append("<search> Ilsa Marr </search>" if "Doc 1" not in text else "<answer> Kelm </answer>")
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    monkeypatch.setattr(rollout, "generate_turn", scripted)
+    monkeypatch.setattr(rollout, "sample_turns", scripted)
     model.train()
     result, trajectories = evaluate(model, tokenizer, BM25Retriever(docs), examples, max_turns=3, batch_size=1, step=3, return_trajectories=True)
     assert model.training  # the mode is restored

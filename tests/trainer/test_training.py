@@ -149,6 +149,16 @@ def test_micro_batches_by_length():
     assert [m.tolist() for m in micro_batches(rows, lengths, 2, by_length=False)] == [[0, 1], [2, 3], [4]]
 
 
+def test_micro_batches_by_token_budget():
+    """At most ``max_tokens`` padded tokens (rows x longest row) per micro batch, rows sorted by
+    length; a row longer than the budget is a micro batch alone; rows still cap each one."""
+    lengths = torch.tensor([5, 1, 4, 2, 3, 9])
+    rows = torch.arange(6)
+    assert [m.tolist() for m in micro_batches(rows, lengths, 8, max_tokens=8)] == [[1, 3], [4, 2], [0], [5]]
+    assert [m.tolist() for m in micro_batches(rows, lengths, 2, max_tokens=100)] == [[1, 3], [4, 2], [0, 5]]
+    assert [m.tolist() for m in micro_batches(rows, lengths, 8, max_tokens=0)] == [[1, 3, 4, 2, 0, 5]]
+
+
 def test_igpo_advantages_on_tokens_by_hand():
     # group 0: rollout 0 has 3 turns, probes p = 0.1, 0.3, 0.6 and outcome 1; rollout 1 answers at once, outcome 0.
     batch = batch_of([make_trajectory([2, 1, 2], outcome=1.0), make_trajectory([3], outcome=0.0)])
@@ -276,19 +286,24 @@ def test_ppo_update_micro_batches_accumulate_to_the_full_batch_gradient(setup):
         text_trajectory(tokenizer, ["<search> x </search>", "<answer> y </answer>"], 0.2, group_id=1),
     ]
     results = []
-    for micro_batch_size in (1, 4):
+    shortest = min(len(trajectory.token_ids) for trajectory in trajectories)
+    for micro_batch_size, micro_batch_tokens in ((1, 0), (4, 0), (4, 2 * shortest)):
         policy, reference = copy.deepcopy(model), copy.deepcopy(model)
-        config = RLConfig(algorithm="grpo", group_size=2, minibatches=1, micro_batch_size=micro_batch_size, grad_clip=0.0)
+        config = RLConfig(algorithm="grpo", group_size=2, minibatches=1, micro_batch_size=micro_batch_size,
+                          micro_batch_tokens=micro_batch_tokens, grad_clip=0.0)
         batch = build_batch(trajectories, tokenizer, probes=False)
+        if micro_batch_tokens:  # the budget splits the 4 rows
+            assert len(list(micro_batches(torch.arange(4), batch.lengths, 4, max_tokens=micro_batch_tokens))) > 1
         advantages = compute_advantages(batch, None, config)
         old = score_batch(policy, batch, config, probes=False).logprobs
         ref = score_batch(reference, batch, config, probes=False).logprobs
         optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
         stats = ppo_update(policy, optimizer, batch, advantages.token, old, ref, config)
         results.append((torch.nn.utils.parameters_to_vector(policy.parameters()), stats))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for other in results[1:]:
+        torch.testing.assert_close(results[0][0], other[0], rtol=1e-5, atol=1e-6)
+        assert results[0][1]["loss"] == pytest.approx(other[1]["loss"], abs=1e-6)
     assert not torch.equal(results[0][0], torch.nn.utils.parameters_to_vector(model.parameters()))
-    assert results[0][1]["loss"] == pytest.approx(results[1][1]["loss"], abs=1e-6)
     assert results[1][1]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the step
 
 
