@@ -1,0 +1,198 @@
+"""Reward sparsity and probe signal of a policy, measured like RL step 0 (``igpo-train diagnose``).
+
+IGPO's dense turn rewards matter where outcome rewards are sparse: when all G rollouts of a
+question get the same outcome, GRPO's advantages are zero for the whole group, while IGPO
+still rewards the turns that moved the probe's belief in the answer. ``measure_signal``
+samples the rollouts that the first RL steps would sample (the same questions, G rollouts
+each, temperature 1), runs the probes and reports:
+
+- ``outcome_zero_variance_fraction``: ``igpo_rewards.zero_variance_group_fraction`` of the
+  outcomes (overall and by hop count), with the all-wrong / all-right split;
+- ``information_gain``: the probes' information gain of the non-final turns, split by what the
+  turn's search returned: ``answer_first_retrieved`` (the observation holds an answer alias
+  that no earlier observation held), ``answer_retrieved_again`` (an alias already seen) and
+  ``answer_not_retrieved``; count, mean, std and share above ``ig_threshold`` of each. If the
+  probes carry signal, the first group's mean is clearly positive and the last one's near 0;
+- ``turn_advantage_collapse_rate``: groups whose IGPO turn advantages are all exactly zero.
+
+Nothing here changes the policy or the global RNGs' use by training: it runs under its own
+``torch`` seed and restores the previous RNG state when it returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import igpo_rewards
+from igpo_rewards.reference_trainer.config import RLConfig
+from igpo_rewards.reference_trainer.evaluation import score_trajectory
+from igpo_rewards.reference_trainer.rollout import Trajectory, generate_rollouts
+from igpo_rewards.reference_trainer.training import all_zero_group_fraction, compute_advantages, examples_for_step, score_trajectories
+
+IG_GROUPS = ("answer_first_retrieved", "answer_retrieved_again", "answer_not_retrieved")
+"""How ``measure_signal`` splits the non-final turns by what their search returned."""
+
+
+def answer_in_observations(trajectory: Trajectory, tokenizer: Any) -> list[bool]:
+    """One bool per observation of ``trajectory``: does its text hold an answer alias (a whole
+    word or phrase, case-insensitive)?
+
+    Observation j follows turn j, so entry j says whether turn j's search retrieved a document
+    stating the answer.
+    """
+    patterns = [re.compile(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", re.IGNORECASE)
+                for alias in trajectory.example.answers if alias.strip()]
+    texts = [tokenizer.decode(trajectory.token_ids[start:end], skip_special_tokens=True)
+             for start, end in trajectory.observation_spans]
+    return [any(pattern.search(text) for pattern in patterns) for text in texts]
+
+
+def _ig_group(retrieved: Sequence[bool], turn: int) -> str:
+    if turn >= len(retrieved) or not retrieved[turn]:
+        return "answer_not_retrieved"
+    return "answer_retrieved_again" if any(retrieved[:turn]) else "answer_first_retrieved"
+
+
+def _summary(values: Sequence[float], threshold: float) -> dict[str, Any]:
+    if not values:
+        return {"turns": 0, "mean": None, "std": None, "above_threshold_fraction": None}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
+    return {"turns": len(values), "mean": mean, "std": std,
+            "above_threshold_fraction": sum(value > threshold for value in values) / len(values)}
+
+
+def _group_outcomes(trajectories: Sequence[Trajectory], offset: int) -> dict[int, list[Trajectory]]:
+    groups: dict[int, list[Trajectory]] = defaultdict(list)
+    for trajectory in trajectories:
+        groups[offset + trajectory.group_id].append(trajectory)
+    return groups
+
+
+def measure_signal(
+    policy: Any,
+    tokenizer: Any,
+    retriever: Any,
+    examples: Sequence[Any],
+    config: RLConfig,
+    *,
+    steps: int = 4,
+    seed: int = 0,
+    ig_threshold: float = 0.1,
+) -> dict[str, Any]:
+    """Sparsity and probe signal over the rollouts of RL steps 1..``steps`` (see the module docstring).
+
+    Args:
+        policy, tokenizer: the policy RL would start from (e.g. a warm start), in eval mode.
+        retriever: the run's search engine.
+        examples: the training questions (``training.examples_for_step`` picks each step's).
+        config: the RL settings: questions per step, G, turns, tokens, top-k, probe kind.
+        steps: how many steps' worth of questions to sample.
+        seed: the run's seed (which questions; the sampling seed is derived from it).
+        ig_threshold: the information gain counted as "clearly positive" in the split.
+
+    Returns:
+        A JSON-ready dict: ``questions``, ``rollouts``, ``group_size``,
+        ``outcome_zero_variance_fraction``, ``all_wrong_group_fraction`` (every outcome <= 0),
+        ``all_right_group_fraction`` (every rollout exactly right), ``turn_advantage_collapse_rate``,
+        ``by_hops`` ({hops: groups, outcome_zero_variance_fraction, train_em, solved_group_fraction}),
+        ``groups`` (every group's hop count and G outcomes),
+        ``information_gain`` ({group: turns, mean, std, above_threshold_fraction}), ``ig_kind``,
+        ``ig_threshold``.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    igpo_config = copy.deepcopy(config)
+    igpo_config.algorithm = "igpo"
+    gains: dict[str, list[float]] = {name: [] for name in IG_GROUPS}
+    groups: dict[int, list[Trajectory]] = {}
+    outcomes, group_ids, collapse = [], [], []
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed * 7919 + 17)
+    try:
+        for step in range(1, steps + 1):
+            batch = examples_for_step(examples, step, config.questions_per_step, seed)
+            trajectories = generate_rollouts(
+                policy, tokenizer, retriever, batch, group_size=config.group_size, max_turns=config.max_turns,
+                max_new_tokens=config.max_new_tokens, topk=config.topk, batch_size=config.generation_batch_size,
+            ).trajectories
+            _, answer_logprob, _ = score_trajectories(
+                policy, tokenizer, trajectories, include_probes=True, micro_batch_size=config.micro_batch_size,
+            )
+            advantages = compute_advantages(trajectories, answer_logprob, igpo_config)
+            collapse.append(all_zero_group_fraction(advantages.turn, advantages.group_ids))
+            for row, trajectory in enumerate(trajectories):
+                retrieved = answer_in_observations(trajectory, tokenizer)
+                for turn in range(trajectory.num_turns - 1):
+                    gains[_ig_group(retrieved, turn)].append(float(advantages.information_gain[row, turn]))
+            groups.update(_group_outcomes(trajectories, offset=len(groups)))
+            outcomes += [trajectory.outcome for trajectory in trajectories]
+            group_ids += [len(group_ids) // config.group_size for _ in trajectories]
+    finally:
+        torch.set_rng_state(rng_state)
+    return {
+        "questions": len(groups),
+        "rollouts": len(outcomes),
+        "group_size": config.group_size,
+        **_outcome_summary(groups, outcomes, group_ids),
+        "turn_advantage_collapse_rate": sum(collapse) / len(collapse),
+        "by_hops": _by_hops(groups),
+        "groups": [{"hops": group[0].example.hops, "outcomes": [t.outcome for t in group]} for group in groups.values()],
+        "information_gain": {name: _summary(values, ig_threshold) for name, values in gains.items()},
+        "ig_kind": config.ig_kind,
+        "ig_threshold": ig_threshold,
+    }
+
+
+def _outcome_summary(groups: dict[int, list[Trajectory]], outcomes: list[float], group_ids: list[int]) -> dict[str, float]:
+    zero_variance = igpo_rewards.zero_variance_group_fraction(torch.tensor(outcomes), torch.tensor(group_ids))
+    return {
+        "outcome_zero_variance_fraction": float(zero_variance),
+        "all_wrong_group_fraction": sum(all(t.outcome <= 0 for t in group) for group in groups.values()) / len(groups),
+        "all_right_group_fraction": sum(all(score_trajectory(t)[0] == 1.0 for t in group) for group in groups.values()) / len(groups),
+    }
+
+
+def _by_hops(groups: dict[int, list[Trajectory]]) -> dict[str, dict[str, float]]:
+    by_hops: dict[int, list[list[Trajectory]]] = defaultdict(list)
+    for group in groups.values():
+        by_hops[group[0].example.hops].append(group)
+    result = {}
+    for hops in sorted(by_hops):
+        hop_groups = by_hops[hops]
+        em = [[score_trajectory(t)[0] for t in group] for group in hop_groups]
+        result[str(hops)] = {
+            "groups": len(hop_groups),
+            "outcome_zero_variance_fraction": sum(len({t.outcome for t in group}) == 1 for group in hop_groups) / len(hop_groups),
+            "train_em": sum(map(sum, em)) / sum(map(len, em)),
+            "solved_group_fraction": sum(max(row) == 1.0 for row in em) / len(hop_groups),
+        }
+    return result
+
+
+def format_signal(result: dict[str, Any]) -> str:
+    """A few lines of text summarizing ``measure_signal``'s result (what ``igpo-train diagnose`` prints)."""
+    lines = [
+        f"{result['questions']} questions x G = {result['group_size']} rollouts (the first RL steps' questions)",
+        f"outcome zero-variance groups: {100 * result['outcome_zero_variance_fraction']:.1f}% "
+        f"(all wrong {100 * result['all_wrong_group_fraction']:.1f}%, all right {100 * result['all_right_group_fraction']:.1f}%); "
+        f"IGPO turn-advantage collapse: {100 * result['turn_advantage_collapse_rate']:.1f}%",
+    ]
+    for hops, row in result["by_hops"].items():
+        lines.append(f"  {hops}-hop: {row['groups']} groups, zero-variance {100 * row['outcome_zero_variance_fraction']:.1f}%, "
+                     f"train EM {100 * row['train_em']:.1f}%, solved by >= 1 rollout {100 * row['solved_group_fraction']:.1f}%")
+    lines.append(f"information gain ({result['ig_kind']}) of non-final turns, by what the turn's search returned:")
+    for name, row in result["information_gain"].items():
+        if row["turns"] == 0:
+            lines.append(f"  {name}: no turns")
+            continue
+        lines.append(f"  {name}: {row['turns']} turns, mean {row['mean']:+.3f} (std {row['std']:.3f}), "
+                     f"{100 * row['above_threshold_fraction']:.1f}% above {result['ig_threshold']}")
+    return "\n".join(lines)
