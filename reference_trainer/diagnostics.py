@@ -101,8 +101,9 @@ def measure_signal(
     Returns:
         A JSON-ready dict: ``questions``, ``rollouts``, ``group_size``,
         ``outcome_zero_variance_fraction``, ``all_wrong_group_fraction`` (every outcome <= 0),
-        ``all_right_group_fraction`` (every rollout exactly right), ``turn_advantage_collapse_rate``,
-        ``by_hops`` ({hops: groups, outcome_zero_variance_fraction, train_em, solved_group_fraction}),
+        ``all_right_group_fraction`` (every outcome 1: a perfect answer), ``turn_advantage_collapse_rate``,
+        ``by_hops`` ({hops: groups, outcome_zero_variance_fraction, train_em, solved_group_fraction,
+        information_gain}),
         ``groups`` (every group's hop count and G outcomes),
         ``information_gain`` ({group: turns, mean, std, above_threshold_fraction}), ``ig_kind``,
         ``ig_threshold``.
@@ -111,9 +112,9 @@ def measure_signal(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     igpo_config = copy.deepcopy(config)
     igpo_config.algorithm = "igpo"
-    gains: dict[str, list[float]] = {name: [] for name in IG_GROUPS}
+    gains: dict[str, dict[int, list[float]]] = {name: defaultdict(list) for name in IG_GROUPS}
     groups: dict[int, list[Trajectory]] = {}
-    outcomes, group_ids, collapse = [], [], []
+    collapse = []
     rng_state = torch.get_rng_state()
     torch.manual_seed(seed * 7919 + 17)
     try:
@@ -131,36 +132,39 @@ def measure_signal(
             for row, trajectory in enumerate(trajectories):
                 retrieved = answer_in_observations(trajectory, tokenizer)
                 for turn in range(trajectory.num_turns - 1):
-                    gains[_ig_group(retrieved, turn)].append(float(advantages.information_gain[row, turn]))
+                    gain = float(advantages.information_gain[row, turn])
+                    gains[_ig_group(retrieved, turn)][trajectory.example.hops].append(gain)
             groups.update(_group_outcomes(trajectories, offset=len(groups)))
-            outcomes += [trajectory.outcome for trajectory in trajectories]
-            group_ids += [len(group_ids) // config.group_size for _ in trajectories]
     finally:
         torch.set_rng_state(rng_state)
     return {
         "questions": len(groups),
-        "rollouts": len(outcomes),
+        "rollouts": sum(len(group) for group in groups.values()),
         "group_size": config.group_size,
-        **_outcome_summary(groups, outcomes, group_ids),
+        **_outcome_summary(groups),
         "turn_advantage_collapse_rate": sum(collapse) / len(collapse),
-        "by_hops": _by_hops(groups),
+        "by_hops": _by_hops(groups, gains, ig_threshold),
         "groups": [{"hops": group[0].example.hops, "outcomes": [t.outcome for t in group]} for group in groups.values()],
-        "information_gain": {name: _summary(values, ig_threshold) for name, values in gains.items()},
+        "information_gain": {name: _summary([gain for values in by_hops.values() for gain in values], ig_threshold)
+                             for name, by_hops in gains.items()},
         "ig_kind": config.ig_kind,
         "ig_threshold": ig_threshold,
     }
 
 
-def _outcome_summary(groups: dict[int, list[Trajectory]], outcomes: list[float], group_ids: list[int]) -> dict[str, float]:
-    zero_variance = igpo_rewards.zero_variance_group_fraction(torch.tensor(outcomes), torch.tensor(group_ids))
+def _outcome_summary(groups: dict[int, list[Trajectory]]) -> dict[str, float]:
+    outcomes = torch.tensor([t.outcome for group in groups.values() for t in group])
+    group_ids = torch.tensor([index for index, group in groups.items() for _ in group])
+    zero_variance = igpo_rewards.zero_variance_group_fraction(outcomes, group_ids)
     return {
         "outcome_zero_variance_fraction": float(zero_variance),
         "all_wrong_group_fraction": sum(all(t.outcome <= 0 for t in group) for group in groups.values()) / len(groups),
-        "all_right_group_fraction": sum(all(score_trajectory(t)[0] == 1.0 for t in group) for group in groups.values()) / len(groups),
+        "all_right_group_fraction": sum(all(t.outcome >= 1.0 for t in group) for group in groups.values()) / len(groups),
     }
 
 
-def _by_hops(groups: dict[int, list[Trajectory]]) -> dict[str, dict[str, float]]:
+def _by_hops(groups: dict[int, list[Trajectory]], gains: dict[str, dict[int, list[float]]],
+             threshold: float) -> dict[str, dict[str, Any]]:
     by_hops: dict[int, list[list[Trajectory]]] = defaultdict(list)
     for group in groups.values():
         by_hops[group[0].example.hops].append(group)
@@ -173,6 +177,7 @@ def _by_hops(groups: dict[int, list[Trajectory]]) -> dict[str, dict[str, float]]
             "outcome_zero_variance_fraction": sum(len({t.outcome for t in group}) == 1 for group in hop_groups) / len(hop_groups),
             "train_em": sum(map(sum, em)) / sum(map(len, em)),
             "solved_group_fraction": sum(max(row) == 1.0 for row in em) / len(hop_groups),
+            "information_gain": {name: _summary(by_hops.get(hops, []), threshold) for name, by_hops in gains.items()},
         }
     return result
 
@@ -186,8 +191,10 @@ def format_signal(result: dict[str, Any]) -> str:
         f"IGPO turn-advantage collapse: {100 * result['turn_advantage_collapse_rate']:.1f}%",
     ]
     for hops, row in result["by_hops"].items():
+        first = row["information_gain"]["answer_first_retrieved"]
         lines.append(f"  {hops}-hop: {row['groups']} groups, zero-variance {100 * row['outcome_zero_variance_fraction']:.1f}%, "
-                     f"train EM {100 * row['train_em']:.1f}%, solved by >= 1 rollout {100 * row['solved_group_fraction']:.1f}%")
+                     f"train EM {100 * row['train_em']:.1f}%, solved by >= 1 rollout {100 * row['solved_group_fraction']:.1f}%, "
+                     f"{first['turns']} turns first retrieving the answer")
     lines.append(f"information gain ({result['ig_kind']}) of non-final turns, by what the turn's search returned:")
     for name, row in result["information_gain"].items():
         if row["turns"] == 0:
