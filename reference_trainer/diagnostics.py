@@ -9,9 +9,11 @@ each, temperature 1), runs the probes and reports:
 - ``outcome_zero_variance_fraction``: ``igpo_rewards.zero_variance_group_fraction`` of the
   outcomes (overall and by hop count), with the all-wrong / all-right split;
 - ``information_gain``: the probes' information gain of the non-final turns, split by what the
-  turn's search returned: ``answer_first_retrieved`` (the observation holds an answer alias
-  that no earlier observation held), ``answer_retrieved_again`` (an alias already seen) and
-  ``answer_not_retrieved``; count, mean, std and share above ``ig_threshold`` of each. If the
+  turn's search returned (``observation_labels``): ``answer_document_first`` (for the first
+  time, the document the gold chain reads the answer from), ``answer_document_again`` (that
+  document once more), ``answer_mentioned_elsewhere`` (only other documents that happen to
+  mention an answer alias, e.g. a person born in the answer city) and ``answer_not_retrieved``;
+  count, mean, std and share above ``ig_threshold`` of each, overall and by hop count. If the
   probes carry signal, the first group's mean is clearly positive and the last one's near 0;
 - ``turn_advantage_collapse_rate``: groups whose IGPO turn advantages are all exactly zero.
 
@@ -36,28 +38,51 @@ from igpo_rewards.reference_trainer.evaluation import score_trajectory
 from igpo_rewards.reference_trainer.rollout import Trajectory, generate_rollouts
 from igpo_rewards.reference_trainer.training import all_zero_group_fraction, compute_advantages, examples_for_step, score_trajectories
 
-IG_GROUPS = ("answer_first_retrieved", "answer_retrieved_again", "answer_not_retrieved")
+IG_GROUPS = ("answer_document_first", "answer_document_again", "answer_mentioned_elsewhere", "answer_not_retrieved")
 """How ``measure_signal`` splits the non-final turns by what their search returned."""
 
 
-def answer_in_observations(trajectory: Trajectory, tokenizer: Any) -> list[bool]:
-    """One bool per observation of ``trajectory``: does its text hold an answer alias (a whole
-    word or phrase, case-insensitive)?
+def _mentions(text: str, aliases: Sequence[str]) -> bool:
+    return any(re.search(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", text, re.IGNORECASE) for alias in aliases if alias.strip())
 
-    Observation j follows turn j, so entry j says whether turn j's search retrieved a document
-    stating the answer.
+
+def observation_labels(trajectory: Trajectory, retriever: Any, topk: int) -> list[str]:
+    """One label per observation of ``trajectory`` (observation j follows turn j's search):
+
+    - ``"answer_document"``: the search returned the document the gold chain reads the answer
+      from (the one titled ``example.gold_queries[-1]``; questions without a gold chain never
+      get this label);
+    - ``"answer_mentioned"``: otherwise, some returned document mentions an answer alias (a whole
+      word or phrase, case-insensitive);
+    - ``"none"``.
+
+    The documents are those ``retriever`` returns for the trajectory's queries (BM25 is
+    deterministic, so they are the ones the rollout saw).
     """
-    patterns = [re.compile(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", re.IGNORECASE)
-                for alias in trajectory.example.answers if alias.strip()]
-    texts = [tokenizer.decode(trajectory.token_ids[start:end], skip_special_tokens=True)
-             for start, end in trajectory.observation_spans]
-    return [any(pattern.search(text) for pattern in patterns) for text in texts]
+    results = retriever.search(list(trajectory.queries), topk) if trajectory.queries else []
+    gold = trajectory.example.gold_queries[-1] if trajectory.example.gold_queries else None
+    labels = []
+    for documents in results:
+        if gold is not None and any(document.title == gold for document in documents):
+            labels.append("answer_document")
+        elif any(_mentions(document.title + " " + document.text, trajectory.example.answers) for document in documents):
+            labels.append("answer_mentioned")
+        else:
+            labels.append("none")
+    return labels
 
 
-def _ig_group(retrieved: Sequence[bool], turn: int) -> str:
-    if turn >= len(retrieved) or not retrieved[turn]:
-        return "answer_not_retrieved"
-    return "answer_retrieved_again" if any(retrieved[:turn]) else "answer_first_retrieved"
+def turn_group(labels: Sequence[str], turn: int) -> str:
+    """The ``IG_GROUPS`` entry of non-final turn ``turn`` given its trajectory's ``observation_labels``.
+
+    Example:
+        >>> [turn_group(["none", "answer_document", "answer_document", "answer_mentioned"], turn) for turn in range(5)]
+        ['answer_not_retrieved', 'answer_document_first', 'answer_document_again', 'answer_mentioned_elsewhere', 'answer_not_retrieved']
+    """
+    label = labels[turn] if turn < len(labels) else "none"
+    if label == "answer_document":
+        return "answer_document_again" if "answer_document" in labels[:turn] else "answer_document_first"
+    return "answer_mentioned_elsewhere" if label == "answer_mentioned" else "answer_not_retrieved"
 
 
 def _summary(values: Sequence[float], threshold: float) -> dict[str, Any]:
@@ -130,10 +155,10 @@ def measure_signal(
             advantages = compute_advantages(trajectories, answer_logprob, igpo_config)
             collapse.append(all_zero_group_fraction(advantages.turn, advantages.group_ids))
             for row, trajectory in enumerate(trajectories):
-                retrieved = answer_in_observations(trajectory, tokenizer)
+                labels = observation_labels(trajectory, retriever, config.topk)
                 for turn in range(trajectory.num_turns - 1):
                     gain = float(advantages.information_gain[row, turn])
-                    gains[_ig_group(retrieved, turn)][trajectory.example.hops].append(gain)
+                    gains[turn_group(labels, turn)][trajectory.example.hops].append(gain)
             groups.update(_group_outcomes(trajectories, offset=len(groups)))
     finally:
         torch.set_rng_state(rng_state)
@@ -191,10 +216,10 @@ def format_signal(result: dict[str, Any]) -> str:
         f"IGPO turn-advantage collapse: {100 * result['turn_advantage_collapse_rate']:.1f}%",
     ]
     for hops, row in result["by_hops"].items():
-        first = row["information_gain"]["answer_first_retrieved"]
+        first = row["information_gain"]["answer_document_first"]
         lines.append(f"  {hops}-hop: {row['groups']} groups, zero-variance {100 * row['outcome_zero_variance_fraction']:.1f}%, "
                      f"train EM {100 * row['train_em']:.1f}%, solved by >= 1 rollout {100 * row['solved_group_fraction']:.1f}%, "
-                     f"{first['turns']} turns first retrieving the answer")
+                     f"{first['turns']} turns first retrieving the answer's document")
     lines.append(f"information gain ({result['ig_kind']}) of non-final turns, by what the turn's search returned:")
     for name, row in result["information_gain"].items():
         if row["turns"] == 0:

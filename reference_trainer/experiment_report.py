@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS
 from igpo_rewards.reference_trainer.report import _new_figure, _table
 
 EM_PLOT = "experiment_em.png"
@@ -266,14 +267,14 @@ def _step0_table(experiment: dict) -> list[str]:
         gains = row["information_gain"]
         cells = [str(row["seed"]), _pct(row["outcome_zero_variance_fraction"]), _pct(row["all_wrong_group_fraction"]),
                  _pct(row["all_right_group_fraction"])]
-        for name in ("answer_first_retrieved", "answer_retrieved_again", "answer_not_retrieved"):
+        for name in IG_GROUPS:
             group = gains[name]
             cells.append("n/a" if not group["turns"] else f"{group['mean']:+.3f} (n = {group['turns']})")
         rows.append(cells)
     if not rows:
         return ["Not measured (the warm starts ran without --diagnose-steps)."]
     return _table(["seed", "outcome zero-variance groups (%)", "all wrong (%)", "all right (%)",
-                   "IG: search first retrieved the answer", "IG: answer retrieved again", "IG: answer not retrieved"], rows)
+                   *[f"IG: {name.replace('_', ' ')}" for name in IG_GROUPS]], rows)
 
 
 def _targets_lines(result: dict) -> list[str]:
@@ -331,7 +332,8 @@ def write_experiment_report(experiment: dict, out_dir: str | Path) -> Path:
              "## Step 0: reward sparsity and probe signal", "",
              "Rollouts of the first RL steps' questions from each warm start (`diagnostics.measure_signal`): groups "
              "whose outcomes are all equal (GRPO's advantages are zero there), and the mean information gain of "
-             "non-final turns split by whether the turn's search returned an answer alias.", "",
+             "non-final turns split by what the turn's search returned: the document the gold chain reads the answer "
+             "from (first time, again), only other documents mentioning the answer, or nothing about it.", "",
              *_step0_table(experiment), "",
              "## Held-out EM over RL steps", "", f"![held-out EM over RL steps]({EM_PLOT})", "",
              *_curve_table(experiment), "",

@@ -12,11 +12,11 @@ from igpo_rewards.reference_trainer.cli import tokenizer_texts
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.diagnostics import (
     IG_GROUPS,
-    _ig_group,
     _outcome_summary,
-    answer_in_observations,
     format_signal,
     measure_signal,
+    observation_labels,
+    turn_group,
 )
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
@@ -51,25 +51,31 @@ def _demonstration(world, tokenizer, example, *, repeat_last=False):
     return build_demonstration(example, turns, tokenizer, BM25Retriever(world.corpus), topk=3)
 
 
-def test_answer_in_observations_follows_the_gold_chain(world, tokenizer):
-    first_searches = []
+def test_observation_labels_follow_the_gold_chain(world, tokenizer):
+    retriever = BM25Retriever(world.corpus)
+    mentioned = 0
     for example in world.train:
         demo = _demonstration(world, tokenizer, example)
-        retrieved = answer_in_observations(demo, tokenizer)
-        assert retrieved[-1] and len(retrieved) == example.hops, example.question  # the last gold search states it
+        labels = observation_labels(demo, retriever, 3)
+        assert len(labels) == example.hops and labels[-1] == "answer_document", example.question  # the last gold search
         texts = [tokenizer.decode(demo.token_ids[start:end]) for start, end in demo.observation_spans]
-        assert retrieved == [example.answers[0] in text for text in texts]
-        first_searches.append(retrieved[0])
-    assert not all(first_searches)
-    example = next(e for e in world.train if e.hops == 2 and not answer_in_observations(_demonstration(world, tokenizer, e), tokenizer)[0])
+        for label, text in zip(labels, texts):  # the same verdict from the observation text the policy read
+            has_document = f'(Title: "{example.gold_queries[-1]}")' in text
+            assert (label == "answer_document") == has_document
+            assert (label == "answer_mentioned") == (not has_document and example.answers[0] in text)
+        mentioned += labels.count("answer_mentioned")
+    assert mentioned > 0  # people born in the answer city mention it without being the answer's document
+
+    example = next(e for e in world.train if e.hops == 2)
     demo = _demonstration(world, tokenizer, example, repeat_last=True)
-    retrieved = answer_in_observations(demo, tokenizer)
-    assert retrieved == [False, True, True]
-    groups = [_ig_group(retrieved, turn) for turn in range(demo.num_turns - 1)]
-    assert groups == ["answer_not_retrieved", "answer_first_retrieved", "answer_retrieved_again"]
-    assert _ig_group([False], 0) == "answer_not_retrieved" and _ig_group([False], 3) == "answer_not_retrieved"
-    lower = dataclasses.replace(demo, example=dataclasses.replace(example, answers=(example.answers[0].lower(), "")))
-    assert answer_in_observations(lower, tokenizer) == retrieved  # case-insensitive, empty aliases ignored
+    labels = observation_labels(demo, retriever, 3)
+    assert labels[1:] == ["answer_document", "answer_document"]
+    groups = [turn_group(labels, turn) for turn in range(demo.num_turns - 1)]
+    assert groups[1:] == ["answer_document_first", "answer_document_again"]
+    assert set(groups) <= set(IG_GROUPS)
+    no_chain = dataclasses.replace(demo, example=dataclasses.replace(example, gold_queries=(), gold_bridge_answers=(),
+                                                                        answers=(example.answers[0].lower(), "")))
+    assert observation_labels(no_chain, retriever, 3)[1:] == ["answer_mentioned", "answer_mentioned"]  # case-insensitive
 
 
 def test_outcome_summary_by_hand(world, tokenizer):
