@@ -26,6 +26,7 @@ del _os, _checkout_root
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.normalization import group_normalize, grpo_advantages, zero_variance_group_fraction
 from igpo_rewards.returns import discounted_returns
+from igpo_rewards.settings import IGPOSettings
 from igpo_rewards.rewards import answer_logprob, information_gain, turn_rewards
 from igpo_rewards.scoring import (
     answer_f1,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     # turn rewards and advantages (spec sections 1-4)
     "IGPOAdvantages",
+    "IGPOSettings",
     "answer_logprob",
     "discounted_returns",
     "group_normalize",

@@ -4,14 +4,17 @@ Readable top to bottom like cleanrl, one module per job. The data flow of one RL
 
 1. ``world.build_world`` (or ``world.load_qa_parquet`` + ``world.read_corpus_jsonl``) gives
    ``QAExample`` questions with answer aliases and a corpus of ``Document`` s.
-2. ``prompts.build_prompt`` wraps a question in the Search-R1 instruction (chat template).
-3. ``rollout.generate_rollouts`` samples G trajectories per question with HF ``generate``
-   (temperature 1, stop on ``</search>`` / ``</answer>``); each ``<search>`` query goes to a
-   ``retrieval.Retriever`` and ``retrieval.format_observation`` is inserted inside
-   ``<information>..</information>``; a malformed turn ends the rollout. Each ``Trajectory``
-   keeps the exact token ids, the spans of generated turns and of observations, and its
-   outcome ``igpo_rewards.outcome_reward(response, answers)``.
-4. ``probes`` runs ONE packed forward per batch that returns the old log-probs of the
+2. ``igpo_rewards.agent.protocol.build_prompt`` wraps a question in the Search-R1 instruction
+   (chat template).
+3. ``rollout.rollout_examples`` samples G trajectories per question with the library's loop
+   (``igpo_rewards.agent.rollout``: HF ``generate`` at temperature 1, stop on ``</search>`` /
+   ``</answer>``); each ``<search>`` query goes to a retriever (``retrieval.BM25Retriever`` or
+   ``igpo_rewards.agent.retrieval.HTTPRetriever``) and the formatted documents are inserted
+   inside ``<information>..</information>``; a malformed turn ends the rollout. Each
+   ``QATrajectory`` keeps the exact token ids, the spans of generated turns and of
+   observations, and its scores, computed once: the outcome
+   ``igpo_rewards.outcome_reward(response, answers)``, EM and F1.
+4. ``igpo_rewards.agent.probes`` runs ONE packed forward per batch that returns the old log-probs of the
    generated tokens and the ground-truth probe log-probs before every turn.
 5. ``igpo_rewards.answer_logprob`` -> ``igpo_rewards.igpo_advantages`` (IGPO: information
    gain turn rewards + outcome, group-normalized, discounted) or

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from igpo_rewards.reference_trainer.files import write_text_atomic
+
 LATEST = "latest"
 """Name of the file in the checkpoint root that holds the name of the newest checkpoint."""
 _PREFIX = "step_"
@@ -50,17 +52,6 @@ def _fsync_tree(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 # --- optimizer and RNG state ------------------------------------------------------------------------

@@ -26,19 +26,17 @@ import copy
 import dataclasses
 import json
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-import numpy as np
 import torch
 import tyro
-from tqdm.auto import tqdm
 
-from igpo_rewards.reference_trainer.checkpoint import write_text_atomic
+from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block
+from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
 from igpo_rewards.reference_trainer.config import (
     RunConfig,
     config_from_values,
@@ -47,12 +45,13 @@ from igpo_rewards.reference_trainer.config import (
     to_dict,
     validate_config,
 )
-from igpo_rewards.reference_trainer.evaluation import evaluate, paper_table
-from igpo_rewards.reference_trainer.jobs import JobFailed
+from igpo_rewards.reference_trainer.evaluation import evaluate
+from igpo_rewards.reference_trainer.files import append_jsonl, write_text_atomic
+from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
 from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
-from igpo_rewards.reference_trainer.probes import PROBE_TEMPLATE
-from igpo_rewards.reference_trainer.prompts import INSTRUCTION, observation_block
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever, HTTPRetriever, format_observation
+from igpo_rewards.reference_trainer.report import paper_table, write_report
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.reference_trainer.training import seed_everything, train
 from igpo_rewards.reference_trainer.world import (
     build_world,
     load_qa_parquet,
@@ -222,15 +221,6 @@ def build_policy(config: RunConfig, data: Data) -> tuple[Any, Any]:
     return model.to(config.device), tokenizer
 
 
-def seed_everything(config: RunConfig) -> None:
-    """The seeding block: Python, NumPy and torch RNGs from ``config.seed``; torch threads."""
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    torch.manual_seed(config.seed)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-
-
 def _run_config(command: RunConfig) -> RunConfig:
     """The plain ``RunConfig`` part of a subcommand (drops the subcommand's own flags)."""
     return RunConfig(**{f.name: copy.deepcopy(getattr(command, f.name)) for f in dataclasses.fields(RunConfig)})
@@ -244,47 +234,6 @@ def _eval_kwargs(config: RunConfig) -> dict[str, Any]:
 
 
 # --- demo ----------------------------------------------------------------------------------------------
-
-
-def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-
-
-def _count_lines(path: Path) -> int:
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
-
-
-def _train_children(configs: dict[str, RunConfig], out: Path, *, parallel: bool, progress: bool) -> None:
-    """Run ``igpo-train train`` for each config (at once when ``parallel``), showing their progress."""
-    pending = list(configs.items())
-    running: list[tuple[str, subprocess.Popen, Any, Path]] = []
-    bars = {}
-    while pending or running:
-        while pending and (parallel or not running):
-            label, config = pending.pop(0)
-            config_path = out / f"{label}.config.json"
-            write_text_atomic(config_path, json.dumps(to_dict(config), indent=2))
-            log = open(out / f"{label}.log", "w", encoding="utf-8")
-            command = [sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "train", "--config", str(config_path)]
-            running.append((label, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, Path(config.out)))
-            bars[label] = tqdm(total=config.rl.steps + 1, desc=f"{label} RL", disable=not progress, leave=True)
-        time.sleep(0.5)
-        for item in list(running):
-            label, process, log, run_dir = item
-            bars[label].n = _count_lines(run_dir / "metrics.jsonl")
-            bars[label].refresh()
-            if process.poll() is not None:
-                log.close()
-                running.remove(item)
-                bars[label].close()
-                if process.returncode != 0:
-                    for _, other, other_log, _ in running:
-                        other.kill()
-                        other_log.close()
-                    tail = (out / f"{label}.log").read_text(encoding="utf-8").strip().splitlines()[-15:]
-                    raise RuntimeError(f"the {label} run failed (exit {process.returncode}); end of {out / (label + '.log')}:\n" + "\n".join(tail))
 
 
 def warm_start_into(config: RunConfig, data: Data, warm_dir: Path, *, diagnose_steps: int = 0) -> dict[str, Any]:
@@ -354,7 +303,7 @@ def run_demo(command: DemoCommand) -> Path:
     warm_eval = warm_start_into(config, data, warm_dir)
 
     # -- IGPO and GRPO from the same warm start (everything but the advantages identical) -----------
-    children = {}
+    children = []
     for label in ("igpo", "grpo"):
         child = copy.deepcopy(config)
         child.rl.algorithm = label
@@ -366,19 +315,22 @@ def run_demo(command: DemoCommand) -> Path:
         child.progress = False
         if command.parallel:
             child.threads = 1
-        children[label] = child
-    _train_children(children, out, parallel=command.parallel, progress=config.progress)
+        config_path = out / f"{label}.config.json"
+        write_text_atomic(config_path, json.dumps(to_dict(child), indent=2))
+        for stale in (out / label / "eval.json", out / f"{label}.log"):  # a new warm start: the runs start over
+            stale.unlink(missing_ok=True)
+        children.append(Job(label, ("train", "--config", str(config_path)), out / f"{label}.log", done=out / label / "eval.json",
+                            progress_file=out / label / "metrics.jsonl", total=child.rl.steps + 1))
+    run_jobs(children, workers=2 if command.parallel else 1, progress=config.progress)
 
     # -- report, and one metrics.jsonl with every run's records ---------------------------------------
-    from igpo_rewards.reference_trainer.report import write_report
-
     report = write_report({"IGPO": out / "igpo", "GRPO": out / "grpo"}, out, warm_start_eval=warm_dir / "eval.json")
     merged = out / "metrics.jsonl"
     merged.unlink(missing_ok=True)
-    _append_jsonl(merged, [{"run": "warm_start", "step": 0, "heldout_em": warm_eval["em"], "heldout_f1": warm_eval["f1"]}])
+    append_jsonl(merged, [{"run": "warm_start", "step": 0, "heldout_em": warm_eval["em"], "heldout_f1": warm_eval["f1"]}])
     for label in ("igpo", "grpo"):
         lines = (out / label / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        _append_jsonl(merged, [{"run": label, **json.loads(line)} for line in lines if line.strip()])
+        append_jsonl(merged, [{"run": label, **json.loads(line)} for line in lines if line.strip()])
     results = {label: json.loads((out / label / "eval.json").read_text(encoding="utf-8")) for label in ("igpo", "grpo")}
     elapsed = time.perf_counter() - started
     print(
@@ -393,16 +345,13 @@ def run_demo(command: DemoCommand) -> Path:
 
 
 def run_train(command: TrainCommand) -> dict[str, Any]:
-    """One RL run from --init (or --model) into --out; returns its final evaluation."""
-    from igpo_rewards.reference_trainer.training import train
-
+    """One RL run from --init (or --model) into --out (``training.train`` seeds it); returns its final evaluation."""
     config = validate_config(_run_config(command))
     init = config.init or config.model
     if init is None:
         raise ValueError("train needs --init DIR (e.g. DIR/warm_start of a demo) or --model PATH")
     if not Path(init).is_dir():
         raise FileNotFoundError(f"--init/--model: directory not found: {init}")
-    seed_everything(config)
     data = build_data(config)
     if not data.train:
         raise ValueError("no training questions (give --data file.parquet)")
@@ -426,7 +375,7 @@ def run_eval(command: EvalCommand) -> dict[str, Any]:
     print(f"EM {100 * result['em']:.1f}  F1 {100 * result['f1']:.1f}  (n = {result['n']}) -> {out / 'eval.json'}")
     if result["by_hops"]:
         print("by hops: " + ", ".join(f"{h}: EM {100 * s['em']:.1f} (n = {s['n']})" for h, s in result["by_hops"].items()))
-    print(paper_table(result, label=Path(path).name))
+    print("\n".join(paper_table({Path(path).name: result})))
     return result
 
 
@@ -469,8 +418,6 @@ def run_experiment(command: ExperimentCommand) -> Path:
 
 def run_report(command: ReportCommand) -> Path:
     """report.md from run directories."""
-    from igpo_rewards.reference_trainer.report import write_report
-
     out = Path(command.out)
     runs = {}
     for item in command.runs or (f"IGPO={out / 'igpo'}", f"GRPO={out / 'grpo'}"):

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from igpo_rewards.agent.probes import PROBE_LAYOUTS
 from igpo_rewards.reference_trainer.world import MAX_HOPS
+from igpo_rewards.settings import IGPOSettings
 
 
 @dataclass
@@ -74,7 +76,7 @@ class WarmStartConfig:
     batch_size: int = 16
     """Demonstrations per SFT step."""
     learning_rate: float = 3e-3
-    """AdamW learning rate of SFT (constant after a short warm-up)."""
+    """Peak AdamW learning rate of SFT and of the language-model phase: linear warm-up, then cosine decay to 10% of it."""
     warmup_steps: int = 20
     """Linear learning-rate warm-up steps."""
     noisy_query_prob: float = 0.1
@@ -126,30 +128,18 @@ class RLConfig:
     kl_coef: float = 0.001
     """Weight of the k3 KL to the frozen warm-start reference in the loss (0 skips the reference forward)."""
     minibatches: int = 2
-    """Optimizer steps per RL step: the rollouts are split into this many minibatches (whole groups)."""
+    """Minibatches per pass over the rollouts (whole groups, one optimizer step each): ppo_epochs x minibatches optimizer steps per RL step."""
     ppo_epochs: int = 1
     """Passes over the rollouts per RL step."""
     micro_batch_size: int = 32
     """Rows per forward/backward (bounds memory; gradients are accumulated)."""
     generation_batch_size: int = 64
     """Rows per generate call."""
-    gamma: float = 1.0
-    """Turn discount of the IGPO advantage (1.0 in every published config)."""
-    ig_kind: Literal["prob", "log_prob"] = "prob"
-    """Information gain on probabilities (the paper) or on log-probabilities."""
-    norm_mode: Literal["joint", "separate"] = "joint"
-    """Group normalization pool: IG and outcome rewards together (the paper) or separately."""
-    weighting: Literal["turn", "trajectory"] = "turn"
-    """Pool statistics with one weight per turn (the paper) or equal weight per rollout."""
-    scale: Literal["std", "none"] = "std"
-    """Divide by the group std (the paper) or only subtract the mean (Dr. GRPO style)."""
-    ig_weight: float = 1.0
-    """w_ig, the weight of the information-gain rewards."""
-    outcome_weight: float = 1.0
-    """w_out, the weight of the outcome reward."""
+    igpo: IGPOSettings = field(default_factory=IGPOSettings)
+    """Every option of igpo_rewards.igpo_advantages / grpo_advantages, under the library's names (--rl.igpo.gamma, --rl.igpo.kind, --rl.igpo.eps, ...); GRPO uses scale, eps and ddof."""
     grpo_probes: bool = False
     """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
-    probe_layout: Literal["packed", "kv_cache"] = "packed"
+    probe_layout: Literal[PROBE_LAYOUTS] = "packed"
     """Probes in the old-log-prob forward: appended copies in ONE forward, or a second pass over its KV cache (same numbers; docs/benchmarks.md)."""
     eval_every: int = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
@@ -420,7 +410,7 @@ def validate_config(config: RunConfig) -> RunConfig:
         _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)
     rl = config.rl
     _choice("rl.algorithm", rl.algorithm, ("igpo", "grpo"))
-    _choice("rl.probe_layout", rl.probe_layout, ("packed", "kv_cache"))
+    _choice("rl.probe_layout", rl.probe_layout, PROBE_LAYOUTS)
     _positive_int("rl.steps", rl.steps, 0)
     for name in ("questions_per_step", "group_size", "max_turns", "max_new_tokens", "topk", "minibatches",
                  "ppo_epochs", "micro_batch_size", "generation_batch_size"):
@@ -437,13 +427,8 @@ def validate_config(config: RunConfig) -> RunConfig:
     _number("rl.grad_clip", rl.grad_clip, 0.0)
     _number("rl.clip_ratio", rl.clip_ratio, 0.0, 1.0, open_low=True)
     _number("rl.kl_coef", rl.kl_coef, 0.0)
-    _number("rl.gamma", rl.gamma, 0.0, 1.0)
-    _number("rl.ig_weight", rl.ig_weight)
-    _number("rl.outcome_weight", rl.outcome_weight)
-    _choice("rl.ig_kind", rl.ig_kind, ("prob", "log_prob"))
-    _choice("rl.norm_mode", rl.norm_mode, ("joint", "separate"))
-    _choice("rl.weighting", rl.weighting, ("turn", "trajectory"))
-    _choice("rl.scale", rl.scale, ("std", "none"))
+    if not isinstance(rl.igpo, IGPOSettings):  # its own fields are checked when it is built
+        raise ValueError(f"rl.igpo must be an IGPOSettings, got {type(rl.igpo).__name__}")
     _positive_int("eval.max_questions", config.eval.max_questions, 0)
     _positive_int("eval.max_turns", config.eval.max_turns, 0)
     _positive_int("eval.batch_size", config.eval.batch_size)

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 import igpo_rewards
+from igpo_rewards.reference_trainer.batch import build_batch
 from igpo_rewards.reference_trainer.config import RLConfig
-from igpo_rewards.reference_trainer.evaluation import score_trajectory
-from igpo_rewards.reference_trainer.rollout import Trajectory, generate_rollouts
-from igpo_rewards.reference_trainer.training import all_zero_group_fraction, compute_advantages, examples_for_step, score_trajectories
+from igpo_rewards.reference_trainer.metrics import zero_advantage_group_fraction
+from igpo_rewards.reference_trainer.rollout import QATrajectory, rollout_examples
+from igpo_rewards.reference_trainer.training import compute_advantages, examples_for_step, score_batch
 
 IG_GROUPS = ("answer_document_first", "answer_document_again", "answer_mentioned_elsewhere", "answer_not_retrieved")
 """How ``measure_signal`` splits the non-final turns by what their search returned."""
@@ -46,7 +47,7 @@ def _mentions(text: str, aliases: Sequence[str]) -> bool:
     return any(re.search(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", text, re.IGNORECASE) for alias in aliases if alias.strip())
 
 
-def observation_labels(trajectory: Trajectory, retriever: Any, topk: int) -> list[str]:
+def observation_labels(trajectory: QATrajectory, retriever: Any, topk: int) -> list[str]:
     """One label per observation of ``trajectory`` (observation j follows turn j's search):
 
     - ``"answer_document"``: the search returned the document the gold chain reads the answer
@@ -94,8 +95,8 @@ def _summary(values: Sequence[float], threshold: float) -> dict[str, Any]:
             "above_threshold_fraction": sum(value > threshold for value in values) / len(values)}
 
 
-def _group_outcomes(trajectories: Sequence[Trajectory], offset: int) -> dict[int, list[Trajectory]]:
-    groups: dict[int, list[Trajectory]] = defaultdict(list)
+def _group_outcomes(trajectories: Sequence[QATrajectory], offset: int) -> dict[int, list[QATrajectory]]:
+    groups: dict[int, list[QATrajectory]] = defaultdict(list)
     for trajectory in trajectories:
         groups[offset + trajectory.group_id].append(trajectory)
     return groups
@@ -138,22 +139,21 @@ def measure_signal(
     igpo_config = copy.deepcopy(config)
     igpo_config.algorithm = "igpo"
     gains: dict[str, dict[int, list[float]]] = {name: defaultdict(list) for name in IG_GROUPS}
-    groups: dict[int, list[Trajectory]] = {}
+    groups: dict[int, list[QATrajectory]] = {}
     collapse = []
     rng_state = torch.get_rng_state()
     torch.manual_seed(seed * 7919 + 17)
     try:
         for step in range(1, steps + 1):
-            batch = examples_for_step(examples, step, config.questions_per_step, seed)
-            trajectories = generate_rollouts(
-                policy, tokenizer, retriever, batch, group_size=config.group_size, max_turns=config.max_turns,
+            questions = examples_for_step(examples, step, config.questions_per_step, seed)
+            trajectories = rollout_examples(
+                policy, tokenizer, retriever, questions, group_size=config.group_size, max_turns=config.max_turns,
                 max_new_tokens=config.max_new_tokens, topk=config.topk, batch_size=config.generation_batch_size,
             ).trajectories
-            _, answer_logprob, _ = score_trajectories(
-                policy, tokenizer, trajectories, include_probes=True, micro_batch_size=config.micro_batch_size,
-            )
-            advantages = compute_advantages(trajectories, answer_logprob, igpo_config)
-            collapse.append(all_zero_group_fraction(advantages.turn, advantages.group_ids))
+            batch = build_batch(trajectories, tokenizer, probes=True, device=next(policy.parameters()).device)
+            answer_logprob = score_batch(policy, batch, igpo_config, probes=True).answer_logprob
+            advantages = compute_advantages(batch, answer_logprob, igpo_config)
+            collapse.append(zero_advantage_group_fraction(advantages.turn, batch.group_ids))
             for row, trajectory in enumerate(trajectories):
                 labels = observation_labels(trajectory, retriever, config.topk)
                 for turn in range(trajectory.num_turns - 1):
@@ -170,14 +170,14 @@ def measure_signal(
         "turn_advantage_collapse_rate": sum(collapse) / len(collapse),
         "by_hops": _by_hops(groups, gains, ig_threshold),
         "groups": [{"hops": group[0].example.hops, "outcomes": [t.outcome for t in group]} for group in groups.values()],
-        "information_gain": {name: _summary([gain for values in by_hops.values() for gain in values], ig_threshold)
-                             for name, by_hops in gains.items()},
-        "ig_kind": config.ig_kind,
+        "information_gain": {name: _summary([gain for values in per_hop.values() for gain in values], ig_threshold)
+                             for name, per_hop in gains.items()},
+        "ig_kind": config.igpo.kind,
         "ig_threshold": ig_threshold,
     }
 
 
-def _outcome_summary(groups: dict[int, list[Trajectory]]) -> dict[str, float]:
+def _outcome_summary(groups: dict[int, list[QATrajectory]]) -> dict[str, float]:
     outcomes = torch.tensor([t.outcome for group in groups.values() for t in group])
     group_ids = torch.tensor([index for index, group in groups.items() for _ in group])
     zero_variance = igpo_rewards.zero_variance_group_fraction(outcomes, group_ids)
@@ -188,21 +188,21 @@ def _outcome_summary(groups: dict[int, list[Trajectory]]) -> dict[str, float]:
     }
 
 
-def _by_hops(groups: dict[int, list[Trajectory]], gains: dict[str, dict[int, list[float]]],
+def _by_hops(groups: dict[int, list[QATrajectory]], gains: dict[str, dict[int, list[float]]],
              threshold: float) -> dict[str, dict[str, Any]]:
-    by_hops: dict[int, list[list[Trajectory]]] = defaultdict(list)
+    by_hops: dict[int, list[list[QATrajectory]]] = defaultdict(list)
     for group in groups.values():
         by_hops[group[0].example.hops].append(group)
     result = {}
     for hops in sorted(by_hops):
         hop_groups = by_hops[hops]
-        em = [[score_trajectory(t)[0] for t in group] for group in hop_groups]
+        em = [[t.em for t in group] for group in hop_groups]
         result[str(hops)] = {
             "groups": len(hop_groups),
             "outcome_zero_variance_fraction": sum(len({t.outcome for t in group}) == 1 for group in hop_groups) / len(hop_groups),
             "train_em": sum(map(sum, em)) / sum(map(len, em)),
             "solved_group_fraction": sum(max(row) == 1.0 for row in em) / len(hop_groups),
-            "information_gain": {name: _summary(by_hops.get(hops, []), threshold) for name, by_hops in gains.items()},
+            "information_gain": {name: _summary(per_hop.get(hops, []), threshold) for name, per_hop in gains.items()},
         }
     return result
 

@@ -11,8 +11,7 @@ alias counts), and 0 for a malformed response or one without an answer. The resu
      "by_data_source": {"nq": {"em", "f1", "n"}, ...},
      "format_error_fraction": float, "turns_mean": float, "searches_mean": float}
 
-``paper_table`` lays out the per-data-source scores like the paper's table (NQ, TQ,
-HotpotQA, 2Wiki, MuSiQue, Bamboogle, PopQA, average over the datasets present).
+``report.paper_table`` lays out the per-data-source scores like the paper's table.
 """
 
 from __future__ import annotations
@@ -23,27 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from igpo_rewards.scoring import outcome_reward
-from igpo_rewards.reference_trainer.rollout import Trajectory, generate_rollouts
-
-PAPER_COLUMNS = (
-    ("NQ", ("nq",)),
-    ("TQ", ("tq", "triviaqa")),
-    ("HotpotQA", ("hotpotqa",)),
-    ("2Wiki", ("2wiki", "2wikimultihopqa")),
-    ("MuSiQue", ("musique",)),
-    ("Bamboogle", ("bamboogle",)),
-    ("PopQA", ("popqa",)),
-)
-"""The paper's columns and the ``data_source`` names (lowercase) each one collects."""
-
-
-def score_trajectory(trajectory: Trajectory) -> tuple[float, float]:
-    """``(em, f1)`` of a rollout against all aliases; 0 for a malformed response or no answer."""
-    answers = list(trajectory.example.answers)
-    em = outcome_reward(trajectory.final_response, answers, metric="em", format_penalty=0.0)
-    f1 = outcome_reward(trajectory.final_response, answers, metric="f1", format_penalty=0.0)
-    return em, f1
+from igpo_rewards.reference_trainer.rollout import QATrajectory, rollout_examples
 
 
 def _summary(scores: Sequence[tuple[float, float]]) -> dict[str, Any]:
@@ -54,11 +33,11 @@ def _summary(scores: Sequence[tuple[float, float]]) -> dict[str, Any]:
     }
 
 
-def summarize(trajectories: Sequence[Trajectory], *, step: int = 0) -> dict[str, Any]:
+def summarize(trajectories: Sequence[QATrajectory], *, step: int = 0) -> dict[str, Any]:
     """Aggregate scored rollouts into the ``eval.json`` layout (see the module docstring)."""
     if not trajectories:
         raise ValueError("trajectories is empty: nothing to evaluate")
-    scores = [score_trajectory(trajectory) for trajectory in trajectories]
+    scores = [(trajectory.em, trajectory.f1) for trajectory in trajectories]
     by_hops: dict[str, list[tuple[float, float]]] = defaultdict(list)
     by_source: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for trajectory, score in zip(trajectories, scores):
@@ -87,7 +66,7 @@ def evaluate(
     step: int = 0,
     progress: bool = False,
     return_trajectories: bool = False,
-) -> dict[str, Any] | tuple[dict[str, Any], list[Trajectory]]:
+) -> dict[str, Any] | tuple[dict[str, Any], list[QATrajectory]]:
     """Greedy rollouts on ``examples`` and their EM/F1 (overall, by hop count, by data source).
 
     Questions are processed ``batch_size`` at a time (one ``generate`` batch per turn).
@@ -100,15 +79,14 @@ def evaluate(
         raise ValueError("examples is empty: nothing to evaluate")
     was_training = model.training
     model.eval()
-    trajectories: list[Trajectory] = []
+    trajectories: list[QATrajectory] = []
     chunks = range(0, len(examples), batch_size)
     for first in tqdm(chunks, desc="evaluate", disable=not progress, leave=False):
-        result = generate_rollouts(
+        result = rollout_examples(
             model,
             tokenizer,
             retriever,
             examples[first : first + batch_size],
-            group_size=1,
             max_turns=max_turns,
             max_new_tokens=max_new_tokens,
             topk=topk,
@@ -120,38 +98,3 @@ def evaluate(
         model.train()
     summary = summarize(trajectories, step=step)
     return (summary, trajectories) if return_trajectories else summary
-
-
-def paper_table(result: dict[str, Any], *, label: str = "policy") -> str:
-    """A markdown table of EM (and F1) per data source in the paper's column order.
-
-    Columns with no questions show "-"; "Avg." is the mean over the datasets present (the
-    paper averages datasets, not questions). Data sources outside the paper's seven are
-    appended after them.
-
-    Example:
-        >>> print(paper_table({"by_data_source": {"nq": {"em": 0.5, "f1": 0.75, "n": 2},
-        ...                                       "popqa": {"em": 0.0, "f1": 0.5, "n": 1}}}))
-        | policy | NQ | TQ | HotpotQA | 2Wiki | MuSiQue | Bamboogle | PopQA | Avg. |
-        |---|---|---|---|---|---|---|---|---|
-        | EM | 50.0 | - | - | - | - | - | 0.0 | 25.0 |
-        | F1 | 75.0 | - | - | - | - | - | 50.0 | 62.5 |
-    """
-    sources = {source.lower(): scores for source, scores in result.get("by_data_source", {}).items()}
-    known = {name for _, names in PAPER_COLUMNS for name in names}
-    columns = [(title, [sources[name] for name in names if name in sources]) for title, names in PAPER_COLUMNS]
-    columns += [(source, [scores]) for source, scores in sorted(sources.items()) if source not in known]
-    lines = [
-        "| " + " | ".join([label, *[title for title, _ in columns], "Avg."]) + " |",
-        "|" + "---|" * (len(columns) + 2),
-    ]
-    for metric in ("em", "f1"):
-        values = []
-        for _, groups in columns:
-            n = sum(group["n"] for group in groups)
-            values.append(sum(group[metric] * group["n"] for group in groups) / n if n else None)
-        present = [value for value in values if value is not None]
-        average = sum(present) / len(present) if present else None
-        cells = ["-" if value is None else f"{100 * value:.1f}" for value in [*values, average]]
-        lines.append("| " + " | ".join([metric.upper(), *cells]) + " |")
-    return "\n".join(lines)

@@ -34,13 +34,14 @@ bit-exact), an unfinished warm start starts over.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from igpo_rewards.reference_trainer.checkpoint import write_text_atomic
 from igpo_rewards.reference_trainer.config import RunConfig, to_dict, validate_config
+from igpo_rewards.reference_trainer.files import write_text_atomic
 from igpo_rewards.reference_trainer.jobs import Job, run_jobs
 from igpo_rewards.reference_trainer.report import load_eval, load_metrics
 
@@ -50,13 +51,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "igpo_no_ig": {"algorithm": "igpo", "ig_weight": 0.0},
     "igpo_no_outcome": {"algorithm": "igpo", "outcome_weight": 0.0},
 }
-"""Method name -> the ``rl`` settings that define it (everything else is the base config's)."""
+"""Method name -> what defines it: ``rl.algorithm`` and the ``rl.igpo`` (``IGPOSettings``) values
+it changes; everything else is the base config's."""
 
 RECORD_KEYS = {
     "heldout_em": "heldout_em",
     "heldout_f1": "heldout_f1",
-    "outcome_zero_variance_fraction": "outcome_zero_variance_group_fraction",
-    "turn_advantage_collapse_rate": "zero_variance_group_fraction",
+    "outcome_zero_variance_fraction": "zero_variance_group_fraction",
+    "turn_advantage_collapse_rate": "zero_advantage_group_fraction",
     "reward_mean": "reward_mean",
     "train_em": "train_em",
     "ig_mean": "ig_mean",
@@ -87,8 +89,9 @@ def method_config(base: RunConfig, out: Path, seed_index: int, method: str) -> R
     config.init, config.model = str(seed_dir(out, seed_index) / "warm_start"), None
     config.out = str(seed_dir(out, seed_index) / method)
     config.resume = True  # a fresh start when there is no checkpoint yet
-    for name, value in METHODS[method].items():
-        setattr(config.rl, name, value)
+    switches = dict(METHODS[method])
+    config.rl.algorithm = switches.pop("algorithm")
+    config.rl.igpo = dataclasses.replace(config.rl.igpo, **switches)
     return validate_config(config)
 
 

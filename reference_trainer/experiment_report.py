@@ -310,7 +310,7 @@ def _setup_lines(experiment: dict) -> list[str]:
         + f" ({warm['pretrain_steps']} language-model + {warm['steps']} SFT steps).",
         f"- RL, identical for every method but the one switch that defines it: {rl['steps']} steps of "
         f"{rl['questions_per_step']} questions x G = {rl['group_size']} rollouts, at most {rl['max_turns']} turns, "
-        f"lr {rl['learning_rate']}, {rl['minibatches']} minibatches, IG kind `{rl['ig_kind']}`, "
+        f"lr {rl['learning_rate']}, {rl['minibatches']} minibatches, IG kind `{rl['igpo']['kind']}`, normalization scale `{rl['igpo']['scale']}`, "
         f"held-out evaluation every {rl['eval_every']} steps.",
         f"- Seeds (training seed of each warm start and its four runs): {', '.join(map(str, experiment['seeds']))}.",
     ]

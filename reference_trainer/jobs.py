@@ -22,6 +22,8 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
+from igpo_rewards.reference_trainer.files import count_jsonl
+
 
 @dataclass(frozen=True)
 class Job:
@@ -56,12 +58,6 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _count_lines(path: Path | None) -> int:
-    if path is None or not path.is_file():
-        return 0
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 @dataclass
@@ -129,7 +125,7 @@ def run_jobs(jobs: Sequence[Job], *, workers: int = 2, progress: bool = True, po
                 raise RuntimeError(f"jobs {[job.name for job in pending]} wait for jobs that did not complete")
             time.sleep(poll_seconds)
             for item in list(running):
-                item.bar.n = min(_count_lines(item.job.progress_file), item.job.total)
+                item.bar.n = min(count_jsonl(item.job.progress_file) if item.job.progress_file else 0, item.job.total)
                 item.bar.refresh()
                 if item.process.poll() is None:
                     continue

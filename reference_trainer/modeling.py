@@ -36,6 +36,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from igpo_rewards.agent.protocol import TAGS
+
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "BOS_TOKEN",
@@ -52,19 +54,6 @@ __all__ = [
     "train_tokenizer",
 ]
 
-#: The agent's tags (Search-R1 / IGPO protocol). Added to the tokenizer as single,
-#: non-special tokens: they survive ``decode(..., skip_special_tokens=True)`` and a stop
-#: condition such as "generated ``</search>``" is one token id.
-TAGS: tuple[str, ...] = (
-    "<think>",
-    "</think>",
-    "<search>",
-    "</search>",
-    "<information>",
-    "</information>",
-    "<answer>",
-    "</answer>",
-)
 
 BOS_TOKEN = "<|startoftext|>"
 #: End of a chat message; the tokenizer's eos token (as in Qwen2.5-Instruct).

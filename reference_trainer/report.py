@@ -14,17 +14,18 @@ the top-level keys whose values differ between runs.
 ``metrics.jsonl`` (required): one JSON object per line, in step order.
 
     "step"                           int, required: RL updates done (0 = the starting policy).
-    "zero_variance_group_fraction"   fraction of the step's groups in which every advantage is 0
-                                     (GRPO: all outcomes equal; IGPO: all pooled turn rewards
+    "zero_advantage_group_fraction"  fraction of the step's groups in which every turn advantage
+                                     is 0 (GRPO: all outcomes equal; IGPO: all pooled turn rewards
                                      equal): the advantage-collapse rate. Every training step.
-    "outcome_zero_variance_group_fraction"
-                                     optional: fraction of groups whose outcomes are all equal
-                                     (GRPO's collapse condition), logged by both methods.
+    "zero_variance_group_fraction"   fraction of groups whose outcomes are all equal
+                                     (``igpo_rewards.zero_variance_group_fraction`` of the
+                                     outcomes, GRPO's collapse condition), logged by both methods.
     "heldout_em", "heldout_f1"       only on evaluation steps: greedy held-out EM and F1.
     other numbers, shown by the summary table when present: "reward_mean", "train_f1",
     "train_em", "ig_mean", "ig_std", "zero_advantage_token_fraction", "kl", "entropy",
     "clip_fraction", "tokens_per_second", "seconds_rollout", "seconds_retrieval",
-    "seconds_probes", "seconds_update". Values may be null; unknown keys are ignored.
+    "seconds_probes", "seconds_reference", "seconds_update". Values may be null; unknown keys are
+    ignored.
 
 ``eval.json`` (optional, final evaluation of the run; also the ``warm_start_eval`` file):
 
@@ -57,18 +58,28 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from igpo_rewards.reference_trainer.files import read_jsonl
+
 EM_F1_PLOT = "heldout_em_f1.png"
 COLLAPSE_PLOT = "advantage_collapse.png"
 CASE_STUDY_PLOT = "case_study.png"
 
-SUMMARY_KEYS = ("reward_mean", "train_f1", "train_em", "ig_mean", "ig_std", "zero_variance_group_fraction",
-                "zero_advantage_token_fraction", "kl", "entropy", "clip_fraction", "tokens_per_second",
-                "seconds_rollout", "seconds_retrieval", "seconds_probes", "seconds_update")
+SUMMARY_KEYS = ("reward_mean", "train_f1", "train_em", "ig_mean", "ig_std", "zero_advantage_group_fraction",
+                "zero_variance_group_fraction", "zero_advantage_token_fraction", "kl", "entropy", "clip_fraction",
+                "tokens_per_second", "seconds_rollout", "seconds_retrieval", "seconds_probes", "seconds_reference",
+                "seconds_update")
 """metrics.jsonl keys shown (last logged value, and mean over steps) in the training summary table."""
 
-# The paper's table order; keys are lowercase data_source values.
-_PAPER_SOURCES = (("nq", "NQ"), ("tq", "TQ"), ("triviaqa", "TQ"), ("hotpotqa", "HotpotQA"), ("2wiki", "2Wiki"),
-                  ("2wikimultihopqa", "2Wiki"), ("musique", "MuSiQue"), ("bamboogle", "Bamboogle"), ("popqa", "PopQA"))
+PAPER_COLUMNS = (
+    ("NQ", ("nq",)),
+    ("TQ", ("tq", "triviaqa")),
+    ("HotpotQA", ("hotpotqa",)),
+    ("2Wiki", ("2wiki", "2wikimultihopqa")),
+    ("MuSiQue", ("musique",)),
+    ("Bamboogle", ("bamboogle",)),
+    ("PopQA", ("popqa",)),
+)
+"""The paper's columns and the ``data_source`` names (lowercase) each one collects."""
 
 _POSITIVE, _NEGATIVE, _NEUTRAL = ("#d9f2d9", "#2e7d32"), ("#f8d7d7", "#c62828"), ("#eeeeee", "#757575")
 
@@ -76,23 +87,6 @@ _POSITIVE, _NEGATIVE, _NEUTRAL = ("#d9f2d9", "#2e7d32"), ("#f8d7d7", "#c62828"),
 # ---------------------------------------------------------------------------------------------
 # Reading run files
 # ---------------------------------------------------------------------------------------------
-
-
-def _read_json_lines(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; ValueError naming the line otherwise."""
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}): {line.strip()[:80]!r}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append((line_number, record))
-    return records
 
 
 def _is_number(value: Any) -> bool:
@@ -110,17 +104,17 @@ def load_metrics(path: str | Path) -> list[dict]:
 
     Raises FileNotFoundError for a missing file and ValueError (with the line number) for a
     line that is not a JSON object, lacks an int "step", or has held-out EM/F1 or
-    zero_variance_group_fraction outside [0, 1]. An empty file gives [].
+    a group fraction outside [0, 1]. An empty file gives [].
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
     metrics = []
-    for line_number, record in _read_json_lines(path):
+    for line_number, record in read_jsonl(path):
         step = record.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{path}:{line_number}: 'step' must be a non-negative int, got {step!r}")
-        for key in ("heldout_em", "heldout_f1", "zero_variance_group_fraction", "outcome_zero_variance_group_fraction"):
+        for key in ("heldout_em", "heldout_f1", "zero_advantage_group_fraction", "zero_variance_group_fraction"):
             if record.get(key) is not None:
                 _check_fraction(record[key], f"{path}:{line_number}: {key!r}")
         metrics.append(record)
@@ -171,7 +165,7 @@ def load_trajectories(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"trajectories file not found: {path}")
     trajectories = []
-    for line_number, record in _read_json_lines(path):
+    for line_number, record in read_jsonl(path):
         where = f"{path}:{line_number}"
         if not isinstance(record.get("question"), str) or not _is_number(record.get("outcome")):
             raise ValueError(f"{where}: needs a string 'question' and a number 'outcome'; keys present: {sorted(record)}")
@@ -259,8 +253,8 @@ def _plot_collapse(runs: list[dict], path: Path) -> None:
     figure = _new_figure(7, 4)
     ax = figure.subplots()
     for index, run in enumerate(runs):
-        for key, style, suffix in (("zero_variance_group_fraction", "-", "all advantages 0"),
-                                   ("outcome_zero_variance_group_fraction", ":", "all outcomes equal")):
+        for key, style, suffix in (("zero_advantage_group_fraction", "-", "all advantages 0"),
+                                   ("zero_variance_group_fraction", ":", "all outcomes equal")):
             points = [(record["step"], 100 * record[key]) for record in run["metrics"] if record.get(key) is not None]
             if points:
                 steps, values = zip(*points)
@@ -273,7 +267,7 @@ def _plot_collapse(runs: list[dict], path: Path) -> None:
     if ax.has_data():
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no zero_variance_group_fraction logged", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no zero_advantage_group_fraction logged", ha="center", va="center", transform=ax.transAxes)
     figure.savefig(path)
 
 
@@ -371,24 +365,54 @@ def _results_table(policies: list[tuple[str, dict | None]], warm: dict | None) -
     return _table(header, rows)
 
 
-def _source_table(policies: list[tuple[str, dict | None]]) -> list[str]:
-    """EM per data source in the paper's column order (NQ, TQ, HotpotQA, 2Wiki, MuSiQue, Bamboogle, PopQA, Avg.)."""
-    present = {str(key) for _, result in policies if result for key in (result.get("by_data_source") or {})}
-    if not present:
-        return []
-    named = dict(_PAPER_SOURCES)
-    columns = [key for key, _ in _PAPER_SOURCES if any(source.lower() == key for source in present)]
-    columns = [next(source for source in present if source.lower() == key) for key in columns]
-    columns += sorted(source for source in present if source not in columns)
-    header = ["policy (EM)"] + [named.get(source.lower(), source) for source in columns] + ["Avg."]
+def _source_columns(results: list[dict | None]) -> list[tuple[str, tuple[str, ...]]]:
+    """The paper's columns that some result has questions for, in its order, then every other source."""
+    present = {str(source).lower() for result in results if result for source in result.get("by_data_source") or {}}
+    known = {name for _, names in PAPER_COLUMNS for name in names}
+    columns = [(title, names) for title, names in PAPER_COLUMNS if present & set(names)]
+    return columns + [(source, (source,)) for source in sorted(present - known)]
+
+
+def _column_score(result: dict | None, names: tuple[str, ...], metric: str) -> float | None:
+    """A column's score: its sources pooled by question count (TQ and TriviaQA together)."""
+    by_source = {str(source).lower(): scores for source, scores in ((result or {}).get("by_data_source") or {}).items()}
+    groups = [by_source[name] for name in names if name in by_source]
+    count = sum(group["n"] for group in groups)
+    return sum(group[metric] * group["n"] for group in groups) / count if count else None
+
+
+def paper_table(results: dict[str, dict | None], *, metrics: tuple[str, ...] = ("em", "f1")) -> list[str]:
+    """Markdown rows of the paper's per-dataset table: one row per policy and metric.
+
+    Columns: the paper's (NQ, TQ, HotpotQA, 2Wiki, MuSiQue, Bamboogle, PopQA) that any result has
+    questions for, then the other data sources; "-" where a policy has none. "Avg." is the mean
+    over the datasets present for that policy (the paper averages datasets, not questions).
+
+    Example:
+        >>> result = {"by_data_source": {"nq": {"em": 0.5, "f1": 0.75, "n": 2}, "popqa": {"em": 0.0, "f1": 0.5, "n": 1}}}
+        >>> for line in paper_table({"IGPO": result}):
+        ...     print(line)
+        | policy | metric | NQ | PopQA | Avg. |
+        |---|---|---|---|---|
+        | IGPO | EM | 50.0 | 0.0 | 25.0 |
+        | IGPO | F1 | 75.0 | 50.0 | 62.5 |
+    """
+    columns = _source_columns(list(results.values()))
     rows = []
-    for label, result in policies:
-        by_source = (result or {}).get("by_data_source") or {}
-        values = [by_source[source]["em"] for source in columns if source in by_source]
-        average = f"{100 * sum(values) / len(values):.1f}" if len(values) == len(columns) else "n/a"
-        rows.append([label] + [_percent(by_source.get(source), "em") for source in columns] + [average])
-    return ["", "Exact match per data source (paper's column order; Avg. is the unweighted mean):", "",
-            *_table(header, rows)]
+    for label, result in results.items():
+        for metric in metrics:
+            values = [_column_score(result, names, metric) for _, names in columns]
+            present = [value for value in values if value is not None]
+            average = sum(present) / len(present) if present else None
+            rows.append([label, metric.upper()] + ["-" if v is None else f"{100 * v:.1f}" for v in [*values, average]])
+    return _table(["policy", "metric", *[title for title, _ in columns], "Avg."], rows)
+
+
+def _source_table(policies: list[tuple[str, dict | None]]) -> list[str]:
+    if not _source_columns([result for _, result in policies]):
+        return []
+    return ["", "Exact match per data source (the paper's column order; Avg. is the mean over the datasets present):", "",
+            *paper_table(dict(policies), metrics=("em",))]
 
 
 def _summary_table(runs: list[dict]) -> list[str]:
@@ -417,8 +441,8 @@ def _config_differences(runs: list[dict]) -> list[str]:
 
 
 def _mean_collapse(run: dict) -> str:
-    values = [record["zero_variance_group_fraction"] for record in run["metrics"]
-              if record.get("zero_variance_group_fraction") is not None]
+    values = [record["zero_advantage_group_fraction"] for record in run["metrics"]
+              if record.get("zero_advantage_group_fraction") is not None]
     return "n/a" if not values else f"{100 * sum(values) / len(values):.1f}%"
 
 

@@ -12,7 +12,7 @@ API (the one Search-R1's ``retrieval_server.py`` serves, so its trainers and our
 
 One result list per query, best first, at most ``topk`` hits; like Lucene, a document is a hit
 only if it shares a word with the query, so a query of stopwords or unknown words gets [].
-``contents`` is the corpus line's ``'"Title"\\ntext'``. ``igpo_rewards.reference_trainer.retrieval.HTTPRetriever``
+``contents`` is the corpus line's ``'"Title"\\ntext'``. ``igpo_rewards.agent.retrieval.HTTPRetriever``
 is a client of this API.
 
 The bm25s index is built once and cached in ``--index-dir`` (default ``default_index_dir()``:
@@ -54,8 +54,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from igpo_rewards.agent.retrieval import Document
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.world import Document, read_corpus_jsonl
+from igpo_rewards.reference_trainer.world import read_corpus_jsonl
 
 logger = logging.getLogger("igpo_retrieve")
 

@@ -15,8 +15,9 @@ RL (and above all on multi-hop questions) the demonstrations are imperfect on pu
 - few SFT steps, so copying names is not yet reliable.
 
 The loss is the mean negative log-likelihood of the generated (turn) tokens only: the prompt
-and the observations are context. Demonstrations are ``rollout.Trajectory`` objects, so they
-go through the same ``probes.trajectory_forward`` as RL.
+and the observations are context. Demonstrations are ``rollout.QATrajectory`` objects, so they
+become the same ``batch.RolloutBatch`` as RL rollouts and go through the same forwards
+(``igpo_rewards.agent.probes.token_logprobs``, ``probe_forward`` for the probe term).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from igpo_rewards.reference_trainer.config import WarmStartConfig
-from igpo_rewards.reference_trainer.probes import packed_forward, trajectory_forward
-from igpo_rewards.reference_trainer.prompts import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, build_prompt, observation_block
-from igpo_rewards.reference_trainer.retrieval import format_observation
-from igpo_rewards.reference_trainer.rollout import Trajectory
+from igpo_rewards.agent.probes import pad_token_ids, probe_forward, token_logprobs
+from igpo_rewards.agent.protocol import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, build_prompt, observation_block
+from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.reference_trainer.batch import build_batch
+from igpo_rewards.reference_trainer.rollout import QATrajectory
 
 
 class CachedRetriever:
@@ -170,7 +172,7 @@ def demonstration_turns(
 
 def build_demonstration(
     example: Any, turns: Sequence[tuple[str, str | None]], tokenizer: Any, retriever: Any, *, topk: int
-) -> Trajectory:
+) -> QATrajectory:
     """Tokenize a demonstration in exactly the layout of a rollout (prompt, turns, observation blocks)."""
 
     def encode(text: str) -> list[int]:
@@ -193,59 +195,59 @@ def build_demonstration(
             token_ids += ids
             pieces.append(block)
             queries.append(query)
-    return Trajectory(
-        example=example,
+    return QATrajectory(
         token_ids=token_ids,
         prompt_length=prompt_length,
         turn_spans=turn_spans,
         observation_spans=observation_spans,
         turn_texts=[text for text, _ in turns],
-        final_response="".join(pieces),
-        outcome=0.0,
+        response="".join(pieces),
         stop_reason="answer",
         queries=queries,
+        example=example,
     )
 
 
 def sft_loss(
     model: Any,
     tokenizer: Any,
-    demonstrations: Sequence[Trajectory],
+    demonstrations: Sequence[QATrajectory],
     *,
     probe_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SFT loss: mean negative log-likelihood of the generated (turn) tokens, plus the probe term.
 
     All turn tokens of the batch weigh the same (prompt and observation tokens are context).
-    With ``probe_weight > 0`` the same ``probes.trajectory_forward`` also runs the ground-truth probe before every turn, and the loss adds ``probe_weight`` times
-    the mean answer-token NLL of the LAST probe of each demonstration that ends with the
-    right answer: the one whose context holds every retrieved fact. A model built from
+    With ``probe_weight > 0`` the forward also runs the ground-truth probe before every turn
+    (``probe_forward``), and the loss adds ``probe_weight`` times the negative length-normalized
+    answer log-prob (``answer_logprob``) of the LAST probe of each demonstration that ends with
+    the right answer: the one whose context holds every retrieved fact. A model built from
     scratch has never seen the probe's "answer now" text; this teaches it to answer from the
     context after it, so its probe measures its belief in the answer (earlier probes, whose
     context lacks the answer, are left alone and stay low). Returns ``(loss, {"sft": ...,
     "probe": ...})``.
     """
     use_probes = probe_weight > 0
-    out = trajectory_forward(model, tokenizer, demonstrations, include_probes=use_probes)
-    mask = torch.zeros_like(out.token_logprobs, dtype=torch.bool)
-    for row, demonstration in enumerate(demonstrations):
-        for start, end in demonstration.turn_spans:
-            mask[row, start:end] = True
-    loss = -(out.token_logprobs * mask).sum() / mask.sum().clamp(min=1)
-    parts = {"sft": float(loss.detach())}
+    device = next(model.parameters()).device
+    batch = build_batch(demonstrations, tokenizer, probes=use_probes, device=device)
+    mask = batch.loss_mask
     if use_probes:
-        rows = [row for row, demo in enumerate(demonstrations) if _answers_right(demo)]
-        if rows:
-            last = torch.tensor([demonstrations[row].num_turns - 1 for row in rows])
-            index = torch.tensor(rows)
-            logprobs, probe_mask = out.probe_logprobs[index, last], out.probe_mask[index, last]
-            probe_nll = -((logprobs * probe_mask).sum(-1) / probe_mask.sum(-1).clamp(min=1)).mean()
-            loss = loss + probe_weight * probe_nll
-            parts["probe"] = float(probe_nll.detach())
+        out = probe_forward(model, batch.input_ids, batch.lengths, batch.turn_starts, batch.turn_mask, batch.suffixes, token_mask=mask)
+        logprobs = out.token_logprobs
+    else:
+        logprobs, _ = token_logprobs(model, batch.input_ids, mask)
+    loss = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+    parts = {"sft": float(loss.detach())}
+    rows = [row for row, demonstration in enumerate(demonstrations) if _answers_right(demonstration)] if use_probes else []
+    if rows:
+        index = torch.tensor(rows, device=device)
+        probe_nll = -out.answer_logprob[index, batch.turn_mask[index].sum(1) - 1].mean()
+        loss = loss + probe_weight * probe_nll
+        parts["probe"] = float(probe_nll.detach())
     return loss, parts
 
 
-def _answers_right(demonstration: Trajectory) -> bool:
+def _answers_right(demonstration: QATrajectory) -> bool:
     """Whether a demonstration's final answer is the gold one (a skipped hop answers a bridge)."""
     return demonstration.turn_texts[-1] == f"{ANSWER_OPEN} {demonstration.example.answers[0]} {ANSWER_CLOSE}"
 
@@ -291,6 +293,7 @@ def pretrain_language_model(
     if not documents:
         return []
     names = NamePool(sorted(people), {doc.title for doc in corpus})
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     history = []
     model.train()
@@ -304,8 +307,11 @@ def pretrain_language_model(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config.pretrain_steps, config.learning_rate, config.warmup_steps)
         token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-        out = packed_forward(model, token_ids, pad_token_id=tokenizer.pad_token_id)
-        loss = -(out.token_logprobs * out.token_mask).sum() / out.token_mask.sum().clamp(min=1)
+        input_ids, lengths = pad_token_ids(token_ids, pad_token_id=tokenizer.pad_token_id or 0, device=device)
+        position = torch.arange(input_ids.shape[1], device=device)[None, :]
+        mask = (position > 0) & (position < lengths[:, None])  # every token after the first
+        logprobs, _ = token_logprobs(model, input_ids, mask)
+        loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -360,7 +366,9 @@ def warm_start(
     from the question and read the person's facts from the observation instead of recalling
     them), writes one demonstration with its own mistakes (``demonstration_turns``) and takes
     one AdamW step on ``sft_loss`` with gradient-norm clipping at 1. Questions without a gold
-    search chain (real datasets) cannot be demonstrated and raise ``ValueError``. During the
+    search chain (real datasets) cannot be demonstrated: they are left out, and ``ValueError`` is
+    raised only when none of ``examples`` has one. The learning rate warms up linearly over
+    ``config.warmup_steps``, then decays by a cosine to 10% (``learning_rate_at``). During the
     last ``config.probe_fraction`` of the steps the loss also has the probe term (see
     ``sft_loss``), once the policy has learned to copy. Returns the per-step losses of both
     phases.

@@ -66,8 +66,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-ANSWER_SPLIT = "<|answer_split|>"
-"""Separator of answer aliases inside ``reward_model.ground_truth`` (verl/Search-R1 layout)."""
+from igpo_rewards.agent.retrieval import Document
+from igpo_rewards.reference_trainer.files import read_jsonl
+from igpo_rewards.scoring import ANSWER_SPLIT, split_ground_truth
 
 WORLD_DATA_SOURCE = "world"
 """``QAExample.data_source`` of every question of the synthetic world."""
@@ -98,41 +99,6 @@ class QAExample:
     data_source: str
     gold_queries: tuple[str, ...] = ()
     gold_bridge_answers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Document:
-    """One retrievable document; ``contents`` is its Search-R1 form ``'"Title"\\ntext'``.
-
-    Example:
-        >>> doc = Document(id="7", title="Kaleno", text="Kaleno is a city in Borania.")
-        >>> doc.contents
-        '"Kaleno"\\nKaleno is a city in Borania.'
-        >>> Document.from_contents("7", doc.contents) == doc
-        True
-    """
-
-    id: str
-    title: str
-    text: str
-
-    @property
-    def contents(self) -> str:
-        return '"' + self.title + '"\n' + self.text
-
-    @classmethod
-    def from_contents(cls, id: str, contents: str) -> "Document":
-        """Split Search-R1 ``contents`` into title (first line, surrounding quotes removed) and text.
-
-        Contents without a newline are all title and an empty text.
-        """
-        if not isinstance(contents, str):
-            raise TypeError(f"contents must be a str, got {type(contents).__name__}: {contents!r:.80}")
-        title, _, text = contents.partition("\n")
-        title = title.strip()
-        if len(title) >= 2 and title.startswith('"') and title.endswith('"'):
-            title = title[1:-1]
-        return cls(id=str(id), title=title, text=text)
 
 
 @dataclass
@@ -463,29 +429,20 @@ def read_corpus_jsonl(path: str | Path) -> list[Document]:
         raise FileNotFoundError(f"corpus file not found: {path}")
     docs: list[Document] = []
     seen_ids: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}): {line.strip()[:80]!r}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            missing = [key for key in ("id", "contents") if key not in record]
-            if missing:
-                raise ValueError(f"{path}:{line_number}: missing key(s) {missing}; keys present: {sorted(record)}")
-            doc_id, contents = record["id"], record["contents"]
-            if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                raise ValueError(f"{path}:{line_number}: id must be a string or an int, got {doc_id!r}")
-            if not isinstance(contents, str):
-                raise ValueError(f"{path}:{line_number}: contents must be a string, got {type(contents).__name__}")
-            doc_id = str(doc_id)
-            if doc_id in seen_ids:
-                raise ValueError(f"{path}:{line_number}: duplicate document id {doc_id!r}")
-            seen_ids.add(doc_id)
-            docs.append(Document.from_contents(doc_id, contents))
+    for line_number, record in read_jsonl(path):
+        missing = [key for key in ("id", "contents") if key not in record]
+        if missing:
+            raise ValueError(f"{path}:{line_number}: missing key(s) {missing}; keys present: {sorted(record)}")
+        doc_id, contents = record["id"], record["contents"]
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+            raise ValueError(f"{path}:{line_number}: id must be a string or an int, got {doc_id!r}")
+        if not isinstance(contents, str):
+            raise ValueError(f"{path}:{line_number}: contents must be a string, got {type(contents).__name__}")
+        doc_id = str(doc_id)
+        if doc_id in seen_ids:
+            raise ValueError(f"{path}:{line_number}: duplicate document id {doc_id!r}")
+        seen_ids.add(doc_id)
+        docs.append(Document.from_contents(doc_id, contents))
     if not docs:
         raise ValueError(f"corpus file {path} is empty: expected one {{\"id\", \"contents\"}} JSON object per line")
     return docs
@@ -516,21 +473,17 @@ def _question_from_prompt(prompt: Any, row: int, path: Path) -> str:
 
 
 def _answers_from_ground_truth(ground_truth: Any, row: int, path: Path) -> tuple[str, ...]:
-    """Aliases from a ground truth given as a "<|answer_split|>"-joined string, a list of strings,
-    or Search-R1's ``{"target": [...]}``."""
+    """Aliases from a ground truth as ``igpo_rewards.split_ground_truth`` reads it (a
+    "<|answer_split|>"-joined string, a list of strings), or Search-R1's ``{"target": [...]}``."""
     if isinstance(ground_truth, dict) and "target" in ground_truth:
         ground_truth = ground_truth["target"]
-    if isinstance(ground_truth, str):
-        aliases = ground_truth.split(ANSWER_SPLIT)
-    elif isinstance(ground_truth, (list, tuple)) and all(isinstance(alias, str) for alias in ground_truth):
-        aliases = list(ground_truth)
-    else:
+    try:
+        return split_ground_truth(ground_truth)
+    except ValueError:
+        raise ValueError(f"{path}: row {row}: reward_model.ground_truth holds no answer: {ground_truth!r:.120}") from None
+    except TypeError:
         raise ValueError(f"{path}: row {row}: reward_model.ground_truth must be a string, a list of strings "
-                         f"or {{'target': [...]}}, got {ground_truth!r:.120}")
-    answers = tuple(alias.strip() for alias in aliases if alias.strip())
-    if not answers:
-        raise ValueError(f"{path}: row {row}: reward_model.ground_truth holds no answer: {ground_truth!r:.120}")
-    return answers
+                         f"or {{'target': [...]}}, got {ground_truth!r:.120}") from None
 
 
 def load_qa_parquet(path: str | Path) -> list[QAExample]:

@@ -2,7 +2,7 @@
 
 Inputs are drawn by the Hypothesis strategies users get in ``igpo_rewards.testing`` (ties,
 zero-variance pools, -inf log-probs, exact-zero rewards, padding rows included); computations
-run in float64 here so the comparison is tight. dtype handling is tested in test_core_dtypes.
+run in float64 here so the comparison is tight. dtype handling is tested in test_core_backends.py.
 """
 
 from __future__ import annotations

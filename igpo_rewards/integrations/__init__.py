@@ -7,111 +7,12 @@
   IGPO's per-turn advantages. Needs ``pip install igpo-rewards[trl]``.
 
 This package imports neither torch, verl nor trl; each adapter module imports its engine when it
-is imported itself. :class:`IGPOSettings` holds the hyperparameters both adapters share.
+is imported itself. :class:`IGPOSettings` (defined in :mod:`igpo_rewards.settings`, also
+``igpo_rewards.IGPOSettings``) holds the hyperparameters both adapters share.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping
-from typing import Any
-
-from igpo_rewards.normalization import MODES, SCALES, WEIGHTINGS
-from igpo_rewards.rewards import INFORMATION_GAIN_KINDS
+from igpo_rewards.settings import IGPOSettings
 
 __all__ = ["IGPOSettings"]
-
-
-@dataclasses.dataclass(frozen=True)
-class IGPOSettings:
-    """IGPO's hyperparameters as the adapters read them; the defaults are the paper's.
-
-    Example:
-      >>> settings = IGPOSettings.from_mapping({"mode": "separate", "gamma": 0.9})
-      >>> settings.mode, settings.gamma, settings.weighting
-      ('separate', 0.9, 'turn')
-      >>> IGPOSettings.from_mapping({"gama": 0.9})  # doctest: +ELLIPSIS
-      Traceback (most recent call last):
-      ...
-      ValueError: igpo settings: unknown key(s) ['gama']; known keys: ['gamma', 'kind', ...]
-    """
-
-    gamma: float = 1.0
-    """Turn discount in [0, 1] (spec section 4); 1.0 in every published config."""
-    kind: str = "prob"
-    """Information gain on probabilities ("prob", the paper's) or log-probs ("log_prob")."""
-    mode: str = "joint"
-    """Group pool: "joint" (IG and outcome rewards together, the paper's) or "separate"."""
-    weighting: str = "turn"
-    """Pool weights: "turn" (every entry 1, the paper's) or "trajectory" (every rollout 1 in total)."""
-    scale: str = "std"
-    """"std" z-scores within the pool; "none" only subtracts the mean (Dr. GRPO style)."""
-    eps: float = 1e-6
-    """Added to the pool's std before dividing."""
-    ddof: int = 0
-    """Delta degrees of freedom of the pool's std (0: population std, the paper's)."""
-    ig_weight: float = 1.0
-    """w_ig, the weight of the information-gain rewards."""
-    outcome_weight: float = 1.0
-    """w_out, the weight of the outcome reward."""
-    log_prob_floor: float = -20.0
-    """Floor on log-probs for kind="log_prob" (keeps -inf finite)."""
-    max_turns: int | None = None
-    """Number of turn slots T. None counts them from the batch (a host sync on GPUs)."""
-
-    def __post_init__(self) -> None:
-        choices = {"kind": INFORMATION_GAIN_KINDS, "mode": MODES, "weighting": WEIGHTINGS, "scale": SCALES}
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"igpo settings: {name} must be one of {list(allowed)}, got {value!r}")
-        for name in ("gamma", "eps", "ig_weight", "outcome_weight", "log_prob_floor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"igpo settings: {name} must be a finite number, got {value!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"igpo settings: gamma must be in [0, 1], got {self.gamma!r}")
-        if self.eps < 0:
-            raise ValueError(f"igpo settings: eps must be >= 0, got {self.eps!r}")
-        for name in ("ddof", "max_turns"):
-            value = getattr(self, name)
-            if value is None and name == "max_turns":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"igpo settings: {name} must be a non-negative int, got {value!r}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> IGPOSettings:
-        """Builds settings from a mapping (a dict, an OmegaConf node); None gives the defaults.
-
-        Raises:
-          ValueError: on a key that is not a field (a typo would otherwise be ignored silently),
-            and on an out-of-range value.
-          TypeError: when ``values`` is not a mapping.
-        """
-        if values is None:
-            return cls()
-        if isinstance(values, cls):
-            return values
-        if not isinstance(values, Mapping) and not hasattr(values, "items"):
-            raise TypeError(f"igpo settings must be a mapping, got {type(values).__name__}")
-        known = [field.name for field in dataclasses.fields(cls)]
-        given = {str(key): value for key, value in values.items()}
-        unknown = sorted(key for key in given if key not in known)
-        if unknown:
-            raise ValueError(f"igpo settings: unknown key(s) {unknown}; known keys: {known}")
-        return cls(**given)
-
-    def normalization_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`igpo_rewards.group_normalize` (mode, weighting, scale, eps, ddof)."""
-        return {"mode": self.mode, "weighting": self.weighting, "scale": self.scale, "eps": self.eps, "ddof": self.ddof}
-
-    def reward_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`igpo_rewards.turn_rewards` (kind, weights, floor)."""
-        return {
-            "kind": self.kind,
-            "ig_weight": self.ig_weight,
-            "outcome_weight": self.outcome_weight,
-            "log_prob_floor": self.log_prob_floor,
-        }

@@ -5,6 +5,17 @@ run unchanged (rollouts, reward functions, reference/old log-probs, logging) and
 its one-scalar-per-completion ``advantages`` [B] with per-token IGPO advantages [B, C]
 (C completion tokens), which TRL's loss accepts as they are.
 
+What it reads from TRL, and how stable each piece is:
+
+* the user's ``rollout_func`` (TRL's documented, experimental contract): IGPOTrainer wraps it
+  and keeps what it returns, so it reads the completions, ``env_mask`` and the probe log-probs
+  exactly as the rollout produced them;
+* ``GRPOTrainer._calculate_rewards``: the rewards of the whole batch, gathered over processes;
+* ``GRPOTrainer._generate_and_score_completions``, a private method, whose ``advantages`` it
+  replaces. Because of it, IGPOTrainer checks the TRL version when it is built and refuses any
+  outside :data:`SUPPORTED_TRL_VERSIONS`, the range pyproject's ``trl`` extra declares and the
+  tests run at both ends.
+
 What the ``rollout_func`` must return per completion, besides TRL's ``prompt_ids``,
 ``completion_ids`` and ``logprobs``:
 
@@ -24,22 +35,69 @@ gathered, normalized together and each process keeps its own rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import trl
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from trl import GRPOTrainer
 
 import igpo_rewards
 from igpo_rewards.integrations import IGPOSettings
 
-__all__ = ["ANSWER_LOGPROB_KEY", "TURN_INDEX_KEY", "IGPOTrainer", "token_turn_index"]
+__all__ = [
+    "ANSWER_LOGPROB_KEY",
+    "SUPPORTED_TRL_VERSIONS",
+    "TESTED_TRL_VERSIONS",
+    "TURN_INDEX_KEY",
+    "IGPOTrainer",
+    "check_trl_version",
+    "token_turn_index",
+]
 
 ANSWER_LOGPROB_KEY = "igpo_answer_logprob"
 """rollout_func output key: per completion, the list of its n_i probe log-probs."""
 TURN_INDEX_KEY = "igpo_turn_index"
 """Optional rollout_func output key: per completion, the turn of each completion token (-1: none)."""
+SUPPORTED_TRL_VERSIONS = ">=1.0,<1.17"
+"""The TRL releases IGPOTrainer runs on: pyproject's ``trl`` extra, tested at both ends."""
+TESTED_TRL_VERSIONS = ("1.0.0", "1.16.0")
+"""The releases the test set-up installs: the floor (``scripts/test_trl_floor.sh``) and the newest."""
+
+# GRPOTrainer's positional parameters after `optimizers` differ between releases (1.8 inserted
+# `quantization_config` before `peft_config`), so IGPOTrainer takes at most these positionally.
+_POSITIONAL_PARAMETERS = (
+    "model", "reward_funcs", "args", "train_dataset", "eval_dataset", "processing_class",
+    "reward_processing_classes", "callbacks", "optimizers",
+)
+
+
+def check_trl_version(version: str) -> None:
+    """Raises unless ``version`` lies in :data:`SUPPORTED_TRL_VERSIONS` (pre-releases excluded).
+
+    Raises:
+      RuntimeError: the version is outside the supported range; the message names the range
+        and the tested releases.
+
+    Example:
+      >>> check_trl_version("1.16.0")
+      >>> check_trl_version("1.17.0")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      RuntimeError: IGPOTrainer supports trl>=1.0,<1.17 (tested: 1.0.0 and 1.16.0); found trl 1.17.0. ...
+    """
+    if Version(version) in SpecifierSet(SUPPORTED_TRL_VERSIONS):
+        return
+    raise RuntimeError(
+        f"IGPOTrainer supports trl{SUPPORTED_TRL_VERSIONS} (tested: {' and '.join(TESTED_TRL_VERSIONS)}); "
+        f"found trl {version}. It overrides GRPOTrainer._generate_and_score_completions, a private TRL method, "
+        f"so other releases are refused rather than trusted: pip install 'trl{SUPPORTED_TRL_VERSIONS}'"
+    )
 
 
 def token_turn_index(
@@ -86,12 +144,51 @@ def token_turn_index(
     return index
 
 
+@dataclasses.dataclass
+class _Rollout:
+    """What IGPOTrainer keeps of one rollout_func call (this process's completions)."""
+
+    completion_lengths: list[int]
+    env_mask: Sequence[Sequence[int]] | None
+    turn_index: Sequence[Sequence[int]] | None
+    answer_logprob: Sequence[Sequence[float]]
+
+
+def _read_rollout(output: Mapping[str, Any]) -> _Rollout:
+    """The IGPO fields of a rollout_func output, checked against its number of completions."""
+    if ANSWER_LOGPROB_KEY not in output:
+        raise ValueError(
+            f"rollout_func must return {ANSWER_LOGPROB_KEY!r}: per completion the list of its probe log-probs "
+            f"(one per turn); it returned {sorted(output)}"
+        )
+    lengths = [len(ids) for ids in output["completion_ids"]]
+    answer_logprob = output[ANSWER_LOGPROB_KEY]
+    if len(answer_logprob) != len(lengths):
+        raise ValueError(f"{ANSWER_LOGPROB_KEY} has {len(answer_logprob)} entries for {len(lengths)} completions")
+    return _Rollout(lengths, output.get("env_mask"), output.get(TURN_INDEX_KEY), answer_logprob)
+
+
+def _recording(rollout_func: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """rollout_func as TRL calls it (``rollout_func(prompts, trainer)``), keeping its IGPO fields."""
+
+    @functools.wraps(rollout_func)
+    def recording_rollout_func(prompts: list, trainer: IGPOTrainer) -> dict[str, Any]:
+        output = rollout_func(prompts, trainer)
+        if "completion_ids" in output:  # otherwise TRL names the missing keys itself
+            trainer._igpo_rollouts.append(_read_rollout(output))
+        return output
+
+    return recording_rollout_func
+
+
 class IGPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with IGPO advantages: each completion token gets its turn's advantage.
 
-    Takes every ``GRPOTrainer`` argument, plus ``igpo_settings`` (:class:`IGPOSettings` or a
-    mapping; the paper's defaults). A ``rollout_func`` that returns ``igpo_answer_logprob``
-    (and ``env_mask`` for multi-turn completions) is required; see the module docstring.
+    Takes every ``GRPOTrainer`` argument (those after ``optimizers`` by keyword), plus
+    ``igpo_settings`` (:class:`IGPOSettings` or a mapping; the paper's defaults). A
+    ``rollout_func`` that returns ``igpo_answer_logprob`` (and ``env_mask`` for multi-turn
+    completions) is required; see the module docstring. TRL's own tool loop (``tools``,
+    ``environment_factory``) is refused: it would rewrite the completions after the rollout.
 
     Per training batch: R_i = weighted sum of the reward functions; probe log-probs, turn masks
     and R are gathered over processes; :func:`igpo_rewards.igpo_advantages` runs on the whole
@@ -102,39 +199,42 @@ class IGPOTrainer(GRPOTrainer):
     Logged: ``igpo/turns_mean`` (mean turns per completion) and ``igpo/information_gain_mean``
     (mean IG over non-final turns), besides TRL's metrics (whose ``advantages`` log column
     still shows GRPO's scalar advantages).
+
+    Raises:
+      RuntimeError: the installed TRL is outside :data:`SUPPORTED_TRL_VERSIONS`.
+      ValueError: no ``rollout_func``, or ``tools`` / ``environment_factory`` given.
+      TypeError: more positional arguments than ``model`` .. ``optimizers``.
     """
 
-    def __init__(self, *args: Any, igpo_settings: IGPOSettings | Mapping[str, Any] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        if self.rollout_func is None:
+    def __init__(
+        self,
+        *args: Any,
+        rollout_func: Callable[..., dict[str, Any]] | None = None,
+        igpo_settings: IGPOSettings | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        check_trl_version(trl.__version__)
+        if len(args) > len(_POSITIONAL_PARAMETERS):
+            raise TypeError(
+                f"IGPOTrainer takes at most {len(_POSITIONAL_PARAMETERS)} positional arguments "
+                f"({', '.join(_POSITIONAL_PARAMETERS)}); got {len(args)}. Pass the rest by keyword: their "
+                f"positions differ between TRL releases"
+            )
+        if rollout_func is None:
             raise ValueError(
                 f"IGPOTrainer needs a rollout_func that returns {ANSWER_LOGPROB_KEY!r} (the probe log-probs of each "
                 f"completion) and 'env_mask'; got rollout_func=None"
             )
+        for name in ("tools", "environment_factory"):
+            if kwargs.get(name):
+                raise ValueError(
+                    f"IGPOTrainer reads turns from the rollout_func's env_mask; TRL's tool loop ({name}=...) would "
+                    f"rewrite the completions after the rollout. Run the tools inside rollout_func instead"
+                )
         self.igpo_settings = IGPOSettings.from_mapping(igpo_settings)
-        self._igpo_rollouts: dict[str, Any] | None = None
+        self._igpo_rollouts: list[_Rollout] = []
         self._igpo_rewards_per_func: torch.Tensor | None = None
-
-    # GRPOTrainer._generate pops env_mask from the rollout_func output; keep what IGPO needs.
-    def _generate(self, prompts: list):
-        result = super()._generate(prompts)
-        if len(result) != 8:
-            raise RuntimeError(
-                f"IGPOTrainer supports trl 1.x, whose GRPOTrainer._generate returns 8 values; got {len(result)}"
-            )
-        _, completion_ids, tool_mask, _, _, extra_fields, _, _ = result
-        if ANSWER_LOGPROB_KEY not in extra_fields:
-            raise ValueError(
-                f"rollout_func must return {ANSWER_LOGPROB_KEY!r}: per completion the list of its probe log-probs "
-                f"(one per turn); it returned {sorted(extra_fields)}"
-            )
-        self._igpo_rollouts = {
-            "completion_lengths": [len(ids) for ids in completion_ids],
-            "env_mask": tool_mask,
-            "turn_index": extra_fields.get(TURN_INDEX_KEY),
-            "answer_logprob": extra_fields[ANSWER_LOGPROB_KEY],
-        }
-        return result
+        super().__init__(*args, rollout_func=_recording(rollout_func), **kwargs)
 
     # The rewards of the whole batch (gathered over processes), for the outcome R_i.
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -143,32 +243,29 @@ class IGPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._igpo_rollouts = None
+        self._igpo_rollouts = []
         self._igpo_rewards_per_func = None
         output = super()._generate_and_score_completions(inputs)
+        rewards_seen = self._igpo_rewards_per_func is not None
+        if len(self._igpo_rollouts) != 1 or not rewards_seen:
+            raise RuntimeError(
+                f"IGPOTrainer expects one rollout_func call and one _calculate_rewards call per batch; this batch "
+                f"made {len(self._igpo_rollouts)} rollout_func call(s), rewards computed: {rewards_seen}"
+            )
         output["advantages"] = self._igpo_token_advantages(output["completion_ids"].shape[1])
         return output
 
-    def _igpo_token_advantages(self, num_tokens: int) -> torch.Tensor:
-        rollouts, rewards_per_func = self._igpo_rollouts, self._igpo_rewards_per_func
-        if rollouts is None or rewards_per_func is None:
-            raise RuntimeError("IGPOTrainer: the rollouts or rewards of this batch were not recorded")
-        device = self.accelerator.device
-        mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        settings = self.igpo_settings
+    def _igpo_local_turns(self, rollout: _Rollout, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's probe log-probs [B_local, T], turn mask [B_local, T] and token turns [B_local, C].
 
-        # Local per-turn data: probe log-probs [B_local, T] and the turn mask.
-        probes = [np.asarray(row, dtype=np.float64).reshape(-1) for row in rollouts["answer_logprob"]]
-        local_rows = len(rollouts["completion_lengths"])
-        if len(probes) != local_rows:
-            raise ValueError(f"{ANSWER_LOGPROB_KEY} has {len(probes)} entries for {local_rows} completions")
-        turn_index = token_turn_index(
-            rollouts["completion_lengths"], rollouts["env_mask"], rollouts["turn_index"], num_tokens
-        )
+        T is the largest turn count of any process (or ``igpo_settings.max_turns``), so that
+        every process gathers tensors of the same width.
+        """
+        probes = [np.asarray(row, dtype=np.float64).reshape(-1) for row in rollout.answer_logprob]
+        turn_index = token_turn_index(rollout.completion_lengths, rollout.env_mask, rollout.turn_index, num_tokens)
         turns = (turn_index.max(dim=1).values + 1).tolist()
         counts = [row.size for row in probes]
-        mismatched = [row for row in range(local_rows) if counts[row] != turns[row]]
+        mismatched = [row for row in range(len(probes)) if counts[row] != turns[row]]
         if mismatched:
             shown = mismatched[:5]
             raise ValueError(
@@ -176,16 +273,27 @@ class IGPOTrainer(GRPOTrainer):
                 f"{[counts[row] for row in shown]} values in {ANSWER_LOGPROB_KEY!r} but "
                 f"{[turns[row] for row in shown]} turns (runs of 1s in env_mask)"
             )
-        local_max = max(counts, default=0)
-        widest = int(self.accelerator.gather(torch.tensor([local_max], device=device)).max())
-        num_turns = widest if settings.max_turns is None else settings.max_turns
+        local_max = torch.tensor([max(counts, default=0)], device=self.accelerator.device)
+        widest = int(self.accelerator.gather(local_max).max())
+        max_turns = self.igpo_settings.max_turns
+        num_turns = widest if max_turns is None else max_turns
         if widest > num_turns:
             raise ValueError(f"a completion has {widest} turns but igpo_settings.max_turns = {num_turns}")
-        answer_logprob = torch.zeros(local_rows, num_turns, dtype=torch.float32)
-        turn_mask = torch.zeros(local_rows, num_turns, dtype=torch.bool)
+        answer_logprob = torch.zeros(len(probes), num_turns, dtype=torch.float32)
+        turn_mask = torch.zeros(len(probes), num_turns, dtype=torch.bool)
         for row, values in enumerate(probes):
             answer_logprob[row, : values.size] = torch.from_numpy(values).float()
             turn_mask[row, : values.size] = True
+        return answer_logprob, turn_mask, turn_index
+
+    def _igpo_token_advantages(self, num_tokens: int) -> torch.Tensor:
+        (rollout,), rewards_per_func = self._igpo_rollouts, self._igpo_rewards_per_func
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        settings = self.igpo_settings
+        answer_logprob, turn_mask, turn_index = self._igpo_local_turns(rollout, num_tokens)
+        local_rows = answer_logprob.shape[0]
 
         # The whole batch: groups are rows k * G .. k * G + G - 1 of the gathered batch.
         all_logprob = self.accelerator.gather(answer_logprob.to(device))
@@ -214,17 +322,20 @@ class IGPOTrainer(GRPOTrainer):
             **settings.reward_kwargs(),
             **settings.normalization_kwargs(),
         )
-
-        gain = result.information_gain
-        last_turn = all_turn_mask.sum(dim=1, keepdim=True) - 1
-        non_final = all_turn_mask & (torch.arange(num_turns, device=gain.device)[None, :] < last_turn)
-        self._metrics[mode]["igpo/turns_mean"].append(all_turn_mask.sum(dim=1).float().mean().item())
-        self._metrics[mode]["igpo/information_gain_mean"].append(
-            gain[non_final].float().mean().item() if bool(non_final.any()) else 0.0
-        )
+        self._igpo_log(mode, result.information_gain, all_turn_mask)
 
         start = self.accelerator.process_index * local_rows
         local_advantages = result.advantages[start : start + local_rows]
         return igpo_rewards.broadcast_to_tokens(
             local_advantages, turn_index.to(local_advantages.device), turn_mask=turn_mask.to(local_advantages.device)
+        )
+
+    def _igpo_log(self, mode: str, information_gain: torch.Tensor, turn_mask: torch.Tensor) -> None:
+        """Adds igpo/turns_mean and igpo/information_gain_mean (non-final turns) to TRL's metrics."""
+        last_turn = turn_mask.sum(dim=1, keepdim=True) - 1
+        positions = torch.arange(turn_mask.shape[1], device=turn_mask.device)[None, :]
+        non_final = turn_mask & (positions < last_turn)
+        self._metrics[mode]["igpo/turns_mean"].append(turn_mask.sum(dim=1).float().mean().item())
+        self._metrics[mode]["igpo/information_gain_mean"].append(
+            information_gain[non_final].float().mean().item() if bool(non_final.any()) else 0.0
         )

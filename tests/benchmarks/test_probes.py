@@ -1,18 +1,21 @@
 """Cost of the ground-truth probes on the reference model (issue 5, probe part).
 
 For a batch of finished trajectories with 4 and with 10 turns, every probe's answer log-prob
-(one probe before each turn) is computed these ways (igpo_rewards.reference_trainer.probes):
+(one probe before each turn) is computed these ways (igpo_rewards.agent.probes):
 
-(a) ``naive_probe_logprobs``: one full forward per probe (the released code's way);
-(b) ``packed_probe_logprobs``: one packed forward per batch, probes only;
-(c) ``packed_forward`` with probes (``probe_layout="packed"``, the trainer's default): the probe
-    copies appended after each trajectory in the old-log-prob forward the trainer runs anyway;
-    compared with ``packed_forward`` without probes (the old-log-prob forward alone), the extra
-    cost is what IGPO adds to a PPO step. With one dense [N, N] mask every trajectory query also
-    scores the probe keys (masked out, but computed), so attention grows by about twice the
-    extra tokens;
-(d) ``packed_forward(probe_layout="kv_cache")``: the old-log-prob forward keeps its KV cache,
-    then one second pass runs every probe copy against it: only the probe rows are computed.
+(a) ``naive_probe_logprobs`` (tests/probe_oracle.py): one full forward per probe (the released code's way);
+(b) ``packed_probe_logprobs`` (here): one packed forward per batch, probes only;
+(c) ``probe_forward`` (``probe_layout="packed"``, the trainer's default): the probe copies
+    appended after each trajectory in the old-log-prob forward the trainer runs anyway;
+    compared with ``token_logprobs`` (the old-log-prob forward alone, plain causal attention),
+    the extra cost is what IGPO adds to a PPO step. With one dense [N, N] mask every trajectory
+    query also scores the probe keys (masked out, but computed), so attention grows by about
+    twice the extra tokens, and it loses the causal fast path;
+(d) ``probe_forward(probe_layout="kv_cache")``: the old-log-prob forward (plain causal) keeps its
+    KV cache, then one second pass runs every probe copy against it: only the probe rows are
+    computed.
+
+The old log-probs are those of the generated tokens (the turns), as the trainer scores them.
 
 The summary reports tokens processed (real and padded: attention runs on the padded packed
 layout) and wall time, and the extra cost of (c) and (d) over the old-log-prob forward next to the
@@ -37,16 +40,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from igpo_rewards.agent.probes import (  # noqa: E402
+    build_probe_suffix,
+    pad_token_ids,
+    probe_forward,
+    suffix_table,
+    token_logprobs,
+)
 from igpo_rewards.reference_trainer.config import TinyModelConfig  # noqa: E402
 from igpo_rewards.reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
-from igpo_rewards.reference_trainer.probes import (  # noqa: E402
-    build_probe_suffix,
-    naive_probe_logprobs,
-    packed_forward,
-    packed_probe_logprobs,
-)
 from igpo_rewards.reference_trainer.world import build_world  # noqa: E402
 
+from ..probe_oracle import naive_probe_logprobs  # noqa: E402
 from .bench_support import WAY_C, WAY_D, mode, rounds  # noqa: E402
 
 TURN_COUNTS = (4, 10)
@@ -76,6 +81,52 @@ class ProbeBatch(NamedTuple):
     token_ids: list[list[int]]
     starts: list[list[int]]  # probe j of trajectory b scores the answer after token_ids[b][:starts[b][j]]
     suffixes: list  # ProbeSuffix per trajectory
+    turn_ends: list[list[int]]  # turn j of trajectory b is token_ids[b][starts[b][j]:turn_ends[b][j]]
+
+
+class Tensors(NamedTuple):
+    """A ProbeBatch as the trainer's step holds it: padded ids, [B, T] starts and mask, the suffix table,
+    the generated-token mask."""
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    turn_starts: torch.Tensor
+    turn_mask: torch.Tensor
+    suffixes: object
+    token_mask: torch.Tensor
+
+
+def _tensors(batch: ProbeBatch, *, cut: bool = False) -> Tensors:
+    """``cut``: each trajectory ends at its last probe start (way (b): later tokens are the context of no probe)."""
+    rows = [row[: max(starts)] if cut else row for row, starts in zip(batch.token_ids, batch.starts)]
+    input_ids, lengths = pad_token_ids(rows)
+    turns = max(map(len, batch.starts))
+    turn_starts = torch.tensor([starts + [0] * (turns - len(starts)) for starts in batch.starts])
+    turn_mask = torch.tensor([[j < len(starts) for j in range(turns)] for starts in batch.starts])
+    position = torch.arange(input_ids.shape[1])
+    token_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
+    for b, (starts, ends) in enumerate(zip(batch.starts, batch.turn_ends)):
+        for start, end in zip(starts, ends):
+            token_mask[b] |= (position >= start) & (position < end) & (not cut)
+    return Tensors(input_ids, lengths, turn_starts, turn_mask, suffix_table(batch.suffixes), token_mask)
+
+
+def packed_probe_logprobs(model, batch: ProbeBatch):
+    """Way (b): the probe copies in one packed forward, each trajectory cut at its last probe start."""
+    cut = _tensors(batch, cut=True)
+    out = probe_forward(model, cut.input_ids, cut.lengths, cut.turn_starts, cut.turn_mask, cut.suffixes)
+    return out.probe_logprobs, out.probe_mask
+
+
+def folded(model, tensors: Tensors, layout: str):
+    """Ways (c) and (d): the old log-probs of the generated tokens and every probe, one forward."""
+    return probe_forward(model, tensors.input_ids, tensors.lengths, tensors.turn_starts, tensors.turn_mask, tensors.suffixes,
+                         token_mask=tensors.token_mask, probe_layout=layout)
+
+
+def alone(model, tensors: Tensors):
+    """The old-log-prob forward alone: plain causal attention, log-probs of the generated tokens."""
+    return token_logprobs(model, tensors.input_ids, tensors.token_mask)[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,7 +155,7 @@ def _trajectory_batch(num_turns: int) -> ProbeBatch:
     model, tokenizer = _model_and_tokenizer()
     world = _world()
     rng = random.Random(num_turns)
-    token_ids, starts, suffixes = [], [], []
+    token_ids, starts, suffixes, ends = [], [], [], []
     for b in range(setting.trajectories):
         example = world.train[b % len(world.train)]
         ids = tokenizer(
@@ -112,7 +163,7 @@ def _trajectory_batch(num_turns: int) -> ProbeBatch:
             f"</search>, answer inside <answer> and </answer>. Question: {example.question}\n",
             add_special_tokens=False,
         ).input_ids
-        turn_starts = []
+        turn_starts, turn_ends = [], []
         for turn in range(num_turns):
             turn_starts.append(len(ids))
             if turn < num_turns - 1:
@@ -122,14 +173,17 @@ def _trajectory_batch(num_turns: int) -> ProbeBatch:
                 observation = "<information> " + " ".join(
                     f"Doc {i + 1}(Title: {d.title}) {d.text}" for i, d in enumerate(docs)) + " </information>\n"
                 ids += tokenizer(call, add_special_tokens=False).input_ids[:24]
+                turn_ends.append(len(ids))
                 ids += tokenizer(observation, add_special_tokens=False).input_ids
             else:
                 ids += tokenizer(f"<think> done </think>\n<answer> {example.answers[0]} </answer>",
                                  add_special_tokens=False).input_ids
+                turn_ends.append(len(ids))
         token_ids.append(ids)
         starts.append(turn_starts)
+        ends.append(turn_ends)
         suffixes.append(build_probe_suffix(tokenizer, example.answers[0]))
-    return ProbeBatch(token_ids, starts, suffixes)
+    return ProbeBatch(token_ids, starts, suffixes, ends)
 
 
 @pytest.fixture(scope="module", params=TURN_COUNTS, ids=[f"T{t}" for t in TURN_COUNTS])
@@ -195,7 +249,7 @@ def test_probes_packed(benchmark, probe_batch, recorder):
     num_turns, batch = probe_batch
     model, _ = _model_and_tokenizer()
     logprobs, mask = _run(
-        benchmark, lambda: packed_probe_logprobs(model, batch.token_ids, batch.starts, batch.suffixes),
+        benchmark, lambda: packed_probe_logprobs(model, batch),
         "(b) one packed forward, probes only", num_turns, batch, recorder)
     want, want_mask = _naive_reference(num_turns)
     assert torch.equal(mask, want_mask)
@@ -206,25 +260,22 @@ def test_probes_packed(benchmark, probe_batch, recorder):
 def test_probes_folded_into_old_logprob_forward(benchmark, probe_batch, recorder, layout):
     num_turns, batch = probe_batch
     model, _ = _model_and_tokenizer()
-    result = _run(
-        benchmark,
-        lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes, probe_layout=layout),
-        WAY_C if layout == "packed" else WAY_D, num_turns, batch, recorder)
+    tensors = _tensors(batch)
+    result = _run(benchmark, lambda: folded(model, tensors, layout), WAY_C if layout == "packed" else WAY_D, num_turns, batch, recorder)
     want, want_mask = _naive_reference(num_turns)
     assert torch.equal(result.probe_mask, want_mask)
     torch.testing.assert_close(result.probe_logprobs, want, rtol=0.0, atol=TOLERANCE)
     with torch.no_grad():
-        alone = packed_forward(model, batch.token_ids)
-    torch.testing.assert_close(result.token_logprobs, alone.token_logprobs, rtol=0.0, atol=TOLERANCE)
+        plain = alone(model, tensors)
+    torch.testing.assert_close(result.token_logprobs, plain, rtol=0.0, atol=TOLERANCE)
 
 
 def test_old_logprob_forward_alone(benchmark, probe_batch, recorder):
     num_turns, batch = probe_batch
     model, _ = _model_and_tokenizer()
-    result = _run(benchmark, lambda: packed_forward(model, batch.token_ids), "old-log-prob forward alone",
-                  num_turns, batch, recorder)
-    assert result.probe_logprobs.shape == (len(batch.token_ids), 0, 0)
-    assert bool(result.token_mask.any()) and bool(torch.isfinite(result.token_logprobs).all())
+    tensors = _tensors(batch)
+    result = _run(benchmark, lambda: alone(model, tensors), "old-log-prob forward alone", num_turns, batch, recorder)
+    assert bool(tensors.token_mask.any()) and bool((result[tensors.token_mask] < 0).all())
 
 
 def test_probe_overhead_in_interleaved_rounds(benchmark, probe_batch, recorder):
@@ -237,10 +288,11 @@ def test_probe_overhead_in_interleaved_rounds(benchmark, probe_batch, recorder):
     """
     num_turns, batch = probe_batch
     model, _ = _model_and_tokenizer()
+    tensors = _tensors(batch)
     ways = {
-        "alone": lambda: packed_forward(model, batch.token_ids),
-        WAY_C: lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes, probe_layout="packed"),
-        WAY_D: lambda: packed_forward(model, batch.token_ids, batch.starts, batch.suffixes, probe_layout="kv_cache"),
+        "alone": lambda: alone(model, tensors),
+        WAY_C: lambda: folded(model, tensors, "packed"),
+        WAY_D: lambda: folded(model, tensors, "kv_cache"),
     }
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     shuffle = random.Random(num_turns)

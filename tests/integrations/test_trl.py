@@ -9,6 +9,7 @@ oracle (igpo_rewards.testing.reference), with turns read off env_mask by a plain
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,15 +18,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import trl
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from igpo_rewards.integrations import IGPOSettings
-from igpo_rewards.integrations.trl import IGPOTrainer, token_turn_index
+from igpo_rewards.integrations.trl import (
+    SUPPORTED_TRL_VERSIONS,
+    TESTED_TRL_VERSIONS,
+    IGPOTrainer,
+    check_trl_version,
+    token_turn_index,
+)
 from igpo_rewards.testing import reference
 from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
 
 from . import trl_igpo_run as run
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +177,51 @@ def test_bad_rollouts_fail_loudly(model_dir, tmp_path):
     with pytest.raises(ValueError, match="needs a rollout_func"):
         IGPOTrainer(model=trainer.model, reward_funcs=[run.outcome_reward], args=trainer.args,
                     train_dataset=trainer.train_dataset, processing_class=trainer.processing_class)
+
+
+
+def test_supported_trl_range_is_the_declared_and_tested_one():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    trl_extra = re.findall(r'"([^"]+)"', re.search(r"^trl = \[(.*)\]$", pyproject, flags=re.M).group(1))
+    assert f"trl{SUPPORTED_TRL_VERSIONS}" in trl_extra
+    bounds = {spec.operator: Version(spec.version) for spec in SpecifierSet(SUPPORTED_TRL_VERSIONS)}
+    floor, newest = (Version(version) for version in TESTED_TRL_VERSIONS)
+    assert set(bounds) == {">=", "<"} and floor == bounds[">="]
+    assert (newest.major, newest.minor + 1) == (bounds["<"].major, bounds["<"].minor)
+    # The floor job (scripts/test_trl_floor.sh) pins the floor of every `trl` extra requirement.
+    pins = {
+        name: Version(version)
+        for name, version in re.findall(r"^([\w-]+)==(\S+)$", (ROOT / "constraints-trl-floor.txt").read_text(), re.M)
+    }
+    # The `hf` extra it includes (torch, tokenizers) is not pinned: torch is constraints-cpu.txt's CPU wheel.
+    floors = {name: Version(version) for name, version in re.findall(r"^([\w-]+)>=([\d.]+)", "\n".join(trl_extra), re.M)}
+    assert pins == floors and pins["trl"] == floor
+    check_trl_version(trl.__version__)
+    expected = os.environ.get("IGPO_EXPECT_TRL")  # set by scripts/test_trl_floor.sh
+    if expected is not None:
+        assert trl.__version__ == expected == TESTED_TRL_VERSIONS[0]
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.9.0", "1.16.0", "1.16.3"])
+def test_trl_versions_in_the_range_pass(version):
+    check_trl_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.29.1", "1.0.0rc1", "1.17.0.dev0", "1.17.0", "2.0.0"])
+def test_other_trl_versions_are_refused_at_construction(version, monkeypatch):
+    message = rf"supports trl>=1\.0,<1\.17 \(tested: 1\.0\.0 and 1\.16\.0\); found trl {re.escape(version)}\."
+    with pytest.raises(RuntimeError, match=message):
+        check_trl_version(version)
+    monkeypatch.setattr(trl, "__version__", version)
+    with pytest.raises(RuntimeError, match=message):
+        IGPOTrainer(model="unused", reward_funcs=[run.outcome_reward], rollout_func=run.rollout_func)
+
+
+def test_arguments_whose_meaning_differs_between_trl_releases_are_refused():
+    common = dict(model="unused", reward_funcs=[run.outcome_reward], rollout_func=run.rollout_func)
+    with pytest.raises(TypeError, match="at most 9 positional arguments .* got 10"):
+        IGPOTrainer("unused", *[None] * 9, rollout_func=run.rollout_func)
+    with pytest.raises(ValueError, match=r"TRL's tool loop \(tools=...\)"):
+        IGPOTrainer(tools=[len], **common)
+    with pytest.raises(ValueError, match=r"TRL's tool loop \(environment_factory=...\)"):
+        IGPOTrainer(environment_factory=object, **common)

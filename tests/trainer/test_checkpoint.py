@@ -152,6 +152,11 @@ def _train_command(init, out, *extra):
     ]
 
 
+def _run(command):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def _without_timing(path):
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "tokens_per_second"} for r in records]
@@ -164,7 +169,7 @@ def test_resume_after_a_kill_mid_step_matches_the_uninterrupted_run(tmp_path):
     init = save_pretrained(model, tokenizer, tmp_path / "init")
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_train_command(init, full), check=True, capture_output=True, timeout=600)
+    _run(_train_command(init, full))
 
     process = subprocess.Popen(_train_command(init, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = killed / "checkpoints" / LATEST
@@ -177,7 +182,7 @@ def test_resume_after_a_kill_mid_step_matches_the_uninterrupted_run(tmp_path):
     process.wait()
     assert not (killed / "checkpoints" / "step_000004").exists() and not (killed / "eval.json").exists()
 
-    subprocess.run(_train_command(init, killed, "--resume"), check=True, capture_output=True, timeout=600)
+    _run(_train_command(init, killed, "--resume"))
     final_full, final_killed = full / "checkpoints" / "step_000004", killed / "checkpoints" / "step_000004"
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         expected, resumed = load_file(final_full / name), load_file(final_killed / name)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from igpo_rewards import IGPOSettings
 from igpo_rewards.reference_trainer.cli import (
     DemoCommand,
     DiagnoseCommand,
@@ -21,14 +23,6 @@ from igpo_rewards.reference_trainer.cli import (
 from igpo_rewards.reference_trainer.config import PRESETS, RunConfig, load_config_file, preset_config, quick_config, validate_config
 from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
 from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -93,6 +87,34 @@ def test_quick_config_shrinks_the_preset_budget():
         preset_config("dense")
 
 
+def test_every_igpo_option_is_a_flag_and_a_config_key(tmp_path):
+    """RLConfig.igpo is igpo_rewards.IGPOSettings: each option of igpo_advantages / grpo_advantages,
+    under the library's name, from a flag (--rl.igpo.NAME) or a config file ([rl.igpo])."""
+    settings = IGPOSettings(gamma=0.5, kind="log_prob", mode="separate", weighting="trajectory", scale="none", eps=0.25,
+                            ddof=1, ig_weight=0.5, outcome_weight=3.0, log_prob_floor=-7.0)
+    flags = [item for field in dataclasses.fields(IGPOSettings) if field.name != "max_turns"
+             for item in (f"--rl.igpo.{field.name.replace('_', '-')}", str(getattr(settings, field.name)))]
+    assert parse(["train", *flags]).rl.igpo == settings
+    toml = tmp_path / "igpo.toml"
+    toml.write_text('[rl.igpo]\neps = 0.25\nlog_prob_floor = -7.0\nkind = "log_prob"\n')
+    assert load_config_file(toml).rl.igpo == IGPOSettings(eps=0.25, log_prob_floor=-7.0, kind="log_prob")
+    # the old trainer-only names are gone: one name per option
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ig_kind'\]"):
+        load_config_file(_write(tmp_path / "old.toml", '[rl]\nig_kind = "prob"\n'))
+
+
+def test_a_bad_igpo_flag_exits_2_with_the_reason(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # tyro reports what the settings object raised
+        main(["train", "--rl.igpo.gamma", "1.5"])
+    assert exit_info.value.code == 2
+    assert "gamma must be in [0, 1], got 1.5" in " ".join(capsys.readouterr().err.split())
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -105,6 +127,8 @@ def test_quick_config_shrinks_the_preset_budget():
         ('[world]\npreset = "dense"\n', "world.preset must be one of ('default', 'sparse'), got 'dense'"),
         ("[world]\nmax_hops = 5\n", "world.max_hops must be <= 4"),
         ("[warm_start]\nmax_hops = -1\n", "warm_start.max_hops must be an int >= 0, got -1"),
+        ('[rl.igpo]\nkind = "logp"\n', "igpo settings: kind must be one of ['prob', 'log_prob'], got 'logp'"),
+        ("[rl.igpo]\ngama = 0.9\n", "unknown key(s) ['gama']"),
     ],
 )
 def test_bad_config_files_exit_2_with_the_reason(tmp_path, capsys, content, message):

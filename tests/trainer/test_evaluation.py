@@ -1,39 +1,35 @@
-"""Evaluation: EM/F1 against all aliases, by hop and by data source, greedy rollouts, the paper's table."""
+"""Evaluation: EM/F1 against all aliases, by hop and by data source, greedy rollouts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reference_trainer import rollout
-from igpo_rewards.reference_trainer.evaluation import evaluate, paper_table, score_trajectory, summarize
+from igpo_rewards.agent import rollout
+from igpo_rewards.agent.protocol import INSTRUCTION
+from igpo_rewards.agent.retrieval import Document
+from igpo_rewards.agent.rollout import Trajectory
+from igpo_rewards.reference_trainer.evaluation import evaluate, summarize
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.prompts import INSTRUCTION
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.rollout import Trajectory
-from igpo_rewards.reference_trainer.world import Document, QAExample
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from igpo_rewards.reference_trainer.rollout import score_response, scored
+from igpo_rewards.reference_trainer.world import QAExample
 
 
 def finished(example, response, stop_reason="answer"):
-    """A one-turn trajectory whose response is ``response``."""
-    return Trajectory(example, [1, 2, 3], 2, [(2, 3)], [], [response], response, 0.0, stop_reason=stop_reason)
+    """A one-turn trajectory whose response is ``response``, scored against ``example``."""
+    return scored(Trajectory([1, 2, 3], 2, [(2, 3)], [], [response], response, stop_reason), example)
 
 
-def test_score_trajectory_uses_every_alias_and_zero_for_malformed():
-    example = QAExample("q", ("Tovia", "Tovia City"), 1, "world")
-    assert score_trajectory(finished(example, "<answer> tovia city </answer>")) == (1.0, 1.0)
-    em, f1 = score_trajectory(finished(example, "<answer> Tovia town </answer>"))
-    assert em == 0.0 and f1 == pytest.approx(2 * 1 / (2 + 1))  # best alias "Tovia": 1 common word of 2 and 1
-    assert score_trajectory(finished(example, "<answer> Tovia", "invalid: no </search> or </answer>")) == (0.0, 0.0)
-    assert score_trajectory(finished(example, "<search> x </search>", "max_turns")) == (0.0, 0.0)
+def test_score_response_uses_every_alias_and_zero_for_malformed():
+    answers = ("Tovia", "Tovia City")
+    assert score_response("<answer> tovia city </answer>", answers) == (1.0, 1.0, 1.0)
+    outcome, em, f1 = score_response("<answer> Tovia town </answer>", answers)
+    assert em == 0.0 and f1 == outcome == pytest.approx(2 * 1 / (2 + 1))  # best alias "Tovia": 1 common word of 2 and 1
+    assert score_response("<answer> Tovia", answers) == (-2.0, 0.0, 0.0)  # malformed: the format penalty, 0 EM/F1
+    assert score_response("<search> x </search>", answers) == (-2.0, 0.0, 0.0)
+    trajectory = finished(QAExample("q", answers, 1, "world"), "<answer> Tovia town </answer>")
+    assert (trajectory.outcome, trajectory.em, trajectory.f1) == (outcome, em, f1)
 
 
 def test_summarize_by_hops_and_source():
@@ -61,23 +57,6 @@ def test_summarize_by_hops_and_source():
     assert result["searches_mean"] == 0.25 and result["turns_mean"] == 1.0
     with pytest.raises(ValueError, match="empty"):
         summarize([])
-
-
-def test_paper_table_layout_and_dataset_average():
-    result = {
-        "by_data_source": {
-            "nq": {"em": 0.5, "f1": 0.6, "n": 10},
-            "triviaqa": {"em": 0.2, "f1": 0.4, "n": 1},
-            "tq": {"em": 0.4, "f1": 0.4, "n": 3},
-            "Bamboogle": {"em": 0.1, "f1": 0.2, "n": 5},
-            "world": {"em": 1.0, "f1": 1.0, "n": 2},
-        }
-    }
-    lines = paper_table(result, label="IGPO").splitlines()
-    assert lines[0] == "| IGPO | NQ | TQ | HotpotQA | 2Wiki | MuSiQue | Bamboogle | PopQA | world | Avg. |"
-    tq_em = (0.2 * 1 + 0.4 * 3) / 4  # both TriviaQA spellings pooled by question count
-    average = (0.5 + tq_em + 0.1 + 1.0) / 4  # mean over the datasets present
-    assert lines[2] == f"| EM | 50.0 | {100 * tq_em:.1f} | - | - | - | 10.0 | - | 100.0 | {100 * average:.1f} |"
 
 
 def test_evaluate_runs_greedy_rollouts(monkeypatch):

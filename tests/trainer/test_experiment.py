@@ -42,11 +42,11 @@ def test_methods_differ_only_in_the_switch_that_defines_them(tmp_path):
     base = preset_config("sparse")
     configs = {method: _flatten(to_dict(method_config(base, tmp_path, 1, method))) for method in METHODS}
     reference = configs["igpo"]
-    expected = {"grpo": {"rl.algorithm"}, "igpo_no_ig": {"rl.ig_weight"}, "igpo_no_outcome": {"rl.outcome_weight"}}
+    expected = {"grpo": {"rl.algorithm"}, "igpo_no_ig": {"rl.igpo.ig_weight"}, "igpo_no_outcome": {"rl.igpo.outcome_weight"}}
     for method, switches in expected.items():
         differing = {key for key in reference if reference[key] != configs[method][key]}
         assert differing == switches | {"out"}, method
-    assert (configs["igpo_no_ig"]["rl.ig_weight"], configs["igpo_no_outcome"]["rl.outcome_weight"]) == (0.0, 0.0)
+    assert (configs["igpo_no_ig"]["rl.igpo.ig_weight"], configs["igpo_no_outcome"]["rl.igpo.outcome_weight"]) == (0.0, 0.0)
     assert reference["seed"] == base.seed + 1 and reference["init"] == str(tmp_path / "seed_1" / "warm_start")
     assert reference["threads"] == 1 and reference["resume"] is True and reference["world.preset"] == "sparse"
     with pytest.raises(ValueError, match="method must be one of"):

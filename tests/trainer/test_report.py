@@ -14,6 +14,7 @@ from igpo_rewards.reference_trainer.report import (
     load_eval,
     load_metrics,
     load_trajectories,
+    paper_table,
     write_report,
 )
 
@@ -29,7 +30,8 @@ def _write_run(run_dir, *, algorithm, final_em, final_f1, collapse, eval_file=Tr
     (run_dir / "config.json").write_text(json.dumps({"algorithm": algorithm, "learning_rate": 1e-4, "seed": 0}))
     lines = []
     for step in range(1, 7):
-        record = {"step": step, "zero_variance_group_fraction": collapse, "reward_mean": 0.1 * step, "kl": None}
+        record = {"step": step, "zero_advantage_group_fraction": collapse, "zero_variance_group_fraction": 1.0,
+                  "reward_mean": 0.1 * step, "kl": None}
         if step % 3 == 0:
             record.update(heldout_em=final_em * step / 6, heldout_f1=final_f1 * step / 6)
         lines.append(json.dumps(record))
@@ -120,9 +122,28 @@ def test_report_per_data_source_table_in_paper_order(runs, tmp_path):
     (run_dirs["IGPO"] / "eval.json").write_text(json.dumps(
         {"step": 6, "em": 0.3, "f1": 0.4, "by_data_source": {key: {"em": em, "f1": em, "n": 10} for key, em in by_source.items()}}))
     lines = write_report(run_dirs, tmp_path / "out", warm_start_eval=None).read_text().splitlines()
-    assert "| policy (EM) | NQ | HotpotQA | Bamboogle | PopQA | custom | Avg. |" in lines
-    assert "| IGPO | 40.0 | 30.0 | 10.0 | 20.0 | 50.0 | 30.0 |" in lines
-    assert "| GRPO | n/a | n/a | n/a | n/a | n/a | n/a |" in lines
+    assert "| policy | metric | NQ | HotpotQA | Bamboogle | PopQA | custom | Avg. |" in lines
+    assert "| IGPO | EM | 40.0 | 30.0 | 10.0 | 20.0 | 50.0 | 30.0 |" in lines
+    assert "| GRPO | EM | - | - | - | - | - | - |" in lines
+
+
+def test_paper_table_pools_spellings_and_averages_datasets():
+    result = {
+        "by_data_source": {
+            "nq": {"em": 0.5, "f1": 0.6, "n": 10},
+            "triviaqa": {"em": 0.2, "f1": 0.4, "n": 1},
+            "tq": {"em": 0.4, "f1": 0.4, "n": 3},
+            "Bamboogle": {"em": 0.1, "f1": 0.2, "n": 5},
+            "world": {"em": 1.0, "f1": 1.0, "n": 2},
+        }
+    }
+    lines = paper_table({"IGPO": result, "GRPO": {"by_data_source": {"popqa": {"em": 0.25, "f1": 0.5, "n": 4}}}})
+    assert lines[0] == "| policy | metric | NQ | TQ | Bamboogle | PopQA | world | Avg. |"
+    tq_em = (0.2 * 1 + 0.4 * 3) / 4  # both TriviaQA spellings pooled by question count
+    average = (0.5 + tq_em + 0.1 + 1.0) / 4  # mean over the datasets present
+    assert lines[2] == f"| IGPO | EM | 50.0 | {100 * tq_em:.1f} | 10.0 | - | 100.0 | {100 * average:.1f} |"
+    assert lines[4] == "| GRPO | EM | - | - | - | 25.0 | - | 25.0 |"
+    assert lines[5] == "| GRPO | F1 | - | - | - | 50.0 | - | 50.0 |"
 
 
 def test_loaders_read_what_they_are_given(runs):

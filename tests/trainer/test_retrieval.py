@@ -10,15 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from igpo_rewards.reference_trainer.retrieval import (
-    NO_RESULTS,
-    BM25Retriever,
-    HTTPRetriever,
-    RetrievalError,
-    Retriever,
-    format_observation,
-)
-from igpo_rewards.reference_trainer.world import Document
+from igpo_rewards.agent.retrieval import NO_RESULTS, Document, HTTPRetriever, RetrievalError, Retriever, format_observation
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 
 DOCS = [
     Document("0", "Kaleno", "Kaleno is a city in Borania. Kaleno is known for its bridges."),

@@ -1,4 +1,5 @@
-"""The RL step: PPO + k3 loss against hand-computed values, advantages on tokens, the update, determinism."""
+"""The RL step: PPO + k3 loss against hand-computed values, the step's tensor batch, advantages on
+tokens (one call of the settings), the update, determinism."""
 
 from __future__ import annotations
 
@@ -8,32 +9,24 @@ import math
 import pytest
 import torch
 
+import igpo_rewards
+from igpo_rewards import IGPOSettings
+from igpo_rewards.agent.probes import probe_forward, token_logprobs
+from igpo_rewards.agent.protocol import INSTRUCTION
+from igpo_rewards.reference_trainer.batch import build_batch, micro_batches
 from igpo_rewards.reference_trainer.config import RLConfig
+from igpo_rewards.reference_trainer.metrics import case_studies, zero_advantage_group_fraction
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.prompts import INSTRUCTION
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.rollout import Trajectory
+from igpo_rewards.reference_trainer.rollout import QATrajectory
 from igpo_rewards.reference_trainer.training import (
-    all_zero_group_fraction,
-    case_studies,
     compute_advantages,
     policy_loss,
     ppo_update,
-    response_mask,
     rl_step,
-    score_trajectories,
-    turn_layout,
+    score_batch,
 )
 from igpo_rewards.reference_trainer.world import QAExample, build_world
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and other processes may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- policy_loss -------------------------------------------------------------------------------
 
@@ -110,32 +103,57 @@ def make_trajectory(turn_lengths, observation_length=3, prompt_length=4, outcome
         if j < len(turn_lengths) - 1:
             observation_spans.append((position, position + observation_length))
             position += observation_length
-    return Trajectory(
-        example=EXAMPLE,
+    return QATrajectory(
         token_ids=list(range(position)),
         prompt_length=prompt_length,
         turn_spans=turn_spans,
         observation_spans=observation_spans,
         turn_texts=["t"] * len(turn_lengths),
-        final_response="",
+        response="",
+        example=EXAMPLE,
         outcome=outcome,
         group_id=group_id,
     )
 
 
-def test_turn_layout_and_response_mask():
+class Pad:
+    """A stand-in tokenizer: the batch only needs the pad id when no probes are built."""
+
+    pad_token_id = 0
+
+
+def batch_of(trajectories):
+    return build_batch(trajectories, Pad(), probes=False)
+
+
+def test_batch_reads_turns_from_the_spans():
     trajectories = [make_trajectory([2, 1], outcome=1.0, group_id=3), make_trajectory([2], outcome=-2.0, group_id=5)]
-    turn_mask, group_ids, outcome = turn_layout(trajectories)
-    assert turn_mask.tolist() == [[True, True], [True, False]]
-    assert group_ids.tolist() == [3, 5] and outcome.tolist() == [1.0, -2.0]
-    assert response_mask(trajectories).tolist() == [[0, 0, 0, 0, 1, 1, 0, 0, 0, 1], [0, 0, 0, 0, 1, 1, 0, 0, 0, 0]]
+    batch = batch_of(trajectories)
+    assert batch.turn_mask.tolist() == [[True, True], [True, False]]
+    assert batch.turn_starts.tolist() == [[4, 9], [4, 0]]
+    assert batch.group_ids.tolist() == [3, 5] and batch.outcome.tolist() == [1.0, -2.0]
+    assert batch.lengths.tolist() == [10, 6] and batch.input_ids[1].tolist() == list(range(6)) + [0] * 4
+    assert batch.token_turn.tolist() == [[-1, -1, -1, -1, 0, 0, -1, -1, -1, 1], [-1, -1, -1, -1, 0, 0, -1, -1, -1, -1]]
+    # the library's reading of the same layout as a verl response mask agrees
+    index = igpo_rewards.turn_index_from_response_mask(batch.loss_mask[:, 4:].long())
+    assert torch.equal(index, batch.token_turn[:, 4:])
+    part = batch.select(torch.tensor([1]))
+    assert part.input_ids.tolist() == [list(range(6))] and part.trajectories == [trajectories[1]]
+    assert part.turn_mask.tolist() == [[True, False]]
+
+
+def test_micro_batches_by_length():
+    lengths = torch.tensor([5, 1, 4, 2, 3])
+    rows = torch.tensor([0, 1, 2, 3, 4])
+    assert [m.tolist() for m in micro_batches(rows, lengths, 2, by_length=True)] == [[1, 3], [4, 2], [0]]
+    assert [m.tolist() for m in micro_batches(rows, lengths, 2, by_length=False)] == [[0, 1], [2, 3], [4]]
 
 
 def test_igpo_advantages_on_tokens_by_hand():
     # group 0: rollout 0 has 3 turns, probes p = 0.1, 0.3, 0.6 and outcome 1; rollout 1 answers at once, outcome 0.
-    trajectories = [make_trajectory([2, 1, 2], outcome=1.0), make_trajectory([3], outcome=0.0)]
+    batch = batch_of([make_trajectory([2, 1, 2], outcome=1.0), make_trajectory([3], outcome=0.0)])
     answer_logprob = torch.log(torch.tensor([[0.1, 0.3, 0.6], [0.1, 0.0, 0.0]]))
-    result = compute_advantages(trajectories, answer_logprob, RLConfig(algorithm="igpo"))
+    result = compute_advantages(batch, answer_logprob, RLConfig(algorithm="igpo"))
     rewards = [0.3 - 0.1, 0.6 - 0.3, 1.0, 0.0]  # IG, IG, outcome | outcome
     mean = sum(rewards) / 4
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 4)
@@ -148,29 +166,53 @@ def test_igpo_advantages_on_tokens_by_hand():
     expected0 = [0] * 4 + [a0] * 2 + [0] * 3 + [a1] + [0] * 3 + [a2] * 2
     expected1 = [0] * 4 + [turn[1][0]] * 3 + [0] * 8
     torch.testing.assert_close(result.token, torch.tensor([expected0, expected1]), rtol=0, atol=1e-5)
-    assert result.loss_mask.tolist()[0] == [False] * 4 + [True] * 2 + [False] * 3 + [True] + [False] * 3 + [True] * 2
+    assert batch.loss_mask.tolist()[0] == [False] * 4 + [True] * 2 + [False] * 3 + [True] + [False] * 3 + [True] * 2
+
+
+def test_every_setting_reaches_the_advantages():
+    """RLConfig.igpo is the library's settings object: the step's advantages are its call, option for option."""
+    batch = batch_of([make_trajectory([2, 1, 2], outcome=1.0), make_trajectory([3], outcome=0.0),
+                      make_trajectory([1, 1], outcome=0.5, group_id=1), make_trajectory([2], outcome=-2.0, group_id=1)])
+    answer_logprob = torch.log(torch.tensor([[0.1, 0.3, 0.6], [0.2, 1.0, 1.0], [0.5, 0.4, 1.0], [0.05, 1.0, 1.0]]))
+    settings = IGPOSettings(gamma=0.9, kind="log_prob", mode="separate", weighting="trajectory", eps=0.01, ddof=1,
+                            ig_weight=0.5, outcome_weight=2.0, log_prob_floor=-2.0)
+    result = compute_advantages(batch, answer_logprob, RLConfig(algorithm="igpo", igpo=settings))
+    expected = igpo_rewards.igpo_advantages(answer_logprob, batch.outcome, batch.turn_mask, batch.group_ids, gamma=0.9,
+                                            kind="log_prob", mode="separate", weighting="trajectory", eps=0.01, ddof=1,
+                                            ig_weight=0.5, outcome_weight=2.0, log_prob_floor=-2.0)
+    torch.testing.assert_close(result.turn, expected.advantages)
+    grpo = compute_advantages(batch, None, RLConfig(algorithm="grpo", igpo=IGPOSettings(scale="none", eps=0.5, ddof=1)))
+    per_rollout = igpo_rewards.grpo_advantages(batch.outcome, batch.group_ids, scale="none", eps=0.5, ddof=1)
+    torch.testing.assert_close(grpo.turn, per_rollout[:, None] * batch.turn_mask)
 
 
 def test_grpo_advantages_on_tokens_and_identical_layout():
     trajectories = [make_trajectory([2, 1], outcome=1.0), make_trajectory([3], outcome=0.0),
                     make_trajectory([1], outcome=0.5, group_id=1), make_trajectory([1], outcome=0.5, group_id=1)]
-    result = compute_advantages(trajectories, None, RLConfig(algorithm="grpo"))
+    batch = batch_of(trajectories)
+    result = compute_advantages(batch, None, RLConfig(algorithm="grpo"))
     a = 0.5 / (0.5 + 1e-6)
     torch.testing.assert_close(result.turn, torch.tensor([[a, a], [-a, 0.0], [0.0, 0.0], [0.0, 0.0]]))
     assert result.token[0].tolist() == pytest.approx([0] * 4 + [a] * 2 + [0] * 3 + [a])
     assert result.token[1].tolist() == pytest.approx([0] * 4 + [-a] * 3 + [0] * 3)
     assert result.information_gain is None and result.rewards is None
-    igpo = compute_advantages(trajectories, torch.zeros(4, 2), RLConfig(algorithm="igpo"))
-    assert torch.equal(igpo.loss_mask, result.loss_mask)  # everything but the advantages is identical
-    assert all_zero_group_fraction(result.turn, result.group_ids) == 0.5
+    igpo = compute_advantages(batch, torch.zeros(4, 2), RLConfig(algorithm="igpo"))
+    assert torch.equal(igpo.token != 0, result.token != 0)  # everything but the advantages is identical
+    assert zero_advantage_group_fraction(result.turn, batch.group_ids) == 0.5
+
+
+def test_zero_advantage_group_fraction_by_hand():
+    turn = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.1], [0.0, 0.0], [0.0, 0.0]])
+    assert zero_advantage_group_fraction(turn, torch.tensor([7, 7, 2, 2, 9])) == pytest.approx(2 / 3)
+    assert zero_advantage_group_fraction(turn[2:3], torch.tensor([1])) == 0.0
 
 
 def test_compute_advantages_errors():
-    trajectories = [make_trajectory([2], outcome=1.0)]
+    batch = batch_of([make_trajectory([2], outcome=1.0)])
     with pytest.raises(ValueError, match="IGPO needs the probes"):
-        compute_advantages(trajectories, None, RLConfig(algorithm="igpo"))
+        compute_advantages(batch, None, RLConfig(algorithm="igpo"))
     with pytest.raises(ValueError, match=r"answer_logprob must be \[B, T\] = \(1, 1\), got \(1, 2\)"):
-        compute_advantages(trajectories, torch.zeros(1, 2), RLConfig(algorithm="igpo"))
+        compute_advantages(batch, torch.zeros(1, 2), RLConfig(algorithm="igpo"))
 
 
 # --- the update and the whole step with a tiny model ----------------------------------------------
@@ -196,12 +238,14 @@ def text_trajectory(tokenizer, turns, outcome, group_id=0):
             block = tokenizer("\n\n<information>Doc 1 x</information>\n\n", add_special_tokens=False)["input_ids"]
             obs.append((len(ids), len(ids) + len(block)))
             ids += block
-    return Trajectory(EXAMPLE, ids, len(prompt), spans, obs, list(turns), "", outcome, group_id)
+    return QATrajectory(ids, len(prompt), spans, obs, list(turns), "", example=EXAMPLE, outcome=outcome, group_id=group_id)
 
 
 def turn_logprob(model, tokenizer, trajectory):
-    logprobs, _, _ = score_trajectories(model, tokenizer, [trajectory], include_probes=False, micro_batch_size=4)
-    return sum(float(logprobs[0, s:e].sum()) for s, e in trajectory.turn_spans)
+    batch = build_batch([trajectory], tokenizer, probes=False)
+    with torch.no_grad():
+        logprobs, _ = token_logprobs(model, batch.input_ids, batch.loss_mask)
+    return float(logprobs.sum())
 
 
 def test_ppo_update_moves_log_probs_with_the_advantage_sign(setup):
@@ -211,11 +255,12 @@ def test_ppo_update_moves_log_probs_with_the_advantage_sign(setup):
     bad = text_trajectory(tokenizer, ["<answer> Kelm </answer>"], 0.0)
     trajectories = [good, bad]
     config = RLConfig(algorithm="grpo", group_size=2, minibatches=1, kl_coef=0.0, learning_rate=1e-2)
-    advantages = compute_advantages(trajectories, None, config)
-    old, _, _ = score_trajectories(policy, tokenizer, trajectories, include_probes=False, micro_batch_size=4)
+    batch = build_batch(trajectories, tokenizer, probes=False)
+    advantages = compute_advantages(batch, None, config)
+    old = score_batch(policy, batch, config, probes=False).logprobs
     before = [turn_logprob(policy, tokenizer, t) for t in trajectories]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    stats = ppo_update(policy, tokenizer, optimizer, trajectories, advantages, old, None, config)
+    stats = ppo_update(policy, optimizer, batch, advantages.token, old, None, config)
     after = [turn_logprob(policy, tokenizer, t) for t in trajectories]
     assert after[0] > before[0] and after[1] < before[1]
     assert stats["ratio"] == pytest.approx(1.0, abs=1e-5) and stats["clip_fraction"] == 0.0
@@ -234,16 +279,41 @@ def test_ppo_update_micro_batches_accumulate_to_the_full_batch_gradient(setup):
     for micro_batch_size in (1, 4):
         policy, reference = copy.deepcopy(model), copy.deepcopy(model)
         config = RLConfig(algorithm="grpo", group_size=2, minibatches=1, micro_batch_size=micro_batch_size, grad_clip=0.0)
-        advantages = compute_advantages(trajectories, None, config)
-        old, _, _ = score_trajectories(policy, tokenizer, trajectories, include_probes=False, micro_batch_size=4)
-        ref, _, _ = score_trajectories(reference, tokenizer, trajectories, include_probes=False, micro_batch_size=4)
+        batch = build_batch(trajectories, tokenizer, probes=False)
+        advantages = compute_advantages(batch, None, config)
+        old = score_batch(policy, batch, config, probes=False).logprobs
+        ref = score_batch(reference, batch, config, probes=False).logprobs
         optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
-        stats = ppo_update(policy, tokenizer, optimizer, trajectories, advantages, old, ref, config)
+        stats = ppo_update(policy, optimizer, batch, advantages.token, old, ref, config)
         results.append((torch.nn.utils.parameters_to_vector(policy.parameters()), stats))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     assert not torch.equal(results[0][0], torch.nn.utils.parameters_to_vector(model.parameters()))
     assert results[0][1]["loss"] == pytest.approx(results[1][1]["loss"], abs=1e-6)
     assert results[1][1]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the step
+
+
+def test_score_batch_micro_batches_give_the_whole_batch_forward(setup):
+    """Micro batches (sorted by length, each cut to its own width) score what one forward over the
+    whole batch scores: the old log-probs and entropies of the generated tokens and the probes."""
+    _, tokenizer, model, _ = setup
+    example = QAExample("Where?", ("Tovia",), 2, "world")
+    trajectories = [
+        text_trajectory(tokenizer, ["<search> Tovia </search>", "<answer> Tovia </answer>"], 1.0),
+        text_trajectory(tokenizer, ["<answer> Kelm </answer>"], 0.0),
+        text_trajectory(tokenizer, ["<search> x </search>", "<search> y </search>", "<answer> y </answer>"], 0.2, group_id=1),
+    ]
+    for trajectory in trajectories:
+        trajectory.example = example
+    batch = build_batch(trajectories, tokenizer, probes=True)
+    scores = score_batch(model, batch, RLConfig(micro_batch_size=2), probes=True, entropy=True)
+    with torch.no_grad():
+        whole = probe_forward(model, batch.input_ids, batch.lengths, batch.turn_starts, batch.turn_mask, batch.suffixes,
+                              token_mask=batch.loss_mask, return_entropy=True)
+    torch.testing.assert_close(scores.logprobs, whole.token_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores.entropy, whole.token_entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores.answer_logprob, whole.answer_logprob, rtol=0, atol=1e-5)
+    assert (scores.logprobs[~batch.loss_mask] == 0).all() and (scores.logprobs[batch.loss_mask] < 0).all()
+    assert scores.answer_logprob.shape == (3, 3) and (scores.answer_logprob[1, 1:] == 0).all()
 
 
 def run_steps(setup, algorithm, steps=2, probe_layout="packed"):
@@ -266,14 +336,19 @@ def test_rl_step_runs_and_is_deterministic(setup, algorithm):
     for a, b in zip(results_a, results_b):
         assert {k: v for k, v in a.metrics.items() if k not in timing} == {k: v for k, v in b.metrics.items() if k not in timing}
     metrics = results_a[-1].metrics
-    for key in ("reward_mean", "train_f1", "train_em", "zero_variance_group_fraction", "outcome_zero_variance_group_fraction",
+    for key in ("reward_mean", "train_f1", "train_em", "zero_variance_group_fraction", "zero_advantage_group_fraction",
                 "zero_advantage_token_fraction", "entropy", "clip_fraction", "tokens_per_second", "seconds_rollout",
-                "seconds_retrieval", "seconds_probes", "seconds_update", "kl", "loss", "grad_norm"):
+                "seconds_retrieval", "seconds_probes", "seconds_reference", "seconds_update", "kl", "loss", "grad_norm"):
         assert metrics[key] is not None and math.isfinite(metrics[key]), key
-    assert len(results_a[-1].rollouts.trajectories) == 6
+    last = results_a[-1]
+    assert len(last.batch.trajectories) == 6
+    # the logged group fractions are the library's function of the outcomes and the all-zero-advantage rate
+    assert metrics["zero_variance_group_fraction"] == float(igpo_rewards.zero_variance_group_fraction(last.batch.outcome, last.batch.group_ids))
+    assert metrics["zero_advantage_group_fraction"] == zero_advantage_group_fraction(last.advantages.turn, last.batch.group_ids)
+    assert metrics["train_em"] == sum(t.em for t in last.batch.trajectories) / 6
     if algorithm == "igpo":
-        assert results_a[-1].answer_logprob.shape == results_a[-1].advantages.turn.shape
-        records = case_studies(results_a[-1], setup[1], count=2, step=1)
+        assert last.answer_logprob.shape == last.advantages.turn.shape
+        records = case_studies(last.batch, last.advantages, last.answer_logprob, setup[1], count=2, step=1)
         assert len(records) == 2 and all(0.0 < turn["probe_prob"] <= 1.0 for r in records for turn in r["turns"])
     else:
         assert results_a[-1].answer_logprob is None and metrics["ig_mean"] is None
@@ -284,6 +359,6 @@ def test_rl_step_probe_layouts_agree(setup):
     (multi-turn probe batches are compared with one forward per probe in test_probes.py)."""
     _, (packed,) = run_steps(setup, "igpo", steps=1)
     _, (cached,) = run_steps(setup, "igpo", steps=1, probe_layout="kv_cache")
-    assert [t.token_ids for t in cached.rollouts.trajectories] == [t.token_ids for t in packed.rollouts.trajectories]
+    assert torch.equal(cached.batch.input_ids, packed.batch.input_ids)
     torch.testing.assert_close(cached.answer_logprob, packed.answer_logprob, rtol=0, atol=1e-4)
     torch.testing.assert_close(cached.advantages.turn, packed.advantages.turn, rtol=0, atol=1e-3)

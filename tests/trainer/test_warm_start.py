@@ -11,10 +11,12 @@ from igpo_rewards.scoring import outcome_reward
 from igpo_rewards.reference_trainer.cli import tokenizer_texts
 from igpo_rewards.reference_trainer.config import WarmStartConfig
 from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.probes import build_probe_suffix, naive_probe_logprobs
-from igpo_rewards.reference_trainer.prompts import build_prompt, observation_block, parse_action
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever, format_observation
-from igpo_rewards.reference_trainer.training import score_trajectories
+from igpo_rewards.agent.probes import build_probe_suffix
+from igpo_rewards.agent.protocol import build_prompt, observation_block, parse_action
+from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.agent.probes import token_logprobs
+from igpo_rewards.reference_trainer.batch import build_batch
 from igpo_rewards.reference_trainer.warm_start import (
     NamePool,
     RenamingRetriever,
@@ -28,18 +30,12 @@ from igpo_rewards.reference_trainer.warm_start import (
 )
 from igpo_rewards.reference_trainer.world import QAExample, build_world
 
+from ..probe_oracle import naive_probe_logprobs
+
 CHAIN = QAExample(
     "What is the capital of the country where Ilsa Marr was born?", ("Tovia",), 3, "world",
     ("Ilsa Marr", "Kelm", "Borania"), ("Kelm", "Borania", "Tovia"),
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +104,7 @@ def test_build_demonstration_layout(world, tokenizer):
     assert demo.token_ids == expected
     assert [demo.token_ids[s:e] for s, e in demo.turn_spans] == [encode(text) for text, _ in turns]
     assert len(demo.observation_spans) == 2 and demo.queries == list(example.gold_queries)
-    assert outcome_reward(demo.final_response, list(example.answers)) == 1.0
+    assert outcome_reward(demo.response, list(example.answers)) == 1.0
 
 
 def test_renaming(world):
@@ -140,7 +136,10 @@ def test_sft_loss_is_the_mean_nll_of_turn_tokens(world, tokenizer):
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=1024)
     demos = [build_demonstration(e, turns_of(e), tokenizer, retriever, topk=3) for e in world.train[:3]]
     loss, parts = sft_loss(model, tokenizer, demos)
-    logprobs, _, _ = score_trajectories(model, tokenizer, demos, include_probes=False, micro_batch_size=8)
+    batch = build_batch(demos, tokenizer, probes=False)
+    position = torch.arange(batch.input_ids.shape[1])[None, :]
+    with torch.no_grad():  # every token's log-prob; the turn tokens are picked from the spans below
+        logprobs, _ = token_logprobs(model, batch.input_ids, (position > 0) & (position < batch.lengths[:, None]))
     values = [float(logprobs[row, t]) for row, demo in enumerate(demos) for s, e in demo.turn_spans for t in range(s, e)]
     assert float(loss.detach()) == pytest.approx(-sum(values) / len(values), rel=1e-5)
     assert parts == {"sft": pytest.approx(float(loss.detach()))}

@@ -1,12 +1,18 @@
-"""Prompt template, tag constants and the parser of one generated turn.
+"""The Search-R1 agent protocol: tags, the instruction, the probe text, and the parser of one turn.
 
-The agent protocol is the one of Search-R1 and IGPO: the policy may think inside
-``<think>..</think>``, asks the search engine with ``<search>query</search>`` (the trainer
+The protocol is the one of Search-R1 and IGPO: the policy may think inside
+``<think>..</think>``, asks the search engine with ``<search>query</search>`` (the caller
 answers with ``<information>..</information>``, observation tokens that are excluded from the
 loss), and ends with ``<answer>..</answer>``. Generation of a turn stops at the first
 ``</search>`` or ``</answer>`` (``STOP_STRINGS``); ``parse_action`` reads what the turn asked
 for and calls anything else invalid, which ends the rollout (the outcome is then the format
 penalty of ``igpo_rewards.outcome_reward``, since the response has no answer).
+
+IGPO's probe before each turn teacher-forces ``PROBE_TEMPLATE`` (the paper's "answer now" text
+``PROBE_TEXT`` followed by ``<answer> {answer} </answer>``) after the context so far
+(``igpo_rewards.agent.probes``).
+
+Pure Python: importing this module needs neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -14,6 +20,29 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+__all__ = [
+    "ANSWER_CLOSE",
+    "ANSWER_OPEN",
+    "ANSWER_PLACEHOLDER",
+    "INFORMATION_CLOSE",
+    "INFORMATION_OPEN",
+    "INSTRUCTION",
+    "PROBE_TEMPLATE",
+    "PROBE_TEXT",
+    "SEARCH_CLOSE",
+    "SEARCH_OPEN",
+    "STOP_STRINGS",
+    "TAGS",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "Action",
+    "build_prompt",
+    "observation_block",
+    "parse_action",
+    "stop_end",
+    "user_message",
+]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
@@ -35,6 +64,12 @@ INSTRUCTION = (
 
 PROBE_TEXT = "Now there's enough information to answer"
 """The paper's "answer now" text that precedes the ground-truth answer in a probe."""
+
+ANSWER_PLACEHOLDER = "{answer}"
+"""Where ``PROBE_TEMPLATE`` (or a custom template) takes the ground-truth answer."""
+
+PROBE_TEMPLATE = PROBE_TEXT + "\n" + ANSWER_OPEN + " " + ANSWER_PLACEHOLDER + " " + ANSWER_CLOSE
+"""The paper's probe: ``PROBE_TEXT``, a new line, then the answer inside the answer tags."""
 
 _TAG_RE = re.compile(r"</?(?:think|search|tool_call|code|information|answer)>")
 

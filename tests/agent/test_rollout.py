@@ -1,4 +1,5 @@
-"""Rollout loop: action parsing, turn cutting, sampling settings, batching, and the multi-turn loop.
+"""The agent's protocol and rollout loop (igpo_rewards.agent.protocol, igpo_rewards.agent.rollout):
+action parsing, turn cutting, sampling settings, batching, and the multi-turn loop.
 
 The loop tests script what the "model" writes (``rollout.generate_turn`` is replaced by a
 function that returns the tokens of a given text), so every branch (search, answer, tag
@@ -13,10 +14,8 @@ import random
 import pytest
 import torch
 
-from igpo_rewards.scoring import outcome_reward
-from reference_trainer import rollout
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.prompts import (
+from igpo_rewards.agent import rollout
+from igpo_rewards.agent.protocol import (
     INSTRUCTION,
     TAGS,
     Action,
@@ -25,18 +24,20 @@ from igpo_rewards.reference_trainer.prompts import (
     parse_action,
     stop_end,
 )
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever, format_observation
-from igpo_rewards.reference_trainer.rollout import StopOnStrings, cut_turn, generate_rollouts, generate_turn, sampling_config
+from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.agent.rollout import (
+    StopOnStrings,
+    cut_turn,
+    generate_rollouts,
+    generate_turn,
+    rollout_questions,
+    sampling_config,
+)
+from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.reference_trainer.rollout import rollout_examples
 from igpo_rewards.reference_trainer.world import build_world
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and other processes may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from igpo_rewards.scoring import outcome_reward
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +244,7 @@ def test_rollout_layout_with_scripted_searches(monkeypatch, world, tokenizer, mo
     first, second = example.gold_queries
     turns = [f"<search> {first} </search>", f"<think> next </think><search> {second} </search>", f"<answer> {example.answers[0]} </answer>"]
     monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: turns[k]))
-    result = generate_rollouts(model, tokenizer, retriever, [example], group_size=2, max_turns=4)
+    result = rollout_questions(model, tokenizer, retriever, [example.question], group_size=2, max_turns=4)
     assert len(result.trajectories) == 2
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt_ids = encode(build_prompt(example.question, tokenizer))
@@ -257,13 +258,10 @@ def test_rollout_layout_with_scripted_searches(monkeypatch, world, tokenizer, mo
         assert trajectory.turn_spans == [(starts[0], starts[1]), (starts[2], starts[3]), (starts[4], starts[5])]
         assert trajectory.observation_spans == [(starts[1], starts[2]), (starts[3], starts[4])]
         assert trajectory.turn_texts == turns
-        assert trajectory.final_response == turns[0] + blocks[0] + turns[1] + blocks[1] + turns[2]
-        assert trajectory.outcome == 1.0 and trajectory.stop_reason == "answer" and trajectory.answered
+        assert trajectory.response == turns[0] + blocks[0] + turns[1] + blocks[1] + turns[2]
+        assert trajectory.stop_reason == "answer" and trajectory.answered
         assert trajectory.queries == [first, second]
-        assert trajectory.group_id == 0 and trajectory.num_turns == 3
-        mask = trajectory.response_mask()
-        assert len(mask) == len(expected) - len(prompt_ids)
-        assert mask == [1] * lengths[0] + [0] * lengths[1] + [1] * lengths[2] + [0] * lengths[3] + [1] * lengths[4]
+        assert trajectory.num_turns == 3 and trajectory.turn_starts == [starts[0], starts[2], starts[4]]
     assert result.generated_tokens == 2 * (lengths[0] + lengths[2] + lengths[4])
 
 
@@ -277,15 +275,17 @@ def test_rollout_endings(monkeypatch, world, tokenizer, model, retriever):
         3: ["<search> a"],  # truncated
     }
     monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: scripts[r][k]))
-    result = generate_rollouts(model, tokenizer, retriever, examples, group_size=2, max_turns=3)
+    result = rollout_examples(model, tokenizer, retriever, examples, group_size=2, max_turns=3)
     trajectories = result.trajectories
     assert [t.group_id for t in trajectories] == [0, 0, 1, 1]
+    assert [t.example for t in trajectories] == [examples[0], examples[0], examples[1], examples[1]]
     assert [t.stop_reason for t in trajectories] == [
         "invalid: text outside the tags", "answer", "max_turns", "invalid: no </search> or </answer>"
     ]
     assert [t.num_turns for t in trajectories] == [2, 1, 3, 1]
     assert [len(t.observation_spans) for t in trajectories] == [1, 0, 2, 0]
     assert [t.outcome for t in trajectories] == [-2.0, 0.0, -2.0, -2.0]
+    assert [(t.em, t.f1) for t in trajectories] == [(0.0, 0.0)] * 4  # no penalty in the metrics
     assert trajectories[2].queries == ["a", "b"]  # no retrieval after the last allowed turn
 
 
@@ -293,20 +293,20 @@ def test_rollout_context_full(monkeypatch, world, tokenizer, model, retriever):
     example = world.train[0]
     monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: f"<search> {example.gold_queries[0]} </search>"))
     prompt_length = len(tokenizer(build_prompt(example.question, tokenizer))["input_ids"])
-    result = generate_rollouts(model, tokenizer, retriever, [example], group_size=1, max_turns=4, max_context_tokens=prompt_length + 20)
+    result = rollout_questions(model, tokenizer, retriever, [example.question], max_turns=4, max_context_tokens=prompt_length + 20)
     (trajectory,) = result.trajectories
     assert trajectory.stop_reason == "context_full"
     assert trajectory.num_turns == 1 and trajectory.observation_spans == []
     assert len(trajectory.token_ids) <= prompt_length + 20
     with pytest.raises(ValueError, match="max_context_tokens"):
-        generate_rollouts(model, tokenizer, retriever, [example], group_size=1, max_context_tokens=prompt_length)
+        rollout_questions(model, tokenizer, retriever, [example.question], max_context_tokens=prompt_length)
 
 
 def test_rollout_survives_random_tag_soup(monkeypatch, world, tokenizer, model, retriever):
     rng = random.Random(7)
     pieces = [*TAGS, " ", "Ilsa", "x", world.corpus[0].title, "\n"]
     monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: "".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))))
-    result = generate_rollouts(model, tokenizer, retriever, world.train[:6], group_size=4, max_turns=4)
+    result = rollout_examples(model, tokenizer, retriever, world.train[:6], group_size=4, max_turns=4)
     for trajectory in result.trajectories:
         assert 1 <= trajectory.num_turns <= 4
         assert len(trajectory.observation_spans) == trajectory.num_turns - 1
@@ -314,12 +314,12 @@ def test_rollout_survives_random_tag_soup(monkeypatch, world, tokenizer, model, 
         assert spans[0][0] == trajectory.prompt_length and spans[-1][1] == len(trajectory.token_ids)
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, alternating
         assert all(end > start for start, end in trajectory.turn_spans)
-        assert trajectory.outcome == outcome_reward(trajectory.final_response, list(trajectory.example.answers))
+        assert trajectory.outcome == outcome_reward(trajectory.response, list(trajectory.example.answers))
 
 
 def test_rollout_with_random_model(world, tokenizer, model, retriever):
     torch.manual_seed(0)
-    result = generate_rollouts(model, tokenizer, retriever, world.train[:2], group_size=3, max_turns=2, max_new_tokens=6)
+    result = rollout_examples(model, tokenizer, retriever, world.train[:2], group_size=3, max_turns=2, max_new_tokens=6)
     assert len(result.trajectories) == 6
     assert result.generated_tokens == sum(e - s for t in result.trajectories for s, e in t.turn_spans)
     for trajectory in result.trajectories:
@@ -329,9 +329,11 @@ def test_rollout_with_random_model(world, tokenizer, model, retriever):
 
 def test_rollout_rejects_bad_arguments(world, tokenizer, model, retriever):
     with pytest.raises(ValueError, match="group_size"):
-        generate_rollouts(model, tokenizer, retriever, world.train[:1], group_size=0)
+        rollout_questions(model, tokenizer, retriever, ["q"], group_size=0)
     with pytest.raises(ValueError, match="max_turns"):
-        generate_rollouts(model, tokenizer, retriever, world.train[:1], max_turns=0)
+        generate_rollouts(model, tokenizer, retriever, [[1, 2]], max_turns=0)
+    with pytest.raises(ValueError, match=r"prompts\[1\] has 0 tokens"):
+        generate_rollouts(model, tokenizer, retriever, [[1, 2], []])
 
 
 def test_retriever_result_count_is_checked(monkeypatch, world, tokenizer, model):
@@ -341,4 +343,4 @@ def test_retriever_result_count_is_checked(monkeypatch, world, tokenizer, model)
 
     monkeypatch.setattr(rollout, "generate_turn", scripted(tokenizer, lambda r, k: "<search> q </search>"))
     with pytest.raises(ValueError, match="retriever returned 0 results for 1 queries"):
-        generate_rollouts(model, tokenizer, Broken(), world.train[:1], group_size=1)
+        rollout_questions(model, tokenizer, Broken(), ["q"])

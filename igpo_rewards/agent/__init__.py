@@ -1,0 +1,15 @@
+"""The Search-R1 agent side of IGPO, for trainers and integrations (``pip install igpo-rewards[hf]``).
+
+Submodules (import them directly; this package imports none of them, and
+``import igpo_rewards`` does not import this package):
+
+- :mod:`igpo_rewards.agent.protocol`: the Search-R1 protocol: tags, the instruction, the probe
+  text and template, the parser of one generated turn, the observation block. Pure Python.
+- :mod:`igpo_rewards.agent.retrieval`: the ``Retriever`` interface, ``Document``, the Search-R1
+  ``/retrieve`` HTTP client and ``format_observation``. Pure Python.
+- :mod:`igpo_rewards.agent.rollout`: the batched multi-turn HF ``generate`` loop with a
+  retriever, over a flat list of prompts (``generate_rollouts``) or G rollouts per question
+  (``rollout_questions``). Needs torch and transformers.
+- :mod:`igpo_rewards.agent.probes`: the probe before every turn, every probe of a batch in one
+  packed forward (``score_probes``, ``packed_forward``). Needs torch and transformers.
+"""

@@ -1,0 +1,647 @@
+"""IGPO's ground-truth probe before every turn, all probes of a batch scored in one forward.
+
+``score_probes(model, tokenizer, token_ids, turn_starts, answers) -> [B, T]`` is the entry point
+for integrations. Under it, everything works on one padded batch of tensors that a trainer builds
+once per step (``pad_token_ids``, ``suffix_table``):
+
+- ``probe_forward``: the log-probs of chosen trajectory tokens (the PPO "old" log-probs) and the
+  answer log-probs of every probe, from one forward;
+- ``token_logprobs``: the log-probs of chosen tokens from a plain causal forward (no probes), for
+  the update's new log-probs, a reference model, or language-model training.
+
+IGPO measures the policy's belief in the ground-truth answer a before each turn j
+(ALGORITHM.md section 1): teacher-force the fixed probe text after the context so far and score
+only the answer's tokens,
+
+    m_{i,j} = (1/L) * sum_l log pi(a_l | context_{i,j}, probe text, a_<l),
+
+where context_{i,j} = ``token_ids[:turn_starts[j]]`` (the prompt for j = 0; up to the end of
+observation j-1 after). The probe suffix ("Now there's enough information to answer" then
+``<answer> a </answer>``) is tokenized ONCE per answer (``build_probe_suffix``); its answer
+tokens are found by CHARACTER OFFSETS (``offset_mapping``): every token whose character span
+overlaps the answer's characters is scored, so a token that BPE merged across the boundary
+(" Paris" with its leading space) is scored whole, never miscounted. The suffix is appended as
+token ids after each prefix, exactly as one forward per probe would see it.
+
+Batches are right-padded ([B, S] ids and [B] lengths). A forward without probe copies is the
+model's ordinary causal attention: with right padding no real token attends to a pad, so no mask
+is passed at all and SDPA takes its causal fast path (no [B, 1, S, S] mask is built). Logits are
+computed only where a log-prob is asked for (``token_mask``, the probes' answer tokens), in
+float32, ``chunk_size`` rows at a time: with a large vocabulary the head costs as much as the
+layers, and a trainer needs it on the generated tokens only.
+
+``probe_forward`` lays the probes out in one of two ways (``probe_layout``), same numbers:
+
+"packed" (default, ``build_packed_inputs``): ONE forward, one row per trajectory b with n_b
+probes of suffix length P_b::
+
+    [ trajectory tokens 0 .. S_b-1 | probe copy 0 | probe copy 1 | ... | copy n_b-1 | padding ]
+
+* input ids: the trajectory, then n_b copies of the suffix ids, then ``pad_token_id``;
+* position ids: trajectory token t -> t; token k of copy j -> start_j + k (it continues its
+  prefix); padding -> 0;
+* a 4D additive mask [B, 1, N, N] (0 where a query may attend, ``finfo(dtype).min`` where not):
+  trajectory tokens are causal among themselves; copy j sees trajectory positions [0, start_j)
+  and its own copy causally, nothing else; padding sees only itself (no fully masked row).
+
+No trajectory query sees a copy, so the one forward returns the old log-probs and every probe.
+Its cost: the dense mask makes every trajectory query also score the probe keys (masked out,
+but computed), and the attention cannot take the causal fast path.
+
+"kv_cache" (``build_probe_inputs``): the trajectory forward alone (plain causal, fast path)
+keeps its KV cache; a second pass runs every probe copy as T x P query slots (copy j of row b at
+slots [j * P, j * P + P_b), same positions) under a [B, 1, Q, N + Q] mask: copy j sees the cached
+keys [0, start_j) and its own copy causally; unused slots see only themselves. Only the T x P
+probe tokens are computed beyond the trajectory forward.
+
+Neither function touches autograd: call them under ``torch.no_grad()`` for old log-probs and
+rewards, or with grad (an SFT probe term, the update's new log-probs). Dropout follows
+``model.training``. The inputs are built with tensor operations only (no loop per token, probe
+or row). The tests compare both layouts, values and gradients, with one plain forward per probe
+(what the authors' released code does); tests/benchmarks/test_probes.py times them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+import igpo_rewards
+from igpo_rewards.agent.protocol import ANSWER_PLACEHOLDER, PROBE_TEMPLATE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "PROBE_LAYOUTS",
+    "PackedInputs",
+    "ProbeForward",
+    "ProbeInputs",
+    "ProbeSuffix",
+    "SuffixTable",
+    "build_packed_inputs",
+    "build_probe_inputs",
+    "build_probe_suffix",
+    "pad_token_ids",
+    "probe_forward",
+    "score_probes",
+    "suffix_table",
+    "token_logprobs",
+]
+
+#: How ``probe_forward`` lays out the probes: "packed" (ONE forward, copies appended after the
+#: trajectory) or "kv_cache" (a second pass of the copies over the trajectory forward's KV cache).
+PROBE_LAYOUTS = ("packed", "kv_cache")
+
+
+# --- the probe text of one answer ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeSuffix:
+    """The tokenized probe text for one answer.
+
+    Attributes:
+        text: the suffix text (the template with the answer filled in).
+        token_ids: its token ids (tokenized alone, no special tokens added), length P.
+        answer_start, answer_end: ``token_ids[answer_start:answer_end]`` are the answer tokens
+            (every token whose character span overlaps the answer's characters); L = their count.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    answer_start: int
+    answer_end: int
+
+    @property
+    def num_answer_tokens(self) -> int:
+        """L, the number of scored tokens."""
+        return self.answer_end - self.answer_start
+
+
+def build_probe_suffix(
+    tokenizer: PreTrainedTokenizerBase, answer: str, *, template: str = PROBE_TEMPLATE
+) -> ProbeSuffix:
+    """Tokenize the probe suffix for ``answer`` and locate the answer's tokens by character offsets.
+
+    The answer occupies characters ``[c0, c1)`` of ``text = template.replace("{answer}", answer)``
+    with ``c0 = template.index("{answer}")``. Token i is an answer token iff its offset span
+    ``[s, e)`` is non-empty and overlaps ``[c0, c1)``: a token that BPE merged across the boundary
+    (the leading space in " Paris", or template text glued to the answer) is scored whole.
+
+    Args:
+        tokenizer: a fast tokenizer (offsets mapping needed).
+        answer: the ground-truth answer string, non-empty.
+        template: the probe text with exactly one ``{answer}``.
+
+    Raises:
+        TypeError: a slow tokenizer or a non-str answer.
+        ValueError: an empty answer, a template without exactly one ``{answer}``, or no token
+            overlapping the answer.
+
+    Example:
+        >>> from igpo_rewards.reference_trainer.modeling import train_tokenizer
+        >>> tok = train_tokenizer(["Now there's enough information to answer Paris"] * 3, vocab_size=320)
+        >>> suffix = build_probe_suffix(tok, "Paris")
+        >>> tok.decode(suffix.token_ids[suffix.answer_start:suffix.answer_end])
+        ' Paris'
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"tokenizer must be a fast tokenizer (offsets mapping), got {type(tokenizer).__name__}")
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+    if not answer:
+        raise ValueError("answer is empty: there is nothing to score")
+    if template.count(ANSWER_PLACEHOLDER) != 1:
+        raise ValueError(f"template must contain {ANSWER_PLACEHOLDER!r} exactly once, got {template!r}")
+    char_start = template.index(ANSWER_PLACEHOLDER)
+    char_end = char_start + len(answer)
+    text = template.replace(ANSWER_PLACEHOLDER, answer)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    scored = [
+        i
+        for i, (start, end) in enumerate(encoding["offset_mapping"])
+        if end > start and start < char_end and end > char_start
+    ]
+    if not scored:
+        raise ValueError(f"no token of the probe text {text!r} overlaps the answer {answer!r}")
+    return ProbeSuffix(
+        text=text,
+        token_ids=tuple(int(i) for i in encoding["input_ids"]),
+        answer_start=scored[0],
+        answer_end=scored[-1] + 1,
+    )
+
+
+# --- a batch as tensors -------------------------------------------------------------------------
+
+
+class SuffixTable(NamedTuple):
+    """The probe suffix of every row of a batch, as tensors (P = the longest suffix).
+
+    Attributes:
+        token_ids: [B, P] long, row b's suffix ids then 0.
+        lengths: [B] long, P_b.
+        answer_start, answer_end: [B] long, the answer tokens of row b's suffix.
+    """
+
+    token_ids: torch.Tensor
+    lengths: torch.Tensor
+    answer_start: torch.Tensor
+    answer_end: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> SuffixTable:
+        """The table of rows ``index`` (a micro batch)."""
+        return SuffixTable(*(part[index] for part in self))
+
+
+def _padded(rows: Sequence[Sequence[int]], *, pad: int, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    flat = torch.tensor([int(item) for row in rows for item in row], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 0
+    padded = torch.full((len(rows), width), pad, dtype=torch.long)
+    padded[torch.arange(width)[None, :] < lengths[:, None]] = flat
+    return padded.to(device), lengths.to(device)
+
+
+def pad_token_ids(
+    token_ids: Sequence[Sequence[int]], *, pad_token_id: int = 0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad B token id sequences: ``(input_ids [B, S] long, lengths [B] long)``, S = the longest.
+
+    Raises:
+        ValueError: no sequence, or an empty one.
+    """
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) or len(token_ids) == 0:
+        raise ValueError(f"token_ids must be a non-empty sequence of token id sequences, got {token_ids!r:.80}")
+    for b, row in enumerate(token_ids):
+        if len(row) == 0:
+            raise ValueError(f"token_ids[{b}] is empty")
+    return _padded(token_ids, pad=pad_token_id, device=device)
+
+
+def suffix_table(suffixes: Sequence[ProbeSuffix], *, device: torch.device | str | None = None) -> SuffixTable:
+    """The ``SuffixTable`` of one ``ProbeSuffix`` per row (the G rollouts of a question share one)."""
+    for b, suffix in enumerate(suffixes):
+        if not isinstance(suffix, ProbeSuffix):
+            raise TypeError(f"suffixes[{b}] must be a ProbeSuffix, got {suffix!r:.80}")
+    token_ids, lengths = _padded([suffix.token_ids for suffix in suffixes], pad=0, device=device)
+    bounds = torch.tensor([[s.answer_start, s.answer_end] for s in suffixes], dtype=torch.long, device=device)
+    return SuffixTable(token_ids, lengths, bounds[:, 0], bounds[:, 1])
+
+
+def _check_probes(lengths: torch.Tensor, turn_starts: torch.Tensor, turn_mask: torch.Tensor, suffixes: SuffixTable) -> None:
+    batch = lengths.shape[0]
+    if turn_starts.shape != turn_mask.shape or turn_starts.dim() != 2 or turn_starts.shape[0] != batch:
+        raise ValueError(
+            f"turn_starts and turn_mask must both be [B, T] with B = {batch}, got {tuple(turn_starts.shape)} "
+            f"and {tuple(turn_mask.shape)}"
+        )
+    if suffixes.lengths.shape != (batch,):
+        raise ValueError(f"suffixes must have one row per trajectory ({batch}), got {suffixes.lengths.shape[0]}")
+    outside = turn_mask & ((turn_starts < 1) | (turn_starts > lengths[:, None]))
+    if bool(outside.any()):
+        b, j = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(
+            f"turn_starts[{b}, {j}] = {int(turn_starts[b, j])} must lie in [1, {int(lengths[b])}] (the length of row {b})"
+        )
+
+
+# --- the two probe layouts ----------------------------------------------------------------------
+
+
+class _Slots(NamedTuple):
+    """Where each probe copy lies: for every position, its copy j, its suffix token k and whether
+    it holds a copy token (shapes of the positions, e.g. [B, N])."""
+
+    copy: torch.Tensor
+    token: torch.Tensor
+    used: torch.Tensor
+
+
+def _slots(offset: torch.Tensor, size: torch.Tensor, count: torch.Tensor) -> _Slots:
+    """Positions ``offset`` (relative to the first copy) in copies of ``size`` tokens, ``count`` copies."""
+    copy = torch.div(offset, size.clamp(min=1), rounding_mode="floor")
+    token = offset - copy * size
+    used = (offset >= 0) & (copy < count)
+    return _Slots(copy.clamp(0, None), token.clamp(0, None), used)
+
+
+def _answer_targets(
+    turn_starts: torch.Tensor, turn_mask: torch.Tensor, suffixes: SuffixTable, copy_start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sources, tokens, mask)`` [B, T, L]: answer token l of probe j is scored at the hidden
+    state ``sources`` (the prefix's last token for suffix token 0, else the copy's previous token,
+    ``copy_start[b, j] + k - 1``) and is the id ``tokens``."""
+    width = int((suffixes.answer_end - suffixes.answer_start).max()) if turn_mask.numel() else 0
+    k = suffixes.answer_start[:, None, None] + torch.arange(width, device=turn_starts.device)
+    mask = turn_mask[:, :, None] & (k < suffixes.answer_end[:, None, None])
+    k = torch.minimum(k, suffixes.lengths[:, None, None] - 1).expand(-1, turn_mask.shape[1], -1)
+    sources = torch.where(k == 0, turn_starts[:, :, None] - 1, copy_start[:, :, None] + k - 1)
+    tokens = suffixes.token_ids.gather(1, k.reshape(k.shape[0], -1)).reshape(k.shape)
+    return sources.clamp(min=0), tokens, mask
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [B, 1, Q, K] additive float mask from a [B, Q, K] bool one."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class PackedInputs(NamedTuple):
+    """Model inputs of the "packed" layout (module docstring) and where each probe is read.
+
+    Shapes: B trajectories, N packed length, T probes, L answer tokens.
+    """
+
+    input_ids: torch.Tensor  # [B, N] long
+    position_ids: torch.Tensor  # [B, N] long
+    attention_mask: torch.Tensor  # [B, 1, N, N] additive, model dtype
+    probe_sources: torch.Tensor  # [B, T, L] long: packed position whose logits score the token
+    probe_tokens: torch.Tensor  # [B, T, L] long
+    probe_mask: torch.Tensor  # [B, T, L] bool: a real answer token of a real probe
+
+
+def build_packed_inputs(
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    turn_starts: torch.Tensor,
+    turn_mask: torch.Tensor,
+    suffixes: SuffixTable,
+    *,
+    pad_token_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PackedInputs:
+    """The trajectories and their probe copies in one padded batch with a 4D mask (module docstring).
+
+    Args:
+        input_ids: [B, S] right-padded trajectories; lengths: [B] their lengths S_b.
+        turn_starts: [B, T] where probe j's context ends (each in [1, S_b] where ``turn_mask``).
+        turn_mask: [B, T] bool, the real probes (a prefix of each row).
+        suffixes: the probe suffix of each row.
+        pad_token_id: id at padded positions; dtype: dtype of the additive mask (the model's).
+
+    Returns:
+        ``PackedInputs``; row b has length S_b + n_b * P_b before right padding to N, on the
+        device of ``input_ids``.
+    """
+    _check_probes(lengths, turn_starts, turn_mask, suffixes)
+    device = input_ids.device
+    copies = turn_mask.sum(1)
+    width = int((lengths + copies * suffixes.lengths).max())
+    position = torch.arange(width, device=device)[None, :]
+    in_trajectory = position < lengths[:, None]
+    slots = _slots(position - lengths[:, None], suffixes.lengths[:, None], copies[:, None])
+    start = turn_starts.gather(1, slots.copy.clamp(max=max(turn_starts.shape[1] - 1, 0)))
+    trajectory_ids = torch.nn.functional.pad(input_ids, (0, width - input_ids.shape[1]), value=pad_token_id)
+    ids = torch.where(slots.used, suffixes.token_ids.gather(1, slots.token), pad_token_id)
+    ids = torch.where(in_trajectory, trajectory_ids, ids)
+    positions = torch.where(in_trajectory, position, torch.where(slots.used, start + slots.token, 0))
+    segment = torch.where(in_trajectory, -1, torch.where(slots.used, slots.copy, -2))
+    visible = torch.where(in_trajectory, position, torch.where(slots.used, start - 1, -1))
+    key, query = position[:, None, :], position[:, :, None]
+    allowed = (
+        ((segment[:, None, :] == -1) & (key <= visible[:, :, None]))
+        | ((segment[:, :, None] >= 0) & (segment[:, None, :] == segment[:, :, None]) & (key <= query))
+        | (key == query)
+    )
+    copy_start = lengths[:, None] + torch.arange(turn_mask.shape[1], device=device) * suffixes.lengths[:, None]
+    sources, tokens, mask = _answer_targets(turn_starts, turn_mask, suffixes, copy_start)
+    return PackedInputs(ids, positions, _additive(allowed, dtype), sources, tokens, mask)
+
+
+class ProbeInputs(NamedTuple):
+    """Inputs of the "kv_cache" layout's probe pass, after a trajectory pass of width N.
+
+    Shapes: Q = T * P probe slots (P = the longest suffix). Sources index the two passes' hidden
+    states concatenated along the sequence: [0, N) the trajectory pass, N + q probe slot q.
+    """
+
+    input_ids: torch.Tensor  # [B, Q] long
+    position_ids: torch.Tensor  # [B, Q] long
+    attention_mask: torch.Tensor  # [B, 1, Q, N + Q] additive: keys = cached trajectory, then slots
+    probe_sources: torch.Tensor  # [B, T, L] long
+    probe_tokens: torch.Tensor  # [B, T, L] long
+    probe_mask: torch.Tensor  # [B, T, L] bool
+
+
+def build_probe_inputs(
+    turn_starts: torch.Tensor,
+    turn_mask: torch.Tensor,
+    suffixes: SuffixTable,
+    *,
+    cached_length: int,
+    pad_token_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> ProbeInputs:
+    """Every probe copy of a batch as one pass over the KV cache of the trajectory pass.
+
+    Copy j of row b fills slots [j * P, j * P + P_b): its ids are the suffix ids, its positions
+    ``start_j + k`` (it continues its prefix), and it attends to the cached keys [0, start_j) and
+    to its own copy causally. Unused slots hold ``pad_token_id`` and attend only to themselves.
+    Answer token k of copy j is scored at the cached position ``start_j - 1`` for k = 0, else at
+    slot ``j * P + k - 1``. ``cached_length`` is N, the first pass's padded width.
+    """
+    device = turn_starts.device
+    num_probes, width = turn_mask.shape[1], suffixes.token_ids.shape[1]
+    slot = torch.arange(num_probes * width, device=device)[None, :]
+    copy = torch.div(slot, width, rounding_mode="floor")
+    token = slot - copy * width
+    used = turn_mask.gather(1, copy.expand(turn_mask.shape[0], -1)) & (token < suffixes.lengths[:, None])
+    start = turn_starts.gather(1, copy.expand(turn_mask.shape[0], -1))
+    ids = torch.where(used, suffixes.token_ids.gather(1, token.expand(turn_mask.shape[0], -1)), pad_token_id)
+    sees_cache = used[:, :, None] & (torch.arange(cached_length, device=device)[None, None, :] < start[:, :, None])
+    same_copy = (copy[:, :, None] == copy[:, None, :]) & (slot[:, None, :] <= slot[:, :, None])
+    sees_slots = (used[:, :, None] & same_copy) | (slot[:, :, None] == slot[:, None, :])
+    copy_start = cached_length + torch.arange(num_probes, device=device)[None, :] * width
+    sources, tokens, mask = _answer_targets(turn_starts, turn_mask, suffixes, copy_start.expand(turn_mask.shape[0], -1))
+    allowed = torch.cat([sees_cache, sees_slots], dim=2)
+    return ProbeInputs(ids, torch.where(used, start + token, 0), _additive(allowed, dtype), sources, tokens, mask)
+
+
+# --- the forwards ---------------------------------------------------------------------------------
+
+
+class ProbeForward(NamedTuple):
+    """What ``probe_forward`` returns. B trajectories, S = ``input_ids`` width, T probes, L answer tokens.
+
+    Attributes:
+        token_logprobs: [B, S] float32, ``log pi(input_ids[b, t] | input_ids[b, :t])`` where
+            ``token_mask`` is True (aligned with the token it scores), 0.0 elsewhere.
+        token_entropy: [B, S] float32 entropy of the distribution that produced token t where
+            ``token_mask`` is True (0.0 elsewhere), or ``None`` unless requested.
+        probe_logprobs: [B, T, L] float32, log-prob of answer token l at probe j; 0.0 at padding.
+        probe_mask: [B, T, L] bool, True at real answer tokens of real probes.
+        answer_logprob: [B, T] float32, ``igpo_rewards.answer_logprob(probe_logprobs, probe_mask)``
+            (length-normalized mean; 0.0 at padded probes), the input of ``igpo_advantages``.
+    """
+
+    token_logprobs: torch.Tensor
+    token_entropy: torch.Tensor | None
+    probe_logprobs: torch.Tensor
+    probe_mask: torch.Tensor
+    answer_logprob: torch.Tensor
+
+
+def _check_model(model: PreTrainedModel, *, custom_mask: bool) -> None:
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if custom_mask and implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"the probe forward needs attn_implementation 'sdpa' or 'eager' (custom 4D masks), "
+            f"the model uses {implementation!r}; load it with attn_implementation='sdpa'"
+        )
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise ValueError("models with final_logit_softcapping are not supported by the probe forward")
+
+
+def _cache_argument(model: PreTrainedModel, output: object) -> dict[str, object]:
+    """The first pass's KV cache as the keyword the model's forward takes: ``cache`` in
+    transformers >= 5.x (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = output.past_key_values
+    keyword = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    return {keyword: cache}
+
+
+def _score(
+    model: PreTrainedModel, hidden: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``tokens`` [K] (and the entropy) under the logits of ``hidden`` [K, H], in chunks."""
+    head = model.get_output_embeddings()
+    logprobs, entropies = [], []
+    for begin in range(0, tokens.shape[0], chunk_size):
+        log_softmax = torch.log_softmax(head(hidden[begin : begin + chunk_size]).float(), dim=-1)
+        logprobs.append(log_softmax.gather(-1, tokens[begin : begin + chunk_size, None])[:, 0])
+        if entropy:
+            entropies.append(-(log_softmax.exp() * log_softmax).sum(-1))
+    empty = hidden.new_zeros((0,), dtype=torch.float32)
+    values = torch.cat(logprobs) if logprobs else empty
+    return values, ((torch.cat(entropies) if entropies else empty) if entropy else None)
+
+
+def _scatter(shape: tuple[int, ...], where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor of ``shape``, ``values`` at the True positions of ``where``, 0 elsewhere
+    (differentiable in ``values``)."""
+    return values.new_zeros(shape).masked_scatter(where, values)
+
+
+def _trajectory_scores(
+    model: PreTrainedModel, hidden: torch.Tensor, input_ids: torch.Tensor, token_mask: torch.Tensor, *, chunk_size: int, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, S] log-probs (and entropies) of the tokens where ``token_mask``, scored at position t - 1."""
+    rows, columns = token_mask.nonzero(as_tuple=True)
+    values, entropies = _score(model, hidden[rows, columns - 1], input_ids[rows, columns], chunk_size=chunk_size, entropy=entropy)
+    shape = tuple(token_mask.shape)
+    return _scatter(shape, token_mask, values), (_scatter(shape, token_mask, entropies) if entropy else None)
+
+
+def _probe_scores(
+    model: PreTrainedModel, hidden: torch.Tensor, inputs: PackedInputs | ProbeInputs, *, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None, None].expand_as(inputs.probe_mask)
+    where = inputs.probe_mask
+    values, _ = _score(
+        model, hidden[rows[where], inputs.probe_sources[where]], inputs.probe_tokens[where], chunk_size=chunk_size, entropy=False
+    )
+    return _scatter(tuple(where.shape), where, values), where
+
+
+def _token_mask(token_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    if token_mask is None:
+        return torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    if token_mask.shape != input_ids.shape:
+        raise ValueError(f"token_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(token_mask.shape)}")
+    token_mask = token_mask.to(torch.bool)
+    if bool(token_mask[:, 0].any()):
+        raise ValueError("token_mask[:, 0] must be False: nothing predicts the first token")
+    return token_mask
+
+
+def token_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    *,
+    return_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the tokens where ``token_mask`` under a plain causal forward (no probes).
+
+    ``input_ids`` [B, S] is right-padded and ``token_mask`` [B, S] must be False on padding and
+    at t = 0; no attention mask is passed (the SDPA causal fast path; no real token sees a pad).
+
+    Returns:
+        ``(logprobs [B, S] float32, entropy [B, S] float32 or None)``, 0.0 where not masked.
+    """
+    _check_model(model, custom_mask=False)
+    token_mask = _token_mask(token_mask, input_ids)
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return _trajectory_scores(model, hidden, input_ids, token_mask, chunk_size=chunk_size, entropy=return_entropy)
+
+
+def probe_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    turn_starts: torch.Tensor,
+    turn_mask: torch.Tensor,
+    suffixes: SuffixTable,
+    *,
+    token_mask: torch.Tensor | None = None,
+    probe_layout: str = "packed",
+    pad_token_id: int | None = None,
+    return_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> ProbeForward:
+    """Every probe's answer log-probs and the log-probs of the tokens where ``token_mask``, one forward.
+
+    Args:
+        model: a causal LM with ``attn_implementation`` "sdpa" or "eager" (Llama/Qwen2/Mistral
+            style: the lm head on the base model's last hidden state).
+        input_ids: [B, S] right-padded trajectories; lengths: [B] their lengths.
+        turn_starts, turn_mask: [B, T]: probe j of row b (where ``turn_mask``) scores the answer
+            after ``input_ids[b, :turn_starts[b, j]]``; each start in [1, lengths[b]].
+        suffixes: the probe suffix of each row (``suffix_table``).
+        token_mask: [B, S] bool, the trajectory tokens to score (e.g. the generated ones);
+            ``None`` scores none (probes only).
+        probe_layout: "packed" or "kv_cache" (module docstring).
+        pad_token_id: padding id of the packed layout; defaults to the model's (or 0).
+        return_entropy: also the entropy at the ``token_mask`` tokens.
+        chunk_size: rows of logits materialised at once.
+
+    Returns:
+        ``ProbeForward`` on the model's device.
+
+    Raises:
+        ValueError: mismatched shapes, a start outside its row, an unknown layout, an attention
+            implementation that takes no custom mask, ``chunk_size`` < 1.
+    """
+    _check_model(model, custom_mask=True)
+    if probe_layout not in PROBE_LAYOUTS:
+        raise ValueError(f"probe_layout must be one of {PROBE_LAYOUTS}, got {probe_layout!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    token_mask = _token_mask(token_mask, input_ids)
+    turn_mask = turn_mask.to(torch.bool)
+    _check_probes(lengths, turn_starts, turn_mask, suffixes)
+    if not bool(turn_mask.any()):  # no probe at all: the plain causal forward
+        logprobs, entropy = token_logprobs(model, input_ids, token_mask, return_entropy=return_entropy, chunk_size=chunk_size)
+        empty = logprobs.new_zeros((*turn_mask.shape, 0))
+        return ProbeForward(logprobs, entropy, empty, empty.bool(), logprobs.new_zeros(turn_mask.shape))
+    if probe_layout == "packed":
+        inputs = build_packed_inputs(input_ids, lengths, turn_starts, turn_mask, suffixes, pad_token_id=pad_token_id, dtype=model.dtype)
+        hidden = model.base_model(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, use_cache=False
+        ).last_hidden_state
+    else:
+        first = model.base_model(input_ids=input_ids, use_cache=True)
+        inputs = build_probe_inputs(
+            turn_starts, turn_mask, suffixes, cached_length=input_ids.shape[1], pad_token_id=pad_token_id, dtype=model.dtype
+        )
+        second = model.base_model(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+            use_cache=False, **_cache_argument(model, first),
+        )
+        hidden = torch.cat([first.last_hidden_state, second.last_hidden_state], dim=1)
+    logprobs, entropy = _trajectory_scores(model, hidden, input_ids, token_mask, chunk_size=chunk_size, entropy=return_entropy)
+    probe_logprobs, probe_mask = _probe_scores(model, hidden, inputs, chunk_size=chunk_size)
+    return ProbeForward(logprobs, entropy, probe_logprobs, probe_mask, igpo_rewards.answer_logprob(probe_logprobs, probe_mask))
+
+
+def score_probes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: Sequence[Sequence[int]],
+    turn_starts: Sequence[Sequence[int]],
+    answers: Sequence[str],
+    *,
+    template: str = PROBE_TEMPLATE,
+    probe_layout: str = "packed",
+) -> torch.Tensor:
+    """IGPO's probe before every turn of every trajectory: the [B, T] answer log-probs, one forward.
+
+    Probe j of trajectory b teacher-forces the probe text after ``token_ids[b][:turn_starts[b][j]]``
+    and returns the length-normalized log-prob of the answer's tokens
+    (``igpo_rewards.answer_logprob``, the input of ``igpo_rewards.igpo_advantages``). Each
+    distinct answer's suffix is tokenized once (``build_probe_suffix``).
+
+    Runs under the caller's autograd mode: wrap it in ``torch.no_grad()`` to compute rewards.
+
+    Args:
+        model: an HF causal LM with ``attn_implementation`` "sdpa" or "eager".
+        tokenizer: its fast tokenizer.
+        token_ids: B trajectories: prompt, turns and observations, exactly as the model saw them.
+        turn_starts: per trajectory, where each turn starts (the prompt's length for turn 0);
+            each in [1, len(token_ids[b])]. T = the most turns in the batch.
+        answers: per trajectory, the ground-truth answer probed (e.g. the first alias).
+        template: the probe text with one ``{answer}``.
+        probe_layout: "packed" (one forward) or "kv_cache" (see ``probe_forward``).
+
+    Returns:
+        [B, T] float32 on the model's device; 0.0 at padded turns (t >= len(turn_starts[b])).
+
+    Raises:
+        ValueError / TypeError: mismatched lengths, an empty trajectory or answer, a start
+        outside its trajectory, and what ``probe_forward`` raises.
+    """
+    if len(answers) != len(token_ids) or len(turn_starts) != len(token_ids):
+        raise ValueError(
+            f"turn_starts and answers must have one entry per trajectory ({len(token_ids)}), "
+            f"got {len(turn_starts)} and {len(answers)}"
+        )
+    device = model.get_input_embeddings().weight.device
+    input_ids, lengths = pad_token_ids(token_ids, pad_token_id=tokenizer.pad_token_id or 0, device=device)
+    starts, turn_counts = _padded(turn_starts, pad=0, device=device)
+    turn_mask = torch.arange(starts.shape[1], device=device)[None, :] < turn_counts[:, None]
+    distinct = {answer: build_probe_suffix(tokenizer, answer, template=template) for answer in dict.fromkeys(answers)}
+    suffixes = suffix_table([distinct[answer] for answer in answers], device=device)
+    return probe_forward(
+        model, input_ids, lengths, starts, turn_mask, suffixes, probe_layout=probe_layout, pad_token_id=tokenizer.pad_token_id
+    ).answer_logprob

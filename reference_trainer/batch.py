@@ -1,0 +1,105 @@
+"""The step's rollouts as one batch of tensors, built once after generation.
+
+``build_batch`` turns the scored ``rollout.QATrajectory`` objects of a step into a
+``RolloutBatch``: the right-padded token ids, the turn of every generated token (read from the
+turn spans, so it is the loss mask too), each turn's start (where its probe cuts the context),
+the turn mask, the group ids, the outcomes and each row's probe suffix. The probe forward, the
+reference forward and every micro batch of the update take slices of it (``RolloutBatch.select``);
+nothing is re-packed from the trajectories afterwards, and everything lives on the model's device.
+
+Shapes: B rollouts, S the longest trajectory, T the most turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from igpo_rewards.agent.probes import SuffixTable, build_probe_suffix, suffix_table
+from igpo_rewards.agent.rollout import token_layout
+from igpo_rewards.reference_trainer.rollout import QATrajectory
+
+
+@dataclass
+class RolloutBatch:
+    """Everything the step needs about its rollouts (shapes in the module docstring).
+
+    Attributes:
+        trajectories: the rollouts (their text, for metrics and case studies).
+        input_ids: [B, S] long, right-padded with the tokenizer's pad id.
+        lengths: [B] long.
+        token_turn: [B, S] long, the turn of each generated token, -1 on prompt, observation and
+            padding tokens (``igpo_rewards.broadcast_to_tokens``' index).
+        turn_starts: [B, T] long, where each turn starts; 0 at padded turns.
+        turn_mask: [B, T] bool.
+        group_ids: [B] long, the question of each rollout.
+        outcome: [B] float32, the outcome reward.
+        suffixes: each row's probe suffix (the first answer alias), or ``None`` without probes.
+    """
+
+    trajectories: list[QATrajectory]
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    token_turn: torch.Tensor
+    turn_starts: torch.Tensor
+    turn_mask: torch.Tensor
+    group_ids: torch.Tensor
+    outcome: torch.Tensor
+    suffixes: SuffixTable | None = None
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """[B, S] bool: the generated tokens, the only ones scored and trained on."""
+        return self.token_turn >= 0
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The rows ``rows`` (a micro batch), cut to their own longest trajectory."""
+        width = int(self.lengths[rows].max())
+        return RolloutBatch(
+            trajectories=[self.trajectories[row] for row in rows.tolist()],
+            input_ids=self.input_ids[rows, :width],
+            lengths=self.lengths[rows],
+            token_turn=self.token_turn[rows, :width],
+            turn_starts=self.turn_starts[rows],
+            turn_mask=self.turn_mask[rows],
+            group_ids=self.group_ids[rows],
+            outcome=self.outcome[rows],
+            suffixes=self.suffixes.rows(rows) if self.suffixes is not None else None,
+        )
+
+
+def build_batch(
+    trajectories: Sequence[QATrajectory], tokenizer: Any, *, probes: bool, device: torch.device | str | None = None
+) -> RolloutBatch:
+    """The ``RolloutBatch`` of a step's rollouts; with ``probes`` each row gets the probe suffix of
+    its question's first answer alias (tokenized once per distinct answer)."""
+    if not trajectories:
+        raise ValueError("trajectories is empty: no rollouts to train on")
+    layout = token_layout(trajectories, pad_token_id=tokenizer.pad_token_id or 0, device=device)
+    suffixes = None
+    if probes:
+        answers = [trajectory.example.answers[0] for trajectory in trajectories]
+        distinct = {answer: build_probe_suffix(tokenizer, answer) for answer in dict.fromkeys(answers)}
+        suffixes = suffix_table([distinct[answer] for answer in answers], device=device)
+    return RolloutBatch(
+        trajectories=list(trajectories),
+        input_ids=layout.input_ids,
+        lengths=layout.lengths,
+        token_turn=layout.token_turn,
+        turn_starts=layout.turn_starts,
+        turn_mask=layout.turn_mask,
+        group_ids=torch.tensor([t.group_id for t in trajectories], dtype=torch.long, device=device),
+        outcome=torch.tensor([t.outcome for t in trajectories], dtype=torch.float32, device=device),
+        suffixes=suffixes,
+    )
+
+
+def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, size: int, *, by_length: bool) -> Iterator[torch.Tensor]:
+    """``rows`` in chunks of ``size``; ``by_length`` sorts them by length first (less padding, for
+    forwards whose results do not depend on which rows share a chunk)."""
+    if by_length:
+        rows = rows[torch.argsort(lengths[rows], stable=True)]
+    yield from torch.split(rows, size)
