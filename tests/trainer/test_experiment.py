@@ -157,29 +157,32 @@ def test_report_tables_and_plots(tmp_path):
 # --- the job runner ------------------------------------------------------------------------------------
 
 
-def _run_dir(path):
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"rl": {"algorithm": "igpo"}}))
-    (path / "metrics.jsonl").write_text(json.dumps({"step": 0, "heldout_em": 0.5, "heldout_f1": 0.5}) + "\n")
-    return path
+def _json_job(name, source, target, logs, **kwargs):
+    """A light child: ``python -m json.tool SOURCE TARGET`` (fails when SOURCE is missing)."""
+    return Job(name, (str(source), str(target)), logs / f"{name}.log", done=target, module="json.tool", **kwargs)
 
 
 def test_run_jobs_order_skip_and_failure(tmp_path):
-    run = _run_dir(tmp_path / "run")
-    first = Job("first", ("report", "--out", str(tmp_path / "a"), "--runs", f"A={run}"), tmp_path / "logs" / "first.log",
-                done=tmp_path / "a" / "report.md")
-    second = Job("second", ("report", "--out", str(tmp_path / "b"), "--runs", f"B={run}"), tmp_path / "logs" / "second.log",
-                 done=tmp_path / "b" / "report.md", after=("first",))
-    assert run_jobs([second, first], workers=2, progress=False) == ["first", "second"]  # "second" waits for "first"
+    logs = tmp_path / "logs"
+    (tmp_path / "input.json").write_text('{"a": [1, 2]}')
+    first = _json_job("first", tmp_path / "input.json", tmp_path / "a.json", logs)
+    second = _json_job("second", tmp_path / "a.json", tmp_path / "b.json", logs, after=("first",))  # reads first's output
+    assert run_jobs([second, first], workers=2, progress=False, poll_seconds=0.05) == ["first", "second"]
+    assert json.loads((tmp_path / "b.json").read_text()) == {"a": [1, 2]}
     assert run_jobs([first, second], workers=2, progress=False) == []  # complete jobs are skipped
-    assert (tmp_path / "logs" / "first.log").read_text().startswith("$ igpo-train report --out")
+    assert (logs / "first.log").read_text().startswith(f"$ python -m json.tool {tmp_path / 'input.json'}")
+    assert Job("x", ("report",), logs / "x.log", tmp_path / "x").module == "igpo_rewards.reference_trainer.cli"
 
-    broken = Job("broken", ("report", "--out", str(tmp_path / "c"), "--runs", f"C={tmp_path / 'missing'}"),
-                 tmp_path / "logs" / "broken.log", done=tmp_path / "c" / "report.md")
-    with pytest.raises(JobFailed, match=r"(?s)job broken failed \(exit 2\).*run directory for 'C' not found"):
-        run_jobs([broken], progress=False)
+    broken = _json_job("broken", tmp_path / "missing.json", tmp_path / "c.json", logs)
+    with pytest.raises(JobFailed, match=r"(?s)job broken failed \(exit 2\).*can't open"):
+        run_jobs([broken], progress=False, poll_seconds=0.05)
+    silent = Job("silent", (str(tmp_path / "input.json"),), logs / "silent.log", done=tmp_path / "never.json", module="json.tool")
+    with pytest.raises(JobFailed, match=r"job silent failed \(exit 0\)"):  # exited without writing its done file
+        run_jobs([silent], progress=False, poll_seconds=0.05)
     with pytest.raises(ValueError, match=r"job 'x' waits for unknown job\(s\) \['nope'\]"):
         run_jobs([Job("x", ("report",), tmp_path / "x.log", tmp_path / "x", after=("nope",))])
+    with pytest.raises(ValueError, match=r"job names must be unique"):
+        run_jobs([first, first])
     with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
         run_jobs([], workers=0)
 
@@ -187,19 +190,21 @@ def test_run_jobs_order_skip_and_failure(tmp_path):
 # --- end to end: experiment --quick, killed, resumed ---------------------------------------------------
 
 
-def _processes_mentioning(text):
+def _processes_writing_into(directory):
+    """PIDs of processes with a file under ``directory`` open (the jobs hold their log open)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(entry.name))
+                targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
             except OSError:
                 continue
+            if any(target.startswith(str(directory) + os.sep) for target in targets):
+                found.append(int(entry.name))
     return found
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks orphans through /proc and PR_SET_PDEATHSIG")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="looks for orphans through /proc")
 def test_quick_experiment_killed_then_resumed(tmp_path):
     out = tmp_path / "experiment"
     command = [sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "experiment", "--quick", "--seeds", "2",
@@ -215,10 +220,10 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     process.wait()
     killed_at = time.time()
     for _ in range(200):
-        if not _processes_mentioning(str(out)):
+        if not _processes_writing_into(out):
             break
         time.sleep(0.05)
-    assert _processes_mentioning(str(out)) == [], "a child outlived the killed experiment"
+    assert _processes_writing_into(out) == [], "a child outlived the killed experiment"
     unfinished = [pointer.parents[1] for pointer in pointers if pointer.is_file() and not (pointer.parents[1] / "eval.json").is_file()]
     assert unfinished, "every started RL run had finished before the kill"
     assert not (out / "experiment.json").exists()
