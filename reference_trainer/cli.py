@@ -278,12 +278,15 @@ def run_warm_start(command: WarmStartCommand) -> dict[str, Any]:
     return result
 
 
+def _budgeted_config(command: DemoCommand | ExperimentCommand) -> RunConfig:
+    """The command's validated config, with the tiny budget of ``quick_config`` under --quick."""
+    config = _run_config(command)
+    return validate_config(quick_config(config) if command.quick else config)
+
+
 def run_demo(command: DemoCommand) -> Path:
     """The README's pipeline; returns the path of report.md."""
-    config = _run_config(command)
-    if command.quick:
-        config = quick_config(config)
-    validate_config(config)
+    config = _budgeted_config(command)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -358,15 +361,20 @@ def run_train(command: TrainCommand) -> dict[str, Any]:
     return train(config, init=init, run_dir=config.out, retriever=data.retriever, train_examples=data.train, eval_examples=data.heldout)
 
 
+def _load_policy(config: RunConfig, subcommand: str, init_hint: str) -> tuple[str, Any, Any, Data]:
+    """Seed, then load --init (or --model) and build the data: ``(path, model, tokenizer, data)``."""
+    path = config.init or config.model
+    if path is None:
+        raise ValueError(f"{subcommand} needs --init DIR ({init_hint}) or --model PATH")
+    seed_everything(config)
+    model, tokenizer = load_pretrained(path, dtype=getattr(torch, config.dtype), device=config.device)
+    return path, model, tokenizer, build_data(config)
+
+
 def run_eval(command: EvalCommand) -> dict[str, Any]:
     """Greedy EM/F1 of --init (or --model) on the held-out questions; writes --out/eval.json."""
     config = validate_config(_run_config(command))
-    path = config.init or config.model
-    if path is None:
-        raise ValueError("eval needs --init DIR (a model or checkpoint directory) or --model PATH")
-    seed_everything(config)
-    model, tokenizer = load_pretrained(path, dtype=getattr(torch, config.dtype), device=config.device)
-    data = build_data(config)
+    path, model, tokenizer, data = _load_policy(config, "eval", "a model or checkpoint directory")
     examples = data.heldout[: config.eval.max_questions or None]
     result = evaluate(model, tokenizer, data.retriever, examples, progress=config.progress, **_eval_kwargs(config))
     out = Path(config.out)
@@ -384,12 +392,7 @@ def run_diagnose(command: DiagnoseCommand) -> dict[str, Any]:
     from igpo_rewards.reference_trainer.diagnostics import format_signal, measure_signal
 
     config = validate_config(_run_config(command))
-    path = config.init or config.model
-    if path is None:
-        raise ValueError("diagnose needs --init DIR (e.g. DIR/warm_start of a demo) or --model PATH")
-    seed_everything(config)
-    model, tokenizer = load_pretrained(path, dtype=getattr(torch, config.dtype), device=config.device)
-    data = build_data(config)
+    _, model, tokenizer, data = _load_policy(config, "diagnose", "e.g. DIR/warm_start of a demo")
     result = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=command.steps, seed=config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,10 +405,7 @@ def run_experiment(command: ExperimentCommand) -> Path:
     """``experiment.run_experiment`` with the command's config (quick budget with --quick)."""
     from igpo_rewards.reference_trainer.experiment import run_experiment as experiment
 
-    config = _run_config(command)
-    if command.quick:
-        config = quick_config(config)
-    validate_config(config)
+    config = _budgeted_config(command)
     if config.model is not None or config.data is not None or config.eval_data is not None:
         raise ValueError("experiment runs on the embedded world (--world.preset): --model/--data/--eval-data are not supported")
     if command.diagnose_steps < 0:
@@ -486,20 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         command = parse(argv)
-        if isinstance(command, DemoCommand):
-            run_demo(command)
-        elif isinstance(command, TrainCommand):
-            run_train(command)
-        elif isinstance(command, EvalCommand):
-            run_eval(command)
-        elif isinstance(command, WarmStartCommand):
-            run_warm_start(command)
-        elif isinstance(command, ExperimentCommand):
-            run_experiment(command)
-        elif isinstance(command, DiagnoseCommand):
-            run_diagnose(command)
-        else:
-            run_report(command)
+        runners = {DemoCommand: run_demo, TrainCommand: run_train, EvalCommand: run_eval, WarmStartCommand: run_warm_start,
+                   ExperimentCommand: run_experiment, DiagnoseCommand: run_diagnose, ReportCommand: run_report}
+        runners[type(command)](command)
     except (FileNotFoundError, ValueError) as error:
         print(f"igpo-train: error: {error}", file=sys.stderr)
         return 2

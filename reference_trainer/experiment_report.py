@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS
-from igpo_rewards.reference_trainer.report import _new_figure, _table
+from igpo_rewards.reference_trainer.report import _finish_step_axes, _new_figure, _table
 
 EM_PLOT = "experiment_em.png"
 HOPS_PLOT = "experiment_hops.png"
@@ -150,13 +150,8 @@ def _plot_em(experiment: dict, path: Path) -> None:
         if points:
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=3, color=f"C{index}",
                     linewidth=2, label=f"{LABELS.get(method, method)} (mean of {len(seeds)})")
-    ax.set_title("held-out EM over RL steps (thin lines: single seeds)")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("EM (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(fontsize=8)
+    _finish_step_axes(ax, title="held-out EM over RL steps (thin lines: single seeds)", ylabel="EM (%)",
+                      empty="no held-out evaluation logged")
     figure.savefig(path)
 
 
@@ -193,13 +188,8 @@ def _plot_collapse(experiment: dict, path: Path) -> None:
             if points:
                 ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, color=f"C{index}",
                         label=f"{LABELS.get(method, method)}: {suffix}")
-    ax.set_title("groups without signal over RL steps (mean over seeds)")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("groups (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(fontsize=7, ncol=2)
+    _finish_step_axes(ax, title="groups without signal over RL steps (mean over seeds)", ylabel="groups (%)",
+                      empty="no collapse rate logged", fontsize=7, ncol=2)
     figure.savefig(path)
 
 

@@ -24,14 +24,6 @@ from igpo_rewards.reference_trainer.warm_start import build_demonstration, demon
 from igpo_rewards.reference_trainer.world import build_world
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world():
     return build_world(seed=2, num_train=24, num_heldout=4, num_countries=3, cities_per_country=3, num_organisations=4,
