@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import igpo_rewards
+from igpo_rewards._groups import contiguous_group_size
 from igpo_rewards.integrations import IGPOSettings
 
 __all__ = [
@@ -123,7 +124,10 @@ def compute_igpo_advantage(
     Turn j of row b is the j-th run of 1s in ``response_mask``; its reward r_{b,j} is read at
     the run's last token (the final turn also collects reward on trailing 0-mask tokens). The
     turn rewards are group-normalized within verl's ``uid`` groups, discounted over turns and
-    broadcast to the turn's tokens (:func:`igpo_rewards.advantages_from_token_rewards`).
+    broadcast to the turn's tokens (:func:`igpo_rewards.advantages_from_token_rewards`). When the
+    uids come as G contiguous rows each (verl's ``rollout.n`` repeats, unless
+    ``trainer.balance_batch`` reordered the batch) the groups are passed as ``group_size=G``,
+    otherwise as ids; the advantages are the same.
     Hyperparameters come from ``algorithm.igpo.*`` (:class:`IGPOSettings`, the paper's defaults);
     verl's ``algorithm.gamma`` (a per-token discount for GAE) is not used.
 
@@ -161,7 +165,7 @@ def compute_igpo_advantage(
                 "algorithm.use_kl_in_reward=False and actor_rollout_ref.actor.use_kl_loss=True.",
                 stacklevel=2,
             )
-    group_ids = group_ids_from_uids(index, device=token_level_rewards.device)
+    group_ids = group_ids_from_uids(index)  # on the host
     if group_ids.shape[0] != token_level_rewards.shape[0]:
         raise ValueError(
             f"index (verl's uid) must have one entry per row: {group_ids.shape[0]} ids for token_level_rewards "
@@ -171,12 +175,22 @@ def compute_igpo_advantage(
         advantages = igpo_rewards.advantages_from_token_rewards(
             token_level_rewards,
             response_mask,
-            group_ids,
+            **_groups_of(group_ids, device=token_level_rewards.device),
             gamma=settings.gamma,
             max_turns=settings.max_turns,
             **settings.normalization_kwargs(),
         )
     return advantages, advantages
+
+
+def _groups_of(group_ids: torch.Tensor, *, device: torch.device) -> dict[str, Any]:
+    """``group_size=G`` when the rows are G contiguous rollouts per uid (verl repeats each prompt
+    ``rollout.n`` times in a row), checked on the host in O(B); else the ids, on ``device``. Both
+    give the same advantages; the first skips the group-id factorization."""
+    group_size = contiguous_group_size(group_ids.numpy())
+    if group_size is not None:
+        return {"group_size": group_size}
+    return {"group_ids": group_ids.to(device)}
 
 
 def igpo_token_scores(

@@ -340,3 +340,32 @@ def test_doc_search_tool_and_config_keys_are_valid():
     typed = {key: (float(v) if key == "gamma" else int(v) if key == "max_turns" else v) for key, v in overrides.items()}
     assert IGPOSettings.from_mapping(typed) == IGPOSettings(max_turns=6)
     assert "algorithm.adv_estimator=igpo" in command and "algorithm.use_kl_in_reward=False" in command
+
+
+def test_contiguous_uids_take_the_group_size_path_with_the_same_advantages(monkeypatch):
+    """verl repeats each prompt rollout.n times in a row: the estimator sees G contiguous rows per
+    uid, passes group_size=G (no factorization) and gets what the group-ids path gives."""
+    _, response_mask, scores, turn_rewards, turn_mask, turn_of_token = build_batch()
+    rows = [2, 4, 5, 6, 0, 1]  # q2, q2, q9, q9, q7, q7: G = 2 contiguous rollouts per uid
+    uids = np.array(["4f1c-q2", "4f1c-q2", "9a0e-q9", "9a0e-q9", "77b3-q7", "77b3-q7"], dtype=object)
+    seen = []
+    library = igpo_rewards.advantages_from_token_rewards
+
+    def spy(*args, **kwargs):
+        seen.append({key: kwargs[key] for key in ("group_ids", "group_size") if key in kwargs})
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(igpo_rewards, "advantages_from_token_rewards", spy)
+    for igpo in (None, {"mode": "separate", "weighting": "trajectory", "gamma": 0.9}):
+        data = run_verl(make_data(uids, response_mask[rows], scores[rows].clone()), algorithm_config(igpo))
+        assert seen[-1] == {"group_size": 2}
+        settings = IGPOSettings.from_mapping(igpo)
+        by_ids = library(scores[rows], response_mask[rows], torch.tensor([0, 0, 1, 1, 2, 2]), gamma=settings.gamma,
+                         **settings.normalization_kwargs())
+        torch.testing.assert_close(data.batch["advantages"], by_ids, rtol=1e-6, atol=1e-6)
+        expected = oracle_token_advantages(turn_rewards[rows], turn_mask[rows], uids, turn_of_token[rows], settings)
+        np.testing.assert_allclose(data.batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # The interleaved batch of the other tests keeps the group-ids path.
+    uids_interleaved, *_ = build_batch()
+    run_verl(make_data(uids_interleaved, response_mask, scores.clone()), algorithm_config())
+    assert set(seen[-1]) == {"group_ids"}
