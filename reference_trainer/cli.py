@@ -5,7 +5,12 @@
                                                   -> evaluation -> DIR/report.md
     igpo-train train --init DIR --out RUN [--rl.algorithm grpo] [--resume]
     igpo-train eval --init DIR --out DIR          greedy EM/F1 (by hop, per data source)
+    igpo-train warm-start --out DIR               tokenizer + tiny model + warm start only
+    igpo-train diagnose --init DIR --out DIR      outcome sparsity and probe signal at RL step 0
     igpo-train report --out DIR [--runs IGPO=RUN ...]
+    igpo-train experiment --out DIR [--seeds 3] [--quick]
+                                                  per seed: warm start -> IGPO, GRPO and the two
+                                                  ablations -> DIR/experiment.json, DIR/report.md
 
 Every subcommand takes the fields of ``config.RunConfig`` as flags (``--rl.steps 100``,
 ``--warm-start.steps 50``, ...), and ``--config FILE`` (TOML/YAML/JSON) whose values the flags
@@ -21,7 +26,6 @@ import copy
 import dataclasses
 import json
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,13 +34,20 @@ from typing import Annotated, Any, Union
 
 import torch
 import tyro
-from tqdm.auto import tqdm
 
 from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block
 from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
-from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, to_dict, validate_config
+from igpo_rewards.reference_trainer.config import (
+    RunConfig,
+    config_from_values,
+    quick_config,
+    read_config_values,
+    to_dict,
+    validate_config,
+)
 from igpo_rewards.reference_trainer.evaluation import evaluate
-from igpo_rewards.reference_trainer.files import append_jsonl, count_jsonl, write_text_atomic
+from igpo_rewards.reference_trainer.files import append_jsonl, write_text_atomic
+from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
 from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
 from igpo_rewards.reference_trainer.report import paper_table, write_report
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
@@ -50,6 +61,9 @@ from igpo_rewards.reference_trainer.world import (
 )
 
 # --- subcommands ------------------------------------------------------------------------------------
+
+EXPERIMENT_PRESET = "sparse"
+"""The world preset of ``igpo-train experiment`` unless ``--world.preset`` or the config file names one."""
 
 
 @dataclass
@@ -78,6 +92,42 @@ class EvalCommand(RunConfig):
 
     config: str | None = None
     """TOML/YAML/JSON file of config values; flags override it."""
+
+
+@dataclass
+class WarmStartCommand(RunConfig):
+    """Build the tokenizer and tiny model (or load --model), warm start it and save it into --out, with its held-out eval.json."""
+
+    config: str | None = None
+    """TOML/YAML/JSON file of config values; flags override it."""
+    diagnose_steps: int = 0
+    """Also measure outcome sparsity and probe signal over this many RL steps' rollouts (diagnostics.json; 0 = skip)."""
+
+
+@dataclass
+class DiagnoseCommand(RunConfig):
+    """Reward sparsity and probe signal of --init at RL step 0: sample the first steps' rollouts, run the probes, write --out/diagnostics.json."""
+
+    config: str | None = None
+    """TOML/YAML/JSON file of config values; flags override it."""
+    steps: int = 4
+    """How many RL steps' worth of questions to sample (rl.questions_per_step x rl.group_size rollouts each)."""
+
+
+@dataclass
+class ExperimentCommand(RunConfig):
+    """IGPO, GRPO and the two ablations (ig_weight = 0, outcome_weight = 0) from one warm start per seed; DIR/experiment.json and DIR/report.md (the sparse preset unless --world.preset says otherwise)."""
+
+    config: str | None = None
+    """TOML/YAML/JSON file of config values; flags override it."""
+    seeds: int = 3
+    """S: warm starts, each followed by one run of every method (training seeds --seed .. --seed + S - 1)."""
+    quick: bool = False
+    """Tiny budget (the CI smoke test): same pipeline, a few steps of everything."""
+    workers: int = 2
+    """Child processes at once, one thread each."""
+    diagnose_steps: int = 4
+    """RL steps' worth of rollouts measured at step 0 from each warm start (outcome sparsity, probe signal; 0 = skip)."""
 
 
 @dataclass
@@ -124,7 +174,8 @@ def build_data(config: RunConfig) -> Data:
         w = config.world
         world = build_world(
             w.seed, num_train=w.num_train, num_heldout=w.num_heldout, num_countries=w.num_countries,
-            cities_per_country=w.cities_per_country, num_organisations=w.num_organisations,
+            cities_per_country=w.cities_per_country, num_organisations=w.num_organisations, max_hops=w.max_hops,
+            people_per_first_name=w.people_per_first_name, people_per_surname=w.people_per_surname,
         )
         retriever = HTTPRetriever(config.retriever_url) if config.retriever_url else BM25Retriever(world.corpus)
         return Data(world.train, world.heldout, retriever, world, world.corpus)
@@ -185,43 +236,57 @@ def _eval_kwargs(config: RunConfig) -> dict[str, Any]:
 # --- demo ----------------------------------------------------------------------------------------------
 
 
-def _train_children(configs: dict[str, RunConfig], out: Path, *, parallel: bool, progress: bool) -> None:
-    """Run ``igpo-train train`` for each config (at once when ``parallel``), showing their progress."""
-    pending = list(configs.items())
-    running: list[tuple[str, subprocess.Popen, Any, Path]] = []
-    bars = {}
-    while pending or running:
-        while pending and (parallel or not running):
-            label, config = pending.pop(0)
-            config_path = out / f"{label}.config.json"
-            write_text_atomic(config_path, json.dumps(to_dict(config), indent=2))
-            log = open(out / f"{label}.log", "w", encoding="utf-8")
-            command = [sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "train", "--config", str(config_path)]
-            running.append((label, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, Path(config.out)))
-            bars[label] = tqdm(total=config.rl.steps + 1, desc=f"{label} RL", disable=not progress, leave=True)
-        time.sleep(0.5)
-        for item in list(running):
-            label, process, log, run_dir = item
-            bars[label].n = count_jsonl(run_dir / "metrics.jsonl")
-            bars[label].refresh()
-            if process.poll() is not None:
-                log.close()
-                running.remove(item)
-                bars[label].close()
-                if process.returncode != 0:
-                    for _, other, other_log, _ in running:
-                        other.kill()
-                        other_log.close()
-                    tail = (out / f"{label}.log").read_text(encoding="utf-8").strip().splitlines()[-15:]
-                    raise RuntimeError(f"the {label} run failed (exit {process.returncode}); end of {out / (label + '.log')}:\n" + "\n".join(tail))
+def warm_start_into(config: RunConfig, data: Data, warm_dir: Path, *, diagnose_steps: int = 0) -> dict[str, Any]:
+    """Build the policy, warm start it, save it into ``warm_dir``, evaluate it; returns its eval.json.
+
+    ``warm_dir`` gets the model (``save_pretrained``), ``metrics.jsonl`` (the losses), with
+    ``diagnose_steps > 0`` ``diagnostics.json`` (``diagnostics.measure_signal``: outcome
+    sparsity and probe signal at RL step 0), and last ``eval.json`` (held-out EM/F1).
+    """
+    model, tokenizer = build_policy(config, data)
+    heldout = data.heldout[: config.eval.max_questions or None]
+    if any(example.gold_queries for example in data.train) and config.warm_start.steps > 0:
+        from igpo_rewards.reference_trainer.warm_start import warm_start
+
+        history = warm_start(
+            model, tokenizer, data.retriever, data.train, config.warm_start, corpus=data.corpus if config.model is None else None,
+            topk=config.rl.topk, seed=config.seed, progress=config.progress,
+        )
+    else:
+        print("warm start skipped: the questions have no gold search chains (or --warm-start.steps 0)", file=sys.stderr)
+        history = []
+    save_pretrained(model, tokenizer, warm_dir)
+    write_text_atomic(warm_dir / "metrics.jsonl", "".join(json.dumps({"run": "warm_start", **h}) + "\n" for h in history))
+    if diagnose_steps > 0:
+        from igpo_rewards.reference_trainer.diagnostics import measure_signal
+
+        signal = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=diagnose_steps, seed=config.seed)
+        write_text_atomic(warm_dir / "diagnostics.json", json.dumps(signal, indent=2))
+    warm_eval = evaluate(model, tokenizer, data.retriever, heldout, step=0, progress=config.progress, **_eval_kwargs(config))
+    write_text_atomic(warm_dir / "eval.json", json.dumps(warm_eval, indent=2))
+    return warm_eval
+
+
+def run_warm_start(command: WarmStartCommand) -> dict[str, Any]:
+    """The warm start alone, into --out (what the demo and the experiment start RL from)."""
+    config = validate_config(_run_config(command))
+    if command.diagnose_steps < 0:
+        raise ValueError(f"--diagnose-steps must be >= 0, got {command.diagnose_steps}")
+    seed_everything(config)
+    result = warm_start_into(config, build_data(config), Path(config.out), diagnose_steps=command.diagnose_steps)
+    print(f"warm start: held-out EM {100 * result['em']:.1f}  F1 {100 * result['f1']:.1f}  (n = {result['n']}) -> {config.out}")
+    return result
+
+
+def _budgeted_config(command: DemoCommand | ExperimentCommand) -> RunConfig:
+    """The command's validated config, with the tiny budget of ``quick_config`` under --quick."""
+    config = _run_config(command)
+    return validate_config(quick_config(config) if command.quick else config)
 
 
 def run_demo(command: DemoCommand) -> Path:
     """The README's pipeline; returns the path of report.md."""
-    config = _run_config(command)
-    if command.quick:
-        config = quick_config(config)
-    validate_config(config)
+    config = _budgeted_config(command)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -237,27 +302,11 @@ def run_demo(command: DemoCommand) -> Path:
     write_text_atomic(out / "config.json", json.dumps(to_dict(config), indent=2))
 
     # -- tokenizer + model, then the warm start (SFT on imperfect demonstrations) -------------------
-    model, tokenizer = build_policy(config, data)
     warm_dir = out / "warm_start"
-    heldout = data.heldout[: config.eval.max_questions or None]
-    if any(example.gold_queries for example in data.train) and config.warm_start.steps > 0:
-        from igpo_rewards.reference_trainer.warm_start import warm_start
-
-        history = warm_start(
-            model, tokenizer, data.retriever, data.train, config.warm_start, corpus=data.corpus if config.model is None else None,
-            topk=config.rl.topk, seed=config.seed, progress=config.progress,
-        )
-    else:
-        print("warm start skipped: the questions have no gold search chains (or --warm-start.steps 0)", file=sys.stderr)
-        history = []
-    save_pretrained(model, tokenizer, warm_dir)
-    warm_eval = evaluate(model, tokenizer, data.retriever, heldout, step=0, progress=config.progress, **_eval_kwargs(config))
-    write_text_atomic(warm_dir / "eval.json", json.dumps(warm_eval, indent=2))
-    write_text_atomic(warm_dir / "metrics.jsonl", "".join(json.dumps({"run": "warm_start", **h}) + "\n" for h in history))
-    del model
+    warm_eval = warm_start_into(config, data, warm_dir)
 
     # -- IGPO and GRPO from the same warm start (everything but the advantages identical) -----------
-    children = {}
+    children = []
     for label in ("igpo", "grpo"):
         child = copy.deepcopy(config)
         child.rl.algorithm = label
@@ -269,8 +318,13 @@ def run_demo(command: DemoCommand) -> Path:
         child.progress = False
         if command.parallel:
             child.threads = 1
-        children[label] = child
-    _train_children(children, out, parallel=command.parallel, progress=config.progress)
+        config_path = out / f"{label}.config.json"
+        write_text_atomic(config_path, json.dumps(to_dict(child), indent=2))
+        for stale in (out / label / "eval.json", out / f"{label}.log"):  # a new warm start: the runs start over
+            stale.unlink(missing_ok=True)
+        children.append(Job(label, ("train", "--config", str(config_path)), out / f"{label}.log", done=out / label / "eval.json",
+                            progress_file=out / label / "metrics.jsonl", total=child.rl.steps + 1))
+    run_jobs(children, workers=2 if command.parallel else 1, progress=config.progress)
 
     # -- report, and one metrics.jsonl with every run's records ---------------------------------------
     report = write_report({"IGPO": out / "igpo", "GRPO": out / "grpo"}, out, warm_start_eval=warm_dir / "eval.json")
@@ -307,15 +361,20 @@ def run_train(command: TrainCommand) -> dict[str, Any]:
     return train(config, init=init, run_dir=config.out, retriever=data.retriever, train_examples=data.train, eval_examples=data.heldout)
 
 
+def _load_policy(config: RunConfig, subcommand: str, init_hint: str) -> tuple[str, Any, Any, Data]:
+    """Seed, then load --init (or --model) and build the data: ``(path, model, tokenizer, data)``."""
+    path = config.init or config.model
+    if path is None:
+        raise ValueError(f"{subcommand} needs --init DIR ({init_hint}) or --model PATH")
+    seed_everything(config)
+    model, tokenizer = load_pretrained(path, dtype=getattr(torch, config.dtype), device=config.device)
+    return path, model, tokenizer, build_data(config)
+
+
 def run_eval(command: EvalCommand) -> dict[str, Any]:
     """Greedy EM/F1 of --init (or --model) on the held-out questions; writes --out/eval.json."""
     config = validate_config(_run_config(command))
-    path = config.init or config.model
-    if path is None:
-        raise ValueError("eval needs --init DIR (a model or checkpoint directory) or --model PATH")
-    seed_everything(config)
-    model, tokenizer = load_pretrained(path, dtype=getattr(torch, config.dtype), device=config.device)
-    data = build_data(config)
+    path, model, tokenizer, data = _load_policy(config, "eval", "a model or checkpoint directory")
     examples = data.heldout[: config.eval.max_questions or None]
     result = evaluate(model, tokenizer, data.retriever, examples, progress=config.progress, **_eval_kwargs(config))
     out = Path(config.out)
@@ -326,6 +385,35 @@ def run_eval(command: EvalCommand) -> dict[str, Any]:
         print("by hops: " + ", ".join(f"{h}: EM {100 * s['em']:.1f} (n = {s['n']})" for h, s in result["by_hops"].items()))
     print("\n".join(paper_table({Path(path).name: result})))
     return result
+
+
+def run_diagnose(command: DiagnoseCommand) -> dict[str, Any]:
+    """``diagnostics.measure_signal`` of --init (or --model) on the training questions; writes --out/diagnostics.json."""
+    from igpo_rewards.reference_trainer.diagnostics import format_signal, measure_signal
+
+    config = validate_config(_run_config(command))
+    _, model, tokenizer, data = _load_policy(config, "diagnose", "e.g. DIR/warm_start of a demo")
+    result = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=command.steps, seed=config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "diagnostics.json", json.dumps(result, indent=2))
+    print(format_signal(result) + f"\n-> {out / 'diagnostics.json'}")
+    return result
+
+
+def run_experiment(command: ExperimentCommand) -> Path:
+    """``experiment.run_experiment`` with the command's config (quick budget with --quick)."""
+    from igpo_rewards.reference_trainer.experiment import run_experiment as experiment
+
+    config = _budgeted_config(command)
+    if config.model is not None or config.data is not None or config.eval_data is not None:
+        raise ValueError("experiment runs on the embedded world (--world.preset): --model/--data/--eval-data are not supported")
+    if command.diagnose_steps < 0:
+        raise ValueError(f"--diagnose-steps must be >= 0, got {command.diagnose_steps}")
+    report = experiment(config, Path(config.out), seeds=command.seeds, workers=command.workers,
+                        diagnose_steps=command.diagnose_steps, progress=config.progress)
+    print(f"experiment report -> {report}")
+    return report
 
 
 def run_report(command: ReportCommand) -> Path:
@@ -348,29 +436,46 @@ def run_report(command: ReportCommand) -> Path:
 # --- entry point -------------------------------------------------------------------------------------------
 
 
-def _config_file_flag(argv: list[str]) -> str | None:
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``; the last one wins)."""
+    found = None
     for index, item in enumerate(argv):
-        if item == "--config" and index + 1 < len(argv):
-            return argv[index + 1]
-        if item.startswith("--config="):
-            return item.split("=", 1)[1]
-    return None
+        if item == flag and index + 1 < len(argv):
+            found = argv[index + 1]
+        elif item.startswith(flag + "="):
+            found = item.split("=", 1)[1]
+    return found
 
 
 def parse(argv: list[str]) -> Any:
-    """The subcommand object for ``argv``: defaults <- ``--config FILE`` <- flags."""
-    path = _config_file_flag(argv)
-    base = load_config_file(path) if path else RunConfig()
+    """The subcommand object for ``argv``: defaults <- world preset <- ``--config FILE`` <- flags.
+
+    The preset (``--world.preset``, else the config file's ``world.preset``) sets the defaults
+    that the file and the other flags then override.
+    """
+    path = _flag_value(argv, "--config")
+    values = read_config_values(path) if path else {}
+    preset = _flag_value(argv, "--world.preset")
+    file_preset = isinstance(values.get("world"), dict) and "preset" in values["world"]
+    if preset is None and not file_preset and argv[:1] == ["experiment"]:
+        preset = EXPERIMENT_PRESET
+    base = config_from_values(values, preset=preset, where=str(path))
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(RunConfig)}
     defaults = {
         "demo": DemoCommand(**copy.deepcopy(fields)),
         "train": TrainCommand(**copy.deepcopy(fields)),
         "eval": EvalCommand(**copy.deepcopy(fields)),
+        "diagnose": DiagnoseCommand(**copy.deepcopy(fields)),
+        "warm-start": WarmStartCommand(**copy.deepcopy(fields)),
+        "experiment": ExperimentCommand(**{**copy.deepcopy(fields), "out": fields["out"] if "out" in values else "runs/experiment"}),
     }
     command_type = Union[
         Annotated[DemoCommand, tyro.conf.subcommand("demo", default=defaults["demo"])],
         Annotated[TrainCommand, tyro.conf.subcommand("train", default=defaults["train"])],
         Annotated[EvalCommand, tyro.conf.subcommand("eval", default=defaults["eval"])],
+        Annotated[WarmStartCommand, tyro.conf.subcommand("warm-start", default=defaults["warm-start"])],
+        Annotated[ExperimentCommand, tyro.conf.subcommand("experiment", default=defaults["experiment"])],
+        Annotated[DiagnoseCommand, tyro.conf.subcommand("diagnose", default=defaults["diagnose"])],
         Annotated[ReportCommand, tyro.conf.subcommand("report")],
     ]
     return tyro.cli(command_type, args=argv, prog="igpo-train", description=__doc__.split("\n\n")[0])
@@ -381,17 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         command = parse(argv)
-        if isinstance(command, DemoCommand):
-            run_demo(command)
-        elif isinstance(command, TrainCommand):
-            run_train(command)
-        elif isinstance(command, EvalCommand):
-            run_eval(command)
-        else:
-            run_report(command)
+        runners = {DemoCommand: run_demo, TrainCommand: run_train, EvalCommand: run_eval, WarmStartCommand: run_warm_start,
+                   ExperimentCommand: run_experiment, DiagnoseCommand: run_diagnose, ReportCommand: run_report}
+        runners[type(command)](command)
     except (FileNotFoundError, ValueError) as error:
         print(f"igpo-train: error: {error}", file=sys.stderr)
         return 2
+    except JobFailed as error:
+        print(f"igpo-train: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,13 +3,14 @@
 ``RunConfig`` is the whole run: where the data and the model come from, the world's size,
 the tiny model's size, the warm start, the RL loop and the evaluation. Every ``igpo-train``
 subcommand takes it; flags override a TOML/YAML file given with ``--config FILE``, which
-overrides the defaults (``load_config_file`` / ``merge_overrides``). ``quick_config`` is the
+overrides the defaults of the world preset (``preset_config``, ``load_config_file``). ``quick_config`` is the
 tiny budget of ``igpo-train demo --quick`` (the CI smoke test). ``validate_config`` raises a
 ``ValueError`` naming the field and the bad value.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from igpo_rewards.agent.probes import PROBE_LAYOUTS
+from igpo_rewards.reference_trainer.world import MAX_HOPS
 from igpo_rewards.settings import IGPOSettings
 
 
@@ -25,6 +27,8 @@ from igpo_rewards.settings import IGPOSettings
 class WorldConfig:
     """The embedded synthetic world (``igpo_rewards.reference_trainer.world.build_world``)."""
 
+    preset: Literal["default", "sparse"] = "default"
+    """default: the demo's world. sparse: 1-4 hop questions, more name collisions, demonstrations only up to 2 hops, 6 turns (the defaults of every section it changes: see PRESETS)."""
     seed: int = 0
     """Seed of the world generator (entities, corpus, questions)."""
     num_train: int = 1000
@@ -37,6 +41,12 @@ class WorldConfig:
     """Cities per country (the first one is the capital)."""
     num_organisations: int = 12
     """Organisations (employers)."""
+    max_hops: int = 3
+    """Longest question chains (1..4); hop counts 1..max_hops are balanced."""
+    people_per_first_name: float = 2.5
+    """About how many people share a first name (near-miss documents for a name query)."""
+    people_per_surname: float = 3.3
+    """About how many people share a surname."""
 
 
 @dataclass
@@ -85,6 +95,8 @@ class WarmStartConfig:
     """Language-model steps on corpus documents (people renamed) before SFT; for models built from scratch."""
     pretrain_batch_size: int = 64
     """Documents per language-model step."""
+    max_hops: int = 0
+    """Demonstrate only questions of at most this many hops (0 = all); harder ones are left for RL to discover."""
 
 
 @dataclass
@@ -190,14 +202,59 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "sparse": {
+        "world": dict(max_hops=4, num_heldout=120, cities_per_country=4, people_per_first_name=5.0, people_per_surname=6.0),
+        "warm_start": dict(max_hops=2),
+        "rl": dict(max_turns=6),
+    },
+}
+"""``--world.preset`` name -> the defaults it changes, by section. ``sparse`` is the sparse-reward
+regime of docs/trainer.md: 4-hop questions, twice the name sharing, a warm start that never sees
+a question of more than 2 hops, and room for a 4-hop chain plus one retry (6 turns)."""
+
+
+_QUICK_WORLD = {"sparse": dict(cities_per_country=3, num_organisations=6)}
+"""World sizes of the quick budget per preset where the default ones are too small (4-hop
+questions need people whose employer is based outside a capital)."""
+
+
+def _set_fields(config: RunConfig, sections: dict[str, dict[str, Any]], *, unless_changed_from: RunConfig | None = None) -> None:
+    """Set ``sections``' values on ``config``; with ``unless_changed_from``, only on fields still equal to it."""
+    for section, values in sections.items():
+        current = getattr(config, section)
+        for name, value in values.items():
+            if unless_changed_from is None or getattr(current, name) == getattr(getattr(unless_changed_from, section), name):
+                setattr(current, name, value)
+
+
+def preset_config(preset: str = "default") -> RunConfig:
+    """The defaults of a world preset: ``RunConfig()`` with ``PRESETS[preset]`` applied.
+
+    Flags and config files override these defaults like any other (``igpo-train`` applies the
+    preset first, whether it comes from ``--world.preset`` or from the config file).
+
+    Example:
+        >>> config = preset_config("sparse")
+        >>> config.world.preset, config.world.max_hops, config.warm_start.max_hops, config.rl.max_turns
+        ('sparse', 4, 2, 6)
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"world.preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    config = RunConfig()
+    config.world.preset = preset
+    _set_fields(config, PRESETS[preset])
+    return config
+
+
 def quick_config(config: RunConfig | None = None) -> RunConfig:
     """The tiny budget of ``demo --quick``: same pipeline, a few steps of everything.
 
-    Fields that the caller changed from their defaults are kept; only the budget (sizes and
-    step counts) is shrunk.
+    Fields that the caller changed from their (preset's) defaults are kept; only the budget
+    (sizes and step counts) is shrunk.
     """
     config = config if config is not None else RunConfig()
-    base = RunConfig()
     shrink = {
         "world": dict(num_train=30, num_heldout=12, num_countries=3, cities_per_country=2, num_organisations=4),
         "tiny": dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=768),
@@ -205,11 +262,8 @@ def quick_config(config: RunConfig | None = None) -> RunConfig:
         "rl": dict(steps=2, questions_per_step=2, group_size=4, max_new_tokens=12, minibatches=1, eval_every=1, checkpoint_every=1),
         "eval": dict(max_questions=12),
     }
-    for section, values in shrink.items():
-        current, default = getattr(config, section), getattr(base, section)
-        for name, value in values.items():
-            if getattr(current, name) == getattr(default, name):
-                setattr(current, name, value)
+    shrink["world"].update(_QUICK_WORLD.get(config.world.preset, {}))
+    _set_fields(config, shrink, unless_changed_from=preset_config(config.world.preset))
     return config
 
 
@@ -221,30 +275,30 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(values: dict[str, Any], *, cls: type = RunConfig, where: str = "config") -> Any:
-    """Build a config dataclass from a (nested) dict; unknown keys raise ``ValueError`` naming them."""
+def from_dict(values: dict[str, Any], *, cls: type = RunConfig, where: str = "config", base: Any = None) -> Any:
+    """Build a config dataclass from a (nested) dict over ``base`` (default ``cls()``); unknown
+    keys raise ``ValueError`` naming them."""
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a table/mapping, got {type(values).__name__}")
+    base = base if base is not None else cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        default = getattr(cls(), name)
+        default = getattr(base, name)
         if dataclasses.is_dataclass(default):
-            kwargs[name] = from_dict(value, cls=type(default), where=f"{where}.{name}")
+            kwargs[name] = from_dict(value, cls=type(default), where=f"{where}.{name}", base=default)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(copy.deepcopy(base), **kwargs)
 
 
-def load_config_file(path: str | Path) -> RunConfig:
-    """Read a ``RunConfig`` from a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON file.
+def read_config_values(path: str | Path) -> dict[str, Any]:
+    """The raw nested dict of a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON config file.
 
-    Missing keys keep their defaults; sections are tables (``[rl]`` in TOML). Raises
-    ``FileNotFoundError`` for a missing file and ``ValueError`` for an unreadable file, an
-    unknown key or a bad value.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an unreadable one.
     """
     path = Path(path)
     if not path.is_file():
@@ -268,9 +322,30 @@ def load_config_file(path: str | Path) -> RunConfig:
             values = yaml.safe_load(text) or {}
     except Exception as error:  # the parsers' own error types
         raise ValueError(f"cannot parse config file {path}: {error}") from None
-    config = from_dict(values, where=str(path))
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a table/mapping, got {type(values).__name__}")
+    return values
+
+
+def config_from_values(values: dict[str, Any], *, preset: str | None = None, where: str = "config") -> RunConfig:
+    """A ``RunConfig``: the defaults of ``preset`` (default: the ``world.preset`` in ``values``,
+    else "default") with ``values`` on top, validated."""
+    world = values.get("world")
+    if preset is None:
+        preset = world.get("preset", "default") if isinstance(world, dict) else "default"
+    config = from_dict(values, where=where, base=preset_config(preset))
     validate_config(config)
     return config
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    """Read a ``RunConfig`` from a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON file.
+
+    Missing keys keep the defaults of the file's ``world.preset`` (``preset_config``); sections
+    are tables (``[rl]`` in TOML). Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for an unreadable file, an unknown key or a bad value.
+    """
+    return config_from_values(read_config_values(path), where=str(path))
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -309,12 +384,18 @@ def validate_config(config: RunConfig) -> RunConfig:
     if not isinstance(config.out, str) or not config.out:
         raise ValueError(f"out must be a non-empty path string, got {config.out!r}")
     world = config.world
+    _choice("world.preset", world.preset, tuple(PRESETS))
     _positive_int("world.seed", world.seed, -(2**63))
     _positive_int("world.num_train", world.num_train)
     _positive_int("world.num_heldout", world.num_heldout)
     _positive_int("world.num_countries", world.num_countries, 2)
     _positive_int("world.cities_per_country", world.cities_per_country, 2)
     _positive_int("world.num_organisations", world.num_organisations)
+    _positive_int("world.max_hops", world.max_hops)
+    if world.max_hops > MAX_HOPS:
+        raise ValueError(f"world.max_hops must be <= {MAX_HOPS} (the longest question kind), got {world.max_hops}")
+    _number("world.people_per_first_name", world.people_per_first_name, 1.0)
+    _number("world.people_per_surname", world.people_per_surname, 1.0)
     tiny = config.tiny
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
         _positive_int(f"tiny.{name}", getattr(tiny, name))
@@ -325,6 +406,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     _number("warm_start.learning_rate", warm.learning_rate, 0.0, open_low=True)
     _positive_int("warm_start.pretrain_steps", warm.pretrain_steps, 0)
     _positive_int("warm_start.pretrain_batch_size", warm.pretrain_batch_size)
+    _positive_int("warm_start.max_hops", warm.max_hops, 0)
     _number("warm_start.probe_weight", warm.probe_weight, 0.0)
     for name in ("noisy_query_prob", "skip_hop_prob", "think_prob", "rename_prob", "probe_fraction"):
         _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)

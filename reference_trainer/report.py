@@ -225,6 +225,21 @@ def _new_figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def _finish_step_axes(ax: Any, *, title: str, ylabel: str, empty: str, ylim: tuple[float, float] | None = (-2, 102),
+                      fontsize: int = 8, ncol: int = 1) -> None:
+    """Title, labels and grid of a plot over RL steps; a legend, or ``empty`` when nothing was drawn."""
+    ax.set_title(title)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=fontsize, ncol=ncol)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+
+
 def _plot_heldout(runs: list[dict], warm: dict | None, path: Path) -> None:
     figure = _new_figure(10, 4)
     axes = figure.subplots(1, 2, sharex=True)
@@ -238,14 +253,8 @@ def _plot_heldout(runs: list[dict], warm: dict | None, path: Path) -> None:
                 ax.plot(steps, values, marker="o", markersize=3, color=f"C{index}", label=run["label"])
         if warm is not None:
             ax.axhline(100 * warm[name], color="black", linestyle="--", linewidth=1, label="warm start")
-        ax.set_title(f"held-out {name.upper()}")
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(f"{name.upper()} (%)")
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no held-out evaluation logged", ha="center", va="center", transform=ax.transAxes)
+        _finish_step_axes(ax, title=f"held-out {name.upper()}", ylabel=f"{name.upper()} (%)", empty="no held-out evaluation logged",
+                          ylim=None)
     figure.savefig(path)
 
 
@@ -259,15 +268,8 @@ def _plot_collapse(runs: list[dict], path: Path) -> None:
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, style, color=f"C{index}", label=f"{run['label']}: {suffix}")
-    ax.set_title("advantage collapse: groups whose advantages are all zero")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("groups (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no zero_advantage_group_fraction logged", ha="center", va="center", transform=ax.transAxes)
+    _finish_step_axes(ax, title="advantage collapse: groups whose advantages are all zero", ylabel="groups (%)",
+                      empty="no zero_advantage_group_fraction logged")
     figure.savefig(path)
 
 

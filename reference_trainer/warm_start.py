@@ -322,6 +322,28 @@ def pretrain_language_model(
     return history
 
 
+def demonstrated_questions(examples: Sequence[Any], max_hops: int) -> list[Any]:
+    """The questions SFT demonstrates: those with a gold search chain of at most ``max_hops``
+    hops (``0``: every one with a chain). The sparse preset sets 2, so the warm start never
+    sees a 3- or 4-hop chain and rarely solves one: RL has to discover the longer chains.
+
+    Raises:
+        ValueError: no question is left.
+
+    Example:
+        >>> from igpo_rewards.reference_trainer.world import QAExample
+        >>> chain = lambda hops: QAExample("q", ("a",), hops, "world", ("x",) * hops, ("y",) * (hops - 1) + ("a",))
+        >>> [example.hops for example in demonstrated_questions([chain(1), chain(3), chain(2)], 2)]
+        [1, 2]
+    """
+    chains = [example for example in examples if example.gold_queries]
+    kept = [example for example in chains if not max_hops or example.hops <= max_hops]
+    if not kept:
+        raise ValueError(f"warm_start.max_hops = {max_hops} leaves no question to demonstrate "
+                         f"(hop counts present: {sorted({example.hops for example in chains})})")
+    return kept
+
+
 def warm_start(
     model: Any,
     tokenizer: Any,
@@ -338,7 +360,8 @@ def warm_start(
 
     The language-model phase (``pretrain_language_model``, ``config.pretrain_steps``; skipped
     without a corpus) is for models built from scratch. SFT: each step draws
-    ``config.batch_size`` questions (a seeded ``random.Random``), renames the person of each
+    ``config.batch_size`` questions (a seeded ``random.Random``; only those of at most
+    ``config.max_hops`` hops when it is set), renames the person of each
     with probability ``config.rename_prob`` (a fresh name, so the policy must copy the name
     from the question and read the person's facts from the observation instead of recalling
     them), writes one demonstration with its own mistakes (``demonstration_turns``) and takes
@@ -361,7 +384,8 @@ def warm_start(
     if corpus is not None and config.pretrain_steps > 0:
         history += pretrain_language_model(model, tokenizer, corpus, usable, config, rng, progress=progress)
 
-    distractors = sorted({name for example in usable for name in example.gold_bridge_answers})
+    demonstrated = demonstrated_questions(usable, config.max_hops)
+    distractors = sorted({name for example in demonstrated for name in example.gold_bridge_answers})
     names = NamePool(sorted({example.gold_queries[0] for example in usable}), {doc.title for doc in corpus or []})
     cached = CachedRetriever(retriever)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
@@ -369,7 +393,7 @@ def warm_start(
     bar = tqdm(range(config.steps), desc="warm start: SFT", disable=not progress, leave=False)
     for step in bar:
         demonstrations = []
-        for example in (rng.choice(usable) for _ in range(config.batch_size)):
+        for example in (rng.choice(demonstrated) for _ in range(config.batch_size)):
             source = cached
             new = names.draw(rng) if rng.random() < config.rename_prob else None
             if new is not None:

@@ -2,8 +2,8 @@
 
 The demo trains a tiny model on 2 CPU cores, so the world is small and templated: invented
 entities with pronounceable made-up names (so no pretrained knowledge can help), a handful of
-relations, one short document per entity, and questions of 1, 2 and 3 hops whose answers need
-chained searches.
+relations, one short document per entity, and questions of 1, 2 and 3 hops (up to 4 with
+``max_hops=4``, the sparse-reward preset) whose answers need chained searches.
 
 Entities and relations (``build_world``):
 
@@ -19,9 +19,11 @@ Documents (one per entity, title = the entity's name):
     country:       "{K} is a country. The capital of {K} is {city}. {K} borders {country2}."
     organisation:  "{O} is an organisation based in {city}. {O} is known for its {product}."
 
-Distractors come for free: people share first names and surnames, every city is mentioned by
-the documents of the people born or living there, the residence city sits next to the
-birthplace, and every country is mentioned by the documents of its cities.
+Distractors come for free: people share first names and surnames (``people_per_first_name``,
+``people_per_surname``: more sharing, more near-miss documents per name), every city is
+mentioned by the documents of the people born or living there, the residence city sits next to
+the birthplace, and every country is mentioned by the documents of its cities and of its
+neighbours.
 
 Questions (the subject is always a person; ``gold_queries[k]`` is the search a perfect agent
 issues at hop k and ``gold_bridge_answers[k]`` the entity that search reveals, so
@@ -34,9 +36,14 @@ issues at hop k and ``gold_bridge_answers[k]`` the entity that search reveals, s
     2     employer_city     In which city is the employer of {P} based?               P -> org -> city
     3     birth_capital     What is the capital of the country where {P} was born?    P -> city -> country -> capital
     3     employer_country  In which country is the employer of {P} based?            P -> org -> city -> country
+    4     employer_capital  What is the capital of the country where the employer     P -> org -> city -> country
+                            of {P} is based?                                            -> capital
 
-``birth_capital`` is only asked about people born outside their country's capital (otherwise
-the answer would be the first bridge). Train and held-out questions are about disjoint sets of
+4-hop questions are only asked with ``max_hops=4`` (the sparse-reward preset). ``birth_capital``
+and ``employer_capital`` are only asked when the chain's city is not its country's capital
+(otherwise the answer would be an earlier bridge). (No question follows "borders": a country
+document names the country it borders, but the country bordering it from the other side names
+it too, so "the country that borders K" would have two right answers.) Train and held-out questions are about disjoint sets of
 people: no held-out subject appears in any training question. Every gold query retrieves the
 document it targets among BM25's top 3 (tests/trainer/test_world.py checks it on the default).
 
@@ -131,7 +138,10 @@ _QUESTIONS = {  # kind -> (hops, template)
     "employer_city": (2, "In which city is the employer of {p} based?"),
     "birth_capital": (3, "What is the capital of the country where {p} was born?"),
     "employer_country": (3, "In which country is the employer of {p} based?"),
+    "employer_capital": (4, "What is the capital of the country where the employer of {p} is based?"),
 }
+MAX_HOPS = max(hops for hops, _ in _QUESTIONS.values())
+"""The longest gold search chain a world question can have."""
 
 
 def _template_words() -> set[str]:
@@ -195,8 +205,8 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _make_entities(rng: random.Random, *, num_people: int, num_countries: int,
-                   cities_per_country: int, num_organisations: int) -> _Entities:
+def _make_entities(rng: random.Random, *, num_people: int, num_countries: int, cities_per_country: int,
+                   num_organisations: int, people_per_first_name: float, people_per_surname: float) -> _Entities:
     names = _NameGenerator(rng)
     world = _Entities()
 
@@ -215,9 +225,11 @@ def _make_entities(rng: random.Random, *, num_people: int, num_countries: int,
         world.city_of_org[organisation] = rng.choice(cities)
         world.product_of[organisation] = rng.choice(_PRODUCTS)
 
-    # Shared first names and surnames (about 2.5 and 3.3 people each) make near-miss distractors.
-    # At least twice as many name combinations as people, so that drawing distinct ones is quick.
-    num_first, num_last = max(2, math.ceil(num_people / 2.5)), max(2, math.ceil(num_people / 3.3))
+    # Shared first names and surnames (people_per_first_name and people_per_surname people each)
+    # make near-miss distractors. At least twice as many name combinations as people, so that
+    # drawing distinct ones is quick.
+    num_first = max(2, math.ceil(num_people / people_per_first_name))
+    num_last = max(2, math.ceil(num_people / people_per_surname))
     while num_first * num_last < 2 * num_people:
         num_first, num_last = num_first + 1, num_last + 1
     first_names, surnames = names.words(num_first, (2, 2)), names.words(num_last, (2, 3))
@@ -257,32 +269,44 @@ def _documents(world: _Entities, rng: random.Random) -> list[Document]:
 
 def _question(world: _Entities, person: _Person, kind: str) -> QAExample:
     """The QAExample of one question kind about one person, with its gold search chain."""
-    birth_country = world.country_of[person.birthplace]
-    org_city = world.city_of_org[person.employer]
-    bridges = {
-        "birthplace": (person.birthplace,),
-        "employer": (person.employer,),
-        "birth_country": (person.birthplace, birth_country),
-        "employer_city": (person.employer, org_city),
-        "birth_capital": (person.birthplace, birth_country, world.capital_of[birth_country]),
-        "employer_country": (person.employer, org_city, world.country_of[org_city]),
-    }[kind]
+    bridges = _bridges(world, person)[kind]
     hops, template = _QUESTIONS[kind]
     return QAExample(question=template.format(p=person.name), answers=(bridges[-1],), hops=hops,
                      data_source=WORLD_DATA_SOURCE, gold_queries=(person.name, *bridges[:-1]),
                      gold_bridge_answers=bridges)
 
 
+def _bridges(world: _Entities, person: _Person) -> dict[str, tuple[str, ...]]:
+    """Question kind -> the entities its gold chain reveals about ``person``, hop by hop."""
+    birth_country = world.country_of[person.birthplace]
+    org_city = world.city_of_org[person.employer]
+    org_country = world.country_of[org_city]
+    return {
+        "birthplace": (person.birthplace,),
+        "employer": (person.employer,),
+        "birth_country": (person.birthplace, birth_country),
+        "employer_city": (person.employer, org_city),
+        "birth_capital": (person.birthplace, birth_country, world.capital_of[birth_country]),
+        "employer_country": (person.employer, org_city, org_country),
+        "employer_capital": (person.employer, org_city, org_country, world.capital_of[org_country]),
+    }
+
+
+def _askable(world: _Entities, person: _Person, kind: str) -> bool:
+    """False when the answer would repeat an earlier bridge (a chain through a capital city)."""
+    bridges = _bridges(world, person)[kind]
+    return len(set(bridges)) == len(bridges)
+
+
 def _questions(world: _Entities, people: list[_Person], count: int, rng: random.Random,
-               split: str) -> list[QAExample]:
-    """``count`` distinct questions about ``people``, hop counts as balanced as possible (1, 2, 3, 1, ...)."""
-    per_hop = [count // 3 + (1 if hop < count % 3 else 0) for hop in range(3)]
+               split: str, max_hops: int) -> list[QAExample]:
+    """``count`` distinct questions about ``people``, hop counts 1..``max_hops`` as balanced as
+    possible (1, 2, 3, 1, ... for ``max_hops=3``)."""
+    per_hop = [count // max_hops + (1 if hop < count % max_hops else 0) for hop in range(max_hops)]
     chosen: list[QAExample] = []
-    for hops, wanted in zip((1, 2, 3), per_hop):
+    for hops, wanted in zip(range(1, max_hops + 1), per_hop):
         pool = [(person, kind) for person in people for kind, (kind_hops, _) in _QUESTIONS.items()
-                if kind_hops == hops
-                and not (kind == "birth_capital"
-                         and world.capital_of[world.country_of[person.birthplace]] == person.birthplace)]
+                if kind_hops == hops and _askable(world, person, kind)]
         if wanted > len(pool):
             raise ValueError(f"cannot draw {wanted} distinct {hops}-hop {split} questions from "
                              f"{len(people)} people (only {len(pool)} exist); raise num_people")
@@ -293,14 +317,15 @@ def _questions(world: _Entities, people: list[_Person], count: int, rng: random.
 
 def build_world(seed: int = 0, *, num_train: int = 300, num_heldout: int = 100,
                 num_people: int | None = None, num_countries: int = 8, cities_per_country: int = 4,
-                num_organisations: int = 16) -> World:
+                num_organisations: int = 16, max_hops: int = 3, people_per_first_name: float = 2.5,
+                people_per_surname: float = 3.3) -> World:
     """Generate the default world: entities, one document per entity, and train/held-out questions.
 
     The same arguments always give the same world (Python's ``random.Random(seed)``).
 
     Args:
         seed: the generator's seed.
-        num_train: number of training questions (hops 1/2/3 balanced).
+        num_train: number of training questions (hop counts 1..``max_hops`` balanced).
         num_heldout: number of held-out questions, about people never asked about in training.
         num_people: people in the world; default ``ceil(num_train / 2) + ceil(num_heldout / 2)``
             (two questions per subject on average). The split gives the two question sets
@@ -308,6 +333,9 @@ def build_world(seed: int = 0, *, num_train: int = 300, num_heldout: int = 100,
         num_countries: countries (>= 2: every country borders another one).
         cities_per_country: cities per country (>= 2: the capital and at least one other city).
         num_organisations: organisations.
+        max_hops: the longest question chains, 1..4 (4 adds ``employer_capital``).
+        people_per_first_name, people_per_surname: about how many people share a first name and
+            a surname (>= 1; more sharing, more near-miss documents for every name query).
 
     Returns:
         A ``World`` whose corpus holds ``num_people + num_countries * (cities_per_country + 1)
@@ -333,13 +361,22 @@ def build_world(seed: int = 0, *, num_train: int = 300, num_heldout: int = 100,
     _check_count("num_countries", num_countries, 2)
     _check_count("cities_per_country", cities_per_country, 2)
     _check_count("num_organisations", num_organisations, 1)
+    _check_count("max_hops", max_hops, 1)
+    if max_hops > MAX_HOPS:
+        raise ValueError(f"max_hops must be <= {MAX_HOPS} (the longest question kind), got {max_hops}")
+    for name, value in (("people_per_first_name", people_per_first_name), ("people_per_surname", people_per_surname)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+        if not 1.0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 1, got {value!r}")
     if num_people is None:
         num_people = math.ceil(num_train / 2) + math.ceil(num_heldout / 2)
     _check_count("num_people", num_people, 2 if num_heldout > 0 else 1)
 
     rng = random.Random(seed)
     world = _make_entities(rng, num_people=num_people, num_countries=num_countries,
-                           cities_per_country=cities_per_country, num_organisations=num_organisations)
+                           cities_per_country=cities_per_country, num_organisations=num_organisations,
+                           people_per_first_name=people_per_first_name, people_per_surname=people_per_surname)
     corpus = _documents(world, rng)
 
     # Disjoint subjects: the held-out people are never asked about in training.
@@ -350,8 +387,8 @@ def build_world(seed: int = 0, *, num_train: int = 300, num_heldout: int = 100,
         share = round(num_people * num_heldout / (num_train + num_heldout))
         num_heldout_people = min(max(1, share), num_people - 1)
     heldout_people, train_people = people[:num_heldout_people], people[num_heldout_people:]
-    train = _questions(world, train_people, num_train, rng, "train")
-    heldout = _questions(world, heldout_people, num_heldout, rng, "held-out")
+    train = _questions(world, train_people, num_train, rng, "train", max_hops)
+    heldout = _questions(world, heldout_people, num_heldout, rng, "held-out", max_hops)
     return World(train=train, heldout=heldout, corpus=corpus, seed=seed)
 
 

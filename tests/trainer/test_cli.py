@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from igpo_rewards import IGPOSettings
-from igpo_rewards.reference_trainer.cli import DemoCommand, EvalCommand, ReportCommand, TrainCommand, main, parse
-from igpo_rewards.reference_trainer.config import RunConfig, load_config_file, quick_config, validate_config
+from igpo_rewards.reference_trainer.cli import (
+    DemoCommand,
+    DiagnoseCommand,
+    EvalCommand,
+    ExperimentCommand,
+    ReportCommand,
+    TrainCommand,
+    WarmStartCommand,
+    main,
+    parse,
+)
+from igpo_rewards.reference_trainer.config import PRESETS, RunConfig, load_config_file, preset_config, quick_config, validate_config
 from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
 from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
 
@@ -39,6 +49,42 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
     yaml = tmp_path / "run.yaml"
     yaml.write_text("rl:\n  algorithm: grpo\n")
     assert load_config_file(yaml).rl.algorithm == "grpo"
+
+
+def test_world_preset_sets_defaults_that_the_file_and_flags_override(tmp_path):
+    sparse = parse(["train", "--world.preset", "sparse"])
+    assert sparse.world.preset == "sparse"
+    for section, values in PRESETS["sparse"].items():
+        for name, value in values.items():
+            assert getattr(getattr(sparse, section), name) == value, (section, name)
+    assert sparse.rl.group_size == RunConfig().rl.group_size  # what the preset leaves alone
+    assert parse(["train", "--world.preset=sparse", "--rl.max-turns", "5"]).rl.max_turns == 5  # flag over preset
+    toml = tmp_path / "sparse.toml"
+    toml.write_text('[world]\npreset = "sparse"\n[warm_start]\nmax_hops = 3\n')
+    from_file = parse(["train", "--config", str(toml)])
+    assert (from_file.world.max_hops, from_file.warm_start.max_hops, from_file.rl.max_turns) == (4, 3, 6)
+    loaded = load_config_file(toml)
+    assert (loaded.world.max_hops, loaded.warm_start.max_hops, loaded.rl.max_turns) == (4, 3, 6)
+    assert parse(["train", "--config", str(toml), "--world.preset", "default"]).rl.max_turns == 4  # the flag's preset
+    default = parse(["train"])
+    assert (default.world.preset, default.world.max_hops, default.warm_start.max_hops, default.rl.max_turns) == ("default", 3, 0, 4)
+
+
+def test_experiment_defaults_to_the_sparse_preset():
+    command = parse(["experiment"])
+    assert isinstance(command, ExperimentCommand) and command.world.preset == "sparse" and command.rl.max_turns == 6
+    assert command.seeds == 3 and command.workers == 2 and command.out == "runs/experiment"
+    assert parse(["experiment", "--world.preset", "default"]).rl.max_turns == 4
+    assert isinstance(parse(["warm-start"]), WarmStartCommand) and isinstance(parse(["diagnose"]), DiagnoseCommand)
+
+
+def test_quick_config_shrinks_the_preset_budget():
+    quick = quick_config(preset_config("sparse"))
+    validate_config(quick)
+    assert quick.world.max_hops == 4 and quick.warm_start.max_hops == 2 and quick.rl.max_turns == 6  # the preset's
+    assert quick.world.num_train == 30 and quick.rl.steps == 2  # the quick budget
+    with pytest.raises(ValueError, match=r"world.preset must be one of \('default', 'sparse'\), got 'dense'"):
+        preset_config("dense")
 
 
 def test_every_igpo_option_is_a_flag_and_a_config_key(tmp_path):
@@ -78,6 +124,9 @@ def _write(path, text):
         ("[rl]\nclip_ratio = 1.5\n", "rl.clip_ratio must be in (0.0, 1.0], got 1.5"),
         ("rl = 3\n", "must be a table/mapping"),
         ("[rl\n", "cannot parse config file"),
+        ('[world]\npreset = "dense"\n', "world.preset must be one of ('default', 'sparse'), got 'dense'"),
+        ("[world]\nmax_hops = 5\n", "world.max_hops must be <= 4"),
+        ("[warm_start]\nmax_hops = -1\n", "warm_start.max_hops must be an int >= 0, got -1"),
         ('[rl.igpo]\nkind = "logp"\n', "igpo settings: kind must be one of ['prob', 'log_prob'], got 'logp'"),
         ("[rl.igpo]\ngama = 0.9\n", "unknown key(s) ['gama']"),
     ],

@@ -21,6 +21,7 @@ from igpo_rewards.reference_trainer.warm_start import (
     NamePool,
     RenamingRetriever,
     build_demonstration,
+    demonstrated_questions,
     demonstration_turns,
     pretraining_documents,
     renamed,
@@ -175,3 +176,24 @@ def test_short_warm_start_lowers_the_loss(world, tokenizer):
     assert not model.training
     with pytest.raises(ValueError, match="gold search chains"):
         warm_start(model, tokenizer, retriever, [QAExample("q", ("a",), 0, "nq")], config)
+
+
+def test_max_hops_leaves_the_longer_chains_out_of_sft(world, tokenizer, monkeypatch):
+    assert {example.hops for example in demonstrated_questions(world.train, 2)} == {1, 2}
+    assert demonstrated_questions(world.train, 0) == [example for example in world.train if example.gold_queries]
+    with pytest.raises(ValueError, match=r"warm_start.max_hops = 1 leaves no question to demonstrate \(hop counts present: \[3\]\)"):
+        demonstrated_questions([CHAIN], 1)
+
+    from igpo_rewards.reference_trainer import warm_start as module
+
+    seen = []
+
+    def recording(example, *args, **kwargs):  # the real function, watched
+        seen.append(example.hops)
+        return build_demonstration(example, *args, **kwargs)
+
+    monkeypatch.setattr(module, "build_demonstration", recording)
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=512)
+    config = WarmStartConfig(steps=3, batch_size=8, pretrain_steps=0, max_hops=2)
+    warm_start(model, tokenizer, BM25Retriever(world.corpus), world.train, config, seed=0)
+    assert len(seen) == 24 and set(seen) <= {1, 2} and 2 in seen

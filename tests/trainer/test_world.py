@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from igpo_rewards.reference_trainer.config import preset_config
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.world import (
     Document,
@@ -95,7 +96,8 @@ def _solve_from_corpus(question: str, docs: dict[str, str]) -> tuple[str, list[s
               (r"In which country was (.+) born\?", [born, country]),
               (r"In which city is the employer of (.+) based\?", [works, based]),
               (r"What is the capital of the country where (.+) was born\?", [born, country, capital]),
-              (r"In which country is the employer of (.+) based\?", [works, based, country])]
+              (r"In which country is the employer of (.+) based\?", [works, based, country]),
+              (r"What is the capital of the country where the employer of (.+) is based\?", [works, based, country, capital])]
     for question_pattern, steps in chains:
         match = re.fullmatch(question_pattern, question)
         if match:
@@ -107,7 +109,9 @@ def _solve_from_corpus(question: str, docs: dict[str, str]) -> tuple[str, list[s
     raise AssertionError(f"unknown question form: {question}")
 
 
-def test_every_question_is_answered_by_reading_the_corpus(world):
+@pytest.mark.parametrize("name", ["world", "sparse_world"])
+def test_every_question_is_answered_by_reading_the_corpus(request, name):
+    world = request.getfixturevalue(name)
     docs = {doc.title: doc.text for doc in world.corpus}
     for example in world.train + world.heldout:
         answer, visited = _solve_from_corpus(example.question, docs)
@@ -134,6 +138,60 @@ def test_bm25_top3_retrieves_the_gold_document_for_every_gold_query(world):
         # and that document states the bridge answer
         gold_doc = docs[titles.index(example.gold_queries[hop])]
         assert example.gold_bridge_answers[hop] in gold_doc.text
+
+
+def _preset_world(preset):
+    w = preset_config(preset).world
+    return build_world(w.seed, num_train=w.num_train, num_heldout=w.num_heldout, num_countries=w.num_countries,
+                       cities_per_country=w.cities_per_country, num_organisations=w.num_organisations,
+                       max_hops=w.max_hops, people_per_first_name=w.people_per_first_name,
+                       people_per_surname=w.people_per_surname)
+
+
+@pytest.fixture(scope="module")
+def sparse_world():
+    return _preset_world("sparse")
+
+
+def test_sparse_preset_hop_counts(sparse_world):
+    config = preset_config("sparse")
+    assert Counter(example.hops for example in sparse_world.train) == {1: 250, 2: 250, 3: 250, 4: 250}
+    assert Counter(example.hops for example in sparse_world.heldout) == {1: 30, 2: 30, 3: 30, 4: 30}
+    assert len(sparse_world.heldout) == config.world.num_heldout
+    four_hop = [example for example in sparse_world.train if example.hops == 4]
+    assert {example.question.split(" of ")[0] for example in four_hop} == {"What is the capital"}
+    for example in sparse_world.train + sparse_world.heldout:
+        assert len(example.gold_queries) == len(example.gold_bridge_answers) == example.hops
+        assert example.gold_queries[1:] == example.gold_bridge_answers[:-1]
+        assert len(set(example.gold_bridge_answers)) == example.hops  # no chain through a capital
+
+
+def test_sparse_preset_shares_more_names(world, sparse_world):
+    def people_per_name(w, part):
+        people = {example.gold_queries[0] for example in w.train + w.heldout}
+        counts = Counter(name.split()[part] for name in people)
+        return sum(counts.values()) / len(counts)
+
+    for part in (0, 1):  # first names, surnames: about twice as many people share each
+        assert people_per_name(sparse_world, part) > 1.6 * people_per_name(world, part)
+
+
+def test_sparse_preset_every_gold_query_retrieves_its_document_in_the_top_k(sparse_world):
+    topk = preset_config("sparse").rl.topk
+    retriever = BM25Retriever(sparse_world.corpus)
+    steps = [(example, hop) for example in sparse_world.train + sparse_world.heldout for hop in range(example.hops)]
+    results = retriever.search([example.gold_queries[hop] for example, hop in steps], topk=topk)
+    for (example, hop), docs in zip(steps, results):
+        titles = [doc.title for doc in docs]
+        assert example.gold_queries[hop] in titles, (example.question, hop, titles)
+        assert example.gold_bridge_answers[hop] in docs[titles.index(example.gold_queries[hop])].text
+
+
+def test_default_world_is_unchanged_by_the_sparse_options():
+    # max_hops=3 and the default name sharing reproduce the world the demo's measured numbers came from
+    assert build_world(seed=0, max_hops=3, people_per_first_name=2.5, people_per_surname=3.3) == build_world(seed=0)
+    default = _preset_world("default")
+    assert Counter(example.hops for example in default.train) == {1: 334, 2: 333, 3: 333}
 
 
 def test_small_world_and_sizes_are_configurable():
@@ -163,6 +221,10 @@ def test_tiny_worlds_are_complete(num_train, num_heldout):
     ({"cities_per_country": 1}, ValueError, "cities_per_country must be >= 2, got 1"),
     ({"num_organisations": 2.0}, TypeError, "num_organisations must be an int, got float"),
     ({"num_train": 30, "num_heldout": 3, "num_people": 4}, ValueError, "cannot draw 10 distinct 1-hop train questions"),
+    ({"max_hops": 5}, ValueError, "max_hops must be <= 4"),
+    ({"max_hops": 0}, ValueError, "max_hops must be >= 1, got 0"),
+    ({"people_per_surname": 0.5}, ValueError, "people_per_surname must be a finite number >= 1, got 0.5"),
+    ({"people_per_first_name": "2"}, TypeError, "people_per_first_name must be a number, got str"),
 ])
 def test_bad_sizes_raise(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):

@@ -1,0 +1,230 @@
+"""Reward sparsity and probe signal of a policy, measured like RL step 0 (``igpo-train diagnose``).
+
+IGPO's dense turn rewards matter where outcome rewards are sparse: when all G rollouts of a
+question get the same outcome, GRPO's advantages are zero for the whole group, while IGPO
+still rewards the turns that moved the probe's belief in the answer. ``measure_signal``
+samples the rollouts that the first RL steps would sample (the same questions, G rollouts
+each, temperature 1), runs the probes and reports:
+
+- ``outcome_zero_variance_fraction``: ``igpo_rewards.zero_variance_group_fraction`` of the
+  outcomes (overall and by hop count), with the all-wrong / all-right split;
+- ``information_gain``: the probes' information gain of the non-final turns, split by what the
+  turn's search returned (``observation_labels``): ``answer_document_first`` (for the first
+  time, the document the gold chain reads the answer from), ``answer_document_again`` (that
+  document once more), ``answer_mentioned_elsewhere`` (only other documents that happen to
+  mention an answer alias, e.g. a person born in the answer city) and ``answer_not_retrieved``;
+  count, mean, std and share above ``ig_threshold`` of each, overall and by hop count. If the
+  probes carry signal, the first group's mean is clearly positive and the last one's near 0;
+- ``turn_advantage_collapse_rate``: groups whose IGPO turn advantages are all exactly zero.
+
+Nothing here changes the policy or the global RNGs' use by training: it runs under its own
+``torch`` seed and restores the previous RNG state when it returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import igpo_rewards
+from igpo_rewards.reference_trainer.batch import build_batch
+from igpo_rewards.reference_trainer.config import RLConfig
+from igpo_rewards.reference_trainer.metrics import zero_advantage_group_fraction
+from igpo_rewards.reference_trainer.rollout import QATrajectory, rollout_examples
+from igpo_rewards.reference_trainer.training import compute_advantages, examples_for_step, score_batch
+
+IG_GROUPS = ("answer_document_first", "answer_document_again", "answer_mentioned_elsewhere", "answer_not_retrieved")
+"""How ``measure_signal`` splits the non-final turns by what their search returned."""
+
+
+def _mentions(text: str, aliases: Sequence[str]) -> bool:
+    return any(re.search(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", text, re.IGNORECASE) for alias in aliases if alias.strip())
+
+
+def observation_labels(trajectory: QATrajectory, retriever: Any, topk: int) -> list[str]:
+    """One label per observation of ``trajectory`` (observation j follows turn j's search):
+
+    - ``"answer_document"``: the search returned the document the gold chain reads the answer
+      from (the one titled ``example.gold_queries[-1]``; questions without a gold chain never
+      get this label);
+    - ``"answer_mentioned"``: otherwise, some returned document mentions an answer alias (a whole
+      word or phrase, case-insensitive);
+    - ``"none"``.
+
+    The documents are those ``retriever`` returns for the trajectory's queries (BM25 is
+    deterministic, so they are the ones the rollout saw).
+    """
+    results = retriever.search(list(trajectory.queries), topk) if trajectory.queries else []
+    gold = trajectory.example.gold_queries[-1] if trajectory.example.gold_queries else None
+    labels = []
+    for documents in results:
+        if gold is not None and any(document.title == gold for document in documents):
+            labels.append("answer_document")
+        elif any(_mentions(document.title + " " + document.text, trajectory.example.answers) for document in documents):
+            labels.append("answer_mentioned")
+        else:
+            labels.append("none")
+    return labels
+
+
+def turn_group(labels: Sequence[str], turn: int) -> str:
+    """The ``IG_GROUPS`` entry of non-final turn ``turn`` given its trajectory's ``observation_labels``.
+
+    Example:
+        >>> [turn_group(["none", "answer_document", "answer_document", "answer_mentioned"], turn) for turn in range(5)]
+        ['answer_not_retrieved', 'answer_document_first', 'answer_document_again', 'answer_mentioned_elsewhere', 'answer_not_retrieved']
+    """
+    label = labels[turn] if turn < len(labels) else "none"
+    if label == "answer_document":
+        return "answer_document_again" if "answer_document" in labels[:turn] else "answer_document_first"
+    return "answer_mentioned_elsewhere" if label == "answer_mentioned" else "answer_not_retrieved"
+
+
+def _summary(values: Sequence[float], threshold: float) -> dict[str, Any]:
+    if not values:
+        return {"turns": 0, "mean": None, "std": None, "above_threshold_fraction": None}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
+    return {"turns": len(values), "mean": mean, "std": std,
+            "above_threshold_fraction": sum(value > threshold for value in values) / len(values)}
+
+
+def _group_outcomes(trajectories: Sequence[QATrajectory], offset: int) -> dict[int, list[QATrajectory]]:
+    groups: dict[int, list[QATrajectory]] = defaultdict(list)
+    for trajectory in trajectories:
+        groups[offset + trajectory.group_id].append(trajectory)
+    return groups
+
+
+def measure_signal(
+    policy: Any,
+    tokenizer: Any,
+    retriever: Any,
+    examples: Sequence[Any],
+    config: RLConfig,
+    *,
+    steps: int = 4,
+    seed: int = 0,
+    ig_threshold: float = 0.1,
+) -> dict[str, Any]:
+    """Sparsity and probe signal over the rollouts of RL steps 1..``steps`` (see the module docstring).
+
+    Args:
+        policy, tokenizer: the policy RL would start from (e.g. a warm start), in eval mode.
+        retriever: the run's search engine.
+        examples: the training questions (``training.examples_for_step`` picks each step's).
+        config: the RL settings: questions per step, G, turns, tokens, top-k, probe kind.
+        steps: how many steps' worth of questions to sample.
+        seed: the run's seed (which questions; the sampling seed is derived from it).
+        ig_threshold: the information gain counted as "clearly positive" in the split.
+
+    Returns:
+        A JSON-ready dict: ``questions``, ``rollouts``, ``group_size``,
+        ``outcome_zero_variance_fraction``, ``all_wrong_group_fraction`` (every outcome <= 0),
+        ``all_right_group_fraction`` (every outcome 1: a perfect answer), ``turn_advantage_collapse_rate``,
+        ``by_hops`` ({hops: groups, outcome_zero_variance_fraction, train_em, solved_group_fraction,
+        information_gain}),
+        ``groups`` (every group's hop count and G outcomes),
+        ``information_gain`` ({group: turns, mean, std, above_threshold_fraction}), ``ig_kind``,
+        ``ig_threshold``.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    igpo_config = copy.deepcopy(config)
+    igpo_config.algorithm = "igpo"
+    gains: dict[str, dict[int, list[float]]] = {name: defaultdict(list) for name in IG_GROUPS}
+    groups: dict[int, list[QATrajectory]] = {}
+    collapse = []
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed * 7919 + 17)
+    try:
+        for step in range(1, steps + 1):
+            questions = examples_for_step(examples, step, config.questions_per_step, seed)
+            trajectories = rollout_examples(
+                policy, tokenizer, retriever, questions, group_size=config.group_size, max_turns=config.max_turns,
+                max_new_tokens=config.max_new_tokens, topk=config.topk, batch_size=config.generation_batch_size,
+            ).trajectories
+            batch = build_batch(trajectories, tokenizer, probes=True, device=next(policy.parameters()).device)
+            answer_logprob = score_batch(policy, batch, igpo_config, probes=True).answer_logprob
+            advantages = compute_advantages(batch, answer_logprob, igpo_config)
+            collapse.append(zero_advantage_group_fraction(advantages.turn, batch.group_ids))
+            for row, trajectory in enumerate(trajectories):
+                labels = observation_labels(trajectory, retriever, config.topk)
+                for turn in range(trajectory.num_turns - 1):
+                    gain = float(advantages.information_gain[row, turn])
+                    gains[turn_group(labels, turn)][trajectory.example.hops].append(gain)
+            groups.update(_group_outcomes(trajectories, offset=len(groups)))
+    finally:
+        torch.set_rng_state(rng_state)
+    return {
+        "questions": len(groups),
+        "rollouts": sum(len(group) for group in groups.values()),
+        "group_size": config.group_size,
+        **_outcome_summary(groups),
+        "turn_advantage_collapse_rate": sum(collapse) / len(collapse),
+        "by_hops": _by_hops(groups, gains, ig_threshold),
+        "groups": [{"hops": group[0].example.hops, "outcomes": [t.outcome for t in group]} for group in groups.values()],
+        "information_gain": {name: _summary([gain for values in per_hop.values() for gain in values], ig_threshold)
+                             for name, per_hop in gains.items()},
+        "ig_kind": config.igpo.kind,
+        "ig_threshold": ig_threshold,
+    }
+
+
+def _outcome_summary(groups: dict[int, list[QATrajectory]]) -> dict[str, float]:
+    outcomes = torch.tensor([t.outcome for group in groups.values() for t in group])
+    group_ids = torch.tensor([index for index, group in groups.items() for _ in group])
+    zero_variance = igpo_rewards.zero_variance_group_fraction(outcomes, group_ids)
+    return {
+        "outcome_zero_variance_fraction": float(zero_variance),
+        "all_wrong_group_fraction": sum(all(t.outcome <= 0 for t in group) for group in groups.values()) / len(groups),
+        "all_right_group_fraction": sum(all(t.outcome >= 1.0 for t in group) for group in groups.values()) / len(groups),
+    }
+
+
+def _by_hops(groups: dict[int, list[QATrajectory]], gains: dict[str, dict[int, list[float]]],
+             threshold: float) -> dict[str, dict[str, Any]]:
+    by_hops: dict[int, list[list[QATrajectory]]] = defaultdict(list)
+    for group in groups.values():
+        by_hops[group[0].example.hops].append(group)
+    result = {}
+    for hops in sorted(by_hops):
+        hop_groups = by_hops[hops]
+        em = [[t.em for t in group] for group in hop_groups]
+        result[str(hops)] = {
+            "groups": len(hop_groups),
+            "outcome_zero_variance_fraction": sum(len({t.outcome for t in group}) == 1 for group in hop_groups) / len(hop_groups),
+            "train_em": sum(map(sum, em)) / sum(map(len, em)),
+            "solved_group_fraction": sum(max(row) == 1.0 for row in em) / len(hop_groups),
+            "information_gain": {name: _summary(per_hop.get(hops, []), threshold) for name, per_hop in gains.items()},
+        }
+    return result
+
+
+def format_signal(result: dict[str, Any]) -> str:
+    """A few lines of text summarizing ``measure_signal``'s result (what ``igpo-train diagnose`` prints)."""
+    lines = [
+        f"{result['questions']} questions x G = {result['group_size']} rollouts (the first RL steps' questions)",
+        f"outcome zero-variance groups: {100 * result['outcome_zero_variance_fraction']:.1f}% "
+        f"(all wrong {100 * result['all_wrong_group_fraction']:.1f}%, all right {100 * result['all_right_group_fraction']:.1f}%); "
+        f"IGPO turn-advantage collapse: {100 * result['turn_advantage_collapse_rate']:.1f}%",
+    ]
+    for hops, row in result["by_hops"].items():
+        first = row["information_gain"]["answer_document_first"]
+        lines.append(f"  {hops}-hop: {row['groups']} groups, zero-variance {100 * row['outcome_zero_variance_fraction']:.1f}%, "
+                     f"train EM {100 * row['train_em']:.1f}%, solved by >= 1 rollout {100 * row['solved_group_fraction']:.1f}%, "
+                     f"{first['turns']} turns first retrieving the answer's document")
+    lines.append(f"information gain ({result['ig_kind']}) of non-final turns, by what the turn's search returned:")
+    for name, row in result["information_gain"].items():
+        if row["turns"] == 0:
+            lines.append(f"  {name}: no turns")
+            continue
+        lines.append(f"  {name}: {row['turns']} turns, mean {row['mean']:+.3f} (std {row['std']:.3f}), "
+                     f"{100 * row['above_threshold_fraction']:.1f}% above {result['ig_threshold']}")
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""``igpo-train experiment``: the methods' configs, the analysis behind the targets, the report, the
+job runner, and the quick pipeline end to end with a kill and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from igpo_rewards.reference_trainer.config import preset_config, quick_config, to_dict
+from igpo_rewards.reference_trainer.experiment import METHODS, check_or_write_base, method_config, plan_jobs
+from igpo_rewards.reference_trainer.experiment_report import (
+    COLLAPSE_PLOT,
+    EM_PLOT,
+    HOPS_PLOT,
+    mean_curve,
+    steps_to_reach,
+    targets,
+    write_experiment_report,
+)
+from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _flatten(values, prefix=""):
+    if isinstance(values, dict):
+        return {key: value for name, item in values.items() for key, value in _flatten(item, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: values}
+
+
+# --- the four methods --------------------------------------------------------------------------------
+
+
+def test_methods_differ_only_in_the_switch_that_defines_them(tmp_path):
+    base = preset_config("sparse")
+    configs = {method: _flatten(to_dict(method_config(base, tmp_path, 1, method))) for method in METHODS}
+    reference = configs["igpo"]
+    expected = {"grpo": {"rl.algorithm"}, "igpo_no_ig": {"rl.igpo.ig_weight"}, "igpo_no_outcome": {"rl.igpo.outcome_weight"}}
+    for method, switches in expected.items():
+        differing = {key for key in reference if reference[key] != configs[method][key]}
+        assert differing == switches | {"out"}, method
+    assert (configs["igpo_no_ig"]["rl.igpo.ig_weight"], configs["igpo_no_outcome"]["rl.igpo.outcome_weight"]) == (0.0, 0.0)
+    assert reference["seed"] == base.seed + 1 and reference["init"] == str(tmp_path / "seed_1" / "warm_start")
+    assert reference["threads"] == 1 and reference["resume"] is True and reference["world.preset"] == "sparse"
+    with pytest.raises(ValueError, match="method must be one of"):
+        method_config(base, tmp_path, 0, "ppo")
+
+
+def test_plan_runs_warm_starts_first_and_each_method_after_its_seed(tmp_path):
+    jobs = plan_jobs(quick_config(preset_config("sparse")), tmp_path, 2, diagnose_steps=3)
+    assert [job.name for job in jobs] == ["seed_0/warm_start", "seed_1/warm_start"] + [
+        f"seed_{seed}/{method}" for seed in (0, 1) for method in METHODS]
+    assert all(job.after == (f"seed_{job.name[5]}/warm_start",) for job in jobs[2:])
+    assert jobs[0].argv[-2:] == ("--diagnose-steps", "3")
+    written = json.loads(Path(jobs[3].argv[2]).read_text())
+    assert written["rl"]["algorithm"] == "grpo" and written["seed"] == 0 and written["init"] == str(tmp_path / "seed_0" / "warm_start")
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    base = preset_config("sparse")
+    check_or_write_base(base, tmp_path)
+    again = preset_config("sparse")
+    again.progress, again.threads = False, 4  # presentation and threads may change between invocations
+    check_or_write_base(again, tmp_path)
+    other = preset_config("sparse")
+    other.rl.learning_rate = 3e-4
+    with pytest.raises(ValueError, match=r"holds an experiment with other settings \(rl: .*0\.0003"):
+        check_or_write_base(other, tmp_path)
+
+
+# --- analysis ------------------------------------------------------------------------------------------
+
+
+def _record(method, seed, step, em, collapse=None):
+    return {"method": method, "seed": seed, "step": step, "heldout_em": em, "heldout_f1": em,
+            "outcome_zero_variance_fraction": collapse, "turn_advantage_collapse_rate": collapse}
+
+
+def _experiment(curves, finals_by_hops):
+    """curves: method -> seed -> [em at steps 0, 5, 10]; finals_by_hops: method -> seed -> [em per hop 1..2]."""
+    records = [_record(method, seed, 5 * index, em, None if index == 0 else 0.5)
+               for method, seeds in curves.items() for seed, values in seeds.items() for index, em in enumerate(values)]
+    records += [{**_record(method, seed, 7, None, 0.25)} for method, seeds in curves.items() for seed in seeds]
+    final = [{"method": method, "seed": seed, "step": 10, "em": values[-1], "f1": values[-1], "n": 4,
+              "by_hops": {str(hop + 1): {"em": em, "f1": em, "n": 2} for hop, em in enumerate(finals_by_hops[method][seed])}}
+             for method, seeds in curves.items() for seed, values in seeds.items()]
+    return {"records": records, "final": final, "methods": list(curves), "seeds": [0, 1],
+            "warm_start": [{"seed": seed, "em": 0.25, "f1": 0.25, "by_hops": {}} for seed in (0, 1)],
+            "step0": [], "config": to_dict(preset_config("sparse")), "wall_seconds": [61.0]}
+
+
+WINNING = _experiment(
+    {"igpo": {0: [0.25, 0.5, 0.75], 1: [0.25, 0.5, 0.5]},
+     "grpo": {0: [0.25, 0.25, 0.5], 1: [0.25, 0.25, 0.25]},
+     "igpo_no_ig": {0: [0.25, 0.25, 0.5], 1: [0.25, 0.5, 0.25]},
+     "igpo_no_outcome": {0: [0.25, 0.25, 0.25], 1: [0.25, 0.25, 0.25]}},
+    {"igpo": {0: [1.0, 0.5], 1: [0.75, 0.25]}, "grpo": {0: [0.75, 0.25], 1: [0.5, 0.0]},
+     "igpo_no_ig": {0: [0.75, 0.25], 1: [0.5, 0.0]}, "igpo_no_outcome": {0: [0.5, 0.0], 1: [0.5, 0.0]}},
+)
+
+
+def test_mean_curve_and_steps_to_reach():
+    assert mean_curve({0: {0: 0.25, 5: 0.5}, 1: {0: 0.75, 5: 1.0, 10: 1.0}}) == [(0, 0.5, 0.25, 0.75), (5, 0.75, 0.5, 1.0)]
+    assert mean_curve({}) == []
+    curve = [(0, 0.2, 0.0, 0.0), (5, 0.4, 0.0, 0.0), (10, 0.4, 0.0, 0.0)]
+    assert steps_to_reach(curve, 0.4) == 5 and steps_to_reach(curve, 0.2) == 0 and steps_to_reach(curve, 0.5) is None
+
+
+def test_targets_by_hand():
+    result = targets(WINNING)
+    # GRPO's final mean EM = (0.5 + 0.25) / 2 = 0.375; mean curves: IGPO 0.25, 0.5, 0.625; GRPO 0.25, 0.25, 0.375
+    assert result["grpo_final_mean_em"] == 0.375
+    assert result["steps_to_grpo_final"] == {"igpo": 5, "grpo": 10, "igpo_no_ig": 5, "igpo_no_outcome": None}
+    assert result["half_steps"] == {"igpo_steps": 5, "grpo_steps": 10, "met": True}
+    assert result["above_every_seed"] == {"margins": {0: 0.25, 1: 0.25}, "met": True}
+    assert result["beats_ablations"] == {"igpo": 0.625, "igpo_no_ig": 0.375, "igpo_no_outcome": 0.25, "met": True}
+
+    tie = json.loads(json.dumps(WINNING))
+    for row in tie["final"]:
+        if row["method"] == "igpo" and row["seed"] == 1:
+            row["em"] = 0.25  # level with GRPO in seed 1
+    tied = targets(tie)
+    assert tied["above_every_seed"]["met"] is False and tied["above_every_seed"]["margins"][1] == 0.0
+    flat = json.loads(json.dumps(WINNING))
+    for record in flat["records"]:
+        if record["method"] == "grpo" and record["heldout_em"] is not None:
+            record["heldout_em"] = 0.25
+    for row in flat["final"]:
+        row["em"] = 0.25 if row["method"] == "grpo" else row["em"]
+    assert targets(flat)["half_steps"] == {"igpo_steps": 0, "grpo_steps": 0, "met": False}  # GRPO never improved
+
+
+def test_report_tables_and_plots(tmp_path):
+    report = write_experiment_report(WINNING, tmp_path)
+    text = report.read_text()
+    for plot in (EM_PLOT, HOPS_PLOT, COLLAPSE_PLOT):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG_SIGNATURE and f"]({plot})" in text
+    assert text.count("**met**") == 3 and "**not met**" not in text
+    assert "(IGPO: step 5, GRPO: step 10; evaluation steps only)" in text
+    assert "seed 0: +25.0, seed 1: +25.0 points" in text
+    # the ablation table: final EM by hop count, mean over seeds, Avg. over hop columns
+    assert "| IGPO (F1 + IG) | 87.5 | 37.5 | 62.5 |" in text
+    assert "| w/o F1 (IG only) | 50.0 | 0.0 | 25.0 |" in text
+    assert "| IGPO | 62.5 | 12.5 | 75.0 | 50.0 | 62.5 |" in text  # EM mean, std, per seed, F1 mean
+    assert "| warm start | 25.0 | 0.0 | 25.0 | 25.0 | 25.0 |" in text
+    assert "| IGPO | 25.0 | 50.0 | 62.5 |" in text  # the mean curve at steps 0, 5, 10 (step 7 has no EM)
+    assert "Wall time: 1.0 min" in text
+
+
+# --- the job runner ------------------------------------------------------------------------------------
+
+
+def _json_job(name, source, target, logs, **kwargs):
+    """A light child: ``python -m json.tool SOURCE TARGET`` (fails when SOURCE is missing)."""
+    return Job(name, (str(source), str(target)), logs / f"{name}.log", done=target, module="json.tool", **kwargs)
+
+
+def test_run_jobs_order_skip_and_failure(tmp_path):
+    logs = tmp_path / "logs"
+    (tmp_path / "input.json").write_text('{"a": [1, 2]}')
+    first = _json_job("first", tmp_path / "input.json", tmp_path / "a.json", logs)
+    second = _json_job("second", tmp_path / "a.json", tmp_path / "b.json", logs, after=("first",))  # reads first's output
+    assert run_jobs([second, first], workers=2, progress=False, poll_seconds=0.05) == ["first", "second"]
+    assert json.loads((tmp_path / "b.json").read_text()) == {"a": [1, 2]}
+    assert run_jobs([first, second], workers=2, progress=False) == []  # complete jobs are skipped
+    assert (logs / "first.log").read_text().startswith(f"$ python -m json.tool {tmp_path / 'input.json'}")
+    assert Job("x", ("report",), logs / "x.log", tmp_path / "x").module == "igpo_rewards.reference_trainer.cli"
+
+    broken = _json_job("broken", tmp_path / "missing.json", tmp_path / "c.json", logs)
+    with pytest.raises(JobFailed, match=r"(?s)job broken failed \(exit 2\).*can't open"):
+        run_jobs([broken], progress=False, poll_seconds=0.05)
+    silent = Job("silent", (str(tmp_path / "input.json"),), logs / "silent.log", done=tmp_path / "never.json", module="json.tool")
+    with pytest.raises(JobFailed, match=r"job silent failed \(exit 0\)"):  # exited without writing its done file
+        run_jobs([silent], progress=False, poll_seconds=0.05)
+    with pytest.raises(ValueError, match=r"job 'x' waits for unknown job\(s\) \['nope'\]"):
+        run_jobs([Job("x", ("report",), tmp_path / "x.log", tmp_path / "x", after=("nope",))])
+    with pytest.raises(ValueError, match=r"job names must be unique"):
+        run_jobs([first, first])
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        run_jobs([], workers=0)
+
+
+# --- end to end: experiment --quick, killed, resumed ---------------------------------------------------
+
+
+def _processes_writing_into(directory):
+    """PIDs of processes with a file under ``directory`` open (the jobs hold their log open)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            except OSError:
+                continue
+            if any(target.startswith(str(directory) + os.sep) for target in targets):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="looks for orphans through /proc")
+def test_quick_experiment_killed_then_resumed(tmp_path):
+    out = tmp_path / "experiment"
+    command = [sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "experiment", "--quick", "--seeds", "2",
+               "--out", str(out), "--no-progress", "--diagnose-steps", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    pointers = [out / f"seed_{seed}" / method / "checkpoints" / "latest" for seed in (0, 1) for method in METHODS]
+    while not any(pointer.is_file() for pointer in pointers):
+        assert process.poll() is None, "the experiment ended before it could be killed"
+        assert time.monotonic() < deadline, "no RL checkpoint after 600 s"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # the parent only: its children must die with it
+    process.wait()
+    killed_at = time.time()
+    for _ in range(200):
+        if not _processes_writing_into(out):
+            break
+        time.sleep(0.05)
+    assert _processes_writing_into(out) == [], "a child outlived the killed experiment"
+    unfinished = [pointer.parents[1] for pointer in pointers if pointer.is_file() and not (pointer.parents[1] / "eval.json").is_file()]
+    assert unfinished, "every started RL run had finished before the kill"
+    assert not (out / "experiment.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    experiment = json.loads((out / "experiment.json").read_text())
+    steps = quick_config(preset_config("sparse")).rl.steps
+    keys = {"method", "seed", "step", "heldout_em", "heldout_f1", "outcome_zero_variance_fraction", "turn_advantage_collapse_rate"}
+    assert {(r["method"], r["seed"], r["step"]) for r in experiment["records"]} == {
+        (method, seed, step) for method in METHODS for seed in (0, 1) for step in range(steps + 1)}
+    assert len(experiment["records"]) == len(METHODS) * 2 * (steps + 1) and all(keys <= set(r) for r in experiment["records"])
+    assert all(r["heldout_em"] is not None for r in experiment["records"])  # the quick budget evaluates every step
+    assert len(experiment["final"]) == 8 and experiment["seeds"] == [0, 1]
+    for seed in (0, 1):  # the same warm start (the step-0 EM) for every method of a seed
+        starts = {r["heldout_em"] for r in experiment["records"] if r["seed"] == seed and r["step"] == 0}
+        assert starts == {experiment["warm_start"][seed]["em"]}
+    # step 0 from each warm start: the zero-variance fraction is that of the recorded outcomes
+    for row in experiment["step0"]:
+        same = [len(set(group["outcomes"])) == 1 for group in row["groups"]]
+        assert row["outcome_zero_variance_fraction"] == pytest.approx(sum(same) / len(same))
+        assert row["outcome_zero_variance_fraction"] >= 0.5
+    assert len(experiment["step0"]) == 2
+    # resumed, not redone: the interrupted runs continued from their checkpoint, one record per step
+    for run_dir in unfinished:
+        log = out / "logs" / f"{run_dir.parent.name}.{run_dir.name}.log"
+        assert log.read_text().count("$ igpo-train train") == 2
+        assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == list(range(steps + 1))
+        assert (run_dir / "checkpoints" / "step_000001" / "model.safetensors").stat().st_mtime < killed_at  # not redone
+    assert (out / "logs" / "seed_0.warm_start.log").read_text().count("$ igpo-train warm-start") == 1
+    report = (out / "report.md").read_text()
+    assert "## The targets" in report and "| IGPO (F1 + IG) |" in report
