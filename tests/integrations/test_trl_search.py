@@ -10,6 +10,7 @@ micro-batched and length-sorted, from ``probe_forward``).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import random
@@ -73,8 +74,8 @@ def trainer(world, tokenizer, model, tmp_path_factory):
         output_dir=str(tmp_path_factory.mktemp("trainer")), per_device_train_batch_size=G, num_generations=G, max_steps=1,
         beta=0.0, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", seed=0,
     )
-    return IGPOTrainer(
-        model=model, reward_funcs=[make_outcome_reward_func()], args=args, train_dataset=Dataset.from_list(dataset_rows(world.train)),
+    return IGPOTrainer(  # on a copy: TRL patches the model it trains, the reference path uses the original
+        model=copy.deepcopy(model), reward_funcs=[make_outcome_reward_func()], args=args, train_dataset=Dataset.from_list(dataset_rows(world.train)),
         processing_class=tokenizer, rollout_func=lambda prompts, trainer: {},
     )
 
@@ -124,7 +125,11 @@ def test_sampled_rollouts_equal_the_reference_trainers(trainer, model, tokenizer
     output, _ = call(make_search_rollout_func(retriever, **SETTINGS), trainer, examples, seed=11)
     trajectories, batch, probes = reference_path(model, tokenizer, retriever, examples, seed=11)
     assert_matches_reference(output, trajectories, batch, probes)
-    assert not model.training  # eval mode restored (the fixture's model is in eval mode)
+    trainer.model.train()  # as during training: the rollout runs in eval mode and restores train mode
+    again, _ = call(make_search_rollout_func(retriever, **SETTINGS), trainer, examples, seed=11)
+    assert again == output and trainer.model.training
+    assert trainer._metrics["train"]["igpo/searches_mean"] and trainer._metrics["train"]["igpo/answered_fraction"]
+    trainer.model.eval()
 
 
 GENERATE_TURN = agent_rollout.generate_turn
