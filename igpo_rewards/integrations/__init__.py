@@ -4,7 +4,9 @@
   through the ``verl.plugins`` entry point), and the helpers that write turn rewards into
   ``rm_scores`` for a reward manager or an agent loop. Needs ``pip install igpo-rewards[verl]``.
 - :mod:`igpo_rewards.integrations.trl`: ``IGPOTrainer``, a TRL ``GRPOTrainer`` whose advantages are
-  IGPO's per-turn advantages. Needs ``pip install igpo-rewards[trl]``.
+  IGPO's per-turn advantages, and (from :mod:`igpo_rewards.integrations.trl_search`) the Search-R1
+  ``rollout_func`` with retrieval and probes, ``make_search_rollout_func``, and its reward function
+  ``make_outcome_reward_func``. Needs ``pip install igpo-rewards[trl]``.
 
 This package imports neither torch, verl nor trl; each adapter module imports its engine when it
 is imported itself. :class:`IGPOSettings` (defined in :mod:`igpo_rewards.settings`, also

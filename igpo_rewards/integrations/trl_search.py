@@ -296,6 +296,8 @@ def make_search_rollout_func(
 
     def search_rollout_func(prompts: list[Any], trainer: IGPOTrainer) -> dict[str, Any]:
         _check_trainer(trainer)
+        if not prompts:
+            raise ValueError("rollout_func got no prompts")
         answers = _batch_answers(trainer, prompts, answers_column)
         tokenizer = trainer.processing_class
         prompt_ids = _prompt_ids(tokenizer, prompts)
