@@ -24,8 +24,11 @@ __all__ = ["Backend", "get_backend", "backend_name_of"]
 _NEUTRAL_TYPES = (list, tuple, int, float, bool)
 
 
-def backend_name_of(value: Any) -> str | None:
-    """Returns "numpy", "torch" or "jax" for an array of that library, None for neutral values."""
+def backend_name_of(value: Any, *, argument: str | None = None) -> str | None:
+    """Returns "numpy", "torch" or "jax" for an array of that library, None for neutral values.
+
+    ``argument`` names the value in the TypeError raised for anything else.
+    """
     if value is None or isinstance(value, _NEUTRAL_TYPES):
         return None
     numpy = sys.modules.get("numpy")
@@ -37,8 +40,9 @@ def backend_name_of(value: Any) -> str | None:
     jax = sys.modules.get("jax")
     if jax is not None and (isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer)):
         return "jax"
+    named = f"{argument}: " if argument else ""
     raise TypeError(
-        f"igpo_rewards takes NumPy arrays, torch Tensors, JAX arrays, or Python lists/scalars; "
+        f"{named}igpo_rewards takes NumPy arrays, torch Tensors, JAX arrays, or Python lists/scalars; "
         f"got {type(value).__module__}.{type(value).__qualname__}"
     )
 
@@ -66,7 +70,7 @@ def get_backend(**arrays: Any) -> Backend:
     """
     found: dict[str, str] = {}
     for argument, value in arrays.items():
-        name = backend_name_of(value)
+        name = backend_name_of(value, argument=argument)
         if name is not None:
             found.setdefault(name, argument)
     if len(found) > 1:

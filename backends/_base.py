@@ -42,6 +42,11 @@ class Backend(abc.ABC):
     def astype(self, x: Array, dtype: Any) -> Array: ...
 
     @abc.abstractmethod
+    def statistics_dtype(self, dtype: Any) -> Any:
+        """The dtype pool statistics accumulate in: float32 for half-precision (float16,
+        bfloat16) data, ``dtype`` itself otherwise. Results are cast back to ``dtype``."""
+
+    @abc.abstractmethod
     def index_dtype(self) -> Any:
         """Integer dtype of turn indices (int64 on NumPy/Torch, JAX's default int)."""
 
@@ -149,8 +154,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def any(self, x: Array) -> bool:
-        """Python bool of ``x.any()``; a host sync on accelerators."""
+        """Python bool of ``x.any()``; a host sync on accelerators. Raises ValueError, saying to
+        pass ``validate=False``, for arrays that hold no values (torch's meta device)."""
 
     @abc.abstractmethod
     def to_numpy(self, x: Array) -> Any:
-        """A NumPy copy, for error messages only."""
+        """A NumPy copy, for error messages and host-side counts only (same error as ``any``)."""

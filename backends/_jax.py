@@ -31,6 +31,9 @@ class JaxBackend(Backend):
     def astype(self, x, dtype):
         return x.astype(dtype)
 
+    def statistics_dtype(self, dtype):
+        return jnp.promote_types(dtype, jnp.float32)
+
     def index_dtype(self):
         return jnp.result_type(int)
 

@@ -29,6 +29,9 @@ class NumpyBackend(Backend):
     def astype(self, x, dtype):
         return x.astype(dtype, copy=False)
 
+    def statistics_dtype(self, dtype):
+        return np.promote_types(dtype, np.float32)
+
     def index_dtype(self):
         return np.int64
 

@@ -47,6 +47,9 @@ class TorchBackend(Backend):
     def astype(self, x, dtype):
         return x.to(dtype)
 
+    def statistics_dtype(self, dtype):
+        return torch.promote_types(dtype, torch.float32)
+
     def index_dtype(self):
         return torch.int64
 
@@ -151,7 +154,17 @@ class TorchBackend(Backend):
         return not torch.compiler.is_compiling()
 
     def any(self, x):
+        _require_values(x)
         return bool(torch.any(x))
 
     def to_numpy(self, x):
+        _require_values(x)
         return x.detach().cpu().numpy()
+
+
+def _require_values(x: torch.Tensor) -> None:
+    if x.device.type == "meta":
+        raise ValueError(
+            "igpo_rewards needs the values of a meta tensor here, and meta tensors have none: pass "
+            "validate=False (value checks read the data), and max_turns to advantages_from_token_rewards"
+        )

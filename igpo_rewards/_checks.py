@@ -2,18 +2,27 @@
 
 Two kinds:
 
-* static checks (shapes, dtypes, option strings, gamma's range) look only at metadata and
+* static checks (shapes, dtypes, option strings, hyperparameters) look only at metadata and
   always run, jit or not;
 * value checks (NaN/inf, prefix masks, index ranges) read the data, which costs a host sync
   on an accelerator. They run when ``validate=True`` (the default) and the array is concrete;
   under ``jax.jit``/``vmap`` or ``torch.compile`` tracing they are skipped, because no
   exception can be raised from inside a compiled program.
 
-Every error names the argument and what was seen.
+One rule everywhere: a value of the wrong type is a ``TypeError``, a value of the right type
+that is out of range (NaN, inf, negative, not one of the options) is a ``ValueError``. Every
+message names the caller's argument and what was seen.
+
+Hyperparameters are Python numbers or NumPy scalars (``np.float32(0.9)`` is accepted like
+``0.9``); bools, strings, arrays and tensors are not numbers here. The checks return them as
+Python ``float``/``int``, so that no NumPy scalar reaches the array math (where it could
+promote a float32 tensor).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Sequence
 
 from igpo_rewards.backends import Backend
@@ -21,28 +30,67 @@ from igpo_rewards.backends import Backend
 Array = Any
 
 
-def check_choice(argument: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}")
+def _type_name(value: Any) -> str:
+    return type(value).__name__
 
 
-def check_gamma(gamma: Any) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a Python float in [0, 1], got {type(gamma).__name__} {gamma!r}")
+def real_number(argument: str, value: Any) -> float:
+    """A finite real number (Python or NumPy scalar) as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{argument} must be a real number (a Python or NumPy scalar), got {_type_name(value)} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{argument} must be finite, got {value!r}")
+    return value
+
+
+def check_weight(argument: str, value: Any) -> float:
+    """A reward weight or a log-prob floor: any finite real number."""
+    return real_number(argument, value)
+
+
+def check_gamma(gamma: Any) -> float:
+    gamma = real_number("gamma", gamma)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    return gamma
 
 
-def check_nonnegative_number(argument: str, value: Any, *, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
-        kind = "int" if integer else "number"
-        raise ValueError(f"{argument} must be a non-negative {kind}, got {value!r}")
+def check_eps(eps: Any) -> float:
+    eps = real_number("eps", eps)
+    if eps < 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    return eps
 
 
-def check_weight(argument: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TypeError(f"{argument} must be a finite Python number, got {value!r}")
+def check_count(argument: str, value: Any) -> int:
+    """A non-negative integer (Python or NumPy) as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{argument} must be an int, got {_type_name(value)} {value!r}")
+    if value < 0:
+        raise ValueError(f"{argument} must be >= 0, got {value!r}")
+    return int(value)
+
+
+def check_positive_count(argument: str, value: Any) -> int:
+    value = check_count(argument, value)
+    if value == 0:
+        raise ValueError(f"{argument} must be >= 1, got 0")
+    return value
+
+
+def check_flag(argument: str, value: Any) -> bool:
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{argument} must be a bool, got {_type_name(value)} {value!r}")
+    return bool(value)
+
+
+def check_choice(argument: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a str, one of {list(choices)}, got {_type_name(value)} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def check_ndim(argument: str, x: Array, ndim: int, dims: str) -> None:
@@ -93,9 +141,11 @@ def check_no_nan(backend: Backend, argument: str, x: Array, where: Array | None,
     if backend.any(bad):
         import numpy as np
 
-        positions = np.argwhere(backend.to_numpy(bad))[:5].tolist()
+        positions = np.argwhere(backend.to_numpy(bad))[:5]
+        positions = positions.ravel().tolist() if len(x.shape) == 1 else positions.tolist()
         allowed = "finite values or -inf" if allow_neg_inf else "finite values"
-        raise ValueError(f"{argument} must hold {allowed} at valid positions; found NaN/inf at indices {positions}")
+        place = "at valid positions" if where is not None else "everywhere"
+        raise ValueError(f"{argument} must hold {allowed} {place}; found NaN/inf at indices {positions}")
 
 
 def check_prefix_mask(backend: Backend, argument: str, mask: Array) -> None:
@@ -111,14 +161,4 @@ def check_prefix_mask(backend: Backend, argument: str, mask: Array) -> None:
         raise ValueError(
             f"{argument} must be a prefix mask per rollout (valid turns first, then padding); "
             f"rows {rows} are not, e.g. row {rows[0]} = {row_values}"
-        )
-
-
-def check_group_ids(backend: Backend, group_ids: Array, num_rollouts: int) -> None:
-    check_length("group_ids", group_ids, num_rollouts, "the rollout dimension")
-    if backend.name != "numpy" and not backend.is_integer(group_ids):
-        raise TypeError(
-            f"group_ids must be an integer array on the {backend.name} backend, got dtype {group_ids.dtype} "
-            f"(string/object ids are accepted on the NumPy path; map them to ints first, e.g. "
-            f"np.unique(uids, return_inverse=True)[1])"
         )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from igpo_rewards.normalization import group_normalize
-from igpo_rewards.returns import discounted_returns
-from igpo_rewards.rewards import information_gain, rewards_from_gain
+from igpo_rewards import _checks, _groups, _turns
+from igpo_rewards.backends import get_backend
+from igpo_rewards.normalization import normalization_options, normalize
+from igpo_rewards.returns import discount
+from igpo_rewards.rewards import outcome_array, reward_options, rewards_from_beliefs
 
 Array = Any
 
@@ -28,8 +30,9 @@ def igpo_advantages(
     answer_logprob: Array,
     outcome: Array,
     turn_mask: Array,
-    group_ids: Array,
+    group_ids: Array | None = None,
     *,
+    group_size: int | None = None,
     gamma: float = 1.0,
     kind: str = "prob",
     mode: str = "joint",
@@ -53,7 +56,11 @@ def igpo_advantages(
         each turn (:func:`answer_logprob`); -inf allowed.
       outcome: [B] outcome reward R_i of each rollout (answer F1 or the format penalty).
       turn_mask: [B, T] prefix mask of valid turns; rows of zeros are batch padding.
-      group_ids: [B] question of each rollout (ints, or any sortable ids on NumPy).
+      group_ids: [B] question of each rollout: a list or NumPy array of any sortable ids
+        (verl's uid strings included) on every backend, or an integer array of the inputs'
+        library (see :func:`group_normalize`).
+      group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per
+        question (verl's and TRL's layout); B must be a multiple of G.
       gamma: turn discount in [0, 1] (1.0 in every published config).
       kind: "prob" or "log_prob" information gain.  log_prob_floor: see :func:`information_gain`.
       mode, weighting, scale, eps, ddof: see :func:`group_normalize` (defaults are the paper's).
@@ -62,7 +69,9 @@ def igpo_advantages(
 
     Returns:
       :class:`IGPOAdvantages` (advantages, normalized_rewards, rewards, information_gain), each
-      [B, T] of the promoted floating dtype.
+      [B, T] of the promoted floating dtype. With torch inputs that require grad the outputs
+      carry autograd history; detach them (or call under ``torch.no_grad()``) before using
+      them as PPO advantages.
 
     Example:
       The paper's case: a rollout whose final answer is wrong (F1 = 0) still gets a positive
@@ -77,15 +86,21 @@ def igpo_advantages(
       >>> bool(result.advantages[0, 0] > 0)
       True
     """
-    gain = information_gain(
-        answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor, validate=validate
+    options = normalization_options(mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof)
+    rewards_options = reward_options(
+        kind=kind, ig_weight=ig_weight, outcome_weight=outcome_weight, log_prob_floor=log_prob_floor
     )
-    rewards = rewards_from_gain(
-        gain, outcome, turn_mask, ig_weight=ig_weight, outcome_weight=outcome_weight, validate=validate
+    gamma = _checks.check_gamma(gamma)
+    validate = _checks.check_flag("validate", validate)
+    backend = get_backend(
+        answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask, **_groups.dispatch(group_ids)
     )
-    normalized = group_normalize(
-        rewards, turn_mask, group_ids, mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof,
-        validate=False,
+    beliefs, turn_mask = _turns.turn_values_and_mask(
+        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
     )
-    advantages = discounted_returns(normalized, turn_mask, gamma=gamma, validate=False)
+    outcome = outcome_array(backend, outcome, beliefs, validate=validate)
+    groups = _groups.resolve(backend, group_ids, beliefs.shape[0], group_size=group_size, like=beliefs)
+    gain, rewards = rewards_from_beliefs(backend, beliefs, outcome, turn_mask, **rewards_options)
+    normalized = normalize(backend, rewards, turn_mask, groups, **options)
+    advantages = discount(backend, normalized, turn_mask, gamma=gamma)
     return IGPOAdvantages(advantages, normalized, rewards, gain)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from igpo_rewards import _checks, _turns
-from igpo_rewards.backends import get_backend
+from igpo_rewards.backends import Backend, get_backend
 
 Array = Any
 
@@ -23,7 +23,7 @@ def discounted_returns(rewards: Array, turn_mask: Array, *, gamma: float = 1.0, 
     Args:
       rewards: [B, T] per-turn rewards, usually the output of :func:`group_normalize`.
       turn_mask: [B, T] prefix mask of valid turns.
-      gamma: discount in [0, 1], a Python float (static under jit).
+      gamma: discount in [0, 1], a Python or NumPy number (static under jit).
       validate: value checks (prefix mask, NaN/inf).
 
     Returns:
@@ -34,11 +34,17 @@ def discounted_returns(rewards: Array, turn_mask: Array, *, gamma: float = 1.0, 
       >>> discounted_returns(np.array([[1.0, 2.0, 4.0]]), [[1, 1, 0]], gamma=0.5)
       array([[2., 2., 0.]])
     """
-    _checks.check_gamma(gamma)
+    gamma = _checks.check_gamma(gamma)
+    validate = _checks.check_flag("validate", validate)
     backend = get_backend(rewards=rewards, turn_mask=turn_mask)
     rewards, turn_mask = _turns.turn_values_and_mask(
         backend, "rewards", rewards, turn_mask, validate=validate, allow_neg_inf=False
     )
+    return discount(backend, rewards, turn_mask, gamma=gamma)
+
+
+def discount(backend: Backend, rewards: Array, turn_mask: Array, *, gamma: float) -> Array:
+    """The backward recursion of :func:`discounted_returns` on checked arrays ([B, T], bool mask)."""
     rewards = backend.where(turn_mask, rewards, 0.0)
     num_rollouts, num_turns = rewards.shape
     if num_turns == 0:

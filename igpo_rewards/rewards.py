@@ -8,14 +8,26 @@ from __future__ import annotations
 from typing import Any
 
 from igpo_rewards import _checks, _turns
-from igpo_rewards.backends import get_backend
+from igpo_rewards.backends import Backend, get_backend
 
 Array = Any
 
 INFORMATION_GAIN_KINDS = ("prob", "log_prob")
 
 
-def answer_logprob(token_logprobs: Array, token_mask: Array, *, validate: bool = True) -> Array:
+def reward_options(*, kind: Any, ig_weight: Any, outcome_weight: Any, log_prob_floor: Any) -> dict[str, Any]:
+    """The checked hyperparameters of :func:`turn_rewards` (floats as Python floats)."""
+    return dict(
+        kind=_checks.check_choice("kind", kind, INFORMATION_GAIN_KINDS),
+        ig_weight=_checks.check_weight("ig_weight", ig_weight),
+        outcome_weight=_checks.check_weight("outcome_weight", outcome_weight),
+        log_prob_floor=_checks.check_weight("log_prob_floor", log_prob_floor),
+    )
+
+
+def answer_logprob(
+    token_logprobs: Array, token_mask: Array, *, turn_mask: Array | None = None, validate: bool = True
+) -> Array:
     r"""Length-normalized log-probability of the ground-truth answer at each probe.
 
     .. math:: m_{i,j} = \frac{1}{L_{i,j}} \sum_{l} \log \pi(a_l \mid \text{context}_{i,j}, a_{<l})
@@ -23,29 +35,44 @@ def answer_logprob(token_logprobs: Array, token_mask: Array, *, validate: bool =
     where the sum runs over the answer tokens that ``token_mask`` marks and L_{i,j} is their
     count; p_{i,j} = exp(m_{i,j}) is the geometric-mean probability of the answer.
 
+    A probe slot with no answer tokens has no log-prob. At a padded turn it gets 0.0, a
+    placeholder every later function ignores; at a valid turn it is an error (a lost answer
+    would otherwise read as probability 1 and fake an information gain). The valid turns are
+    ``turn_mask`` when given; without it, every slot up to the last one that has answer tokens
+    (so only an empty slot *before* a probe with tokens is caught: pass ``turn_mask`` to have
+    every valid turn checked, the final one included).
+
     Args:
       token_logprobs: [B, T, L] log pi of each answer token at probe j of rollout i.
         -inf (probability 0) is legitimate and makes m = -inf. Values where ``token_mask``
         is 0 are ignored (they may hold anything, NaN included).
       token_mask: [B, T, L] bool or 0/1, which answer tokens are real (not padding).
-      validate: check for NaN/+inf at masked-in positions (a host sync on accelerators).
+      turn_mask: optional [B, T] prefix mask of the valid turns (probes).
+      validate: check for NaN/+inf at masked-in positions and for valid turns without answer
+        tokens (a host sync on accelerators). Without the check (``validate=False``, or under
+        jit) such a turn gets NaN, which :func:`information_gain` and :func:`igpo_advantages`
+        refuse at valid turns and which otherwise shows in every advantage of its group.
 
     Returns:
       [B, T] floating array, dtype of ``token_logprobs`` (ints promoted to the default float).
-      A probe slot with no answer tokens (a padded turn) gets 0.0.
 
     Raises:
-      ValueError: shapes differ, the mask holds values other than 0/1, or NaN/+inf at a
-        masked-in position.
+      ValueError: shapes differ, the mask holds values other than 0/1, NaN/+inf at a
+        masked-in position, or a valid turn with no answer tokens.
 
     Example:
       >>> import numpy as np
-      >>> logprobs = np.log([[[0.5, 0.5], [1.0, 0.25]]])   # B=1, T=2, L=2
-      >>> mask = np.array([[[1, 1], [1, 0]]])               # probe 1 has one answer token
+      >>> logprobs = np.log([[[0.5, 0.5], [1.0, 0.25], [0.1, 0.1]]])   # B=1, T=3, L=2
+      >>> mask = np.array([[[1, 1], [1, 0], [0, 0]]])        # probe 1 has one answer token; slot 2 is padding
       >>> np.round(np.exp(answer_logprob(logprobs, mask)), 4)
-      array([[0.5, 1. ]])
+      array([[0.5, 1. , 1. ]])
+      >>> answer_logprob(logprobs, mask, turn_mask=[[1, 1, 1]])  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: token_mask has no answer token at valid turns (row, turn) [[0, 2]]...
     """
-    backend = get_backend(token_logprobs=token_logprobs, token_mask=token_mask)
+    validate = _checks.check_flag("validate", validate)
+    backend = get_backend(token_logprobs=token_logprobs, token_mask=token_mask, turn_mask=turn_mask)
     token_logprobs = backend.asarray(token_logprobs)
     token_mask = backend.asarray(token_mask, like=token_logprobs)
     _checks.check_ndim("token_logprobs", token_logprobs, 3, "B, T, L")
@@ -55,9 +82,55 @@ def answer_logprob(token_logprobs: Array, token_mask: Array, *, validate: bool =
     token_logprobs = backend.astype(token_logprobs, backend.float_dtype(token_logprobs))
     if validate:
         _checks.check_no_nan(backend, "token_logprobs", token_logprobs, token_mask, allow_neg_inf=True)
+    count = backend.sum(backend.astype(token_mask, backend.index_dtype()), axis=2)
+    has_answer = count > 0
+    valid = _valid_probes(backend, has_answer, turn_mask, validate=validate, shape=token_logprobs.shape)
+    missing = valid & ~has_answer
+    if validate and backend.is_concrete(missing) and backend.any(missing):
+        import numpy as np
+
+        cells = np.argwhere(backend.to_numpy(missing))[:5].tolist()
+        raise ValueError(
+            f"token_mask has no answer token at valid turns (row, turn) {cells}: a probe without answer tokens has "
+            f"no log-prob (score the answer's tokens at every probe, or mark the turn invalid in turn_mask)"
+        )
     total = backend.sum(backend.where(token_mask, token_logprobs, 0.0), axis=2)
-    count = backend.astype(backend.sum(backend.astype(token_mask, backend.index_dtype()), axis=2), total.dtype)
-    return backend.where(count > 0, total / backend.maximum(count, 1.0), 0.0)
+    mean = total / backend.maximum(backend.astype(count, total.dtype), 1.0)
+    return backend.where(missing, float("nan"), backend.where(has_answer, mean, 0.0))
+
+
+def _valid_probes(backend: Backend, has_answer: Array, turn_mask: Array | None, *, validate: bool, shape: Any) -> Array:
+    """[B, T] bool: the probes of valid turns (``turn_mask``, or the slots up to the last one with
+    answer tokens)."""
+    if turn_mask is None:
+        seen = backend.cumsum(backend.astype(has_answer, backend.index_dtype()), axis=1)
+        # slot j is followed (or filled) by a probe with tokens: fewer were seen before it than in all
+        return (seen - backend.astype(has_answer, seen.dtype)) < seen[:, -1:]
+    turn_mask = backend.asarray(turn_mask, like=has_answer)
+    if tuple(turn_mask.shape) != tuple(shape[:2]):
+        raise ValueError(
+            f"turn_mask must have shape [B, T] = {tuple(shape[:2])} (from token_logprobs {tuple(shape)}), "
+            f"got {tuple(turn_mask.shape)}"
+        )
+    turn_mask = _checks.as_mask(backend, "turn_mask", turn_mask, validate=validate)
+    if validate:
+        _checks.check_prefix_mask(backend, "turn_mask", turn_mask)
+    return turn_mask
+
+
+def gain_from_beliefs(backend: Backend, beliefs: Array, turn_mask: Array, *, kind: str, log_prob_floor: float) -> Array:
+    """IG [B, T] from checked probe log-probs and a bool turn mask (see :func:`information_gain`)."""
+    beliefs = backend.where(turn_mask, beliefs, 0.0)
+    if kind == "prob":
+        beliefs = backend.exp(beliefs)
+    else:
+        beliefs = backend.maximum(beliefs, log_prob_floor)
+    num_rollouts, num_turns = beliefs.shape
+    if num_turns == 0:
+        return beliefs
+    # Turn j has a successor probe exactly when turn j+1 is valid (j < n_i - 1).
+    gain = backend.where(turn_mask[:, 1:], beliefs[:, 1:] - beliefs[:, :-1], 0.0)
+    return backend.concat([gain, backend.zeros((num_rollouts, 1), gain.dtype, like=gain)], axis=1)
 
 
 def information_gain(
@@ -83,10 +156,11 @@ def information_gain(
 
     Args:
       answer_logprob: [B, T] m_{i,j}, probe j taken before turn j (see :func:`answer_logprob`).
-        Values at padded turns are ignored.
+        Values at padded turns are ignored; NaN at a valid turn (a probe without answer
+        tokens) is refused.
       turn_mask: [B, T] prefix mask of valid turns (bool or 0/1); n_i = its row sum.
       kind: "prob" (the paper's) or "log_prob" (the authors' later option).
-      log_prob_floor: lower clamp of m for kind="log_prob"; unused for "prob".
+      log_prob_floor: lower clamp of m for kind="log_prob" (a finite number); unused for "prob".
       validate: check the prefix mask and NaN/+inf at valid turns.
 
     Returns:
@@ -99,23 +173,14 @@ def information_gain(
       >>> np.round(information_gain(m, [[1, 1, 1]]), 4)   # 0.6 - 0.1, 0.5 - 0.6, final turn
       array([[ 0.5, -0.1,  0. ]])
     """
-    _checks.check_choice("kind", kind, INFORMATION_GAIN_KINDS)
-    _checks.check_weight("log_prob_floor", log_prob_floor)
+    kind = _checks.check_choice("kind", kind, INFORMATION_GAIN_KINDS)
+    log_prob_floor = _checks.check_weight("log_prob_floor", log_prob_floor)
+    validate = _checks.check_flag("validate", validate)
     backend = get_backend(answer_logprob=answer_logprob, turn_mask=turn_mask)
     beliefs, turn_mask = _turns.turn_values_and_mask(
         backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
     )
-    beliefs = backend.where(turn_mask, beliefs, 0.0)
-    if kind == "prob":
-        beliefs = backend.exp(beliefs)
-    else:
-        beliefs = backend.maximum(beliefs, float(log_prob_floor))
-    num_rollouts, num_turns = beliefs.shape
-    if num_turns == 0:
-        return beliefs
-    # Turn j has a successor probe exactly when turn j+1 is valid (j < n_i - 1).
-    gain = backend.where(turn_mask[:, 1:], beliefs[:, 1:] - beliefs[:, :-1], 0.0)
-    return backend.concat([gain, backend.zeros((num_rollouts, 1), gain.dtype, like=gain)], axis=1)
+    return gain_from_beliefs(backend, beliefs, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
 
 
 def turn_rewards(
@@ -140,7 +205,7 @@ def turn_rewards(
       outcome: [B] outcome reward R_i (answer F1, or the format penalty). Int/bool promote.
       turn_mask: [B, T] prefix mask of valid turns.
       kind, log_prob_floor: as in :func:`information_gain`.
-      ig_weight, outcome_weight: w_ig and w_out (1.0 in the paper).
+      ig_weight, outcome_weight: w_ig and w_out (1.0 in the paper), finite numbers.
       validate: value checks (prefix mask, NaN/inf).
 
     Returns:
@@ -155,29 +220,43 @@ def turn_rewards(
       array([[ 0.5, -0.1,  0. ],
              [ 1. ,  0. ,  0. ]])
     """
-    gain = information_gain(
-        answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor, validate=validate
+    options = reward_options(kind=kind, ig_weight=ig_weight, outcome_weight=outcome_weight, log_prob_floor=log_prob_floor)
+    validate = _checks.check_flag("validate", validate)
+    backend = get_backend(answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask)
+    beliefs, turn_mask = _turns.turn_values_and_mask(
+        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
     )
-    return rewards_from_gain(
-        gain, outcome, turn_mask, ig_weight=ig_weight, outcome_weight=outcome_weight, validate=validate
-    )
+    outcome = outcome_array(backend, outcome, beliefs, validate=validate)
+    _, rewards = rewards_from_beliefs(backend, beliefs, outcome, turn_mask, **options)
+    return rewards
 
 
-def rewards_from_gain(
-    gain: Array, outcome: Array, turn_mask: Array, *, ig_weight: float, outcome_weight: float, validate: bool
-) -> Array:
-    """The reward assignment of :func:`turn_rewards` given IG [B, T] already computed (and checked)."""
-    _checks.check_weight("ig_weight", ig_weight)
-    _checks.check_weight("outcome_weight", outcome_weight)
-    backend = get_backend(gain=gain, outcome=outcome, turn_mask=turn_mask)
-    outcome = backend.asarray(outcome, like=gain)
+def outcome_array(backend: Backend, outcome: Array, beliefs: Array, *, validate: bool) -> Array:
+    """``outcome`` [B] converted to a float array of the backend and checked against [B, T] beliefs."""
+    outcome = backend.asarray(outcome, like=beliefs)
     _checks.check_numeric(backend, "outcome", outcome)
-    _checks.check_length("outcome", outcome, gain.shape[0], "answer_logprob")
-    dtype = backend.float_dtype(gain, outcome)
-    gain, outcome = backend.astype(gain, dtype), backend.astype(outcome, dtype)
+    _checks.check_length("outcome", outcome, beliefs.shape[0], "answer_logprob")
+    outcome = backend.astype(outcome, backend.float_dtype(outcome))
     if validate:
         _checks.check_no_nan(backend, "outcome", outcome, None, allow_neg_inf=False)
-    turn_mask = _checks.as_mask(backend, "turn_mask", backend.asarray(turn_mask, like=gain), validate=False)
+    return outcome
+
+
+def rewards_from_beliefs(
+    backend: Backend,
+    beliefs: Array,
+    outcome: Array,
+    turn_mask: Array,
+    *,
+    kind: str,
+    ig_weight: float,
+    outcome_weight: float,
+    log_prob_floor: float,
+) -> tuple[Array, Array]:
+    """(IG, turn rewards), each [B, T], from checked arrays and hyperparameters (:func:`turn_rewards`)."""
+    gain = gain_from_beliefs(backend, beliefs, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
+    dtype = backend.float_dtype(gain, outcome)
+    gain, outcome = backend.astype(gain, dtype), backend.astype(outcome, dtype)
     is_final = _turns.final_turn_mask(backend, turn_mask)
     rewards = backend.where(is_final, outcome_weight * outcome[:, None], ig_weight * gain)
-    return backend.where(turn_mask, rewards, 0.0)
+    return gain, backend.where(turn_mask, rewards, 0.0)

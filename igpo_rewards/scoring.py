@@ -1,4 +1,4 @@
-"""Answer scoring: the outcome reward R_i of IGPO (ALGORITHM.md section 2).
+"""Answer scoring: the outcome reward R_i of IGPO (docs/algorithm.md, section 2).
 
 Pure Python (standard library only). The outcome reward of a rollout is the word-level F1
 (or exact match) between the text inside its ``<answer>...</answer>`` block and the ground
@@ -427,7 +427,7 @@ def outcome_reward(
     format_penalty: float = -2.0,
     style: str = "paper",
 ) -> float:
-    """The outcome reward R_i of one rollout (ALGORITHM.md section 2).
+    """The outcome reward R_i of one rollout (docs/algorithm.md, section 2).
 
     ``format_penalty`` if ``not is_well_formed(response)``; otherwise :func:`answer_f1`
     (``metric="f1"``) or :func:`exact_match` (``metric="em"``) between

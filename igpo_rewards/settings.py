@@ -11,10 +11,10 @@ and TRL's ``IGPOTrainer`` takes it as ``igpo_settings``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from igpo_rewards import _checks
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.normalization import MODES, SCALES, WEIGHTINGS, grpo_advantages
 from igpo_rewards.rewards import INFORMATION_GAIN_KINDS
@@ -62,25 +62,17 @@ class IGPOSettings:
     """Number of turn slots T. None counts them from the batch (a host sync on GPUs)."""
 
     def __post_init__(self) -> None:
-        choices = {"kind": INFORMATION_GAIN_KINDS, "mode": MODES, "weighting": WEIGHTINGS, "scale": SCALES}
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"igpo settings: {name} must be one of {list(allowed)}, got {value!r}")
-        for name in ("gamma", "eps", "ig_weight", "outcome_weight", "log_prob_floor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"igpo settings: {name} must be a finite number, got {value!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"igpo settings: gamma must be in [0, 1], got {self.gamma!r}")
-        if self.eps < 0:
-            raise ValueError(f"igpo settings: eps must be >= 0, got {self.eps!r}")
-        for name in ("ddof", "max_turns"):
-            value = getattr(self, name)
-            if value is None and name == "max_turns":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"igpo settings: {name} must be a non-negative int, got {value!r}")
+        # The library's own checks, so a bad value fails here exactly as it would in the call
+        # (TypeError for a wrong type, ValueError for a wrong value), named as the field.
+        for name, allowed in {"kind": INFORMATION_GAIN_KINDS, "mode": MODES, "weighting": WEIGHTINGS, "scale": SCALES}.items():
+            _checks.check_choice(f"igpo settings: {name}", getattr(self, name), allowed)
+        _checks.check_gamma(self.gamma)
+        _checks.check_eps(self.eps)
+        for name in ("ig_weight", "outcome_weight", "log_prob_floor"):
+            _checks.check_weight(f"igpo settings: {name}", getattr(self, name))
+        _checks.check_count("igpo settings: ddof", self.ddof)
+        if self.max_turns is not None:
+            _checks.check_positive_count("igpo settings: max_turns", self.max_turns)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> IGPOSettings:
@@ -118,9 +110,17 @@ class IGPOSettings:
         }
 
     def igpo_advantages(
-        self, answer_logprob: Array, outcome: Array, turn_mask: Array, group_ids: Array, *, validate: bool = True
+        self,
+        answer_logprob: Array,
+        outcome: Array,
+        turn_mask: Array,
+        group_ids: Array | None = None,
+        *,
+        group_size: int | None = None,
+        validate: bool = True,
     ) -> IGPOAdvantages:
-        """:func:`igpo_rewards.igpo_advantages` with every one of these settings (shapes there).
+        """:func:`igpo_rewards.igpo_advantages` with every one of these settings (shapes there);
+        pass ``group_ids`` or, for G contiguous rollouts per group, ``group_size=G``.
 
         Example:
           >>> import numpy as np
@@ -134,13 +134,16 @@ class IGPOSettings:
             outcome,
             turn_mask,
             group_ids,
+            group_size=group_size,
             gamma=self.gamma,
             **self.reward_kwargs(),
             **self.normalization_kwargs(),
             validate=validate,
         )
 
-    def grpo_advantages(self, outcome: Array, group_ids: Array, *, validate: bool = True) -> Array:
+    def grpo_advantages(
+        self, outcome: Array, group_ids: Array | None = None, *, group_size: int | None = None, validate: bool = True
+    ) -> Array:
         """:func:`igpo_rewards.grpo_advantages` (the outcome-only baseline) with ``scale``, ``eps`` and
         ``ddof`` of these settings: [B] advantages.
 
@@ -150,5 +153,5 @@ class IGPOSettings:
           array([ 0.5, -0.5])
         """
         return grpo_advantages(
-            outcome, group_ids, scale=self.scale, eps=self.eps, ddof=self.ddof, validate=validate
+            outcome, group_ids, group_size=group_size, scale=self.scale, eps=self.eps, ddof=self.ddof, validate=validate
         )

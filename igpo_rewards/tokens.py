@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from igpo_rewards import _checks
+from igpo_rewards import _checks, _groups
 from igpo_rewards.backends import Backend, get_backend
-from igpo_rewards.normalization import group_normalize
-from igpo_rewards.returns import discounted_returns
+from igpo_rewards.normalization import normalization_options, normalize
+from igpo_rewards.returns import discount
 
 Array = Any
 
@@ -47,6 +47,16 @@ def _run_starts_and_ends(backend: Backend, mask: Array) -> tuple[Array, Array]:
 def _turn_index(backend: Backend, mask: Array, starts: Array) -> Array:
     run_number = backend.astype(backend.prefix_count(starts), backend.index_dtype()) - 1
     return backend.where(mask, run_number, -1)
+
+
+def _turn_mask_like(backend: Backend, turn_mask: Array, argument: str, values: Array, *, validate: bool) -> Array:
+    """An optional ``turn_mask`` argument as a bool [B, T] mask of ``values``' shape (prefix checked)."""
+    turn_mask = backend.asarray(turn_mask, like=values)
+    _checks.check_same_shape("turn_mask", turn_mask, argument, values)
+    turn_mask = _checks.as_mask(backend, "turn_mask", turn_mask, validate=validate)
+    if validate:
+        _checks.check_prefix_mask(backend, "turn_mask", turn_mask)
+    return turn_mask
 
 
 def _is_empty(x: Array) -> bool:
@@ -130,6 +140,7 @@ def turn_index_from_response_mask(response_mask: Array, *, validate: bool = True
       >>> turn_index_from_response_mask([[1, 1, 0, 0, 1, 0, 1, 1, 0, 0]])
       array([[ 0,  0, -1, -1,  1, -1,  2,  2, -1, -1]])
     """
+    validate = _checks.check_flag("validate", validate)
     backend = get_backend(response_mask=response_mask)
     mask = _response_mask(backend, response_mask, validate=validate)
     host = None if _is_empty(mask) else backend.host_numpy(mask)
@@ -154,8 +165,9 @@ def broadcast_to_tokens(
       turn_values: [B, T] per-turn values, e.g. advantages.
       token_turn_index: [B, S] integer turn of each token, -1 for none (see
         :func:`turn_index_from_response_mask`).
-      turn_mask: optional [B, T] prefix mask; when given, every index must point at a valid
-        turn of its rollout (index < n_b).
+      turn_mask: optional [B, T] prefix mask of the valid turns: tokens of a padded turn get 0
+        (as in the float64 reference), and with ``validate`` an index pointing at one
+        (index >= n_b) is an error, since the token layout and the turn mask disagree.
       validate: check that indices lie in [-1, T) (and below n_b with ``turn_mask``). With
         ``validate=False`` (or under jit) an index >= T reads 0 instead of raising.
 
@@ -167,6 +179,7 @@ def broadcast_to_tokens(
       >>> broadcast_to_tokens(np.array([[0.5, -1.0]]), [[0, 0, -1, 1, -1]])
       array([[ 0.5,  0.5,  0. , -1. ,  0. ]])
     """
+    validate = _checks.check_flag("validate", validate)
     backend = get_backend(turn_values=turn_values, token_turn_index=token_turn_index, turn_mask=turn_mask)
     turn_values = backend.asarray(turn_values)
     token_turn_index = backend.asarray(token_turn_index, like=turn_values)
@@ -184,13 +197,12 @@ def broadcast_to_tokens(
     checked = validate and backend.is_concrete(token_turn_index)
     limit = num_turns
     limit_text = f"T = {num_turns} (turn_values {tuple(turn_values.shape)})"
-    if checked and turn_mask is not None:
-        turn_mask = backend.asarray(turn_mask, like=turn_values)
-        _checks.check_same_shape("turn_mask", turn_mask, "turn_values", turn_values)
-        turn_mask = _checks.as_mask(backend, "turn_mask", turn_mask, validate=True)
-        _checks.check_prefix_mask(backend, "turn_mask", turn_mask)
-        limit = backend.sum(backend.astype(turn_mask, backend.index_dtype()), axis=1)[:, None]
-        limit_text = "the rollout's number of valid turns n_b (turn_mask row sums)"
+    if turn_mask is not None:
+        turn_mask = _turn_mask_like(backend, turn_mask, "turn_values", turn_values, validate=checked)
+        turn_values = backend.where(turn_mask, turn_values, 0)
+        if checked:
+            limit = backend.sum(backend.astype(turn_mask, backend.index_dtype()), axis=1)[:, None]
+            limit_text = "the rollout's number of valid turns n_b (turn_mask row sums)"
     host = None if _is_empty(token_turn_index) else backend.host_numpy(turn_values, token_turn_index)
     if host is not None:
         values, index = host
@@ -235,7 +247,8 @@ def place_turn_rewards(
     Args:
       turn_rewards: [B, T] reward of each turn.
       response_mask: [B, S] verl response mask; run j of row b is turn j.
-      turn_mask: optional [B, T] prefix mask; when given, each row must have exactly n_b runs.
+      turn_mask: optional [B, T] prefix mask of the valid turns: only their rewards are placed
+        (as in the float64 reference), and with ``validate`` each row must have exactly n_b runs.
       validate: check that no reward is lost: a row with more runs than T is an error, and
         (without ``turn_mask``) a nonzero reward at a turn the row has no run for is an error.
 
@@ -248,11 +261,16 @@ def place_turn_rewards(
       >>> place_turn_rewards(np.array([[0.25, 1.0]]), [[1, 1, 0, 0, 1, 1, 0]])
       array([[0.  , 0.25, 0.  , 0.  , 0.  , 1.  , 0.  ]])
     """
+    validate = _checks.check_flag("validate", validate)
     backend = get_backend(turn_rewards=turn_rewards, response_mask=response_mask, turn_mask=turn_mask)
     turn_rewards = backend.asarray(turn_rewards)
     _checks.check_ndim("turn_rewards", turn_rewards, 2, "B, T")
     _checks.check_numeric(backend, "turn_rewards", turn_rewards)
     mask = _response_mask(backend, response_mask, validate=validate, like=turn_rewards)
+    if turn_mask is not None:
+        checked = validate and backend.is_concrete(turn_rewards)
+        turn_mask = _turn_mask_like(backend, turn_mask, "turn_rewards", turn_rewards, validate=checked)
+        turn_rewards = backend.where(turn_mask, turn_rewards, 0)
     if mask.shape[0] != turn_rewards.shape[0]:
         raise ValueError(
             f"response_mask must have shape [B, S] with B = {turn_rewards.shape[0]} (from turn_rewards "
@@ -276,8 +294,6 @@ def _check_runs_fit(backend: Backend, runs: Array, turn_rewards: Array, turn_mas
         )
     turn_position = backend.arange(num_turns, like=turn_rewards)[None, :]
     if turn_mask is not None:
-        turn_mask = _checks.as_mask(backend, "turn_mask", backend.asarray(turn_mask, like=turn_rewards), validate=True)
-        _checks.check_same_shape("turn_mask", turn_mask, "turn_rewards", turn_rewards)
         counts = backend.sum(backend.astype(turn_mask, backend.index_dtype()), axis=1)
         if backend.any(counts != runs):
             rows = np.flatnonzero(backend.to_numpy(counts != runs))[:5].tolist()
@@ -298,8 +314,9 @@ def _check_runs_fit(backend: Backend, runs: Array, turn_rewards: Array, turn_mas
 def advantages_from_token_rewards(
     token_level_rewards: Array,
     response_mask: Array,
-    group_ids: Array,
+    group_ids: Array | None = None,
     *,
+    group_size: int | None = None,
     gamma: float = 1.0,
     mode: str = "joint",
     weighting: str = "turn",
@@ -327,7 +344,10 @@ def advantages_from_token_rewards(
     Args:
       token_level_rewards: [B, S] rewards, each turn's at the last token of its run.
       response_mask: [B, S] 1 on generated tokens, 0 on observation/tool/padding tokens.
-      group_ids: [B] group (question) of each rollout, e.g. verl's uid.
+      group_ids: [B] group (question) of each rollout, e.g. verl's uid (any form that
+        :func:`group_normalize` takes, NumPy object arrays of strings included).
+      group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per
+        question (verl repeats each prompt ``rollout.n`` times in a row); B a multiple of G.
       gamma, mode, weighting, scale, eps, ddof: as in :func:`igpo_advantages`.
       max_turns: T, the number of turn slots. None counts the runs (a host sync, so pass it
         on GPUs and under jax.jit, where it is required).
@@ -346,24 +366,25 @@ def advantages_from_token_rewards(
       array([[ 1.2247,  1.2247,  0.    ,  1.2247,  0.    ],
              [-1.2247,  0.    ,  0.    ,  0.    ,  0.    ]])
     """
-    backend = get_backend(token_level_rewards=token_level_rewards, response_mask=response_mask, group_ids=group_ids)
+    options = normalization_options(mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof)
+    gamma = _checks.check_gamma(gamma)
+    validate = _checks.check_flag("validate", validate)
+    if max_turns is not None:
+        max_turns = _checks.check_count("max_turns", max_turns)
+    backend = get_backend(
+        token_level_rewards=token_level_rewards, response_mask=response_mask, **_groups.dispatch(group_ids)
+    )
     rewards = backend.asarray(token_level_rewards)
     _checks.check_ndim("token_level_rewards", rewards, 2, "B, S")
     _checks.check_numeric(backend, "token_level_rewards", rewards)
     rewards = backend.astype(rewards, backend.float_dtype(rewards))
     mask = _response_mask(backend, response_mask, validate=validate, like=rewards)
     _checks.check_same_shape("response_mask", mask, "token_level_rewards", rewards)
-    if max_turns is not None:
-        _checks.check_nonnegative_number("max_turns", max_turns, integer=True)
     num_rollouts, num_tokens = rewards.shape
-    options = dict(mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof, validate=False)
+    groups = _groups.resolve(backend, group_ids, num_rollouts, group_size=group_size, like=rewards)
     if max_turns is None and not backend.is_concrete(mask):
         raise ValueError("max_turns is required under jit/tracing (the number of turns must be static)")
-
     if num_rollouts == 0 or num_tokens == 0:
-        max_turns = max_turns or 0
-        empty = backend.zeros((num_rollouts, max_turns), rewards.dtype, like=rewards)
-        group_normalize(empty, empty != 0, group_ids, **options)  # checks group_ids
         return backend.zeros((num_rollouts, num_tokens), rewards.dtype, like=rewards)
 
     host = backend.host_numpy(rewards, mask)
@@ -377,8 +398,8 @@ def advantages_from_token_rewards(
         max_turns = turn_rewards.shape[1]
     turn_mask = backend.arange(max_turns, like=rewards)[None, :] < runs[:, None]
 
-    normalized = group_normalize(turn_rewards, turn_mask, group_ids, **options)
-    advantages = discounted_returns(normalized, turn_mask, gamma=gamma, validate=False)
+    normalized = normalize(backend, turn_rewards, turn_mask, groups, **options)
+    advantages = discount(backend, normalized, turn_mask, gamma=gamma)
     if host is not None:
         runs_of_mask, generated, turn = layout
         run_values = np.zeros(len(turn), dtype=host[0].dtype)

@@ -8,9 +8,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e ".[all,dev]"
-# verl, for tests/integrations/test_verl.py: installed WITHOUT its dependencies. verl's declared
-# requirements pin transformers < 5.11 (the trainer uses a newer one) and pull ray[default], wandb
-# and tensorboard, none of which its CPU-importable parts (DataProto, core_algos,
-# ray_trainer.compute_advantage) need. What those parts import is the `verl-cpu` extra (in `dev`).
+# verl, for tests/integrations/test_verl*.py: installed WITHOUT its dependencies. verl's declared
+# requirements pin transformers < 5.11 (the trainer uses a newer one) and pull wandb and
+# tensorboard, none of which the parts the tests run on CPU (DataProto, core_algos, ray_trainer,
+# the agent-loop workers, the reward loop, the V1 trainer module with its TransferQueue) need. What
+# those parts import is the `verl-cpu` extra (in `dev`).
 # Users on GPU machines install `igpo-rewards[verl]`, which takes verl with its requirements.
 .venv/bin/python -m pip install --quiet --no-deps "verl==0.9.1"

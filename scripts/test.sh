@@ -2,7 +2,11 @@
 # The README's test command: creates .venv if needed, installs the project with every extra,
 # then runs the whole suite (unit, property, integration and doctests; the benchmarks' quick
 # mode included). Extra arguments go to pytest, e.g. `bash scripts/test.sh -k normalize`.
+# Test files run in parallel, one per CPU (pytest-xdist; IGPO_TEST_WORKERS=0 runs them in this
+# process). pytest-benchmark only times under a single process: the benchmarks' measured numbers
+# come from `IGPO_BENCH=full .venv/bin/python -m pytest tests/benchmarks --benchmark-only`
+# (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n "${IGPO_TEST_WORKERS:-auto}" --dist loadfile "$@"

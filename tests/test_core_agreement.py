@@ -8,12 +8,13 @@ run in float64 here so the comparison is tight. dtype handling is tested in test
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 import igpo_rewards as igpo
 from igpo_rewards.testing import reference, token_batches, turn_batches
 
-from .backend_support import given_on_each_backend, run
+from .backend_support import given_on_each_backend, run, run_jitted
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 
@@ -56,12 +57,28 @@ def test_information_gain_and_turn_rewards_match_the_oracle(backend, batch, kind
 @given_on_each_backend(
     logprobs=st.lists(st.sampled_from([0.0, -0.1, -2.5, -30.0, -np.inf]), min_size=24, max_size=24),
     mask=st.lists(st.booleans(), min_size=24, max_size=24),
+    turns=st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=2, max_size=2)),
 )
-def test_answer_logprob_matches_the_oracle(backend, logprobs, mask):
+def test_answer_logprob_matches_the_oracle(backend, logprobs, mask, turns):
+    """Empty probe slots: NaN at valid turns (and an error when validated), 0.0 at padded ones."""
     token_logprobs = np.array(logprobs).reshape(2, 3, 4)
     token_mask = np.array(mask).reshape(2, 3, 4)
-    got = run(igpo.answer_logprob, backend, token_logprobs, token_mask)
-    np.testing.assert_allclose(got, reference.answer_logprob(token_logprobs, token_mask), **TOLERANCE)
+    turn_mask = None if turns is None else np.arange(3)[None, :] < np.array(turns)[:, None]
+    masks = () if turn_mask is None else (turn_mask,)
+    want = reference.answer_logprob(token_logprobs, token_mask, turn_mask=turn_mask)
+
+    def call(logprobs, token_mask, *turn_mask, validate):
+        return igpo.answer_logprob(logprobs, token_mask, turn_mask=turn_mask[0] if turn_mask else None,
+                                   validate=validate)
+
+    got = run(call, backend, token_logprobs, token_mask, *masks, validate=False)
+    np.testing.assert_allclose(got, want, **TOLERANCE)  # NaN where the oracle has NaN
+    if np.isnan(want).any():
+        with pytest.raises(ValueError, match="no answer token at valid turns"):
+            run(call, backend, token_logprobs, token_mask, *masks, validate=True)
+    else:
+        np.testing.assert_allclose(run(call, backend, token_logprobs, token_mask, *masks, validate=True), want,
+                                   **TOLERANCE)
 
 
 @given_on_each_backend(batch=turn_batches(), scale=st.sampled_from(["std", "none"]), ddof=st.sampled_from([0, 1]))
@@ -118,3 +135,34 @@ def test_token_path_equals_turn_path(backend, batch, options):
     )
     want = reference.broadcast_to_tokens(turn_advantages, reference.turn_index_from_response_mask(response_mask))
     np.testing.assert_allclose(got, want, **TOLERANCE)
+
+
+@given_on_each_backend(batch=token_batches(), data=st.data())
+def test_turn_mask_means_the_same_in_the_library_and_the_oracle(backend, batch, data):
+    """``turn_mask`` marks the valid turns: tokens of other turns read 0 and their rewards are not
+    placed, in both. The library also refuses (validate=True) a layout that disagrees with it
+    (on JAX, which runs the drawn batches jitted, the refusals are tested on fixed batches in
+    test_core_validation)."""
+    runs = batch.turn_mask.sum(axis=1)
+    kept = np.array([data.draw(st.integers(0, int(n))) for n in runs], dtype=np.int64)
+    index = reference.turn_index_from_response_mask(batch.response_mask)
+
+    def both(values, token_index, response_mask, turn_mask, *, validate):
+        return (igpo.broadcast_to_tokens(values, token_index, turn_mask=turn_mask, validate=validate),
+                igpo.place_turn_rewards(values, response_mask, turn_mask=turn_mask, validate=validate))
+
+    for turns in (runs, kept):
+        turn_mask = np.arange(batch.turn_mask.shape[1])[None, :] < turns[:, None]
+        arrays = (batch.turn_rewards, index, batch.response_mask, turn_mask)
+        want = (reference.broadcast_to_tokens(batch.turn_rewards, index, turn_mask=turn_mask),
+                reference.place_turn_rewards(batch.turn_rewards, batch.response_mask, turn_mask=turn_mask))
+        for got, expected in zip(run_jitted(both, backend, *arrays, validate=False), want):
+            np.testing.assert_array_equal(got, expected)
+        if backend == "jax":
+            continue
+        if np.array_equal(turns, runs):
+            for got, expected in zip(run(both, backend, *arrays, validate=True), want):
+                np.testing.assert_array_equal(got, expected)
+        else:
+            with pytest.raises(ValueError, match="number of valid turns n_b|runs must equal turn_mask's valid turns"):
+                run(both, backend, *arrays, validate=True)

@@ -99,3 +99,134 @@ def test_values_under_padding_are_ignored_not_refused(backend):
 def test_unknown_array_types_are_refused():
     with pytest.raises(TypeError, match="NumPy arrays, torch Tensors, JAX arrays"):
         igpo.grpo_advantages({"a": 1.0}, [0])
+
+
+# -- hyperparameters: TypeError for a wrong type, ValueError for a wrong value, on every function --
+
+HYPERPARAMETER_CALLS = {
+    "gamma": lambda c, **kw: igpo.igpo_advantages(c(LOGPROB), c(OUTCOME), c(MASK), GROUPS, **kw),
+    "eps": lambda c, **kw: igpo.grpo_advantages(c(OUTCOME), GROUPS, **kw),
+    "ddof": lambda c, **kw: igpo.group_normalize(c(LOGPROB), c(MASK), GROUPS, **kw),
+    "ig_weight": lambda c, **kw: igpo.turn_rewards(c(LOGPROB), c(OUTCOME), c(MASK), **kw),
+    "outcome_weight": lambda c, **kw: igpo.igpo_advantages(c(LOGPROB), c(OUTCOME), c(MASK), GROUPS, **kw),
+    "log_prob_floor": lambda c, **kw: igpo.information_gain(c(LOGPROB), c(MASK), kind="log_prob", **kw),
+    "max_turns": lambda c, **kw: igpo.advantages_from_token_rewards(c([[0.0, 1.0]]), c([[1, 1]]), [0], **kw),
+    "mode": lambda c, **kw: igpo.group_normalize(c(LOGPROB), c(MASK), GROUPS, **kw),
+    "validate": lambda c, **kw: igpo.discounted_returns(c(LOGPROB), c(MASK), **kw),
+}
+
+WRONG_VALUES = [
+    ("gamma", float("nan"), r"gamma must be finite, got nan"),
+    ("gamma", float("inf"), r"gamma must be finite, got inf"),
+    ("eps", float("inf"), r"eps must be finite, got inf"),
+    ("eps", -1e-6, r"eps must be >= 0, got -1e-06"),
+    ("eps", float("nan"), r"eps must be finite, got nan"),
+    ("ig_weight", float("-inf"), r"ig_weight must be finite, got -inf"),
+    ("outcome_weight", float("inf"), r"outcome_weight must be finite, got inf"),
+    ("outcome_weight", float("nan"), r"outcome_weight must be finite, got nan"),
+    ("log_prob_floor", float("-inf"), r"log_prob_floor must be finite, got -inf"),
+    ("ddof", -1, r"ddof must be >= 0, got -1"),
+    ("max_turns", -2, r"max_turns must be >= 0, got -2"),
+    ("mode", "pooled", r"mode must be one of \['joint', 'separate'\], got 'pooled'"),
+]
+
+WRONG_TYPES = [
+    ("gamma", "0.9", r"gamma must be a real number \(a Python or NumPy scalar\), got str '0.9'"),
+    ("gamma", True, r"gamma must be a real number.*got bool True"),
+    ("eps", None, r"eps must be a real number.*got NoneType None"),
+    ("ig_weight", [1.0], r"ig_weight must be a real number.*got list"),
+    ("outcome_weight", np.array([1.0, 2.0]), r"outcome_weight must be a real number.*got ndarray"),
+    ("ddof", 1.0, r"ddof must be an int, got float 1.0"),
+    ("ddof", True, r"ddof must be an int, got bool True"),
+    ("max_turns", 2.5, r"max_turns must be an int, got float 2.5"),
+    ("mode", 1, r"mode must be a str, one of \['joint', 'separate'\], got int 1"),
+    ("validate", "yes", r"validate must be a bool, got str 'yes'"),
+]
+
+
+@pytest.mark.parametrize("argument, value, message", WRONG_VALUES)
+def test_out_of_range_hyperparameters_are_value_errors(backend, argument, value, message):
+    with pytest.raises(ValueError, match=message):
+        HYPERPARAMETER_CALLS[argument](lambda array: conv(backend, array), **{argument: value})
+
+
+@pytest.mark.parametrize("argument, value, message", WRONG_TYPES)
+def test_wrongly_typed_hyperparameters_are_type_errors(backend, argument, value, message):
+    with pytest.raises(TypeError, match=message):
+        HYPERPARAMETER_CALLS[argument](lambda array: conv(backend, array), **{argument: value})
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers(backend):
+    c = lambda array: conv(backend, array)  # noqa: E731
+    numpy_scalars = dict(gamma=np.float32(0.9), eps=np.float64(1e-6), ddof=np.int64(0), ig_weight=np.float32(0.5),
+                         outcome_weight=np.float16(2.0), log_prob_floor=np.float32(-20.0), kind="log_prob")
+    python_numbers = {key: value.item() if hasattr(value, "item") else value for key, value in numpy_scalars.items()}
+    got = igpo.igpo_advantages(c(LOGPROB), c(OUTCOME), c(MASK), GROUPS, **numpy_scalars)
+    want = igpo.igpo_advantages(c(LOGPROB), c(OUTCOME), c(MASK), GROUPS, **python_numbers)
+    for field in got._fields:
+        assert getattr(got, field).dtype == getattr(want, field).dtype, field  # no promotion by a NumPy scalar
+        np.testing.assert_array_equal(to_numpy(getattr(got, field)), to_numpy(getattr(want, field)))
+
+
+# -- the bugs of issue 8 -------------------------------------------------------------------------
+
+
+def test_eps_zero_keeps_zero_variance_pools_exactly_zero(backend):
+    """The docs promise exactly 0 for a zero-variance pool; with eps=0 that was 0/0 = NaN."""
+    out = to_numpy(igpo.grpo_advantages(conv(backend, [1.0, 1.0, 0.0, 1.0]), [0, 0, 1, 1], eps=0.0))
+    np.testing.assert_array_equal(out[:2], [0.0, 0.0])
+    np.testing.assert_allclose(out[2:], [-1.0, 1.0])
+    constant = np.where(MASK, 0.25, 0.0)
+    normalized = to_numpy(igpo.group_normalize(conv(backend, constant), conv(backend, MASK), GROUPS, eps=0.0))
+    np.testing.assert_array_equal(normalized, np.zeros_like(constant))
+    result = igpo.igpo_advantages(conv(backend, np.log(np.full((2, 3), 0.5))), conv(backend, [0.0, 0.0]),
+                                  conv(backend, MASK), GROUPS, eps=0.0)
+    np.testing.assert_array_equal(to_numpy(result.advantages), 0.0)
+
+
+def test_errors_name_the_callers_argument(backend):
+    with pytest.raises(ValueError, match=r"^outcome must hold finite values everywhere; found NaN/inf at indices \[0\]$"):
+        igpo.grpo_advantages(conv(backend, [np.nan, 0.0, 1.0, 0.0]), [0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"^outcome must have shape \[B\]"):
+        igpo.grpo_advantages(conv(backend, [[1.0, 0.0]]), [0])
+    with pytest.raises(ValueError, match=r"^values must hold finite values or -inf everywhere; found NaN/inf at indices \[1\]"):
+        igpo.zero_variance_group_fraction(conv(backend, [0.0, np.nan]), [0, 0])
+
+
+def test_mixing_libraries_names_the_users_arguments(backend):
+    for other in sorted({"numpy", "torch", "jax"} - {backend}):
+        with pytest.raises(TypeError, match=rf"'answer_logprob' is {backend}, 'outcome' is {other}"):
+            igpo.igpo_advantages(conv(backend, LOGPROB), to_backend(OUTCOME, other), MASK.tolist(), GROUPS)
+        with pytest.raises(TypeError, match=rf"'answer_logprob' is {backend}, 'outcome' is {other}"):
+            igpo.turn_rewards(conv(backend, LOGPROB), to_backend(OUTCOME, other), MASK.tolist())
+
+
+def test_a_valid_probe_without_answer_tokens_is_an_error_not_probability_one(backend):
+    logprobs = np.log(np.full((1, 3, 2), 0.5))
+    lost_middle = np.array([[[1, 1], [0, 0], [1, 1]]])  # probe 1 lost its answer, probe 2 has one
+    with pytest.raises(ValueError, match=r"no answer token at valid turns \(row, turn\) \[\[0, 1\]\]"):
+        igpo.answer_logprob(conv(backend, logprobs), conv(backend, lost_middle))
+    lost_last = np.array([[[1, 1], [1, 1], [0, 0]]])
+    with pytest.raises(ValueError, match=r"\[\[0, 2\]\]"):
+        igpo.answer_logprob(conv(backend, logprobs), conv(backend, lost_last), turn_mask=conv(backend, [[1, 1, 1]]))
+    # Unvalidated, the slot is NaN, which the next function refuses at a valid turn.
+    m = igpo.answer_logprob(conv(backend, logprobs), conv(backend, lost_middle), validate=False)
+    assert np.isnan(to_numpy(m)[0, 1])
+    with pytest.raises(ValueError, match=r"answer_logprob must hold finite values or -inf at valid positions"):
+        igpo.igpo_advantages(m, conv(backend, [1.0]), conv(backend, [[1, 1, 1]]), [0])
+    # A padded slot stays a 0.0 placeholder, with or without turn_mask.
+    padded = igpo.answer_logprob(conv(backend, logprobs), conv(backend, lost_last), turn_mask=conv(backend, [[1, 1, 0]]))
+    np.testing.assert_allclose(to_numpy(padded), [[np.log(0.5), np.log(0.5), 0.0]], rtol=1e-6)
+
+
+@pytest.mark.backends("torch")
+def test_validate_on_the_meta_device_says_to_pass_validate_false(backend):
+    import torch
+
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match=r"meta tensor.*pass validate=False"):
+        igpo.igpo_advantages(torch.empty(2, 3, device=meta), torch.empty(2, device=meta),
+                             torch.ones(2, 3, dtype=torch.bool, device=meta), torch.zeros(2, dtype=torch.long, device=meta))
+    with pytest.raises(ValueError, match=r"meta tensor.*max_turns"):
+        igpo.advantages_from_token_rewards(torch.empty(2, 4, device=meta), torch.ones(2, 4, device=meta, dtype=torch.bool),
+                                           [0, 0], validate=False)

@@ -1,6 +1,6 @@
 """Hand-computed golden cases for the float64 loop reference (igpo_rewards.testing.reference).
 
-Every expected value is worked out by hand in the comments next to it, from ALGORITHM.md and
+Every expected value is worked out by hand in the comments next to it, from docs/algorithm.md and
 the API contract, never by calling the reference itself. The last tests check identities
 between reference functions over drawn batches.
 """
@@ -50,6 +50,19 @@ def test_answer_logprob_masks_tokens_and_keeps_neg_inf():
     out = ref.answer_logprob(token_logprobs, token_mask)
     assert out.dtype == np.float64
     np.testing.assert_array_equal(out, expected)
+
+
+def test_answer_logprob_of_an_empty_probe_is_nan_at_a_valid_turn_and_zero_at_padding():
+    token_logprobs = np.full((2, 3, 2), -0.5)
+    token_mask = [[[1, 1], [0, 0], [1, 0]], [[1, 1], [1, 1], [0, 0]]]
+    # row 0: slot 1 is empty but slot 2 has a token, so slot 1 is a valid turn without answer: NaN;
+    # row 1: the trailing empty slot is padding: 0.0
+    np.testing.assert_array_equal(ref.answer_logprob(token_logprobs, token_mask),
+                                  [[-0.5, math.nan, -0.5], [-0.5, -0.5, 0.0]])
+    # with turn_mask, row 1's slot 2 is a valid turn: NaN; row 0's slot 2 is padding: its token is still read
+    turn_mask = [[1, 1, 0], [1, 1, 1]]
+    np.testing.assert_array_equal(ref.answer_logprob(token_logprobs, token_mask, turn_mask=turn_mask),
+                                  [[-0.5, math.nan, -0.5], [-0.5, -0.5, math.nan]])
 
 
 def test_answer_logprob_rejects_shape_mismatch():

@@ -12,7 +12,8 @@ import igpo_rewards
 from igpo_rewards import IGPOSettings
 from igpo_rewards.testing import reference
 
-NOT_SETTINGS = {"validate"}  # a runtime switch (host syncs on accelerators), not a hyperparameter
+# A runtime switch (host syncs on accelerators) and the batch layout, not hyperparameters.
+NOT_SETTINGS = {"validate", "group_size"}
 
 # Every field away from its default, so a setting that is not passed on changes the result.
 CHANGED = dict(gamma=0.9, kind="log_prob", mode="separate", weighting="trajectory", scale="std", eps=0.05, ddof=1,
@@ -69,3 +70,32 @@ def test_integrations_import_the_same_class():
     from igpo_rewards.integrations import IGPOSettings as FromIntegrations
 
     assert FromIntegrations is IGPOSettings
+
+
+def test_group_size_gives_the_same_advantages_as_contiguous_group_ids():
+    answer_logprob, outcome, turn_mask, group_ids = batch()
+    settings = IGPOSettings(**CHANGED)
+    by_ids = settings.igpo_advantages(answer_logprob, outcome, turn_mask, group_ids)
+    by_size = settings.igpo_advantages(answer_logprob, outcome, turn_mask, group_size=2)
+    np.testing.assert_allclose(by_size.advantages, by_ids.advantages, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(settings.grpo_advantages(outcome, group_size=2),
+                               settings.grpo_advantages(outcome, group_ids), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "words"),
+    [
+        ("eps", float("inf"), ValueError, "eps must be finite"),
+        ("eps", -1.0, ValueError, "eps must be >= 0"),
+        ("gamma", 1.5, ValueError, "gamma must be in [0, 1]"),
+        ("outcome_weight", float("nan"), ValueError, "igpo settings: outcome_weight must be finite"),
+        ("log_prob_floor", "low", TypeError, "igpo settings: log_prob_floor must be a real number"),
+        ("ddof", 1.0, TypeError, "igpo settings: ddof must be an int"),
+        ("max_turns", 0, ValueError, "igpo settings: max_turns must be >= 1"),
+        ("mode", "both", ValueError, "igpo settings: mode must be one of ['joint', 'separate']"),
+    ],
+)
+def test_bad_values_fail_at_construction_like_the_library_call(field, value, error, words):
+    with pytest.raises(error) as raised:
+        IGPOSettings(**{field: value})
+    assert words in str(raised.value)

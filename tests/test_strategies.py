@@ -251,6 +251,37 @@ def test_token_batches_options_are_respected(batch):
         assert (batch.token_level_rewards[i][~allowed] == 0).all()
 
 
+def assert_contiguous_equal_groups(group_ids: np.ndarray) -> None:
+    """G contiguous rows per group, every group of the same size, distinct ids per block."""
+    num_groups = len(set(group_ids.tolist()))
+    assert len(group_ids) % num_groups == 0
+    blocks = group_ids.reshape(num_groups, -1)
+    assert (blocks == blocks[:, :1]).all()
+    assert len(set(blocks[:, 0].tolist())) == num_groups
+
+
+@given(igst.turn_batches(contiguous_groups=True))
+def test_turn_batches_with_contiguous_groups(batch):
+    check_turn_batch(
+        batch, max_groups=4, max_group_size=6, max_turns=6, allow_neg_inf=True, allow_empty_rows=True
+    )
+    assert_contiguous_equal_groups(batch.group_ids)
+
+
+@given(igst.token_batches(contiguous_groups=True, final_reward_after_last_run=True))
+def test_token_batches_with_contiguous_groups(batch):
+    check_token_batch(
+        batch, max_groups=3, max_group_size=4, max_turns=4, max_turn_tokens=3, max_observation_tokens=3
+    )
+    assert_contiguous_equal_groups(batch.group_ids)
+    np.testing.assert_array_equal(read_turn_rewards(batch), batch.turn_rewards)
+
+
+def test_contiguous_groups_reach_several_groups_of_several_rollouts():
+    reaches(igst.turn_batches(contiguous_groups=True),
+            lambda b: len(set(b.group_ids.tolist())) >= 2 and len(b.group_ids) // len(set(b.group_ids.tolist())) >= 3)
+
+
 def test_token_batches_reach_the_edge_cases():
     strategy = igst.token_batches()
     reaches(strategy, lambda b: (b.turn_rewards[b.turn_mask] == 0).any())  # exact-zero reward

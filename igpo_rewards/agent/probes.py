@@ -10,7 +10,7 @@ once per step (``pad_token_ids``, ``suffix_table``):
   the update's new log-probs, a reference model, or language-model training.
 
 IGPO measures the policy's belief in the ground-truth answer a before each turn j
-(ALGORITHM.md section 1): teacher-force the fixed probe text after the context so far and score
+(docs/algorithm.md, section 1): teacher-force the fixed probe text after the context so far and score
 only the answer's tokens,
 
     m_{i,j} = (1/L) * sum_l log pi(a_l | context_{i,j}, probe text, a_<l),

@@ -1,8 +1,12 @@
 """Adapters that run IGPO inside distributed RL engines; each translates layouts and calls igpo_rewards.
 
 - :mod:`igpo_rewards.integrations.verl`: the advantage estimator ``"igpo"`` for verl (>= 0.9 loads it
-  through the ``verl.plugins`` entry point), and the helpers that write turn rewards into
-  ``rm_scores`` for a reward manager or an agent loop. Needs ``pip install igpo-rewards[verl]``.
+  through the ``verl.plugins`` entry point), the helpers that write turn rewards into
+  ``rm_scores``, and the outcome reward function ``compute_score``. Needs ``pip install igpo-rewards[verl]``.
+- :mod:`igpo_rewards.integrations.verl_agent_loop`: verl's agent loop ``"igpo_tool_agent"`` (the
+  tool agent loop plus the probe before every turn, scored by the rollout server);
+  :mod:`igpo_rewards.integrations.verl_manager` carries its turn rewards through the legacy
+  trainer; :mod:`igpo_rewards.integrations.verl_search` is a Search-R1 ``/retrieve`` search tool.
 - :mod:`igpo_rewards.integrations.trl`: ``IGPOTrainer``, a TRL ``GRPOTrainer`` whose advantages are
   IGPO's per-turn advantages, and (from :mod:`igpo_rewards.integrations.trl_search`) the Search-R1
   ``rollout_func`` with retrieval and probes, ``make_search_rollout_func``, and its reward function

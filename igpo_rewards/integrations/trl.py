@@ -199,9 +199,9 @@ class IGPOTrainer(GRPOTrainer):
 
     Per training batch: R_i = weighted sum of the reward functions; probe log-probs, turn masks
     and R are gathered over processes; :func:`igpo_rewards.igpo_advantages` runs on the whole
-    batch with group ids k // num_generations; each process broadcasts its rows' turn
-    advantages to their tokens. The result replaces ``advantages`` in the batch TRL trains on
-    ([B_local, C], 0 on environment tokens and padding).
+    batch with ``group_size=num_generations`` (row k is in group k // num_generations); each
+    process broadcasts its rows' turn advantages to their tokens. The result replaces
+    ``advantages`` in the batch TRL trains on ([B_local, C], 0 on environment tokens and padding).
 
     ``igpo_batch_inputs``: while TRL scores a batch (so during each ``rollout_func`` call), the
     dataset rows of this process's slice, row i the one of ``prompts[i]``; ``None`` otherwise.
@@ -329,12 +329,12 @@ class IGPOTrainer(GRPOTrainer):
                 f"gathered batch of {total_rows} completions ({outcome.shape[0]} rewards) is not made of whole groups "
                 f"of num_generations = {num_generations}"
             )
-        group_ids = torch.arange(total_rows, device=all_logprob.device) // num_generations
+        # TRL's sampler yields each prompt num_generations times in a row: contiguous groups.
         result = igpo_rewards.igpo_advantages(
             all_logprob,
             outcome.to(all_logprob),
             all_turn_mask,
-            group_ids,
+            group_size=num_generations,
             gamma=settings.gamma,
             **settings.reward_kwargs(),
             **settings.normalization_kwargs(),

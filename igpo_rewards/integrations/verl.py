@@ -12,9 +12,15 @@ sits at the last token of run j and the outcome at the last generated token (or 
 observation token, where verl's reward managers put it). :func:`igpo_token_scores` and
 :func:`assemble_igpo_rm_scores` write that layout from probe log-probs and outcome rewards.
 
+The estimator refuses what would silently turn IGPO into something else: token-level rejection
+sampling (``algorithm.rollout_correction.rollout_rs`` = token_k1/k2/k3 outside bypass mode) cuts
+turns apart in ``response_mask`` before the advantage step, so it is an error; a batch whose
+rollouts have rewards only on their last turn (the stock ``tool_agent``, or a reward path that
+dropped the per-turn rewards) gets a loud warning, once per process.
+
 verl logs a plugin that fails to load only at debug level; so this module logs its own failure
 at ERROR level, and :func:`check_registered` (also ``python -m igpo_rewards.integrations.verl``)
-says whether ``"igpo"`` is registered and, if not, why.
+says whether ``"igpo"`` and the agent loop ``igpo_tool_agent`` are registered and, if not, why.
 """
 
 from __future__ import annotations
@@ -22,23 +28,29 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 import igpo_rewards
+from igpo_rewards._groups import contiguous_group_size
 from igpo_rewards.integrations import IGPOSettings
 
 __all__ = [
     "ANSWER_LOGPROB_KEY",
     "ESTIMATOR_NAME",
+    "OutcomeOnlyWarning",
     "assemble_igpo_rm_scores",
+    "check_agent_loop_registered",
     "check_registered",
     "compute_igpo_advantage",
+    "compute_score",
+    "hermes_response_for_scoring",
     "group_ids_from_uids",
     "igpo_token_scores",
     "register",
@@ -53,9 +65,18 @@ ANSWER_LOGPROB_KEY = "igpo_answer_logprob"
 """The ``non_tensor_batch`` column (an agent loop's ``extra_fields`` key) holding each rollout's probe log-probs."""
 ENTRY_POINT_GROUP = "verl.plugins"
 MODULE_NAME = "igpo_rewards.integrations.verl"
+AGENT_LOOP_NAME = "igpo_tool_agent"
+AGENT_LOOP_MODULE = "igpo_rewards.integrations.verl_agent_loop"
+TOKEN_LEVEL_REJECTION = ("token_k1", "token_k2", "token_k3")
+"""verl's token-level ``rollout_rs`` modes (``rollout_corr_helper.TOKEN_LEVEL_ROLLOUT_RS_OPTIONS``)."""
 
 logger = logging.getLogger(MODULE_NAME)
 _warned_kl_in_reward = False
+_warned_outcome_only = False
+
+
+class OutcomeOnlyWarning(UserWarning):
+    """IGPO ran on a batch whose rollouts carry rewards only on their last turn."""
 
 
 def settings_from_config(config: Any) -> IGPOSettings:
@@ -123,7 +144,10 @@ def compute_igpo_advantage(
     Turn j of row b is the j-th run of 1s in ``response_mask``; its reward r_{b,j} is read at
     the run's last token (the final turn also collects reward on trailing 0-mask tokens). The
     turn rewards are group-normalized within verl's ``uid`` groups, discounted over turns and
-    broadcast to the turn's tokens (:func:`igpo_rewards.advantages_from_token_rewards`).
+    broadcast to the turn's tokens (:func:`igpo_rewards.advantages_from_token_rewards`). When the
+    uids come as G contiguous rows each (verl's ``rollout.n`` repeats, unless
+    ``trainer.balance_batch`` reordered the batch) the groups are passed as ``group_size=G``,
+    otherwise as ids; the advantages are the same.
     Hyperparameters come from ``algorithm.igpo.*`` (:class:`IGPOSettings`, the paper's defaults);
     verl's ``algorithm.gamma`` (a per-token discount for GAE) is not used.
 
@@ -135,7 +159,8 @@ def compute_igpo_advantage(
       token_level_rewards: [B, S] float rewards (verl's ``token_level_rewards``).
       response_mask: [B, S] 0/1 mask of generated tokens.
       index: [B] group ids (verl's ``uid``); required.
-      config: verl's ``algorithm`` config (reads ``igpo`` and ``use_kl_in_reward``).
+      config: verl's ``algorithm`` config (reads ``igpo``, ``use_kl_in_reward`` and
+        ``rollout_correction``).
       **unused: other arguments verl passes to some estimators (e.g. ``reward_baselines``);
         IGPO does not use them.
 
@@ -143,25 +168,22 @@ def compute_igpo_advantage(
       (advantages, returns), both the same [B, S] tensor of ``token_level_rewards``' dtype and
       device; 0 on every 0-mask token.
 
+    Warns:
+      OutcomeOnlyWarning: once per process, when some rollout has several turns but no rollout
+        has a nonzero reward at the end of any turn but its last (see :func:`_warn_if_outcome_only`).
+
     Raises:
-      ValueError: no ``index``, shapes that disagree, rewards on observation tokens between turns.
+      ValueError: no ``index``, shapes that disagree, rewards on observation tokens between turns,
+        token-level rejection sampling in ``algorithm.rollout_correction.rollout_rs``.
     """
-    global _warned_kl_in_reward
     if index is None:
         raise ValueError(
             "the igpo advantage estimator needs verl's group index (non_tensor_batch['uid']); got index=None"
         )
     settings = settings_from_config(config)
-    if config is not None and not isinstance(config, IGPOSettings) and hasattr(config, "get"):
-        if config.get("use_kl_in_reward", False) and not _warned_kl_in_reward:
-            _warned_kl_in_reward = True
-            warnings.warn(
-                "algorithm.use_kl_in_reward=True with adv_estimator=igpo: IGPO reads each turn's reward at the "
-                "turn's last token, so the per-token KL penalty on the other tokens is dropped. Set "
-                "algorithm.use_kl_in_reward=False and actor_rollout_ref.actor.use_kl_loss=True.",
-                stacklevel=2,
-            )
-    group_ids = group_ids_from_uids(index, device=token_level_rewards.device)
+    _check_algorithm_config(config)
+    _warn_if_outcome_only(token_level_rewards, response_mask)
+    group_ids = group_ids_from_uids(index)  # on the host; _groups_of moves them if needed
     if group_ids.shape[0] != token_level_rewards.shape[0]:
         raise ValueError(
             f"index (verl's uid) must have one entry per row: {group_ids.shape[0]} ids for token_level_rewards "
@@ -171,12 +193,98 @@ def compute_igpo_advantage(
         advantages = igpo_rewards.advantages_from_token_rewards(
             token_level_rewards,
             response_mask,
-            group_ids,
+            **_groups_of(group_ids, device=token_level_rewards.device),
             gamma=settings.gamma,
             max_turns=settings.max_turns,
             **settings.normalization_kwargs(),
         )
     return advantages, advantages
+
+
+def _groups_of(group_ids: torch.Tensor, *, device: torch.device) -> dict[str, Any]:
+    """``group_size=G`` when the rows are G contiguous rollouts per uid (verl repeats each prompt
+    ``rollout.n`` times in a row), checked on the host in O(B); else the ids, on ``device``. Both
+    give the same advantages; the first skips the group-id factorization."""
+    group_size = contiguous_group_size(group_ids.numpy())
+    if group_size is not None:
+        return {"group_size": group_size}
+    return {"group_ids": group_ids.to(device)}
+
+
+def _config_value(config: Any, key: str) -> Any:
+    """``config[key]`` for an OmegaConf node, a verl config dataclass or a mapping; None if absent."""
+    if config is None or isinstance(config, IGPOSettings):
+        return None
+    if hasattr(config, "get"):
+        return config.get(key, None)
+    return getattr(config, key, None)
+
+
+def _check_algorithm_config(config: Any) -> None:
+    """Refuses token-level rejection sampling; warns once about ``use_kl_in_reward``.
+
+    verl's ``rollout_correction`` with ``rollout_rs`` in token_k1/k2/k3 (decoupled mode, the
+    default: ``bypass_mode=False``) zeroes single tokens of ``response_mask`` before the advantage
+    step. A hole inside a turn splits it into two runs (two turns, which changes the group's pool
+    and every other rollout's advantages); a hole on a turn's last token moves its reward onto a
+    0-mask token. In bypass mode the rejection only masks the actor's loss, after the advantages.
+    """
+    global _warned_kl_in_reward
+    correction = _config_value(config, "rollout_correction")
+    rejection = _config_value(correction, "rollout_rs")
+    if isinstance(rejection, str) and not _config_value(correction, "bypass_mode"):
+        modes = [mode.strip() for mode in rejection.split(",")]
+        cutting = [mode for mode in modes if mode in TOKEN_LEVEL_REJECTION]
+        if cutting:
+            raise ValueError(
+                f"algorithm.rollout_correction.rollout_rs={rejection!r} with adv_estimator=igpo: token-level rejection "
+                f"sampling ({', '.join(cutting)}) zeroes single tokens of response_mask before the advantage step, which "
+                f"cuts IGPO's turns (a hole inside a turn makes it two turns and changes the whole group's advantages). "
+                f"Use a sequence-level mode (e.g. seq_mean_k3), or algorithm.rollout_correction.bypass_mode=True "
+                f"(rejection then masks only the loss)."
+            )
+    if _config_value(config, "use_kl_in_reward") and not _warned_kl_in_reward:
+        _warned_kl_in_reward = True
+        warnings.warn(
+            "algorithm.use_kl_in_reward=True with adv_estimator=igpo: IGPO reads each turn's reward at the "
+            "turn's last token, so the per-token KL penalty on the other tokens is dropped. Set "
+            "algorithm.use_kl_in_reward=False and actor_rollout_ref.actor.use_kl_loss=True.",
+            stacklevel=3,
+        )
+
+
+def _warn_if_outcome_only(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> None:
+    """Warns (OutcomeOnlyWarning, once per process) when some rollout has two or more turns but no
+    rollout has a nonzero reward at the last token of any turn other than its final one.
+
+    That is what verl's stock layout looks like (the outcome at the last token, nothing else):
+    the stock ``tool_agent`` computes no probes, and the legacy trainer without
+    ``verl_manager.IGPOAgentLoopManager`` (or a colocated reward model) drops the per-turn
+    rewards. IGPO then degrades into a turn-pooled outcome-only baseline; the estimator cannot
+    tell it from information gains that are all exactly 0, hence a warning, not an error.
+    """
+    global _warned_outcome_only
+    if _warned_outcome_only or token_level_rewards.numel() == 0:
+        return
+    mask = response_mask.bool()
+    turn_end = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+    later_ends = torch.flip(torch.cumsum(torch.flip(turn_end.int(), [1]), 1), [1]) - turn_end.int()
+    earlier_turn_end = turn_end & (later_ends > 0)  # a turn end followed by another turn
+    if not bool(earlier_turn_end.any()) or bool((token_level_rewards[earlier_turn_end] != 0).any()):
+        return
+    _warned_outcome_only = True
+    multi_turn = int(earlier_turn_end.any(dim=1).sum())
+    warnings.warn(
+        f"adv_estimator=igpo got a batch in which {multi_turn} of {mask.shape[0]} rollouts have several turns but no "
+        f"rollout has a nonzero reward on any turn but its last: IGPO degrades into an outcome-only baseline "
+        f"pooled over turns. Likely cause: the agent loop is the stock tool_agent (set "
+        f"actor_rollout_ref.rollout.agent.default_agent_loop={AGENT_LOOP_NAME}), or the reward path dropped the "
+        f"per-turn rewards (legacy trainer without +actor_rollout_ref.rollout.agent.agent_loop_manager_class="
+        f"igpo_rewards.integrations.verl_manager.IGPOAgentLoopManager, or a colocated reward model rewriting "
+        f"rm_scores). This warning is shown once per process.",
+        OutcomeOnlyWarning,
+        stacklevel=3,
+    )
 
 
 def igpo_token_scores(
@@ -321,11 +429,7 @@ def check_registered() -> None:
     estimator. Call it at start-up (e.g. in a reward manager's ``__init__``) or run
     ``python -m igpo_rewards.integrations.verl``; verl itself logs a failed plugin only at debug level.
     """
-    try:
-        import verl
-        from verl.trainer.ppo import core_algos
-    except ImportError as error:
-        raise RuntimeError(f"verl cannot be imported ({error}); install it: pip install 'igpo-rewards[verl]'") from error
+    verl, core_algos = _import_verl("trainer.ppo.core_algos")
     if not hasattr(core_algos, "register_adv_est"):
         raise RuntimeError(f"verl {verl.__version__} has no register_adv_est (added in verl 0.4.1); upgrade verl")
     registered = core_algos.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR_NAME)
@@ -336,29 +440,56 @@ def check_registered() -> None:
             f"verl's advantage estimator {ESTIMATOR_NAME!r} is {registered!r} from {registered.__module__}, "
             f"not IGPO's ({MODULE_NAME}.compute_igpo_advantage)"
         )
-    raise RuntimeError(f"verl's advantage estimator {ESTIMATOR_NAME!r} is not registered: {_why_not_loaded(verl)}")
+    reason = _why_not_loaded(verl, ESTIMATOR_NAME, MODULE_NAME)
+    raise RuntimeError(f"verl's advantage estimator {ESTIMATOR_NAME!r} is not registered: {reason}")
 
 
-def _why_not_loaded(verl_module: Any) -> str:
+def check_agent_loop_registered() -> None:
+    """Raises RuntimeError, saying why, unless verl's agent-loop registry maps ``"igpo_tool_agent"``
+    to ``igpo_rewards.integrations.verl_agent_loop.IGPOToolAgentLoop`` (what
+    ``actor_rollout_ref.rollout.agent.default_agent_loop=igpo_tool_agent`` instantiates)."""
+    verl, agent_loop = _import_verl("experimental.agent_loop.agent_loop")
+    expected = f"{AGENT_LOOP_MODULE}.IGPOToolAgentLoop"
+    registered = getattr(agent_loop, "_agent_loop_registry", {}).get(AGENT_LOOP_NAME)
+    target = registered.get("_target_") if hasattr(registered, "get") else None
+    if target == expected:
+        return
+    if registered is not None:
+        raise RuntimeError(f"verl's agent loop {AGENT_LOOP_NAME!r} is {target!r}, not IGPO's ({expected})")
+    reason = _why_not_loaded(verl, AGENT_LOOP_NAME, AGENT_LOOP_MODULE)
+    raise RuntimeError(f"verl's agent loop {AGENT_LOOP_NAME!r} is not registered: {reason}")
+
+
+def _import_verl(submodule: str) -> tuple[Any, Any]:
+    try:
+        import verl
+
+        return verl, importlib.import_module(f"verl.{submodule}")
+    except ImportError as error:
+        raise RuntimeError(f"verl cannot be imported ({error}); install it: pip install 'igpo-rewards[verl]'") from error
+
+
+def _why_not_loaded(verl_module: Any, name: str, module: str) -> str:
+    """Why the ``verl.plugins`` entry point ``name`` (which imports ``module``) did not register."""
     version = getattr(verl_module, "__version__", "unknown")
     installed = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    entry_points = [ep for ep in installed if ep.name == ESTIMATOR_NAME]
+    entry_points = [ep for ep in installed if ep.name == name]
     policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
     if not entry_points:
         return (
-            f"no {ENTRY_POINT_GROUP!r} entry point named {ESTIMATOR_NAME!r} is installed (igpo-rewards is not "
+            f"no {ENTRY_POINT_GROUP!r} entry point named {name!r} is installed (igpo-rewards is not "
             f"pip-installed in this environment, e.g. it runs from a source tree on PYTHONPATH); run "
-            f"`pip install 'igpo-rewards[verl]'` or import {MODULE_NAME} in the driver"
+            f"`pip install 'igpo-rewards[verl]'` or import {module} in the driver"
         )
     if ENTRY_POINT_GROUP not in _verl_init_source(verl_module):
         return (
             f"verl {version} does not load {ENTRY_POINT_GROUP!r} entry points (verl >= 0.9 does); set "
-            f"VERL_USE_EXTERNAL_MODULES={MODULE_NAME} (verl >= 0.6) or import {MODULE_NAME} in the driver"
+            f"VERL_USE_EXTERNAL_MODULES={module} (verl >= 0.6) or import {module} in the driver"
         )
-    if policy == "none" or (policy != "auto" and ESTIMATOR_NAME not in {p.strip() for p in policy.split(",")}):
+    if policy == "none" or (policy != "auto" and name not in {p.strip() for p in policy.split(",")}):
         return (
             f"VERL_USE_EXTERNAL_PLUGINS={os.environ.get('VERL_USE_EXTERNAL_PLUGINS')!r} excludes the "
-            f"{ESTIMATOR_NAME!r} plugin; unset it or add {ESTIMATOR_NAME!r} to the list"
+            f"{name!r} plugin; unset it or add {name!r} to the list"
         )
     try:
         entry_points[0].load()
@@ -380,17 +511,72 @@ def _verl_init_source(verl_module: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m igpo_rewards.integrations.verl``: imports verl the way a training job does and
-    reports whether ``algorithm.adv_estimator=igpo`` will resolve. Exit status 0 if it will."""
+    reports whether ``algorithm.adv_estimator=igpo`` and ``default_agent_loop=igpo_tool_agent``
+    will resolve. Exit status 0 if both will, 1 otherwise."""
     del argv
-    try:
-        check_registered()
-    except RuntimeError as error:
-        print(f"igpo is NOT available to verl: {error}", file=sys.stderr)
-        return 1
-    import verl
+    checks = (
+        (ESTIMATOR_NAME, "advantage estimator", check_registered, f"{MODULE_NAME}.compute_igpo_advantage"),
+        (AGENT_LOOP_NAME, "agent loop", check_agent_loop_registered, f"{AGENT_LOOP_MODULE}.IGPOToolAgentLoop"),
+    )
+    status = 0
+    for name, kind, check, target in checks:
+        try:
+            check()
+        except RuntimeError as error:
+            print(f"{name} is NOT available to verl: {error}", file=sys.stderr)
+            status = 1
+            continue
+        import verl
 
-    print(f"verl {verl.__version__}: advantage estimator {ESTIMATOR_NAME!r} -> {MODULE_NAME}.compute_igpo_advantage")
-    return 0
+        print(f"verl {verl.__version__}: {kind} {name!r} -> {target}")
+    return status
+
+
+_TOOL_RESPONSE_JOIN = re.compile(r"</tool_response>\s*<tool_response>")
+_TOOL_RESPONSE = re.compile(r"(?:\b(?:user|tool)\s*)?<tool_response>(.*?)</tool_response>(?:\s*assistant\b\s*)?", re.S)
+
+
+def hermes_response_for_scoring(solution_str: str) -> str:
+    r"""verl's decoded multi-turn response in the tag layout ``igpo_rewards.outcome_reward`` reads.
+
+    verl's reward managers decode the whole response (assistant tokens and the chat template's
+    tool turns) with special tokens skipped. Under a ChatML template with hermes tool calls
+    (Qwen2.5, Qwen3) a tool turn then reads ``user\n<tool_response>\n...\n</tool_response>\n
+    assistant\n``: the role names would be text outside the tags (a malformed response). Each
+    run of tool responses becomes one ``<information>`` block (the observation after a call), and
+    the role names that wrap it go.
+
+    Example:
+      >>> hermes_response_for_scoring('<tool_call>{"name": "search"}</tool_call>\nuser\n<tool_response>\n'
+      ...                             'Doc 1\n</tool_response>\nassistant\n<answer> Kaleno </answer>')
+      '<tool_call>{"name": "search"}</tool_call>\n<information>\nDoc 1\n</information>\n<answer> Kaleno </answer>'
+    """
+    joined = _TOOL_RESPONSE_JOIN.sub("\n", solution_str)
+    return _TOOL_RESPONSE.sub(lambda match: f"<information>{match.group(1)}</information>\n", joined)
+
+
+def compute_score(
+    data_source: Any, solution_str: str, ground_truth: Any, extra_info: Mapping[str, Any] | None = None, **unused: Any
+) -> float:
+    r"""The paper's outcome reward R as a verl reward function
+    (``reward.custom_reward_function.path=pkg://igpo_rewards.integrations.verl``, ``name=compute_score``).
+
+    ``igpo_rewards.outcome_reward`` (answer F1 over the aliases, -2.0 for a malformed response) of
+    :func:`hermes_response_for_scoring` of verl's decoded response. Ground truths are aliases
+    (a list or one string joined by ``"<|answer_split|>"``) or Search-R1's ``{"target": [...]}``.
+    Only ``solution_str`` is read per rollout: verl's ``NaiveRewardManager`` merges each rollout's
+    ``extra_fields`` into the ``extra_info`` dict that all rollouts of a prompt share, so values
+    read from ``extra_info`` may belong to another rollout.
+
+    Example:
+      >>> compute_score("nq", "<tool_call>{}</tool_call>user\n<tool_response>Doc</tool_response>"
+      ...               "assistant\n<answer> Kaleno </answer>", "Kaleno")
+      1.0
+    """
+    del data_source, extra_info, unused
+    if isinstance(ground_truth, Mapping) and "target" in ground_truth:  # Search-R1's {"target": [...]}
+        ground_truth = ground_truth["target"]
+    return float(igpo_rewards.outcome_reward(hermes_response_for_scoring(solution_str), ground_truth))
 
 
 def _register_at_import() -> None:

@@ -102,8 +102,17 @@ def _check_rollouts(array: np.ndarray, name: str, num_rollouts: int) -> None:
         )
 
 
-def _group_keys(group_ids: Any, num_rollouts: int) -> list[Hashable]:
-    """One hashable key per rollout (Python scalars, so that 3 and np.int64(3) are one group)."""
+def _group_keys(group_ids: Any, num_rollouts: int, group_size: int | None = None) -> list[Hashable]:
+    """One hashable key per rollout (Python scalars, so that 3 and np.int64(3) are one group).
+
+    ``group_size=G`` instead of ids: rollout i is in group i // G (G contiguous rollouts per group).
+    """
+    if (group_ids is None) == (group_size is None):
+        raise ValueError("pass exactly one of group_ids and group_size")
+    if group_size is not None:
+        if group_size < 1 or num_rollouts % group_size:
+            raise ValueError(f"group_size = {group_size} must divide B = {num_rollouts}")
+        return [i // group_size for i in range(num_rollouts)]
     if isinstance(group_ids, (list, tuple)):
         keys = list(group_ids)
         if len(keys) != num_rollouts:
@@ -145,26 +154,35 @@ def _runs(response_mask_row: np.ndarray) -> list[tuple[int, int]]:
 # Section 1: the probe.
 
 
-def answer_logprob(token_logprobs: Any, token_mask: Any) -> np.ndarray:
+def answer_logprob(token_logprobs: Any, token_mask: Any, *, turn_mask: Any = None) -> np.ndarray:
     """Length-normalized log-probability of the answer at each probe.
 
     m_{i,j} = (1/L_{i,j}) * sum_{l: mask_{i,j,l}} log pi(a_l | context_{i,j}, a_<l)
 
+    A probe slot with no answer token has no log-prob: NaN at a valid turn, 0.0 (a
+    placeholder) at a padded one. The valid turns are ``turn_mask`` when given, else the slots
+    of row i up to the last one with an answer token.
+
     Args:
       token_logprobs: ``[B, T, L]`` log-probabilities of the answer tokens.
       token_mask: ``[B, T, L]``, nonzero where a token belongs to the answer.
+      turn_mask: optional ``[B, T]`` mask of valid turns.
 
     Returns:
-      ``[B, T]`` float64. A probe slot with no answer token gives 0.0; a ``-inf`` token
-      log-prob gives ``-inf`` (probability 0). Values under mask 0 are ignored.
+      ``[B, T]`` float64. A ``-inf`` token log-prob gives ``-inf`` (probability 0). Values
+      under mask 0 are ignored.
     """
     logprobs = _float64(token_logprobs)
     mask = _bool(token_mask)
     _check_ndim(logprobs, "token_logprobs", 3, "[B, T, L]")
     _check_same_shape(mask, "token_mask", logprobs, "token_logprobs")
     num_rollouts, num_turns, num_tokens = logprobs.shape
+    if turn_mask is not None:
+        valid = _bool(turn_mask)
+        _check_same_shape(valid, "turn_mask", logprobs[:, :, 0], "token_logprobs[:, :, 0]")
     out = np.zeros((num_rollouts, num_turns), dtype=np.float64)
     for i in range(num_rollouts):
+        last_with_answer = max((j for j in range(num_turns) if mask[i, j].any()), default=-1)
         for j in range(num_turns):
             total = 0.0
             count = 0
@@ -172,7 +190,11 @@ def answer_logprob(token_logprobs: Any, token_mask: Any) -> np.ndarray:
                 if mask[i, j, token]:
                     total += float(logprobs[i, j, token])
                     count += 1
-            out[i, j] = total / count if count > 0 else 0.0
+            is_valid = bool(valid[i, j]) if turn_mask is not None else j <= last_with_answer
+            if count > 0:
+                out[i, j] = total / count
+            elif is_valid:
+                out[i, j] = math.nan
     return out
 
 
@@ -283,10 +305,10 @@ def _normalize_pool(
     if scale == "none":
         return [v - mean for v in values]
     dof = count - ddof
-    if count == 1 or dof <= 0:
+    squares = sum(w * (v - mean) ** 2 for w, v in zip(weights, values))
+    if count == 1 or dof <= 0 or squares == 0.0:  # squares == 0: deviations too small to square
         std = 1.0
     else:
-        squares = sum(w * (v - mean) ** 2 for w, v in zip(weights, values))
         std = math.sqrt(squares / (total_weight * dof / count))
     return [(v - mean) / (std + eps) for v in values]
 
@@ -294,8 +316,9 @@ def _normalize_pool(
 def group_normalize(
     rewards: Any,
     turn_mask: Any,
-    group_ids: Any,
+    group_ids: Any = None,
     *,
+    group_size: int | None = None,
     mode: str = "joint",
     weighting: str = "turn",
     scale: str = "std",
@@ -312,7 +335,7 @@ def group_normalize(
 
       mean = sum(w r) / W
       var  = sum(w (r - mean)^2) / (W (N - ddof) / N)
-      std  = sqrt(var);   std := 1 when N == 1 or N - ddof <= 0
+      std  = sqrt(var);   std := 1 when N == 1, N - ddof <= 0 or var == 0
 
     Pools: ``"joint"`` = all valid entries of a group; ``"separate"`` = per group, the final-turn
     entries (j = n_i - 1) and the non-final entries (j < n_i - 1) apart. A pool whose entries
@@ -322,6 +345,7 @@ def group_normalize(
       rewards: ``[B, T]`` turn rewards.
       turn_mask: ``[B, T]`` prefix mask of valid turns.
       group_ids: ``[B]`` hashable group ids.
+      group_size: instead of ``group_ids``: rollout i is in group i // group_size.
 
     Returns:
       ``[B, T]`` float64.
@@ -330,7 +354,7 @@ def group_normalize(
     mask = _bool(turn_mask)
     _check_ndim(values, "rewards", 2, "[B, T]")
     _check_same_shape(mask, "turn_mask", values, "rewards")
-    keys = _group_keys(group_ids, values.shape[0])
+    keys = _group_keys(group_ids, values.shape[0], group_size)
     _check_choice(mode, "mode", _MODES)
     _check_choice(weighting, "weighting", _WEIGHTINGS)
     _check_choice(scale, "scale", _SCALES)
@@ -396,8 +420,9 @@ def igpo_advantages(
     answer_logprob: Any,
     outcome: Any,
     turn_mask: Any,
-    group_ids: Any,
+    group_ids: Any = None,
     *,
+    group_size: int | None = None,
     gamma: float = 1.0,
     kind: str = "prob",
     mode: str = "joint",
@@ -415,7 +440,7 @@ def igpo_advantages(
       answer_logprob: ``[B, T]`` probe log-probs.
       outcome: ``[B]`` outcome rewards.
       turn_mask: ``[B, T]`` prefix mask of valid turns.
-      group_ids: ``[B]`` hashable group ids.
+      group_ids: ``[B]`` hashable group ids (or ``group_size``, see :func:`group_normalize`).
 
     Returns:
       :class:`IGPOAdvantages` ``(advantages, normalized_rewards, rewards, information_gain)``,
@@ -432,7 +457,8 @@ def igpo_advantages(
         log_prob_floor=log_prob_floor,
     )
     normalized = group_normalize(
-        rewards, turn_mask, group_ids, mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof
+        rewards, turn_mask, group_ids, group_size=group_size, mode=mode, weighting=weighting, scale=scale,
+        eps=eps, ddof=ddof,
     )
     advantages = discounted_returns(normalized, turn_mask, gamma=gamma)
     return IGPOAdvantages(advantages, normalized, rewards, gains)
@@ -440,8 +466,9 @@ def igpo_advantages(
 
 def grpo_advantages(
     outcome: Any,
-    group_ids: Any,
+    group_ids: Any = None,
     *,
+    group_size: int | None = None,
     scale: str = "std",
     eps: float = 1e-6,
     ddof: int = 0,
@@ -455,14 +482,14 @@ def grpo_advantages(
 
     Args:
       outcome: ``[B]`` outcome rewards.
-      group_ids: ``[B]`` hashable group ids.
+      group_ids: ``[B]`` hashable group ids (or ``group_size``, see :func:`group_normalize`).
 
     Returns:
       ``[B]`` float64.
     """
     values = _float64(outcome)
     _check_ndim(values, "outcome", 1, "[B]")
-    keys = _group_keys(group_ids, values.shape[0])
+    keys = _group_keys(group_ids, values.shape[0], group_size)
     _check_choice(scale, "scale", _SCALES)
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
@@ -606,8 +633,9 @@ def place_turn_rewards(
 def advantages_from_token_rewards(
     token_level_rewards: Any,
     response_mask: Any,
-    group_ids: Any,
+    group_ids: Any = None,
     *,
+    group_size: int | None = None,
     gamma: float = 1.0,
     mode: str = "joint",
     weighting: str = "turn",
@@ -629,7 +657,7 @@ def advantages_from_token_rewards(
     Args:
       token_level_rewards: ``[B, S]`` rewards per response token.
       response_mask: ``[B, S]``, nonzero on generated tokens.
-      group_ids: ``[B]`` hashable group ids.
+      group_ids: ``[B]`` hashable group ids (or ``group_size``, see :func:`group_normalize`).
       max_turns: T of the intermediate turn arrays; default: the most runs in a row.
 
     Returns:
@@ -640,7 +668,7 @@ def advantages_from_token_rewards(
     _check_ndim(rewards, "token_level_rewards", 2, "[B, S]")
     _check_same_shape(mask, "response_mask", rewards, "token_level_rewards")
     num_rollouts, num_tokens = rewards.shape
-    keys = _group_keys(group_ids, num_rollouts)
+    keys = _group_keys(group_ids, num_rollouts, group_size)
     runs = [_runs(mask[i]) for i in range(num_rollouts)]
     most_runs = max((len(row) for row in runs), default=0)
     num_turns = most_runs if max_turns is None else int(max_turns)
@@ -665,21 +693,21 @@ def advantages_from_token_rewards(
     return broadcast_to_tokens(advantages, turn_index_from_response_mask(mask))
 
 
-def zero_variance_group_fraction(values: Any, group_ids: Any) -> float:
+def zero_variance_group_fraction(values: Any, group_ids: Any = None, *, group_size: int | None = None) -> float:
     """Fraction of groups whose values are all equal (the GRPO advantage-collapse rate).
 
     A single-rollout group counts as zero-variance. An empty batch (no groups) gives 0.0.
 
     Args:
       values: ``[B]`` one value per rollout (e.g. the outcome rewards).
-      group_ids: ``[B]`` hashable group ids.
+      group_ids: ``[B]`` hashable group ids (or ``group_size``, see :func:`group_normalize`).
 
     Returns:
       A Python float in [0, 1].
     """
     values = _float64(values)
     _check_ndim(values, "values", 1, "[B]")
-    keys = _group_keys(group_ids, values.shape[0])
+    keys = _group_keys(group_ids, values.shape[0], group_size)
     groups: dict[Hashable, list[float]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(float(values[i]))

@@ -215,16 +215,18 @@ def _turn_batches(
     allow_neg_inf: bool,
     allow_empty_rows: bool,
     ties: bool,
+    contiguous_groups: bool,
 ) -> TurnBatch:
     num_turns = draw(st.integers(1, max_turns))
     num_groups = draw(st.integers(1, max_groups))
     ids = draw(_distinct_ids(num_groups))
+    shared_size = draw(st.integers(1, max_group_size)) if contiguous_groups else None
     tie_modes = ["none", "equal_outcome", "constant"] if ties else ["none"]
     logprobs = _LOGPROBS if allow_neg_inf else _FINITE_LOGPROBS
 
     rows: list[tuple[list[float], float, int, int]] = []
     for group_id in ids:
-        size = draw(st.integers(1, max_group_size))
+        size = shared_size or draw(st.integers(1, max_group_size))
         tie_mode = draw(st.sampled_from(tie_modes))
         # equal_outcome: one outcome for the whole group (a zero-variance GRPO group and a
         # zero-variance final-turn pool); constant: every valid turn reward of the group is 0
@@ -244,8 +246,9 @@ def _turn_batches(
             )
             rows.append((valid + padded, outcome, num_valid, group_id))
 
-    order = draw(st.permutations(range(len(rows))))
-    rows = [rows[k] for k in order]
+    if not contiguous_groups:
+        order = draw(st.permutations(range(len(rows))))
+        rows = [rows[k] for k in order]
     return TurnBatch(
         answer_logprob=np.asarray([row[0] for row in rows], dtype=np.float64).reshape(
             len(rows), num_turns
@@ -264,11 +267,14 @@ def turn_batches(
     allow_neg_inf: bool = True,
     allow_empty_rows: bool = True,
     ties: bool = True,
+    contiguous_groups: bool = False,
 ) -> st.SearchStrategy[TurnBatch]:
     """Valid turn-level batches (:class:`TurnBatch`) of 1 .. max_groups groups.
 
     Each group has 1 .. max_group_size rollouts (rows shuffled across groups), T is drawn in
     1 .. max_turns and each rollout has 0 .. T valid turns (1 .. T without empty rows).
+    With ``contiguous_groups`` every group has the same size G and its rows are contiguous
+    (verl's and TRL's layout): ``group_size = B // number of groups`` describes the batch.
 
     Args:
       allow_neg_inf: valid probe log-probs may be ``-inf`` (probability 0).
@@ -276,12 +282,13 @@ def turn_batches(
       ties: some groups share one outcome (zero-variance GRPO group and final-turn pool) or
         have all turn rewards equal to 0 (zero-variance joint pool); exact ties within rows
         (zero information gain) appear either way.
+      contiguous_groups: equal group sizes, each group's rows contiguous (see above).
     """
     max_groups = _check_int(max_groups, "max_groups", 1)
     max_group_size = _check_int(max_group_size, "max_group_size", 1)
     max_turns = _check_int(max_turns, "max_turns", 1)
     return _turn_batches(
-        max_groups, max_group_size, max_turns, allow_neg_inf, allow_empty_rows, ties
+        max_groups, max_group_size, max_turns, allow_neg_inf, allow_empty_rows, ties, contiguous_groups
     )
 
 
@@ -297,16 +304,18 @@ def _token_batches(
     allow_empty_rows: bool,
     ties: bool,
     final_reward_after_last_run: bool,
+    contiguous_groups: bool,
 ) -> TokenBatch:
     num_groups = draw(st.integers(1, max_groups))
     ids = draw(_distinct_ids(num_groups))
+    shared_size = draw(st.integers(1, max_group_size)) if contiguous_groups else None
     tie_modes = ["none", "constant"] if ties else ["none"]
     reward_values = _TURN_REWARDS if exact_zero_rewards else _NONZERO_TURN_REWARDS
 
     # Each row: (token mask as a list, turn rewards of its runs, group id).
     rows: list[tuple[list[int], list[float], int]] = []
     for group_index, group_id in enumerate(ids):
-        size = draw(st.integers(1, max_group_size))
+        size = shared_size or draw(st.integers(1, max_group_size))
         constant = draw(st.sampled_from(tie_modes)) == "constant"
         level = draw(reward_values)
         for member in range(size):
@@ -326,8 +335,9 @@ def _token_batches(
                 rewards = draw(st.lists(reward_values, min_size=num_runs, max_size=num_runs))
             rows.append((tokens, rewards, group_id))
 
-    order = draw(st.permutations(range(len(rows))))
-    rows = [rows[k] for k in order]
+    if not contiguous_groups:
+        order = draw(st.permutations(range(len(rows))))
+        rows = [rows[k] for k in order]
     num_rollouts = len(rows)
     num_turns = max(len(row[1]) for row in rows)
     num_tokens = max(len(row[0]) for row in rows) + draw(st.integers(0, 2))  # + padding
@@ -366,6 +376,7 @@ def token_batches(
     allow_empty_rows: bool = True,
     ties: bool = True,
     final_reward_after_last_run: bool = False,
+    contiguous_groups: bool = False,
 ) -> st.SearchStrategy[TokenBatch]:
     """Valid batches in verl's token layout (:class:`TokenBatch`).
 
@@ -382,6 +393,8 @@ def token_batches(
         (where verl reward managers put it when a rollout ends on an observation); then
         ``token_level_rewards`` is no longer ``place_turn_rewards(turn_rewards, ...)``, but the
         turn rewards read back from it are still ``turn_rewards``.
+      contiguous_groups: every group has the same size G and contiguous rows (verl's layout):
+        ``group_size = B // number of groups`` describes the batch.
     """
     max_groups = _check_int(max_groups, "max_groups", 1)
     max_group_size = _check_int(max_group_size, "max_group_size", 1)
@@ -398,6 +411,7 @@ def token_batches(
         allow_empty_rows,
         ties,
         final_reward_after_last_run,
+        contiguous_groups,
     )
 
 

@@ -209,7 +209,13 @@ def machine() -> dict[str, Any]:
     return info
 
 
-PIPELINES = ("igpo_advantages + broadcast_to_tokens", "advantages_from_token_rewards", "turn_index_from_response_mask")
+DENSE_SUFFIX = ", group_size"
+PIPELINES = (
+    "igpo_advantages + broadcast_to_tokens", "igpo_advantages + broadcast_to_tokens" + DENSE_SUFFIX,
+    "advantages_from_token_rewards", "advantages_from_token_rewards" + DENSE_SUFFIX,
+    "igpo_advantages", "igpo_advantages" + DENSE_SUFFIX,
+    "turn_index_from_response_mask",
+)
 LOOP_OF = {
     "igpo_advantages + broadcast_to_tokens": "loop: igpo_advantages + broadcast_to_tokens",
     "advantages_from_token_rewards": "loop: advantages_from_token_rewards",
@@ -218,7 +224,8 @@ LOOP_OF = {
 
 def pipeline_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per workload, backend and pipeline: median, ratio to that backend's copy, speed-up over
-    the loop style (scaled to the whole batch) and, for JAX, the ratio to NumPy."""
+    the loop style (scaled to the whole batch), for torch and JAX the ratio to NumPy, and for the
+    ``group_size`` pipelines the ratio to the same pipeline with ``group_ids``."""
     def find(workload: str, backend: str, name: str) -> dict[str, Any] | None:
         for row in rows:
             if row["workload"] == workload and row["backend"] == backend and row["name"] == name:
@@ -235,6 +242,10 @@ def pipeline_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if copy is not None:
             entry["copy_ms"] = 1e3 * copy["median_s"]
             entry["x_copy"] = row["median_s"] / copy["median_s"]
+        if row["name"].endswith(DENSE_SUFFIX):
+            by_ids = find(row["workload"], row["backend"], row["name"][: -len(DENSE_SUFFIX)])
+            if by_ids is not None:
+                entry["x_group_ids"] = row["median_s"] / by_ids["median_s"]
         loop = find(row["workload"], "python", LOOP_OF.get(row["name"], ""))
         if loop is not None:
             entry["loop_ms_whole_batch"] = 1e3 * loop["median_s"] * loop["scale"]
@@ -293,13 +304,14 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Advantage pipeline benchmark ({summary['mode']} mode)", "", "Machine: " + ", ".join(
         f"{key} {value}" for key, value in summary["machine"].items()), ""]
     lines += ["## Advantage pipeline", "",
-              "| workload | pipeline | backend | median ms | copy ms | x copy | speed-up over loop | x NumPy |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+              "| workload | pipeline | backend | median ms | copy ms | x copy | speed-up over loop | x NumPy "
+              "| x group_ids path |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for e in summary["pipelines"]:
         lines.append(
             f"| {e['workload']} | {e['pipeline']} | {e['backend']} | {number(e['median_ms'])} | "
             f"{number(e.get('copy_ms'))} | {number(e.get('x_copy'), 1)} | {number(e.get('speedup_over_loop'), 0)} | "
-            f"{number(e.get('x_numpy'))} |"
+            f"{number(e.get('x_numpy'))} | {number(e.get('x_group_ids'))} |"
         )
     if summary["probes"]:
         lines += ["", "## Probes", "", "| turns | way | median ms | tokens | padded tokens |", "|---|---|---:|---:|---:|"]

@@ -9,7 +9,12 @@ group holds:
   the tokens (with the turn mask check, as reference_trainer does);
 * ``advantages_from_token_rewards``: the verl path, from token-level rewards and the
   response mask;
-* ``turn_index_from_response_mask``: the token -> turn index the first pipeline consumes.
+* ``turn_index_from_response_mask``: the token -> turn index the first pipeline consumes;
+* ``igpo_advantages``: the turn-level part alone ([B, T], no tokens), where the group
+  normalization is;
+* the same three pipelines with ``group_size=G`` (the contiguous layout of the batch, the einops
+  path) instead of ``group_ids`` (host factorization on NumPy, a sort on the device for torch
+  and JAX), each with its ratio to the ``group_ids`` path in the summary.
 
 A ``python`` group times the loop style of released IGPO code (the float64 oracle of
 igpo_rewards.testing.reference) on one group of rollouts; the summary scales it by B / rows.
@@ -24,6 +29,7 @@ The default (quick) mode runs W3 for a few rounds inside the normal suite.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,23 +83,54 @@ def _check_against_oracle(workload: Workload, result, which: int) -> None:
         np.testing.assert_allclose(result[rows], want, err_msg=f"rows {rows}", **TOLERANCE)
 
 
-def _pipelines(backend: str, workload: Workload):
-    """(igpo + broadcast, token path, turn index) callables on the library's arrays."""
-    num_turns = workload.turns
+DENSE = ", group_size"  # suffix of the pipelines that pass group_size=G instead of group_ids
 
-    def turn_path(logprob, outcome, turn_mask, group_ids, token_turn_index):
-        advantages = igpo.igpo_advantages(logprob, outcome, turn_mask, group_ids).advantages
-        return igpo.broadcast_to_tokens(advantages, token_turn_index, turn_mask=turn_mask)
 
-    def token_path(token_level_rewards, response_mask, group_ids):
-        return igpo.advantages_from_token_rewards(token_level_rewards, response_mask, group_ids, max_turns=num_turns)
+def _pipelines(backend: str, workload: Workload) -> dict[str, Any]:
+    """Pipeline name -> callable on the library's arrays (JAX: jitted). The ``group_size`` ones
+    take the same arguments and ignore ``group_ids``."""
+    num_turns, size = workload.turns, workload.group_size
 
-    turn_index = igpo.turn_index_from_response_mask
+    def groups(group_ids, dense):
+        return dict(group_size=size) if dense else dict(group_ids=group_ids)
+
+    def turn_level(dense):
+        def call(logprob, outcome, turn_mask, group_ids):
+            return igpo.igpo_advantages(logprob, outcome, turn_mask, **groups(group_ids, dense)).advantages
+        return call
+
+    def turn_path(dense):
+        def call(logprob, outcome, turn_mask, group_ids, token_turn_index):
+            advantages = igpo.igpo_advantages(logprob, outcome, turn_mask, **groups(group_ids, dense)).advantages
+            return igpo.broadcast_to_tokens(advantages, token_turn_index, turn_mask=turn_mask)
+        return call
+
+    def token_path(dense):
+        def call(token_level_rewards, response_mask, group_ids):
+            return igpo.advantages_from_token_rewards(token_level_rewards, response_mask, max_turns=num_turns,
+                                                      **groups(group_ids, dense))
+        return call
+
+    pipelines = {"turn_index_from_response_mask": igpo.turn_index_from_response_mask}
+    for dense, suffix in ((False, ""), (True, DENSE)):
+        pipelines["igpo_advantages + broadcast_to_tokens" + suffix] = turn_path(dense)
+        pipelines["advantages_from_token_rewards" + suffix] = token_path(dense)
+        pipelines["igpo_advantages" + suffix] = turn_level(dense)
     if backend == "jax":
         import jax
 
-        return jax.jit(turn_path), jax.jit(token_path), jax.jit(turn_index)
-    return turn_path, token_path, turn_index
+        pipelines = {name: jax.jit(function) for name, function in pipelines.items()}
+    return pipelines
+
+
+def _arguments(data, name: str) -> tuple:
+    if name.startswith("igpo_advantages + broadcast_to_tokens"):
+        return data.answer_logprob, data.outcome, data.turn_mask, data.group_ids, data.token_turn_index
+    if name.startswith("advantages_from_token_rewards"):
+        return data.token_level_rewards, data.response_mask, data.group_ids
+    if name.startswith("igpo_advantages"):
+        return data.answer_logprob, data.outcome, data.turn_mask, data.group_ids
+    return (data.response_mask,)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +139,11 @@ def library(backend, workload, request):
     if backend == "torch":
         request.getfixturevalue("torch_threads")
     data = to_library(_batch(workload), backend)
-    turn_path, token_path, turn_index = _pipelines(backend, workload)
-    turn_args = (data.answer_logprob, data.outcome, data.turn_mask, data.group_ids, data.token_turn_index)
-    token_args = (data.token_level_rewards, data.response_mask, data.group_ids)
-    for function, args in ((turn_path, turn_args), (token_path, token_args), (turn_index, (data.response_mask,))):
+    pipelines = {}
+    for name, function in _pipelines(backend, workload).items():
+        args = _arguments(data, name)
         block(function(*args))  # warm: JAX compiles here, torch/NumPy touch their buffers
+        pipelines[name] = (function, args)
     if backend == "numpy":
         source = data.token_level_rewards
         target = np.empty_like(source)
@@ -122,8 +159,7 @@ def library(backend, workload, request):
         jitted = jax.jit(jnp.copy)
         copy = functools.partial(jitted, data.token_level_rewards)
         block(copy())
-    return dict(turn=(turn_path, turn_args), token=(token_path, token_args),
-                index=(turn_index, (data.response_mask,)), copy=copy)
+    return dict(pipelines=pipelines, copy=copy)
 
 
 def _time(benchmark, function, args, kind: str):
@@ -140,28 +176,41 @@ def test_copy(benchmark, backend, workload, library, recorder):
     recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend, name="copy")
 
 
-def test_igpo_advantages_then_broadcast(benchmark, backend, workload, library, recorder):
+@pytest.mark.parametrize("groups", ["group_ids", "group_size"])
+def test_igpo_advantages_then_broadcast(benchmark, backend, workload, library, recorder, groups):
     _group(benchmark, workload, backend)
-    function, args = library["turn"]
-    result = _time(benchmark, function, args, "pipeline")
+    name = "igpo_advantages + broadcast_to_tokens" + (DENSE if groups == "group_size" else "")
+    result = _time(benchmark, *library["pipelines"][name], "pipeline")
     _check_against_oracle(workload, result, 0)
-    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend,
-                    name="igpo_advantages + broadcast_to_tokens")
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend, name=name)
 
 
-def test_advantages_from_token_rewards(benchmark, backend, workload, library, recorder):
+@pytest.mark.parametrize("groups", ["group_ids", "group_size"])
+def test_advantages_from_token_rewards(benchmark, backend, workload, library, recorder, groups):
     _group(benchmark, workload, backend)
-    function, args = library["token"]
-    result = _time(benchmark, function, args, "pipeline")
+    name = "advantages_from_token_rewards" + (DENSE if groups == "group_size" else "")
+    result = _time(benchmark, *library["pipelines"][name], "pipeline")
     _check_against_oracle(workload, result, 1)
-    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend,
-                    name="advantages_from_token_rewards")
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend, name=name)
+
+
+@pytest.mark.parametrize("groups", ["group_ids", "group_size"])
+def test_igpo_advantages_turn_level(benchmark, backend, workload, library, recorder, groups):
+    """The [B, T] part alone, where the two ways of giving the groups differ."""
+    _group(benchmark, workload, backend)
+    name = "igpo_advantages" + (DENSE if groups == "group_size" else "")
+    result = to_numpy(_time(benchmark, *library["pipelines"][name], "pipeline"))
+    batch = _batch(workload)
+    for rows in _checked_rows(workload):
+        want = reference.igpo_advantages(batch.answer_logprob[rows], batch.outcome[rows], batch.turn_mask[rows],
+                                         batch.group_ids[rows]).advantages
+        np.testing.assert_allclose(result[rows], want, err_msg=f"rows {rows}", **TOLERANCE)
+    recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend, name=name)
 
 
 def test_turn_index_from_response_mask(benchmark, backend, workload, library, recorder):
     _group(benchmark, workload, backend)
-    function, args = library["index"]
-    result = to_numpy(_time(benchmark, function, args, "pipeline"))
+    result = to_numpy(_time(benchmark, *library["pipelines"]["turn_index_from_response_mask"], "pipeline"))
     np.testing.assert_array_equal(result, _batch(workload).token_turn_index)
     recorder.record(benchmark, suite="pipeline", workload=workload.name, backend=backend,
                     name="turn_index_from_response_mask")

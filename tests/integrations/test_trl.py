@@ -105,6 +105,29 @@ def test_advantages_equal_igpo_rewards_on_the_same_rollouts(one_process):
     assert trainer._metrics["train"]["igpo/turns_mean"][-1] == pytest.approx(np.mean(turns))
 
 
+def test_trainer_passes_trls_contiguous_groups_as_group_size(model_dir, tmp_path, monkeypatch):
+    """TRL yields each prompt num_generations times in a row: the trainer passes group_size and
+    gets what group ids k // num_generations give."""
+    import igpo_rewards
+
+    library, seen = igpo_rewards.igpo_advantages, []
+
+    def spy(answer_logprob, outcome, turn_mask, group_ids=None, **kwargs):
+        result = library(answer_logprob, outcome, turn_mask, group_ids, **kwargs)
+        options = {key: value for key, value in kwargs.items() if key != "group_size"}
+        ids = torch.arange(answer_logprob.shape[0]) // run.NUM_GENERATIONS
+        seen.append((group_ids, kwargs.get("group_size"), result, library(answer_logprob, outcome, turn_mask, ids, **options)))
+        return result
+
+    monkeypatch.setattr(igpo_rewards, "igpo_advantages", spy)
+    trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.GLOBAL_ROWS)
+    run.score_local_slice(trainer)
+    (group_ids, group_size, dense, by_ids), = seen
+    assert group_ids is None and group_size == run.NUM_GENERATIONS
+    for field in dense._fields:
+        torch.testing.assert_close(getattr(dense, field), getattr(by_ids, field), rtol=1e-6, atol=1e-6)
+
+
 def test_igpo_settings_reach_the_computation(model_dir, tmp_path):
     settings = {"gamma": 0.5, "mode": "separate", "weighting": "trajectory", "kind": "log_prob", "ig_weight": 2.0}
     trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.GLOBAL_ROWS, igpo_settings=settings)

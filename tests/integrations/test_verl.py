@@ -125,15 +125,20 @@ def test_import_verl_registers_igpo_through_the_entry_point():
     code = (
         "import sys, verl\n"
         "from verl.trainer.ppo.core_algos import get_adv_estimator_fn\n"
+        "from verl.experimental.agent_loop.agent_loop import _agent_loop_registry\n"
         "fn = get_adv_estimator_fn('igpo')\n"
         "print(fn.__module__, fn.__name__, 'igpo_rewards.integrations.verl' in sys.modules)\n"
+        "print(_agent_loop_registry['igpo_tool_agent']['_target_'])\n"
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith("VERL_USE_EXTERNAL")}
     result = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["igpo_rewards.integrations.verl", "compute_igpo_advantage", "True"]
+    assert result.stdout.split() == [
+        "igpo_rewards.integrations.verl", "compute_igpo_advantage", "True",
+        "igpo_rewards.integrations.verl_agent_loop.IGPOToolAgentLoop",
+    ]
 
 
 def test_start_up_check_says_why_igpo_is_missing_when_plugins_are_disabled():
@@ -143,13 +148,16 @@ def test_start_up_check_says_why_igpo_is_missing_when_plugins_are_disabled():
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 1
-    assert "not registered" in result.stderr and "VERL_USE_EXTERNAL_PLUGINS='none'" in result.stderr
+    assert "advantage estimator 'igpo' is not registered" in result.stderr
+    assert "agent loop 'igpo_tool_agent' is not registered" in result.stderr
+    assert result.stderr.count("VERL_USE_EXTERNAL_PLUGINS='none'") == 2
 
 
 def test_registry_holds_the_igpo_estimator():
     assert core_algos.get_adv_estimator_fn("igpo") is igpo_verl.compute_igpo_advantage
     igpo_verl.register()  # idempotent
     igpo_verl.check_registered()
+    igpo_verl.check_agent_loop_registered()
 
 
 @pytest.mark.parametrize(
@@ -304,6 +312,21 @@ def test_check_registered_explains_each_failure(monkeypatch):
         igpo_verl.check_registered()
 
 
+def test_check_agent_loop_registered_explains_each_failure(monkeypatch):
+    import importlib.metadata
+
+    from verl.experimental.agent_loop import agent_loop
+
+    monkeypatch.delitem(agent_loop._agent_loop_registry, "igpo_tool_agent")
+    monkeypatch.delenv("VERL_USE_EXTERNAL_PLUGINS", raising=False)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])
+    with pytest.raises(RuntimeError, match="no 'verl.plugins' entry point named 'igpo_tool_agent'"):
+        igpo_verl.check_agent_loop_registered()
+    monkeypatch.setitem(agent_loop._agent_loop_registry, "igpo_tool_agent", {"_target_": "somewhere.Else"})
+    with pytest.raises(RuntimeError, match="'somewhere.Else', not IGPO's"):
+        igpo_verl.check_agent_loop_registered()
+
+
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "integrations", "verl.md")
 
 
@@ -312,31 +335,74 @@ def doc_blocks(language):
         return re.findall(rf"```{language}\n(.*?)```", handle.read(), flags=re.S)
 
 
-def test_doc_reward_manager_snippet_assembles_igpo_rm_scores():
-    manager_code, _ = doc_blocks("python")
-    namespace = {}
-    exec(compile(manager_code, "igpo_reward_manager.py", "exec"), namespace)
-    manager = namespace["IGPORewardManager"]
-    probes = np.empty(2, dtype=object)
-    probes[0], probes[1] = [np.log(0.2), np.log(0.6)], [np.log(0.5)]
-    data = DataProto.from_dict(
-        tensors={"response_mask": torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 0, 0]])},
-        non_tensors={igpo_verl.ANSWER_LOGPROB_KEY: probes},
-    )
-    scores = manager.assemble_rm_scores(data, [1.0, -2.0])
-    expected = torch.tensor([[0.0, 0.6 - 0.2, 0.0, 1.0, 0.0], [0.0, 0.0, -2.0, 0.0, 0.0]])
-    torch.testing.assert_close(scores, expected)
+def test_doc_search_tool_config_builds_the_search_tool(tmp_path):
+    from verl.tools.tool_registry import initialize_tools_from_config
+
+    from igpo_rewards.integrations.verl_search import SearchTool
+
+    (config,) = doc_blocks("yaml")
+    path = tmp_path / "search_tool.yaml"
+    path.write_text(config)
+    (tool,) = initialize_tools_from_config(str(path))  # what verl's agent-loop workers call
+    assert isinstance(tool, SearchTool) and tool.name == "search" and tool.topk == 3
+    assert tool.retriever.url == "http://127.0.0.1:8000/retrieve"
+    assert tool.tool_schema.function.parameters.required == ["query"]
 
 
-def test_doc_search_tool_and_config_keys_are_valid():
-    from verl.tools.function_tool import FUNCTION_TOOL_REGISTRY
+def test_doc_command_composes_with_verls_config_and_names_loadable_pieces(tmp_path):
+    """The page's main_ppo command, composed by Hydra with verl 0.9.1's own ppo_trainer config:
+    every override is a valid key, and every class, module and setting it names loads."""
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.utils.import_utils import load_class_from_fqn, load_extern_object
 
-    _, tool_code = doc_blocks("python")
-    exec(compile(tool_code, "search_tool.py", "exec"), {})
-    assert FUNCTION_TOOL_REGISTRY["search"].tool_schema.function.parameters.required == ["query"]
+    import verl
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
     (command,) = [block for block in doc_blocks("bash") if "main_ppo" in block]
-    overrides = dict(re.findall(r"\+algorithm\.igpo\.(\w+)=(\S+)", command))
-    assert set(overrides) == {"gamma", "mode", "weighting", "kind", "max_turns"}
-    typed = {key: (float(v) if key == "gamma" else int(v) if key == "max_turns" else v) for key, v in overrides.items()}
-    assert IGPOSettings.from_mapping(typed) == IGPOSettings(max_turns=6)
-    assert "algorithm.adv_estimator=igpo" in command and "algorithm.use_kl_in_reward=False" in command
+    arguments = command.replace("\\\n", " ").split("verl.trainer.main_ppo", 1)[1].split()
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=arguments)
+    rollout = config.actor_rollout_ref.rollout
+    assert config.trainer.use_v1 is True  # verl 0.9's default trainer, not overridden
+    assert config.algorithm.adv_estimator == "igpo" and config.algorithm.use_kl_in_reward is False
+    assert IGPOSettings.from_mapping(config.algorithm.igpo) == IGPOSettings(max_turns=6)
+    assert rollout.agent.default_agent_loop == "igpo_tool_agent"
+    assert core_algos.get_adv_estimator_fn(config.algorithm.adv_estimator) is igpo_verl.compute_igpo_advantage
+    assert load_class_from_fqn(rollout.agent.agent_loop_manager_class, "AgentLoopManager") is IGPOAgentLoopManager
+    assert omega_conf_to_dataclass(rollout).agent.agent_loop_manager_class == rollout.agent.agent_loop_manager_class
+    reward = config.reward.custom_reward_function
+    assert load_extern_object(reward.path, reward.name) is igpo_verl.compute_score
+    assert rollout.multi_turn.tool_config_path == "search_tool.yaml" and rollout.multi_turn.format == "hermes"
+    igpo_verl._check_algorithm_config(config.algorithm)  # verl's default rollout_correction is accepted
+
+
+
+def test_contiguous_uids_take_the_group_size_path_with_the_same_advantages(monkeypatch):
+    """verl repeats each prompt rollout.n times in a row: the estimator sees G contiguous rows per
+    uid, passes group_size=G (no factorization) and gets what the group-ids path gives."""
+    _, response_mask, scores, turn_rewards, turn_mask, turn_of_token = build_batch()
+    rows = [2, 4, 5, 6, 0, 1]  # q2, q2, q9, q9, q7, q7: G = 2 contiguous rollouts per uid
+    uids = np.array(["4f1c-q2", "4f1c-q2", "9a0e-q9", "9a0e-q9", "77b3-q7", "77b3-q7"], dtype=object)
+    seen = []
+    library = igpo_rewards.advantages_from_token_rewards
+
+    def spy(*args, **kwargs):
+        seen.append({key: kwargs[key] for key in ("group_ids", "group_size") if key in kwargs})
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(igpo_rewards, "advantages_from_token_rewards", spy)
+    for igpo in (None, {"mode": "separate", "weighting": "trajectory", "gamma": 0.9}):
+        data = run_verl(make_data(uids, response_mask[rows], scores[rows].clone()), algorithm_config(igpo))
+        assert seen[-1] == {"group_size": 2}
+        settings = IGPOSettings.from_mapping(igpo)
+        by_ids = library(scores[rows], response_mask[rows], torch.tensor([0, 0, 1, 1, 2, 2]), gamma=settings.gamma,
+                         **settings.normalization_kwargs())
+        torch.testing.assert_close(data.batch["advantages"], by_ids, rtol=1e-6, atol=1e-6)
+        expected = oracle_token_advantages(turn_rewards[rows], turn_mask[rows], uids, turn_of_token[rows], settings)
+        np.testing.assert_allclose(data.batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # The interleaved batch of the other tests keeps the group-ids path.
+    uids_interleaved, *_ = build_batch()
+    run_verl(make_data(uids_interleaved, response_mask, scores.clone()), algorithm_config())
+    assert set(seen[-1]) == {"group_ids"}

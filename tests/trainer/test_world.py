@@ -21,7 +21,7 @@ from igpo_rewards.reference_trainer.world import (
 
 SHARED_PARQUET = Path(
     os.environ.get("IGPO_DEV_PARQUET")
-    or Path(__file__).resolve().parents[3] / "shared" / "data" / "search_qa_dev.parquet"
+    or Path(__file__).resolve().parents[1] / "data" / "search_qa_dev_sample.parquet"
 )
 
 
@@ -280,7 +280,7 @@ def test_write_and_load_qa_parquet_round_trip(tmp_path, world):
 @pytest.mark.skipif(not SHARED_PARQUET.is_file(), reason="the shared dev parquet is only on the development machine")
 def test_load_shared_dev_parquet():
     examples = load_qa_parquet(SHARED_PARQUET)
-    assert len(examples) == 3197
+    assert len(examples) == 305
     assert Counter(example.data_source for example in examples)["Bamboogle"] == 125
     assert examples[0] == QAExample("What is the date of birth of Millicent Leveson-Gower, Duchess Of Sutherland's husband?",
                                     ("20 July 1851",), 0, "2wiki")

@@ -1,0 +1,284 @@
+"""IGPO's verl agent loop ``igpo_tool_agent``: verl's tool agent loop plus the probe before every turn.
+
+verl >= 0.9 imports this module through the ``verl.plugins`` entry point ``igpo_tool_agent`` that
+igpo-rewards declares, which registers :class:`IGPOToolAgentLoop` in verl's agent-loop registry:
+``actor_rollout_ref.rollout.agent.default_agent_loop=igpo_tool_agent`` needs no file of the user's.
+
+Before each assistant turn j (docs/algorithm.md, section 1) the loop sends the probe sequence
+
+    context_j (the prompt, or everything up to the end of observation j-1) + probe suffix
+
+to the policy's own rollout server through verl's ``server_manager.generate`` with
+``max_tokens=1`` and ``prompt_logprobs=0`` (the route verl's distillation teacher uses), and
+averages the log-probs of the answer tokens into m_{i,j}. The suffix is the paper's probe text
+with the row's ground truth (first alias), tokenized once per trajectory; its answer tokens are
+located by character offsets (``build_probe_suffix``, as the reference trainer does).
+
+A trajectory stays ONE output row (as ``tool_agent`` makes it): one run of 1s in
+``response_mask`` per assistant turn, one probe per run. The output's ``extra_fields`` carry
+
+* ``igpo_answer_logprob``: the n probe log-probs, one per turn in the (truncated) response;
+* ``igpo_probe_prefill_tokens``: how many tokens the probe requests made the server prefill.
+
+The loop returns an :class:`IGPOAgentLoopOutput`, whose ``as_dict()`` (what verl 0.9's default
+V1 trainer writes to the TransferQueue, after the streaming reward put the outcome into
+``reward_score``) writes ``rm_scores`` with w_ig * IG at each turn's last token and the outcome
+on the final turn. The legacy trainer rebuilds its rows without calling ``as_dict()``;
+``igpo_rewards.integrations.verl_manager`` covers it.
+
+Probe requests never touch the trajectory's own state: their ``extra_fields`` (prompt log-probs,
+weight version) are not merged into the trajectory's (``ToolAgentLoop`` merges the first
+generation's ``extra_fields``, the staleness tags, only while the trajectory's are empty, so the
+probe values are added only after the loop ends); the weight versions the probes ran under widen
+``min_global_steps`` / ``max_global_steps``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import PrivateAttr
+from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, register
+from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, ToolAgentLoop
+
+import igpo_rewards
+from igpo_rewards.agent.probes import ProbeSuffix, build_probe_suffix
+from igpo_rewards.agent.protocol import PROBE_TEMPLATE
+from igpo_rewards.integrations import IGPOSettings
+from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, igpo_token_scores, settings_from_config
+
+__all__ = [
+    "AGENT_LOOP_NAME",
+    "PROBE_SAMPLING_PARAMS",
+    "PROBE_TOKENS_KEY",
+    "IGPOAgentLoopOutput",
+    "IGPOToolAgentLoop",
+    "probe_answer",
+    "probe_logprob_from_server_output",
+]
+
+AGENT_LOOP_NAME = "igpo_tool_agent"
+"""The name ``actor_rollout_ref.rollout.agent.default_agent_loop`` takes."""
+PROBE_TOKENS_KEY = "igpo_probe_prefill_tokens"
+"""``extra_fields`` key of the number of tokens the trajectory's probe requests prefilled."""
+PROBE_SAMPLING_PARAMS: dict[str, Any] = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+"""A probe request: one output token, the log-prob of every prompt token (vLLM's ``prompt_logprobs``;
+verl's SGLang server maps it to ``logprob_start_len=0``). Temperature does not enter prompt log-probs."""
+
+logger = logging.getLogger(__name__)
+
+
+def probe_answer(reward_model: Any, extra_info: Any = None) -> str:
+    """The answer a row's probes score: the first alias of its ground truth.
+
+    Read from ``reward_model["ground_truth"]`` (the verl/Search-R1 parquet layout), else from
+    ``extra_info["ground_truth"]``; aliases are a list or one string joined by
+    ``"<|answer_split|>"`` (``igpo_rewards.split_ground_truth``), or Search-R1's
+    ``{"target": [...]}``.
+
+    Raises:
+      ValueError: neither column holds a ground truth. TypeError: an unreadable ground truth.
+
+    Example:
+      >>> probe_answer({"ground_truth": "Kaleno<|answer_split|>Kaleno City", "style": "rule"})
+      'Kaleno'
+    """
+    for source in (reward_model, extra_info):
+        if isinstance(source, Mapping) and source.get("ground_truth") is not None:
+            truth = source["ground_truth"]
+            if isinstance(truth, Mapping) and "target" in truth:
+                truth = truth["target"]
+            return igpo_rewards.split_ground_truth(truth)[0]
+    raise ValueError(
+        "igpo_tool_agent needs each row's ground truth for its probes, in reward_model['ground_truth'] or "
+        f"extra_info['ground_truth']; got reward_model={reward_model!r:.120} and extra_info={extra_info!r:.120}"
+    )
+
+
+def probe_logprob_from_server_output(
+    extra_fields: Mapping[str, Any], sequence_ids: Sequence[int], context_length: int, suffix: ProbeSuffix
+) -> float:
+    """m = mean log-prob of the answer tokens, from a probe request's prompt log-probs.
+
+    verl's rollout servers return, for a request of N prompt tokens with ``prompt_logprobs=0``,
+    ``extra_fields["prompt_logprobs"]`` [N][1] where row p - 1 is log pi(token p | tokens < p)
+    (the last row is padding) and ``extra_fields["prompt_ids"]`` [N][1] with token p in row p - 1.
+
+    Args:
+      extra_fields: the server output's ``extra_fields``.
+      sequence_ids: the N token ids sent (context + suffix).
+      context_length: where the suffix starts in ``sequence_ids``.
+      suffix: the probe suffix; its answer tokens are scored.
+
+    Raises:
+      RuntimeError: no prompt log-probs (a server that ignores ``prompt_logprobs``), a length
+        other than N, or scored ids other than the ones sent.
+    """
+    logprobs = extra_fields.get("prompt_logprobs")
+    if logprobs is None:
+        raise RuntimeError(
+            "the rollout server returned no extra_fields['prompt_logprobs'] for an igpo_tool_agent probe request; "
+            "the probes need a rollout server that honours prompt_logprobs (verl's vllm or sglang server)"
+        )
+    if len(logprobs) != len(sequence_ids):
+        raise RuntimeError(
+            f"probe request of {len(sequence_ids)} tokens got {len(logprobs)} prompt log-probs from the rollout server"
+        )
+    ids = extra_fields.get("prompt_ids")
+    positions = range(context_length + suffix.answer_start, context_length + suffix.answer_end)
+    if ids is not None:
+        scored = [int(ids[p - 1][0]) for p in positions]
+        sent = [int(sequence_ids[p]) for p in positions]
+        if scored != sent:
+            raise RuntimeError(f"the rollout server scored token ids {scored} where the probe sent {sent}")
+    values = np.array([[[float(logprobs[p - 1][0]) for p in positions]]], dtype=np.float64)
+    return float(igpo_rewards.answer_logprob(values, np.ones(values.shape, dtype=bool))[0, 0])
+
+
+class IGPOAgentLoopOutput(AgentLoopOutput):
+    """verl's ``AgentLoopOutput`` whose ``as_dict()`` writes IGPO's per-turn ``rm_scores``.
+
+    ``as_dict()`` is what verl 0.9's V1 trainer stores for each trajectory once the streaming
+    reward has put the outcome R into ``reward_score``: the stock layout holds R at the last
+    token only; here ``rm_scores`` [S] = ``igpo_token_scores`` of the probes in
+    ``extra_fields["igpo_answer_logprob"]`` and R (w_ig * IG at the end of every turn but the
+    last, w_out * R at the end of the last). Without ``reward_score`` there is no ``rm_scores``,
+    as in verl. :meth:`keep_outcome_only` (validation rows) keeps verl's layout.
+    """
+
+    _settings: IGPOSettings = PrivateAttr(default_factory=IGPOSettings)
+    _outcome_only: bool = PrivateAttr(default=False)
+
+    @classmethod
+    def from_output(cls, output: AgentLoopOutput, settings: IGPOSettings) -> IGPOAgentLoopOutput:
+        """The same output (same fields, same set of fields given) with IGPO's ``as_dict()``."""
+        values = {name: getattr(output, name) for name in type(output).model_fields}
+        converted = cls.model_construct(_fields_set=set(output.model_fields_set), **values)
+        converted._settings = settings
+        return converted
+
+    def keep_outcome_only(self) -> None:
+        """Keep verl's layout (R at the last token), e.g. for validation, whose score is the rm_scores sum."""
+        self._outcome_only = True
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = super().as_dict()
+        if "rm_scores" in fields and not self._outcome_only:
+            fields["rm_scores"] = self.turn_reward_scores(fields["response_mask"])
+        return fields
+
+    def turn_reward_scores(self, response_mask: torch.Tensor) -> torch.Tensor:
+        """[S] float32 token scores: IGPO's turn rewards at the turn ends of ``response_mask`` [S]."""
+        probes = [float(value) for value in self.extra_fields[ANSWER_LOGPROB_KEY]]
+        scores = igpo_token_scores(
+            torch.tensor([probes], dtype=torch.float64),
+            torch.tensor([float(self.reward_score)], dtype=torch.float64),
+            torch.as_tensor(response_mask)[None],
+            turn_mask=torch.ones((1, len(probes)), dtype=torch.bool),
+            config=self._settings,
+        )
+        return scores[0].to(torch.float32)
+
+
+@dataclass
+class _Probes:
+    """One trajectory's probes: the suffix, and per assistant turn where it starts in the response."""
+
+    suffix: ProbeSuffix
+    values: list[float] = field(default_factory=list)
+    turn_starts: list[int] = field(default_factory=list)
+    prefill_tokens: int = 0
+    global_steps: list[int] = field(default_factory=list)
+
+
+@register(AGENT_LOOP_NAME)
+class IGPOToolAgentLoop(ToolAgentLoop):
+    """verl's ``ToolAgentLoop`` (same config, tools, tool parser and token layout) plus the probes.
+
+    The hyperparameters that shape the rewards (``kind``, ``ig_weight``, ``outcome_weight``,
+    ``log_prob_floor``) come from ``algorithm.igpo`` (see ``igpo_rewards.integrations.verl``).
+    """
+
+    probe_template: str = PROBE_TEMPLATE
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.igpo_settings = settings_from_config(self.config.get("algorithm"))
+        self._probes: _Probes | None = None  # verl builds one agent loop per trajectory
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> IGPOAgentLoopOutput:
+        answer = probe_answer(kwargs.get("reward_model"), kwargs.get("extra_info"))
+        self._probes = _Probes(build_probe_suffix(self.tokenizer, answer, template=self.probe_template))
+        output = await super().run(sampling_params, **kwargs)
+        return self._finish(output)
+
+    async def _handle_generating_state(
+        self, agent_data: AgentData, sampling_params: dict[str, Any], ignore_termination: bool = False
+    ) -> AgentState:
+        await self._probe(agent_data)
+        self._probes.turn_starts.append(len(agent_data.response_mask))
+        return await super()._handle_generating_state(agent_data, sampling_params, ignore_termination)
+
+    async def _probe(self, agent_data: AgentData) -> None:
+        """m_{i,j} for the next turn j: the probe suffix after the current context, scored by the server."""
+        suffix = self._probes.suffix
+        context = list(agent_data.prompt_ids)
+        sequence = context + list(suffix.token_ids)
+        output = await self.server_manager.generate(
+            request_id=agent_data.request_id,
+            prompt_ids=sequence,
+            sampling_params=dict(PROBE_SAMPLING_PARAMS),
+            image_data=agent_data.image_data,
+            video_data=agent_data.video_data,
+            mm_processor_output=agent_data.mm_processor_output,
+            audio_data=agent_data.audio_data,
+            mm_processor_kwargs=agent_data.mm_processor_kwargs,
+        )
+        self._probes.values.append(probe_logprob_from_server_output(output.extra_fields, sequence, len(context), suffix))
+        self._probes.prefill_tokens += len(sequence)
+        if output.extra_fields.get("global_steps") is not None:
+            self._probes.global_steps.append(output.extra_fields["global_steps"])
+
+    def _finish(self, output: AgentLoopOutput) -> IGPOAgentLoopOutput:
+        """Keeps the probes of the turns in the (truncated) response, one per run of 1s."""
+        probes = self._probes
+        run_starts = _run_starts(output.response_mask)
+        kept = _turn_of_each_run(run_starts, probes.turn_starts)
+        if kept is None:
+            raise RuntimeError(
+                f"igpo_tool_agent: the response mask has runs of 1s starting at {run_starts} but the "
+                f"assistant turns started at {probes.turn_starts}; each turn must be exactly one run of 1s"
+            )
+        output.extra_fields[ANSWER_LOGPROB_KEY] = [probes.values[turn] for turn in kept]
+        output.extra_fields[PROBE_TOKENS_KEY] = probes.prefill_tokens
+        _widen_weight_versions(output.extra_fields, probes.global_steps)
+        return IGPOAgentLoopOutput.from_output(output, self.igpo_settings)
+
+
+def _run_starts(mask: Sequence[int]) -> list[int]:
+    """Where each run of 1s (turn) of a response mask starts (``igpo_rewards.turn_index_from_response_mask``)."""
+    index = igpo_rewards.turn_index_from_response_mask(np.asarray([list(mask)], dtype=np.int64).reshape(1, -1))[0]
+    return [int(np.argmax(index == turn)) for turn in range(int(index.max(initial=-1)) + 1)]
+
+
+def _turn_of_each_run(run_starts: list[int], turn_starts: list[int]) -> list[int] | None:
+    """The assistant turn each run belongs to (the last turn started at or before it), or None
+    when two runs fall in one turn (a turn split by 0-mask tokens)."""
+    turns = [int(np.searchsorted(turn_starts, start, side="right")) - 1 for start in run_starts]
+    if any(turn < 0 for turn in turns) or len(set(turns)) != len(turns):
+        return None
+    return turns
+
+
+def _widen_weight_versions(extra_fields: dict[str, Any], probe_steps: list[int]) -> None:
+    """min/max_global_steps of the trajectory also cover the weight versions its probes ran under."""
+    if not probe_steps:
+        return
+    for key, pick in (("min_global_steps", min), ("max_global_steps", max)):
+        current = extra_fields.get(key)
+        extra_fields[key] = pick(probe_steps) if current is None else pick(current, *probe_steps)

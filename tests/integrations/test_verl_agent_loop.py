@@ -1,0 +1,682 @@
+"""IGPO's verl agent loop ``igpo_tool_agent`` through verl 0.9.1's own agent-loop machinery on CPU.
+
+The harness (tests/integrations/verl_harness.py) says what is real and what stands in: verl's
+agent-loop workers, config, tool parser, Continuous Token builder, streaming reward worker and
+TransferQueue run as shipped; a CPU stand-in implements the rollout server's ``generate`` on a tiny
+HF model trained on hermes tool calls; the search tool calls ``igpo-retrieve`` over loopback.
+
+Expected values never come from the code under test: turns are read off ``response_mask`` with a
+loop written here, probe values come from the reference trainer's packed probe forward on the same
+model and tokens, and advantages from ``igpo_rewards.igpo_advantages`` (and the float64 loop
+oracle) on the probes and outcomes the rows carry. Three rollout runs share the trained policy:
+the legacy worker with ``IGPOAgentLoopManager``'s worker, verl's V1 ``AgentLoopWorkerTQ`` (stock,
+with the TransferQueue on Ray), and the stock ``tool_agent`` on the stock worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import igpo_rewards
+from igpo_rewards.integrations import verl as igpo_verl
+from igpo_rewards.integrations.verl_agent_loop import (
+    PROBE_TOKENS_KEY,
+    IGPOAgentLoopOutput,
+    IGPOToolAgentLoop,
+    _Probes,
+    probe_answer,
+    probe_logprob_from_server_output,
+)
+from igpo_rewards.integrations.verl_manager import IGPOAgentLoopWorker, uses_v1_trainer, write_turn_rewards
+from igpo_rewards.agent.probes import (
+    build_probe_suffix,
+    pad_token_ids,
+    probe_forward,
+    score_probes,
+    suffix_table,
+    token_logprobs,
+)
+from igpo_rewards.reference_trainer.world import build_world, write_corpus_jsonl
+from igpo_rewards.testing import reference
+
+from . import verl_harness as harness
+
+from verl import DataProto  # noqa: E402
+from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput, AgentLoopWorker  # noqa: E402
+from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
+from verl.trainer.ppo.reward import extract_reward  # noqa: E402
+
+GROUP_SIZE = 4
+PROBE_TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one trained policy, one retrieval server, three rollout runs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def event_loop_for_verl():
+    """One asyncio loop for the module: verl's workers capture ``get_event_loop()`` at construction."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, event_loop_for_verl):
+    """The policy (trained while ``igpo-retrieve`` starts) and the search tool's config."""
+    directory = tmp_path_factory.mktemp("verl_harness")
+    world = build_world(seed=0, num_train=40, num_heldout=5)
+    command = harness.RetrievalCommand(write_corpus_jsonl(world.corpus, directory / "served.jsonl"), directory / "index")
+    try:
+        policy = harness.build_policy(directory)
+        url = command.wait_url()
+        yield SimpleNamespace(policy=policy, tool_config=harness.write_tool_config(directory, f"{url}/retrieve"))
+    finally:
+        command.stop()
+
+
+def make_server(policy):
+    return harness.CPURolloutServer(policy.model, eos_token_id=policy.tokenizer.eos_token_id, max_model_len=1024)
+
+
+def legacy_input(policy) -> DataProto:
+    """The rows a legacy AgentLoopWorker gets: each question repeated GROUP_SIZE times (interleaved)."""
+    rows = harness.dataset_rows(policy.examples)
+    columns = {key: np.array([row[key] for row in rows for _ in range(GROUP_SIZE)], dtype=object) for key in rows[0]}
+    batch = DataProto.from_dict(non_tensors=columns)
+    batch.meta_info["global_steps"] = 1
+    return batch
+
+
+def run_legacy(setup, loop, *, agent_loop: str, worker_class):
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    config = harness.verl_config(setup.policy, setup.tool_config, agent_loop=agent_loop, use_v1=False, n=GROUP_SIZE)
+    server = make_server(setup.policy)
+    client = harness.local_server_client(config, server)
+    rewards = harness.InProcessActor(RewardLoopWorker(config))
+    worker = worker_class(config, client, None, [rewards])
+    batch = legacy_input(setup.policy)
+    output = loop.run_until_complete(worker.generate_sequences(batch))
+    for key, column in batch.non_tensor_batch.items():  # what RayPPOTrainer's batch.union(gen_batch_output) adds
+        output.non_tensor_batch.setdefault(key, column)
+    return SimpleNamespace(config=config, server=server, output=output)
+
+
+@pytest.fixture(scope="module")
+def legacy(setup, event_loop_for_verl):
+    """igpo_tool_agent through the legacy trainer's worker (IGPOAgentLoopManager's IGPOAgentLoopWorker)."""
+    return run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker)
+
+
+@pytest.fixture(scope="module")
+def v1(setup, event_loop_for_verl):
+    """igpo_tool_agent through verl's stock V1 AgentLoopWorkerTQ, rows in a real TransferQueue."""
+    ray = pytest.importorskip("ray")
+    tq = pytest.importorskip("transfer_queue")
+    from omegaconf import OmegaConf
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
+    from verl.utils import tensordict_utils
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    try:
+        config = harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=True,
+                                     n=GROUP_SIZE)
+        client = harness.local_server_client(config, make_server(setup.policy))
+        rewards = harness.InProcessActor(RewardLoopWorker(config))
+        worker = AgentLoopWorkerTQ.__ray_actor_class__(config, client, None, [rewards])
+        rows = harness.dataset_rows(setup.policy.examples)
+        prompts = tensordict_utils.get_tensordict({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
+        tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+
+        async def generate():
+            await worker.generate_sequences(prompts)  # fire-and-forget, as in V1
+            while worker.background_tasks:
+                await asyncio.gather(*list(worker.background_tasks))
+
+        event_loop_for_verl.run_until_complete(generate())
+        keys = [f"{row['uid']}_{session}_0" for row in rows for session in range(GROUP_SIZE)]
+        yield SimpleNamespace(config=config, keys=keys, tq=tq, worker=worker, examples=setup.policy.examples)
+    finally:
+        tq.close()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stock(setup, event_loop_for_verl):
+    """verl's stock tool_agent on verl's stock legacy AgentLoopWorker: no probes, outcome at the last token."""
+    return run_legacy(setup, event_loop_for_verl, agent_loop="tool_agent", worker_class=AgentLoopWorker)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent readings of a row
+# ---------------------------------------------------------------------------------------------
+
+
+def runs_of_ones(mask) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for position, value in enumerate([int(v) for v in mask] + [0]):
+        if value and start is None:
+            start = position
+        if not value and start is not None:
+            runs.append((start, position))
+            start = None
+    return runs
+
+
+def expected_advantages(probes, outcomes, uids, masks, settings=None):
+    """[B, S] token advantages: igpo_rewards.igpo_advantages on the probes and outcomes, placed on
+    each row's runs of 1s (checked against the float64 oracle too)."""
+    settings = settings or igpo_verl.IGPOSettings()
+    turns = max(len(row) for row in probes)
+    answer_logprob = np.zeros((len(probes), turns))
+    turn_mask = np.zeros((len(probes), turns), dtype=bool)
+    for row, values in enumerate(probes):
+        answer_logprob[row, : len(values)] = values
+        turn_mask[row, : len(values)] = True
+    groups = np.unique(np.asarray(uids, dtype=str), return_inverse=True)[1]
+    result = igpo_rewards.igpo_advantages(answer_logprob, np.asarray(outcomes, dtype=np.float64), turn_mask, groups,
+                                          gamma=settings.gamma, **settings.normalization_kwargs(), **settings.reward_kwargs())
+    oracle = reference.igpo_advantages(answer_logprob, np.asarray(outcomes, dtype=np.float64), turn_mask, groups)
+    np.testing.assert_allclose(result.advantages, oracle.advantages, rtol=1e-9, atol=1e-9)
+    tokens = np.zeros((len(probes), masks.shape[1]))
+    for row in range(len(probes)):
+        for turn, (start, end) in enumerate(runs_of_ones(masks[row])):
+            tokens[row, start:end] = result.advantages[row, turn]
+    return tokens, result
+
+
+def trajectory(out, row) -> SimpleNamespace:
+    """Row ``row`` of a legacy batch unpadded: token ids (prompt + response), where each turn starts
+    in them (the runs of response_mask), the probed answer (the ground truth's first alias)."""
+    prompt = out.batch["prompts"][row][out.batch["attention_mask"][row, : harness.PROMPT_LENGTH].bool()].tolist()
+    response = out.batch["responses"][row][out.batch["attention_mask"][row, harness.PROMPT_LENGTH:].bool()].tolist()
+    starts = [len(prompt) + start for start, _ in runs_of_ones(out.batch["response_mask"][row])]
+    answer = out.non_tensor_batch["reward_model"][row]["ground_truth"].split("<|answer_split|>")[0]
+    return SimpleNamespace(token_ids=prompt + response, prompt_length=len(prompt), turn_starts=starts, answer=answer)
+
+
+def legacy_rows(legacy):
+    out = legacy.output
+    probes = [list(values) for values in out.non_tensor_batch[igpo_verl.ANSWER_LOGPROB_KEY]]
+    outcomes = [float(value) for value in out.non_tensor_batch["acc"]]
+    return out, probes, outcomes
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliverable 1: the agent loop, its probes and its token layout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rollouts_are_multi_turn_with_real_tool_calls(legacy, setup):
+    out, probes, outcomes = legacy_rows(legacy)
+    tokenizer = setup.policy.tokenizer
+    turn_counts = [len(row) for row in probes]
+    assert len(out) == len(setup.policy.examples) * GROUP_SIZE
+    assert max(turn_counts) >= 2 and min(turn_counts) == 1, turn_counts
+    searched = [row for row, count in enumerate(turn_counts) if count >= 2]
+    responses = [tokenizer.decode(out.batch["responses"][row][out.batch["attention_mask"][row, harness.PROMPT_LENGTH:].bool()])
+                 for row in searched]
+    assert all('"name": "search"' in text and "<tool_response>" in text and "Doc 1(Title:" in text for text in responses)
+    assert 1.0 in [outcomes[row] for row in searched]  # the streaming reward scored a multi-turn answer as correct
+    assert out.non_tensor_batch["__num_turns__"].tolist() == [2 * count for count in turn_counts]  # user + tool turns
+
+
+def test_response_mask_has_one_run_of_ones_per_assistant_turn(legacy, setup):
+    out, probes, _ = legacy_rows(legacy)
+    eos = setup.policy.tokenizer.eos_token_id
+    for row in range(len(out)):
+        mask = out.batch["response_mask"][row]
+        responses = out.batch["responses"][row]
+        runs = runs_of_ones(mask)
+        assert len(runs) == len(probes[row])
+        for start, end in runs:  # every run is one generated turn, ending at the model's eos
+            assert int(responses[end - 1]) == eos
+        for (_, end), (start, _) in zip(runs, runs[1:]):  # between two turns: the tool response
+            assert "<tool_response>" in setup.policy.tokenizer.decode(responses[end:start])
+
+
+def test_probe_values_equal_the_reference_trainers_packed_probe_forward(legacy, setup):
+    """Each probe m_{i,j} scored by the rollout server = the packed probe forward the reference
+    trainer uses (igpo_rewards.agent.probes.score_probes) of the same model on the same tokens
+    (the trajectory up to turn j, then the probe suffix)."""
+    out, probes, _ = legacy_rows(legacy)
+    trajectories = [trajectory(out, row) for row in range(len(out))]
+    with torch.no_grad():
+        expected = score_probes(setup.policy.model, setup.policy.tokenizer, [t.token_ids for t in trajectories],
+                                [t.turn_starts for t in trajectories], [t.answer for t in trajectories])
+    for row, values in enumerate(probes):
+        np.testing.assert_allclose(values, expected[row, : len(values)].numpy(), rtol=0, atol=PROBE_TOLERANCE)
+    # probe 0 sees only the prompt: equal within each group of rollouts
+    first = np.array([values[0] for values in probes]).reshape(-1, GROUP_SIZE)
+    assert np.all(first == first[:, :1])
+
+
+def test_probe_requests_and_their_prefilled_tokens(legacy, setup):
+    """One probe request per turn, each prefilling its whole context plus the suffix (no prefix cache:
+    vLLM skips it for prompt_logprobs requests); the counts the rows report match."""
+    out, probes, _ = legacy_rows(legacy)
+    server = legacy.server
+    turns = sum(len(values) for values in probes)
+    assert server.log.requests["prompt_logprobs"] == turns == server.log.requests["generate"]
+    total = 0
+    for row in range(len(out)):
+        path = trajectory(out, row)
+        suffix = build_probe_suffix(setup.policy.tokenizer, path.answer)
+        expected = sum(start + len(suffix.token_ids) for start in path.turn_starts)
+        assert out.non_tensor_batch[PROBE_TOKENS_KEY][row] == expected
+        total += expected
+    assert server.log.tokens["prompt_logprobs"] == total
+
+
+def test_probe_requests_leave_the_trajectorys_staleness_tags_alone(legacy):
+    out = legacy.output
+    assert all(value == 0 for value in out.non_tensor_batch["min_global_steps"])  # the server's weight version
+    assert all(value == 0 for value in out.non_tensor_batch["max_global_steps"])
+    assert all(value == 0 for value in out.non_tensor_batch["num_cached_tokens"])  # from the first generation
+    assert "prompt_logprobs" not in out.non_tensor_batch and "prompt_ids" not in out.non_tensor_batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliverable 2: per-turn rewards reach the estimator under both trainers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_legacy_rm_scores_hold_the_turn_rewards(legacy):
+    out, probes, outcomes = legacy_rows(legacy)
+    for row in range(len(out)):
+        runs = runs_of_ones(out.batch["response_mask"][row])
+        values = np.array([probes[row]])
+        rewards = reference.turn_rewards(values, np.array([outcomes[row]]), np.ones(values.shape, dtype=bool))[0]
+        expected = np.zeros(out.batch["rm_scores"].shape[1])
+        for turn, (_, end) in enumerate(runs):
+            expected[end - 1] = rewards[turn]
+        np.testing.assert_allclose(out.batch["rm_scores"][row].numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert any(len(row) >= 2 and row[1] != row[0] for row in probes)  # a nonzero information gain exists
+
+
+def test_legacy_batch_reaching_compute_advantage_gives_igpo_rewards(legacy):
+    out, probes, outcomes = legacy_rows(legacy)
+    data = DataProto(batch=out.batch.clone(), non_tensor_batch=dict(out.non_tensor_batch), meta_info=dict(out.meta_info))
+    reward_tensor, _ = extract_reward(data)  # RayPPOTrainer.fit from here on
+    data.batch["token_level_scores"] = reward_tensor
+    data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+    algorithm = legacy.config.algorithm
+    data = compute_advantage(data, adv_estimator=algorithm.adv_estimator, gamma=algorithm.gamma, lam=algorithm.lam,
+                             num_repeat=GROUP_SIZE, config=algorithm)
+    expected, result = expected_advantages(probes, outcomes, out.non_tensor_batch["uid"], out.batch["response_mask"].numpy())
+    np.testing.assert_allclose(data.batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(result.information_gain).max() > 0.01 and np.abs(expected).max() > 0.1
+
+
+def test_v1_batch_reaching_compute_advantage_for_multi_trajectories_gives_igpo_rewards(v1):
+    """verl's V1 trainer step (PPOTrainer._compute_advantage: TransferQueue -> DataProto ->
+    compute_advantage_for_multi_trajectories -> TransferQueue), on the rows the stock
+    AgentLoopWorkerTQ stored through IGPOAgentLoopOutput.as_dict."""
+    from tensordict import TensorDict
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    tq, keys = v1.tq, v1.keys
+    stored = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["rollout_log_probs"])
+    tq.kv_batch_put(keys=keys, partition_id="train",  # the old-log-prob step's output (bypass: rollout log-probs)
+                    fields=TensorDict({"old_log_probs": stored["rollout_log_probs"]}, batch_size=len(keys)))
+    tags = tq.kv_list("train")["train"]
+    PPOTrainer._compute_advantage(SimpleNamespace(config=v1.config),
+                                  KVBatchMeta(keys=keys, partition_id="train", tags=[tags[key] for key in keys]), {})
+
+    data = tq.kv_batch_get(keys=keys, partition_id="train",
+                           select_fields=["advantages", "response_mask", "rm_scores", "extra_fields", "uid"])
+    masks = data["response_mask"].to_padded_tensor(0).numpy()
+    extra = list(data["extra_fields"])  # a list-like of dicts (its type depends on the TransferQueue backend)
+    probes = [list(item[igpo_verl.ANSWER_LOGPROB_KEY]) for item in extra]
+    outcomes = [float(item["reward_extra_info"]["acc"]) for item in extra]
+    expected, _ = expected_advantages(probes, outcomes, list(data["uid"]), masks)
+    np.testing.assert_allclose(data["advantages"].to_padded_tensor(0.0).numpy(), expected, rtol=1e-5, atol=1e-5)
+    rm_scores = data["rm_scores"].to_padded_tensor(0.0).numpy()
+    for row, values in enumerate(probes):  # IG at each earlier turn's end, the outcome at the last turn's
+        ends = [end - 1 for _, end in runs_of_ones(masks[row])]
+        assert np.flatnonzero(rm_scores[row]).tolist() == [end for end, value in
+                                                              zip(ends, reference.turn_rewards(np.array([values]), np.array([outcomes[row]]), np.ones((1, len(values)), dtype=bool))[0])
+                                                              if value != 0]
+    assert max(len(values) for values in probes) >= 2
+
+
+def test_v1_validation_rows_keep_verls_layout(v1, event_loop_for_verl):
+    """IGPOAgentLoopManager's V1 worker stores validation rows with the outcome at the last token
+    (V1 scores validation by the row sum of rm_scores)."""
+    from verl.utils import tensordict_utils
+
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopWorkerTQ
+
+    worker = IGPOAgentLoopWorkerTQ(v1.config, v1.worker.llm_client, None, v1.worker.reward_loop_worker_handles)
+    rows = harness.dataset_rows(v1.examples)[:1]
+    rows[0]["uid"] = "validation0"
+    prompts = tensordict_utils.get_tensordict({key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]})
+    tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+    tensordict_utils.assign_non_tensor_data(prompts, "validate", True)
+
+    async def generate():
+        await worker.generate_sequences(prompts)
+        while worker.background_tasks:
+            await asyncio.gather(*list(worker.background_tasks))
+
+    event_loop_for_verl.run_until_complete(generate())
+    data = v1.tq.kv_batch_get(keys=["validation0_0_0"], partition_id="val", select_fields=["rm_scores", "extra_fields"])
+    scores = data["rm_scores"].to_padded_tensor(0.0)[0]
+    extra = list(data["extra_fields"])[0]
+    outcome = float(extra["reward_extra_info"]["acc"])
+    assert len(extra[igpo_verl.ANSWER_LOGPROB_KEY]) >= 1
+    assert scores[-1].item() == pytest.approx(outcome) and torch.count_nonzero(scores[:-1]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliverable 3: no silent degradation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stock_tool_agent_path_triggers_the_outcome_only_warning(stock, monkeypatch):
+    out = stock.output
+    assert igpo_verl.ANSWER_LOGPROB_KEY not in out.non_tensor_batch
+    masks = out.batch["response_mask"]
+    assert max(len(runs_of_ones(row)) for row in masks) >= 2  # multi-turn rollouts, yet only the outcome
+    reward_tensor, _ = extract_reward(out)
+    algorithm = stock.config.algorithm
+    data = DataProto.from_dict(tensors={"response_mask": masks, "token_level_rewards": reward_tensor},
+                               non_tensors={"uid": out.non_tensor_batch["uid"]})
+    monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
+    with pytest.warns(igpo_verl.OutcomeOnlyWarning, match="default_agent_loop=igpo_tool_agent") as caught:
+        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=algorithm)
+    assert "agent_loop_manager_class" in str(caught[0].message)
+    with warnings.catch_warnings():  # once per process
+        warnings.simplefilter("error")
+        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=algorithm)
+
+
+def test_igpo_rows_do_not_warn(legacy, monkeypatch):
+    out = legacy.output
+    monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", igpo_verl.OutcomeOnlyWarning)
+        igpo_verl.compute_igpo_advantage(out.batch["rm_scores"], out.batch["response_mask"],
+                                         index=out.non_tensor_batch["uid"], config=legacy.config.algorithm)
+
+
+@pytest.mark.parametrize("mode", ["token_k1", "token_k2", "token_k3", "seq_mean_k3,token_k1"])
+def test_token_level_rejection_sampling_is_refused(legacy, mode):
+    """verl's rejection sampling punches a hole into a turn (two runs where one turn was); the
+    estimator refuses the setting by name before reading such a mask."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+    out, probes, _ = legacy_rows(legacy)
+    row = next(row for row, values in enumerate(probes) if len(values) >= 2)
+    start, end = runs_of_ones(out.batch["response_mask"][row])[0]
+    data = DataProto(batch=out.batch.clone(), non_tensor_batch=dict(out.non_tensor_batch))
+    data.batch["old_log_probs"] = data.batch["rollout_log_probs"].clone()
+    data.batch["old_log_probs"][row, (start + end) // 2] += 5.0  # one off-policy token inside turn 0
+    data.batch["token_level_rewards"] = data.batch["rm_scores"]
+    threshold = {"token_k1": "2.0", "token_k2": "1.0", "token_k3": "1.0", "seq_mean_k3,token_k1": "100.0,2.0"}[mode]
+    correction = OmegaConf.create({"rollout_is": None, "rollout_rs": mode, "rollout_rs_threshold": threshold,
+                                   "bypass_mode": False})
+    data, _ = compute_rollout_correction_and_add_to_batch(data, correction)
+    assert len(runs_of_ones(data.batch["response_mask"][row])) == len(probes[row]) + 1  # the turn was cut in two
+    algorithm = OmegaConf.merge(legacy.config.algorithm, {"rollout_correction": correction})
+    with pytest.raises(ValueError, match=rf"algorithm\.rollout_correction\.rollout_rs='{mode}'.*cuts IGPO's turns"):
+        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=algorithm)
+
+
+def test_rejection_settings_that_keep_turns_are_accepted():
+    from omegaconf import OmegaConf
+
+    mask = torch.tensor([[1, 1, 0, 1, 0]])
+    rewards = torch.tensor([[0.0, 0.5, 0.0, 1.0, 0.0]])
+    for correction in ({"rollout_rs": "seq_mean_k3", "bypass_mode": False},
+                       {"rollout_rs": "token_k1", "bypass_mode": True}, {"rollout_rs": None}):
+        config = OmegaConf.create({"adv_estimator": "igpo", "rollout_correction": correction})
+        igpo_verl.compute_igpo_advantage(rewards, mask, index=np.array(["q"], dtype=object), config=config)
+
+
+def test_outcome_only_warning_conditions(monkeypatch):
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 0, 0, 0]])
+    index = np.array(["q", "q"], dtype=object)
+    single_turn = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    cases = [  # (token rewards, mask, warns)
+        (torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0], [0.0, -2.0, 0.0, 0.0, 0.0]]), mask, True),
+        (torch.tensor([[0.0, 0.3, 0.0, 1.0, 0.0], [0.0, -2.0, 0.0, 0.0, 0.0]]), mask, False),
+        (torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]), single_turn, False),
+    ]
+    for rewards, row_mask, warns in cases:
+        monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            igpo_verl.compute_igpo_advantage(rewards, row_mask, index=index, config=None)
+        flagged = [w for w in caught if issubclass(w.category, igpo_verl.OutcomeOnlyWarning)]
+        assert bool(flagged) == warns, (rewards, flagged)
+        if warns:
+            assert "1 of 2 rollouts have several turns" in str(flagged[0].message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces, with hand-computed values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probe_answer_reads_the_verl_parquet_layouts():
+    assert probe_answer({"ground_truth": "Kaleno<|answer_split|>Kaleno City"}) == "Kaleno"
+    assert probe_answer({"ground_truth": np.array(["Velum", "Velum town"], dtype=object)}) == "Velum"
+    assert probe_answer({"ground_truth": {"target": np.array(["Tosk"])}}) == "Tosk"  # Search-R1
+    assert probe_answer({"style": "rule"}, {"ground_truth": ["Mira"]}) == "Mira"
+    with pytest.raises(ValueError, match=r"reward_model\['ground_truth'\]"):
+        probe_answer({"style": "rule"}, {"index": 3})
+
+
+def test_probe_logprob_from_server_output_reads_vllms_layout(setup):
+    tokenizer = setup.policy.tokenizer
+    suffix = build_probe_suffix(tokenizer, "Kivages")
+    context = [5, 6, 7]
+    sequence = context + list(suffix.token_ids)
+    logprobs = [[-0.1 * position] for position in range(1, len(sequence))] + [[0.0]]
+    ids = [[token] for token in sequence[1:]] + [[0]]
+    scored = range(len(context) + suffix.answer_start, len(context) + suffix.answer_end)
+    expected = np.mean([-0.1 * position for position in scored])
+    value = probe_logprob_from_server_output({"prompt_logprobs": logprobs, "prompt_ids": ids}, sequence, len(context), suffix)
+    assert value == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(RuntimeError, match="no extra_fields\\['prompt_logprobs'\\]"):
+        probe_logprob_from_server_output({}, sequence, len(context), suffix)
+    with pytest.raises(RuntimeError, match="got 2 prompt log-probs"):
+        probe_logprob_from_server_output({"prompt_logprobs": logprobs[:2]}, sequence, len(context), suffix)
+    wrong = [list(item) for item in ids]
+    wrong[len(context) + suffix.answer_start - 1] = [123456]
+    with pytest.raises(RuntimeError, match="scored token ids"):
+        probe_logprob_from_server_output({"prompt_logprobs": logprobs, "prompt_ids": wrong}, sequence, len(context), suffix)
+
+
+def _finished(turn_starts, response_mask, values, steps=()):
+    """IGPOToolAgentLoop._finish on a hand-made trajectory (no server needed)."""
+    loop = IGPOToolAgentLoop.__new__(IGPOToolAgentLoop)
+    loop.igpo_settings = igpo_verl.IGPOSettings()
+    loop._probes = _Probes(suffix=None, values=list(values), turn_starts=list(turn_starts), prefill_tokens=42,
+                           global_steps=list(steps))
+    output = AgentLoopOutput(prompt_ids=[1, 2], response_ids=list(range(len(response_mask))),
+                             response_mask=list(response_mask), metrics=AgentLoopMetrics(), num_turns=3,
+                             extra_fields={"min_global_steps": 3, "max_global_steps": 3})
+    return loop._finish(output)
+
+
+def test_finish_keeps_one_probe_per_turn_left_in_the_response():
+    # three turns started at 0, 5 and 9; response_length cut the third turn away entirely
+    output = _finished([0, 5, 9], [1, 1, 0, 0, 0, 1, 1, 0, 0], [-3.0, -2.0, -1.0], steps=[2, 3])
+    assert isinstance(output, IGPOAgentLoopOutput)
+    assert output.extra_fields[igpo_verl.ANSWER_LOGPROB_KEY] == [-3.0, -2.0]
+    assert output.extra_fields[PROBE_TOKENS_KEY] == 42
+    assert (output.extra_fields["min_global_steps"], output.extra_fields["max_global_steps"]) == (2, 3)
+    # a turn whose generation produced no token has no run: its probe goes
+    assert _finished([0, 3], [1, 1, 0], [-3.0, -2.0]).extra_fields[igpo_verl.ANSWER_LOGPROB_KEY] == [-3.0]
+    with pytest.raises(RuntimeError, match="each turn must be exactly one run of 1s"):
+        _finished([0, 5], [1, 0, 1, 0, 0, 1], [-3.0, -2.0])  # turn 0 split in two runs
+
+
+def test_output_as_dict_writes_turn_rewards_after_scoring():
+    output = _finished([0, 3], [1, 1, 0, 1, 1], [np.log(0.2), np.log(0.6)])
+    assert "rm_scores" not in output.as_dict()  # no reward yet: as verl, no rm_scores
+    output.reward_score = 1.0  # what the streaming reward does
+    fields = output.as_dict()
+    np.testing.assert_allclose(fields["rm_scores"].numpy(), [0.0, 0.4, 0.0, 0.0, 1.0], atol=1e-6)
+    assert fields["rm_scores"].dtype == torch.float32 and "_settings" not in fields
+    output.keep_outcome_only()
+    np.testing.assert_allclose(output.as_dict()["rm_scores"].numpy(), [0.0, 0.0, 0.0, 0.0, 1.0])
+
+
+def test_write_turn_rewards_leaves_rows_of_other_agent_loops_alone():
+    probes = np.empty(2, dtype=object)
+    probes[0], probes[1] = [np.log(0.5), np.log(0.25)], None
+    data = DataProto.from_dict(
+        tensors={"response_mask": torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]]),
+                 "rm_scores": torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.7, 0.0, 0.0]])},
+        non_tensors={igpo_verl.ANSWER_LOGPROB_KEY: probes},
+    )
+    assert write_turn_rewards(data, [1.0, 0.7], igpo_verl.IGPOSettings(ig_weight=2.0)) == [0]
+    np.testing.assert_allclose(data.batch["rm_scores"].numpy(), [[-0.5, 0.0, 1.0, 0.0], [0.0, 0.7, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="no outcome reward"):
+        write_turn_rewards(data, [None, 0.7], igpo_verl.IGPOSettings())
+
+
+def test_manager_builds_the_workers_of_the_trainer_in_use(legacy, event_loop_for_verl, monkeypatch):
+    """IGPOAgentLoopManager.create, as both trainers call it, with the worker actors not started."""
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
+
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopManagerTQ, IGPOAgentLoopWorkerTQ
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
+    async def no_actors(self):
+        self.agent_loop_workers = []
+
+    monkeypatch.setattr(AgentLoopManager, "_init_agent_loop_workers", no_actors)
+    for use_v1, manager_class, worker_class in ((False, IGPOAgentLoopManager, IGPOAgentLoopWorker),
+                                                (True, IGPOAgentLoopManagerTQ, IGPOAgentLoopWorkerTQ)):
+        config = OmegaConf.merge(legacy.config, {"trainer": {"use_v1": use_v1}})
+        assert uses_v1_trainer(config) is use_v1
+        manager = IGPOAgentLoopManager.create(config=config, llm_client=None, teacher_client=None,
+                                              reward_loop_worker_handles=None)
+        asyncio.set_event_loop(event_loop_for_verl)  # verl's auto_await ran it with asyncio.run
+        assert type(manager) is manager_class
+        assert manager.agent_loop_workers_class.__ray_actor_class__ is worker_class
+
+
+def test_compute_score_reads_hermes_transcripts():
+    response = ('<tool_call>\n{"name": "search", "arguments": {"query": "Gusti"}}\n</tool_call>user\n<tool_response>\n'
+                'Doc 1(Title: "Gusti") ...\n</tool_response>\n<tool_response>\nDoc 2\n</tool_response>\nassistant\n'
+                "<answer> Kivages </answer>")
+    assert igpo_verl.compute_score("world", response, "Kivages<|answer_split|>Kivages town") == 1.0
+    assert igpo_verl.compute_score("world", response + " more", ["Kivages"]) == -2.0  # text after the answer
+    assert igpo_verl.compute_score("world", "<answer> Krupiti Vale </answer>", {"target": ["Krupiti"]}) == pytest.approx(2 / 3)
+
+
+def test_search_tool_refuses_bad_config_and_arguments(setup, event_loop_for_verl):
+    from igpo_rewards.integrations.verl_search import SearchTool
+
+    with pytest.raises(ValueError, match="retrieval_url"):
+        SearchTool({"type": "native"})
+    with pytest.raises(ValueError, match="topk"):
+        SearchTool({"type": "native", "retrieval_url": "http://127.0.0.1:1/retrieve", "topk": 0})
+    tool = SearchTool({"type": "native", "retrieval_url": "http://127.0.0.1:1/retrieve"})
+    with pytest.raises(ValueError, match="non-empty string 'query'"):
+        event_loop_for_verl.run_until_complete(tool.execute("id", {"q": "x"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliverable 5: what the server-side probes cost, next to the actor-side packed forward
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probe_cost_server_side_versus_actor_side(legacy, setup):
+    """Tokens the probe requests prefilled per rollout against the ideal T x P, and the wall time of
+    scoring the probes as the server does (one forward over context + suffix per probe) against the
+    extra time of the actor-side way (igpo_rewards.agent.probes.probe_forward: the old-log-prob
+    forward of the response tokens with the probes over its KV cache, minus that forward alone),
+    on the same trajectories. Token counts and values are asserted; timings are reported
+    (``IGPO_BENCH=full`` runs 9 interleaved rounds and writes .benchmarks/igpo/verl_probe_cost.json)."""
+    from ..probe_oracle import naive_probe_logprobs
+
+    out, probes, _ = legacy_rows(legacy)
+    tokenizer, model = setup.policy.tokenizer, setup.policy.model
+    paths = [trajectory(out, row) for row in range(len(out))]
+    suffixes = [build_probe_suffix(tokenizer, path.answer) for path in paths]
+    rows = []
+    for row, (path, suffix) in enumerate(zip(paths, suffixes)):
+        ideal = len(probes[row]) * len(suffix.token_ids)
+        prefilled = int(out.non_tensor_batch[PROBE_TOKENS_KEY][row])
+        assert prefilled == sum(start + len(suffix.token_ids) for start in path.turn_starts) > ideal
+        rows.append({"turns": len(probes[row]), "probe_length": len(suffix.token_ids), "trajectory": len(path.token_ids),
+                     "prefilled": prefilled, "ideal": ideal})
+    # the actor-side inputs: one padded batch, the old log-probs of the response tokens
+    input_ids, lengths = pad_token_ids([path.token_ids for path in paths], pad_token_id=tokenizer.pad_token_id)
+    starts, _ = pad_token_ids([path.turn_starts for path in paths])
+    turn_mask = torch.arange(starts.shape[1])[None, :] < torch.tensor([[len(p.turn_starts)] for p in paths])
+    positions = torch.arange(input_ids.shape[1])[None, :]
+    response_tokens = (positions >= torch.tensor([[p.prompt_length] for p in paths])) & (positions < lengths[:, None])
+    table = suffix_table(suffixes)
+
+    full = os.environ.get("IGPO_BENCH", "quick").strip().lower() == "full"
+    ways = {
+        "server_side": lambda: igpo_rewards.answer_logprob(*naive_probe_logprobs(
+            model, [p.token_ids for p in paths], [p.turn_starts for p in paths], suffixes)),
+        "actor_forward": lambda: token_logprobs(model, input_ids, response_tokens)[0],
+        "actor_forward_with_probes": lambda: probe_forward(
+            model, input_ids, lengths, starts, turn_mask, table, token_mask=response_tokens, probe_layout="kv_cache",
+            pad_token_id=tokenizer.pad_token_id).answer_logprob,
+    }
+    timings: dict[str, list[float]] = {name: [] for name in ways}
+    results = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for _ in range(9 if full else 1):
+                for name, run in ways.items():
+                    started = time.perf_counter()
+                    results[name] = run()
+                    timings[name].append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("server_side", "actor_forward_with_probes"):  # both ways give the agent loop's probes
+        for row, values in enumerate(probes):
+            np.testing.assert_allclose(values, results[name][row, : len(values)].numpy(), rtol=0, atol=PROBE_TOLERANCE)
+    median = {name: float(np.median(values)) for name, values in timings.items()}
+    report = {
+        "rollouts": len(rows),
+        "probe_tokens_prefilled_per_rollout": float(np.mean([row["prefilled"] for row in rows])),
+        "ideal_probe_tokens_per_rollout": float(np.mean([row["ideal"] for row in rows])),
+        "trajectory_tokens_per_rollout": float(np.mean([row["trajectory"] for row in rows])),
+        "harness_server_probe_seconds": legacy.server.log.seconds["prompt_logprobs"],
+        "harness_server_generate_seconds": legacy.server.log.seconds["generate"],
+        "server_side_probe_seconds": median["server_side"],
+        "actor_forward_seconds": median["actor_forward"],
+        "actor_forward_with_probes_seconds": median["actor_forward_with_probes"],
+        "actor_side_extra_seconds": median["actor_forward_with_probes"] - median["actor_forward"],
+        "rounds": len(timings["server_side"]),
+        "rows": rows,
+    }
+    print("\nverl probe cost:", json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
+    if full:
+        directory = os.environ.get("IGPO_BENCH_SUMMARY", os.path.join(os.path.dirname(__file__), "..", "..", ".benchmarks", "igpo"))
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "verl_probe_cost.json"), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=1)
