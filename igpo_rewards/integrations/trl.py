@@ -27,6 +27,11 @@ What the ``rollout_func`` must return per completion, besides TRL's ``prompt_ids
 * optionally ``igpo_turn_index``: the turn (0, 1, ...) of every completion token, -1 for none,
   when turns are not the runs of ``env_mask`` (e.g. two turns with no observation between).
 
+:func:`make_search_rollout_func` is such a ``rollout_func`` (the Search-R1 loop of
+:mod:`igpo_rewards.agent` with retrieval and probes) and :func:`make_outcome_reward_func` its
+reward function; both live in :mod:`igpo_rewards.integrations.trl_search` and are importable
+from here.
+
 The outcome reward R_i is the weighted sum of the trainer's reward functions (what GRPO
 normalizes). Groups are TRL's: row k of the batch gathered over processes belongs to group
 k // num_generations, so a group may span processes; the per-turn data of all processes is
@@ -57,6 +62,8 @@ __all__ = [
     "TURN_INDEX_KEY",
     "IGPOTrainer",
     "check_trl_version",
+    "make_outcome_reward_func",
+    "make_search_rollout_func",
     "token_turn_index",
 ]
 
@@ -196,6 +203,11 @@ class IGPOTrainer(GRPOTrainer):
     process broadcasts its rows' turn advantages to their tokens. The result replaces
     ``advantages`` in the batch TRL trains on ([B_local, C], 0 on environment tokens and padding).
 
+    ``igpo_batch_inputs``: while TRL scores a batch (so during each ``rollout_func`` call), the
+    dataset rows of this process's slice, row i the one of ``prompts[i]``; ``None`` otherwise.
+    TRL hands ``rollout_func`` the prompts only; this is how a rollout function reads the other
+    columns (the ground-truth answer its probes need: :func:`make_search_rollout_func`).
+
     Logged: ``igpo/turns_mean`` (mean turns per completion) and ``igpo/information_gain_mean``
     (mean IG over non-final turns), besides TRL's metrics (whose ``advantages`` log column
     still shows GRPO's scalar advantages).
@@ -232,6 +244,7 @@ class IGPOTrainer(GRPOTrainer):
                     f"rewrite the completions after the rollout. Run the tools inside rollout_func instead"
                 )
         self.igpo_settings = IGPOSettings.from_mapping(igpo_settings)
+        self.igpo_batch_inputs: list[dict[str, Any]] | None = None
         self._igpo_rollouts: list[_Rollout] = []
         self._igpo_rewards_per_func: torch.Tensor | None = None
         super().__init__(*args, rollout_func=_recording(rollout_func), **kwargs)
@@ -245,7 +258,11 @@ class IGPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._igpo_rollouts = []
         self._igpo_rewards_per_func = None
-        output = super()._generate_and_score_completions(inputs)
+        self.igpo_batch_inputs = inputs
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.igpo_batch_inputs = None
         rewards_seen = self._igpo_rewards_per_func is not None
         if len(self._igpo_rollouts) != 1 or not rewards_seen:
             raise RuntimeError(
@@ -339,3 +356,13 @@ class IGPOTrainer(GRPOTrainer):
         self._metrics[mode]["igpo/information_gain_mean"].append(
             information_gain[non_final].float().mean().item() if bool(non_final.any()) else 0.0
         )
+
+
+def __getattr__(name: str) -> Any:
+    """``make_search_rollout_func`` and ``make_outcome_reward_func`` from :mod:`.trl_search` (which
+    imports this module, so it is imported on first use rather than at the top)."""
+    if name in ("make_search_rollout_func", "make_outcome_reward_func"):
+        from igpo_rewards.integrations import trl_search
+
+        return getattr(trl_search, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

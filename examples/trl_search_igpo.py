@@ -1,0 +1,209 @@
+"""IGPO with TRL on the reference trainer's world: a CPU run that learns to search.
+
+    bash scripts/demo.sh                                   # once: writes runs/demo/{warm_start,data}
+    python examples/trl_search_igpo.py --output_dir runs/trl_igpo
+
+What it does, top to bottom:
+
+1. reads the demo's questions (``runs/demo/data/*.parquet``, the verl/Search-R1 layout) into a
+   TRL dataset: ``prompt`` (the Search-R1 instruction as one user message), ``answers`` (the
+   aliases) and ``hops``;
+2. serves the demo's corpus (``runs/demo/data/corpus.jsonl``) with ``igpo-retrieve serve`` on a
+   loopback port, the Search-R1 ``/retrieve`` API;
+3. loads the demo's warm-start model (``runs/demo/warm_start``) and scores it on the held-out
+   questions: greedy rollouts, exact match by hop count (the reference trainer's ``evaluate``);
+4. trains it with ``IGPOTrainer`` + ``make_search_rollout_func`` (searches over HTTP, probes
+   before every turn) + ``make_outcome_reward_func`` (answer F1, -2.0 for a malformed
+   response), with TRL's own progress bar, logging and checkpoints in ``--output_dir``;
+5. scores the trained model the same way and writes ``--output_dir/heldout_em.json``.
+
+Every ``GRPOConfig`` field is a flag (``--learning_rate``, ``--max_steps``, ``--logging_steps``,
+``--save_steps``, ...). The defaults below mirror the reference trainer's IGPO run
+(``igpo-train demo``): 30 rounds of 8 questions x 8 rollouts (1,920 rollouts), each round two
+AdamW steps of 32 rollouts (``steps_per_generation=2``, so ``max_steps=60``), learning rate 1e-4,
+PPO clip 0.2, k3 KL 0.001 to the warm start, loss averaged over a rollout's tokens then over
+rollouts, gradient norm clipped to 1, float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from datasets import Dataset
+from transformers import HfArgumentParser
+from trl import GRPOConfig
+
+from igpo_rewards.agent.protocol import user_message
+from igpo_rewards.agent.retrieval import HTTPRetriever
+from igpo_rewards.integrations.trl import IGPOTrainer, make_outcome_reward_func, make_search_rollout_func
+from igpo_rewards.reference_trainer.evaluation import evaluate
+from igpo_rewards.reference_trainer.modeling import load_pretrained
+from igpo_rewards.reference_trainer.world import load_qa_parquet
+
+
+@dataclass
+class SearchArguments:
+    """The example's own flags (the rest are GRPOConfig's)."""
+
+    demo_dir: str = "runs/demo"
+    """A demo run directory: warm_start/ (the model) and data/ (corpus.jsonl, train.parquet, heldout.parquet)."""
+    max_turns: int = 4
+    """Most turns per rollout (searches plus the answer), in training and evaluation."""
+    max_new_tokens: int = 24
+    """Most tokens generated per turn."""
+    topk: int = 3
+    """Documents per search."""
+    threads: int = 1
+    """Torch CPU threads (the reference trainer's demo runs each RL process on one)."""
+    eval_batch_size: int = 64
+    """Held-out questions per generate batch."""
+
+
+# GRPOConfig values of the reference trainer's IGPO run (RLConfig defaults), for a CPU.
+RUN_DEFAULTS = dict(
+    output_dir="runs/trl_igpo",
+    num_generations=8,  # G
+    per_device_train_batch_size=32,  # one AdamW step on 32 rollouts ...
+    steps_per_generation=2,  # ... two per round of 8 questions x 8 rollouts
+    max_steps=60,  # 30 rounds
+    learning_rate=1e-4,
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    epsilon=0.2,  # PPO clip
+    beta=0.001,  # k3 KL to the reference (the warm start)
+    loss_type="grpo",  # mean over a rollout's tokens, then over rollouts
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    logging_steps=2,  # once per round
+    save_strategy="steps",
+    save_steps=20,
+    report_to="none",
+    seed=0,
+)
+
+
+def qa_dataset(path: Path) -> tuple[Dataset, list]:
+    """A verl/Search-R1 parquet of questions as a TRL dataset, and the questions themselves."""
+    examples = load_qa_parquet(path)
+    rows = [
+        {"prompt": [{"role": "user", "content": user_message(e.question)}], "answers": list(e.answers), "hops": e.hops}
+        for e in examples
+    ]
+    return Dataset.from_list(rows), examples
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_corpus(corpus: Path, *, timeout_s: float = 300.0) -> Iterator[str]:
+    """``igpo-retrieve serve`` on ``corpus`` (a loopback port) for the ``with`` block; yields its URL."""
+    command = shutil.which("igpo-retrieve", path=str(Path(sys.executable).parent)) or shutil.which("igpo-retrieve")
+    if command is None:
+        raise FileNotFoundError("igpo-retrieve is not installed: pip install 'igpo-rewards[server]'")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([command, "serve", "--corpus", str(corpus), "--port", str(port), "--log-level", "warning"])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"igpo-retrieve exited with status {server.returncode} before serving {url}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"igpo-retrieve did not answer on {url} within {timeout_s} s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def heldout_em(model, tokenizer, retriever, examples, args: SearchArguments) -> dict:
+    """Greedy rollouts on the held-out questions: EM/F1 overall and by hop count (eval.json layout)."""
+    return evaluate(
+        model, tokenizer, retriever, examples, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+        topk=args.topk, batch_size=args.eval_batch_size,
+    )
+
+
+def _summary(scores: dict) -> str:
+    hops = ", ".join(f"{hop}-hop {100 * s['em']:.1f}" for hop, s in scores["by_hops"].items())
+    return f"EM {100 * scores['em']:.1f} ({hops}; n = {scores['n']})"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The run; returns what it writes to heldout_em.json."""
+    parser = HfArgumentParser((SearchArguments, GRPOConfig))
+    parser.set_defaults(**RUN_DEFAULTS)
+    args, config = parser.parse_args_into_dataclasses(args=argv)
+    torch.set_num_threads(args.threads)
+    data = Path(args.demo_dir) / "data"
+    train_dataset, _ = qa_dataset(data / "train.parquet")
+    eval_dataset, heldout = qa_dataset(data / "heldout.parquet")
+
+    with serve_corpus(data / "corpus.jsonl") as url:
+        # -- the warm start, scored on the held-out questions --------------------------------------
+        model, tokenizer = load_pretrained(Path(args.demo_dir) / "warm_start")
+        retriever = HTTPRetriever(url)
+        before = heldout_em(model, tokenizer, retriever, heldout, args)
+        print(f"warm start: {_summary(before)}")
+
+        # -- IGPO with TRL: the Search-R1 rollout function, the outcome reward -----------------------
+        trainer = IGPOTrainer(
+            model=model,
+            reward_funcs=[make_outcome_reward_func("answers")],
+            args=config,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,  # TRL's own evaluation (reward, turns) with --eval_strategy steps
+            processing_class=tokenizer,
+            rollout_func=make_search_rollout_func(
+                url, answers_column="answers", max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                topk=args.topk,
+            ),
+        )
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+
+        # -- the trained policy, scored the same way ---------------------------------------------------
+        after = heldout_em(trainer.model, tokenizer, retriever, heldout, args)
+        print(f"after {trainer.state.global_step} steps: {_summary(after)}")
+
+    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * trainer.accelerator.num_processes
+    result = {
+        "command": " ".join(["python", "examples/trl_search_igpo.py", *(sys.argv[1:] if argv is None else argv)]),
+        "optimizer_steps": trainer.state.global_step,
+        "rollouts": trainer.state.global_step * rows_per_step // config.num_iterations,
+        "train_seconds": seconds,
+        "warm_start": before,
+        "trained": after,
+    }
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "heldout_em.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""The Search-R1 agent as a TRL ``rollout_func`` for ``IGPOTrainer``, and the outcome reward function.
+
+Also importable from :mod:`igpo_rewards.integrations.trl` (the names below are re-exported there).
+
+``make_search_rollout_func(retriever, ...)`` returns ``rollout_func(prompts, trainer)``. Per call
+(one per generation batch, on each process):
+
+1. each prompt is tokenized: a conversational prompt (a list of messages) through the tokenizer's
+   chat template with the generation prompt, a plain string as it is (no special tokens added);
+2. ``igpo_rewards.agent.rollout.generate_rollouts`` rolls every prompt out once with the trainer's
+   model (TRL already repeats each prompt ``num_generations`` times): all rollouts batched turn by
+   turn through HF ``generate``, temperature 1 with every filter off, each turn stopped at
+   ``</search>`` or ``</answer>``; searches go to the retriever in one call per turn and the
+   documents come back inside ``<information>..</information>``. A malformed turn (tag soup, no
+   stop string, an empty query) ends its rollout there; the reward function then gives it the
+   format penalty;
+3. ``igpo_rewards.agent.probes.score_probes`` scores the probe before every turn (the
+   ground-truth answer after "Now there's enough information to answer"), ``probe_batch_size``
+   rollouts per packed forward;
+4. the output holds TRL's ``prompt_ids``, ``completion_ids`` (the turns and the observations
+   between them) and ``logprobs`` (``None``: with HF generate TRL recomputes what it needs), and
+   what ``IGPOTrainer`` reads: ``env_mask`` (1 on generated tokens, 0 on observation tokens: one
+   run of 1s per turn) and ``igpo_answer_logprob`` (one probe per turn).
+
+The ground-truth answers: TRL passes a ``rollout_func`` the prompts only. ``IGPOTrainer`` keeps
+the batch's dataset rows in ``trainer.igpo_batch_inputs`` while it scores the batch (row i is the
+row of ``prompts[i]``), and the rollout function reads ``answers_column`` from them (any form
+``igpo_rewards.split_ground_truth`` accepts; the first alias is probed). It therefore runs
+under ``IGPOTrainer`` only.
+
+Generation is HF ``generate`` on the trainer's model in eval mode, without gradients, in training
+and in evaluation alike (``trainer.model.training`` is restored afterwards). TRL's vLLM modes are
+refused: the rollout function does not drive vLLM, and vLLM cannot be tested here. Sampling
+settings the loop does not apply (``temperature`` other than 1, ``top_p``, ``top_k``, ``min_p``,
+``repetition_penalty``, ``generation_kwargs``) are refused rather than ignored, and so is
+``mask_truncated_completions`` (a Search-R1 completion ends at ``</answer>``, not at an
+end-of-sequence token, so TRL would mask every one of them).
+
+``make_outcome_reward_func(answers_column)`` is the matching TRL reward function:
+``igpo_rewards.outcome_reward`` of each completion's text against its row's aliases (answer F1,
+the format penalty -2.0 for a malformed response or one without an answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from trl.models.utils import unwrap_model_for_generation
+
+from igpo_rewards.agent.probes import PROBE_LAYOUTS, score_probes
+from igpo_rewards.agent.retrieval import Document, HTTPRetriever, Retriever
+from igpo_rewards.agent.rollout import Trajectory, generate_rollouts
+from igpo_rewards.integrations.trl import ANSWER_LOGPROB_KEY, IGPOTrainer
+from igpo_rewards.scoring import outcome_reward, split_ground_truth
+
+__all__ = ["make_outcome_reward_func", "make_search_rollout_func"]
+
+# GRPOConfig fields that shape TRL's own sampling, with the values under which the loop's
+# temperature-1, filter-free sampling is what TRL's loss assumes.
+_NEUTRAL_SAMPLING = {
+    "temperature": (1.0,),
+    "top_p": (1.0,),
+    "top_k": (0, None),
+    "min_p": (0.0, None),
+    "repetition_penalty": (1.0,),
+}
+
+
+class _CallableRetriever:
+    """A ``Retriever`` around ``search(queries, topk) -> [[Document or Search-R1 contents str, ...], ...]``."""
+
+    def __init__(self, function: Callable[[list[str], int], Sequence[Sequence[Any]]]):
+        self.function = function
+
+    def search(self, queries: list[str], topk: int = 3) -> list[list[Document]]:
+        results = self.function(list(queries), topk)
+        if not isinstance(results, (list, tuple)) or len(results) != len(queries):
+            raise ValueError(
+                f"the search callable must return one list of documents per query: {len(queries)} queries, "
+                f"got {results!r:.120}"
+            )
+        return [[_document(hit, query, rank) for rank, hit in enumerate(hits)] for query, hits in enumerate(results)]
+
+
+def _document(hit: Any, query: int, rank: int) -> Document:
+    if isinstance(hit, Document):
+        return hit
+    if isinstance(hit, str):
+        return Document.from_contents("", hit)
+    raise TypeError(
+        f"the search callable's result [{query}][{rank}] must be a Document or a Search-R1 contents str "
+        f"('\"Title\"\\ntext'), got {type(hit).__name__}"
+    )
+
+
+def _as_retriever(retriever: Any) -> Retriever:
+    """A ``/retrieve`` URL (``HTTPRetriever``), an object with ``search``, or a search callable, as a ``Retriever``.
+
+    Raises:
+        TypeError: none of these.
+        ValueError: a string that is not an http(s) URL.
+    """
+    if isinstance(retriever, str):
+        return HTTPRetriever(retriever)
+    if callable(getattr(retriever, "search", None)):
+        return retriever
+    if callable(retriever):
+        return _CallableRetriever(retriever)
+    raise TypeError(
+        f"retriever must be a Search-R1 /retrieve URL, an object with search(queries, topk) or a callable "
+        f"(queries, topk) -> one list of documents per query; got {type(retriever).__name__}"
+    )
+
+
+def _check_positive(**counts: Any) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_trainer(trainer: Any) -> None:
+    """Refuses trainers and settings under which this rollout would not be what TRL trains on."""
+    if not isinstance(trainer, IGPOTrainer):
+        raise TypeError(
+            f"the search rollout_func runs under igpo_rewards.integrations.trl.IGPOTrainer (it reads the batch's "
+            f"answers from trainer.igpo_batch_inputs), got {type(trainer).__name__}"
+        )
+    args = trainer.args
+    if getattr(args, "use_vllm", False):
+        raise ValueError(
+            "the search rollout_func generates with the trainer's model through HF generate; use_vllm=True is not "
+            "supported (TRL's vLLM server and colocate modes are untested with it): set use_vllm=False"
+        )
+    if getattr(args, "mask_truncated_completions", False):
+        raise ValueError(
+            "mask_truncated_completions=True would mask every search rollout from the loss: a completion ends at "
+            "</answer>, not at an end-of-sequence token, so TRL counts it as truncated. Set it to False"
+        )
+    changed = {
+        name: getattr(args, name)
+        for name, neutral in _NEUTRAL_SAMPLING.items()
+        if hasattr(args, name) and getattr(args, name) not in neutral
+    }
+    if getattr(args, "generation_kwargs", None):
+        changed["generation_kwargs"] = args.generation_kwargs
+    if changed:
+        raise ValueError(
+            f"the search rollout_func samples at temperature 1 with no top-k/top-p/min-p/repetition penalty (the "
+            f"distribution TRL's loss scores); these GRPOConfig settings would not be applied: {changed}"
+        )
+
+
+def _batch_answers(trainer: IGPOTrainer, prompts: Sequence[Any], column: str) -> list[tuple[str, ...]]:
+    """Each prompt's answer aliases, from the dataset rows IGPOTrainer holds for the batch."""
+    rows = trainer.igpo_batch_inputs
+    if rows is None:
+        raise RuntimeError(
+            "trainer.igpo_batch_inputs is None: the search rollout_func must be called by IGPOTrainer while it "
+            "scores a batch (TRL calls rollout_func from _generate_and_score_completions)"
+        )
+    if len(rows) != len(prompts):
+        raise RuntimeError(f"the batch holds {len(rows)} dataset rows but rollout_func got {len(prompts)} prompts")
+    answers = []
+    for index, (row, prompt) in enumerate(zip(rows, prompts)):
+        if row.get("prompt") != prompt:
+            raise RuntimeError(f"prompts[{index}] is not the prompt of the batch's row {index}: {prompt!r:.120}")
+        if column not in row:
+            raise ValueError(
+                f"the dataset has no column {column!r} (the ground-truth answers, answers_column=); "
+                f"its columns: {sorted(row)}"
+            )
+        try:
+            answers.append(split_ground_truth(row[column]))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"dataset row of prompts[{index}], column {column!r}: {error}") from None
+    return answers
+
+
+def _prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
+    """Token ids of each prompt: messages through the chat template, a string as it is (each distinct prompt once)."""
+    encoded: dict[str, list[int]] = {}
+    result = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(message, Mapping) for message in prompt):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"prompts[{index}] is a list of messages but the tokenizer has no chat template; give the dataset "
+                    f"plain-text prompts or a tokenizer with a chat template"
+                )
+            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        else:
+            raise TypeError(f"prompts[{index}] must be a str or a list of chat messages, got {prompt!r:.120}")
+        if text not in encoded:
+            encoded[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        result.append(encoded[text])
+    return result
+
+
+@contextlib.contextmanager
+def _generation_model(trainer: IGPOTrainer) -> Iterator[Any]:
+    """The trainer's model unwrapped as TRL unwraps it for generation, in eval mode, without gradients."""
+    kwargs = {"gather_deepspeed3_params": trainer.args.ds3_gather_for_generation}
+    if "gradient_checkpointing_kwargs" in inspect.signature(unwrap_model_for_generation).parameters:  # TRL >= 1.16
+        kwargs["gradient_checkpointing_kwargs"] = trainer.args.gradient_checkpointing_kwargs
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, **kwargs) as model:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield model
+        finally:
+            model.train(was_training)
+
+
+def _probes(
+    model: Any, tokenizer: Any, trajectories: Sequence[Trajectory], answers: Sequence[str], *, batch_size: int, layout: str
+) -> list[list[float]]:
+    """The n_i probe log-probs of every trajectory, ``batch_size`` trajectories per packed forward."""
+    values: list[list[float]] = []
+    for first in range(0, len(trajectories), batch_size):
+        part = trajectories[first : first + batch_size]
+        scores = score_probes(
+            model, tokenizer, [t.token_ids for t in part], [t.turn_starts for t in part],
+            answers[first : first + batch_size], probe_layout=layout,
+        ).cpu()
+        values += [scores[row, : t.num_turns].tolist() for row, t in enumerate(part)]
+    return values
+
+
+def _completion(trajectory: Trajectory) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt_ids, completion_ids, env_mask)`` of a trajectory: the completion runs from the end of
+    the prompt to the end of the last turn; env_mask is 1 on turn tokens, 0 on observation tokens."""
+    start, end = trajectory.prompt_length, trajectory.turn_spans[-1][1]
+    env_mask = [0] * (end - start)
+    for turn_start, turn_end in trajectory.turn_spans:
+        env_mask[turn_start - start : turn_end - start] = [1] * (turn_end - turn_start)
+    return trajectory.token_ids[:start], trajectory.token_ids[start:end], env_mask
+
+
+def make_search_rollout_func(
+    retriever: str | Retriever | Callable[[list[str], int], Sequence[Sequence[Any]]],
+    *,
+    answers_column: str = "answers",
+    max_turns: int = 4,
+    max_new_tokens: int = 64,
+    topk: int = 3,
+    max_context_tokens: int | None = None,
+    generation_batch_size: int = 64,
+    probe_batch_size: int = 32,
+    probe_layout: str = "packed",
+) -> Callable[[list[Any], IGPOTrainer], dict[str, Any]]:
+    """A TRL ``rollout_func`` running the Search-R1 multi-turn loop with IGPO's probes (module docstring).
+
+    Args:
+        retriever: a Search-R1 ``/retrieve`` URL (e.g. ``igpo-retrieve serve``), an object with
+            ``search(queries, topk) -> [[Document, ...], ...]`` (``igpo_rewards.agent.retrieval``),
+            or a callable ``(queries, topk)`` returning, per query, ``Document`` objects or
+            Search-R1 contents strings (``'"Title"\\ntext'``).
+        answers_column: the dataset column holding each row's ground-truth answer aliases.
+        max_turns: the most turns of a rollout (searches plus the answer).
+        max_new_tokens: the most tokens generated in one turn.
+        topk: documents per search.
+        max_context_tokens: the longest prompt + completion; a rollout whose next observation
+            would not fit ends. Defaults to the model's ``max_position_embeddings``.
+        generation_batch_size: rollouts per ``generate`` call.
+        probe_batch_size: rollouts per probe forward.
+        probe_layout: "packed" (probe copies in one forward) or "kv_cache"
+            (``igpo_rewards.agent.probes.probe_forward``).
+
+    Returns:
+        ``rollout_func(prompts, trainer) -> dict`` for ``IGPOTrainer(..., rollout_func=...)``,
+        one completion per prompt, in order.
+
+    Raises:
+        TypeError / ValueError: a bad retriever or setting, here; at each call, a trainer that is
+        not an ``IGPOTrainer``, ``use_vllm``, ``mask_truncated_completions`` or sampling settings
+        the loop does not apply, a missing answers column, or prompts that are not the batch's.
+    """
+    search = _as_retriever(retriever)
+    _check_positive(
+        max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
+        generation_batch_size=generation_batch_size, probe_batch_size=probe_batch_size,
+    )
+    if max_context_tokens is not None:
+        _check_positive(max_context_tokens=max_context_tokens)
+    if probe_layout not in PROBE_LAYOUTS:
+        raise ValueError(f"probe_layout must be one of {PROBE_LAYOUTS}, got {probe_layout!r}")
+    if not isinstance(answers_column, str):
+        raise TypeError(f"answers_column must be a str (a dataset column), got {type(answers_column).__name__}")
+
+    def search_rollout_func(prompts: list[Any], trainer: IGPOTrainer) -> dict[str, Any]:
+        _check_trainer(trainer)
+        if not prompts:
+            raise ValueError("rollout_func got no prompts")
+        answers = _batch_answers(trainer, prompts, answers_column)
+        tokenizer = trainer.processing_class
+        prompt_ids = _prompt_ids(tokenizer, prompts)
+        mode = "train" if trainer.model.training else "eval"
+        with _generation_model(trainer) as model:
+            result = generate_rollouts(
+                model, tokenizer, search, prompt_ids, max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
+                max_context_tokens=max_context_tokens, batch_size=generation_batch_size,
+            )
+            probes = _probes(
+                model, tokenizer, result.trajectories, [aliases[0] for aliases in answers],
+                batch_size=probe_batch_size, layout=probe_layout,
+            )
+        trajectories = result.trajectories
+        prompt_part, completion_ids, env_mask = zip(*(_completion(t) for t in trajectories))
+        metrics = trainer._metrics[mode]
+        metrics["igpo/searches_mean"].append(sum(len(t.queries) for t in trajectories) / len(trajectories))
+        metrics["igpo/answered_fraction"].append(sum(t.answered for t in trajectories) / len(trajectories))
+        return {
+            "prompt_ids": list(prompt_part),
+            "completion_ids": list(completion_ids),
+            "logprobs": None,
+            "env_mask": list(env_mask),
+            ANSWER_LOGPROB_KEY: probes,
+        }
+
+    return search_rollout_func
+
+
+def _completion_text(completion: Any) -> str:
+    """The text of a TRL completion: a string, or (conversational prompts) a list of messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and all(isinstance(message, Mapping) for message in completion):
+        return "".join(str(message.get("content") or "") for message in completion)
+    raise TypeError(f"a completion must be a str or a list of messages, got {completion!r:.120}")
+
+
+def make_outcome_reward_func(
+    answers_column: str = "answers", *, metric: str = "f1", format_penalty: float = -2.0, style: str = "paper"
+) -> Callable[..., list[float]]:
+    """A TRL reward function: ``igpo_rewards.outcome_reward`` of each completion against its row's answers.
+
+    The returned ``reward(prompts, completions, **columns)`` reads the aliases from the dataset
+    column ``answers_column`` (TRL passes every column as a keyword argument) and scores the
+    completion's whole text (turns and observation blocks, as TRL decodes it): ``metric`` ("f1"
+    or "em") of the answer against the best alias, or ``format_penalty`` when the response is
+    malformed or has no answer. Its ``__name__`` is ``outcome_<metric>`` (TRL logs
+    ``rewards/outcome_f1/mean``).
+
+    Raises:
+        TypeError / ValueError: bad settings (here); at each call, a missing column or a ground
+        truth that ``igpo_rewards.split_ground_truth`` cannot read.
+    """
+    if not isinstance(answers_column, str):
+        raise TypeError(f"answers_column must be a str (a dataset column), got {type(answers_column).__name__}")
+    outcome_reward("", "checked", metric=metric, format_penalty=format_penalty, style=style)  # validates the settings
+
+    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
+        if answers_column not in columns:
+            raise ValueError(
+                f"the dataset has no column {answers_column!r} (the ground-truth answers); the reward function got "
+                f"{sorted(columns)}"
+            )
+        return [
+            outcome_reward(_completion_text(completion), truth, metric=metric, format_penalty=format_penalty, style=style)
+            for completion, truth in zip(completions, columns[answers_column], strict=True)
+        ]
+
+    reward.__name__ = reward.__qualname__ = f"outcome_{metric}"
+    return reward
