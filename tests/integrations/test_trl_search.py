@@ -16,6 +16,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,13 +133,14 @@ def test_sampled_rollouts_equal_the_reference_trainers(trainer, model, tokenizer
     trainer.model.eval()
 
 
-GENERATE_TURN = agent_rollout.generate_turn
+SAMPLE_TURNS = agent_rollout.sample_turns
 
 
 def scripted_turns(tokenizer, world, seed, model_share=0.0):
-    """A stand-in for generate_turn: turns drawn from searches (gold or not), answers (right or
-    wrong) and malformed text with a seeded RNG; a ``model_share`` of the contexts are sampled
-    by the model instead (the real generate_turn, batched)."""
+    """A stand-in for ``agent.rollout.sample_turns``: turns drawn from searches (gold or not),
+    answers (right or wrong) and malformed text with a seeded RNG; a ``model_share`` of the rows
+    are sampled by the model instead (the real ``sample_turns`` on a fresh grid of those rows'
+    contexts, so the scripted rows' grid keeps no KV cache)."""
     rng = random.Random(seed)
     gold = [query for example in world.train for query in example.gold_queries]
     names = [example.answers[0] for example in world.train]
@@ -150,16 +152,18 @@ def scripted_turns(tokenizer, world, seed, model_share=0.0):
     ]
     weights = [4, 2, 2, 1]
 
-    def fake_generate_turn(model, tokenizer_, contexts, *, max_new_tokens, greedy=False, batch_size=64):
+    def fake_sample_turns(model, tokenizer_, grid, *, max_new_tokens, greedy=False):
+        contexts = grid.contexts
         sampled = [index for index in range(len(contexts)) if rng.random() < model_share]
         turns = [tokenizer(rng.choices(choices, weights)[0](), add_special_tokens=False)["input_ids"] for _ in contexts]
         if sampled:
-            real = GENERATE_TURN(model, tokenizer_, [contexts[i] for i in sampled], max_new_tokens=max_new_tokens, greedy=greedy, batch_size=batch_size)
+            rows = [SimpleNamespace(context=list(contexts[i]), stop_reason="") for i in sampled]
+            real = SAMPLE_TURNS(model, tokenizer_, agent_rollout.TurnGrid(rows), max_new_tokens=max_new_tokens, greedy=greedy)
             for index, turn in zip(sampled, real):
                 turns[index] = turn
         return turns
 
-    return fake_generate_turn
+    return fake_sample_turns
 
 
 def test_multi_turn_rollouts_equal_the_reference_trainers(monkeypatch, trainer, model, tokenizer, retriever, world):
@@ -170,9 +174,9 @@ def test_multi_turn_rollouts_equal_the_reference_trainers(monkeypatch, trainer, 
     def search(queries, topk):
         return [[doc.contents for doc in docs] for docs in retriever.search(queries, topk)]
 
-    monkeypatch.setattr(agent_rollout, "generate_turn", scripted_turns(tokenizer, world, seed=5))
+    monkeypatch.setattr(agent_rollout, "sample_turns", scripted_turns(tokenizer, world, seed=5))
     output, rows = call(make_search_rollout_func(search, **SETTINGS), trainer, examples, seed=0)
-    monkeypatch.setattr(agent_rollout, "generate_turn", scripted_turns(tokenizer, world, seed=5))
+    monkeypatch.setattr(agent_rollout, "sample_turns", scripted_turns(tokenizer, world, seed=5))
     trajectories, batch, probes = reference_path(model, tokenizer, retriever, examples, seed=0)
     assert_matches_reference(output, trajectories, batch, probes)
     turns = sorted({t.num_turns for t in trajectories})
@@ -263,7 +267,7 @@ def test_two_training_steps_of_the_example(monkeypatch, demo_dir, world, tokeniz
     (igpo-retrieve over loopback), a TRL evaluation (the rollout function in eval mode) and a
     checkpoint per step. The tiny random model alone writes no valid turn (every outcome -2.0, all
     advantages 0), so a share of the turns is scripted to give the update a signal."""
-    monkeypatch.setattr(agent_rollout, "generate_turn", scripted_turns(tokenizer, world, seed=1, model_share=0.25))
+    monkeypatch.setattr(agent_rollout, "sample_turns", scripted_turns(tokenizer, world, seed=1, model_share=0.25))
     out = tmp_path / "run"
     result = load_example().main([
         "--demo_dir", str(demo_dir), "--output_dir", str(out), "--max_steps", "2", "--num_generations", "2",
