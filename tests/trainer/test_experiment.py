@@ -162,6 +162,28 @@ def _json_job(name, source, target, logs, **kwargs):
     return Job(name, (str(source), str(target)), logs / f"{name}.log", done=target, module="json.tool", **kwargs)
 
 
+DOCS_EXPERIMENTS = Path(__file__).resolve().parents[2] / "docs" / "experiments"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in DOCS_EXPERIMENTS.iterdir() if path.is_dir()))
+def test_the_reports_in_docs_are_what_their_experiment_json_gives(name, tmp_path):
+    """docs/experiments/NAME/report.md (below its header comment) is the report that
+    write_experiment_report writes from the experiment.json committed next to it, and every
+    plot it shows is there: the published tables cannot drift from the measured records."""
+    directory = DOCS_EXPERIMENTS / name
+    experiment = json.loads((directory / "experiment.json").read_text(encoding="utf-8"))
+    rebuilt = write_experiment_report(experiment, tmp_path).read_text(encoding="utf-8")
+    published = (directory / "report.md").read_text(encoding="utf-8")
+    assert published.startswith("<!--"), "the published report keeps its header (the command that made it)"
+    assert published.split("-->", 1)[1].lstrip("\n") == rebuilt
+    for plot in (EM_PLOT, HOPS_PLOT, COLLAPSE_PLOT):
+        assert f"]({plot})" in rebuilt
+        assert (directory / plot).read_bytes().startswith(PNG_SIGNATURE)
+    methods = {record["method"] for record in experiment["records"]}
+    assert methods == set(METHODS)
+    assert {record["seed"] for record in experiment["records"]} == set(experiment["seeds"])
+
+
 def test_run_jobs_order_skip_and_failure(tmp_path):
     logs = tmp_path / "logs"
     (tmp_path / "input.json").write_text('{"a": [1, 2]}')
