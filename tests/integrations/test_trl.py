@@ -27,8 +27,10 @@ from igpo_rewards.integrations.trl import (
     SUPPORTED_TRL_VERSIONS,
     TESTED_TRL_VERSIONS,
     IGPOTrainer,
+    SplitGroupWarning,
     check_trl_version,
     token_turn_index,
+    whole_group_permutation,
 )
 from igpo_rewards.testing import reference
 from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
@@ -168,6 +170,49 @@ def test_one_training_step_uses_per_token_advantages(model_dir, tmp_path):
     assert torch.count_nonzero(batch["advantages"] * (1 - batch["tool_mask"])) == 0  # nothing on env tokens
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
     assert any(not torch.equal(old, new) for old, new in zip(before, trainer.model.parameters()))
+
+
+def test_each_optimizer_step_trains_on_whole_groups(model_dir, tmp_path):
+    """A round of 3 groups x 4 rollouts in 3 steps_per_generation minibatches of 4: TRL's row
+    shuffle would mix the groups; IGPOTrainer's gives each minibatch one whole group, whose rows
+    keep their IGPO advantages."""
+    trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.NUM_GENERATIONS, steps_per_generation=3)
+    trainer.train()
+    expected = expected_advantages(trainer.processing_class, trainer.igpo_settings)
+    assert len(trainer._buffered_inputs) == 3
+    seen_groups = []
+    for minibatch in trainer._buffered_inputs:
+        prompts = {tuple(row[mask.bool()].tolist()) for row, mask in zip(minibatch["prompt_ids"], minibatch["prompt_mask"])}
+        assert len(prompts) == 1, "a minibatch mixes groups"
+        completions = [row[mask.bool()].tolist() for row, mask in zip(minibatch["completion_ids"], minibatch["completion_mask"])]
+        rows = [
+            next(k for k in range(run.GLOBAL_ROWS) if run.synthetic_completion(k, len(trainer.processing_class), trainer.processing_class.eos_token_id)["completion_ids"] == ids)
+            for ids in completions
+        ]
+        group = rows[0] // run.NUM_GENERATIONS
+        assert rows == list(range(group * run.NUM_GENERATIONS, (group + 1) * run.NUM_GENERATIONS))
+        for offset, k in enumerate(rows):
+            assert_rows_match(minibatch["advantages"][offset : offset + 1], expected, first_row=k)
+        seen_groups.append(group)
+    assert sorted(seen_groups) == [0, 1, 2]
+
+
+def test_whole_group_permutation():
+    torch.manual_seed(3)
+    order = whole_group_permutation(12, 4).tolist()
+    assert sorted(order) == list(range(12))
+    assert all(order[i : i + 4] == list(range(order[i], order[i] + 4)) and order[i] % 4 == 0 for i in range(0, 12, 4))
+    orders = {tuple(whole_group_permutation(12, 4).tolist()) for _ in range(50)}
+    assert len(orders) == 6  # every order of the 3 groups occurs, nothing else
+    with pytest.raises(ValueError, match="num_rows=10, group_size=4"):
+        whole_group_permutation(10, 4)
+
+
+def test_minibatches_that_cannot_hold_whole_groups_warn(model_dir, tmp_path):
+    """6 rollouts per minibatch with groups of 4: some group must be split, and the trainer says so."""
+    trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=6, steps_per_generation=2)
+    with pytest.warns(SplitGroupWarning, match="num_generations = 4"):
+        trainer.train()
 
 
 def test_token_turn_index_from_env_mask_or_explicit_turns():
