@@ -20,9 +20,9 @@ What it reads from TRL, and how stable each piece is:
   and the reference trainer's minibatches do). IGPO's advantages are normalized within a group,
   so a whole group's advantages are their own baseline inside one step; TRL's row shuffle splits
   groups across steps, and on the docs' CPU run that cost 2.6 held-out EM points over five seeds
-  (docs/integrations/trl.md). Because of it, IGPOTrainer checks the TRL version when it is built and refuses any
-  outside :data:`SUPPORTED_TRL_VERSIONS`, the range pyproject's ``trl`` extra declares and the
-  tests run at both ends.
+  (docs/integrations/trl.md). Because of these private methods, IGPOTrainer checks the TRL version
+  when it is built and refuses any outside :data:`SUPPORTED_TRL_VERSIONS`, the range pyproject's
+  ``trl`` extra declares and the tests run at both ends.
 
 What the ``rollout_func`` must return per completion, besides TRL's ``prompt_ids``,
 ``completion_ids`` and ``logprobs``:
