@@ -278,7 +278,8 @@ def warm_start_into(config: RunConfig, data: Data, warm_dir: Path, *, diagnose_s
     if diagnose_steps > 0:
         from igpo_rewards.reference_trainer.diagnostics import measure_signal
 
-        signal = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=diagnose_steps, seed=config.seed)
+        signal = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=diagnose_steps, seed=config.seed,
+                                progress=config.progress)
         write_text_atomic(warm_dir / "diagnostics.json", json.dumps(signal, indent=2))
     warm_eval = evaluate(model, tokenizer, data.retriever, heldout, step=0, progress=config.progress, **_eval_kwargs(config))
     write_text_atomic(warm_dir / "eval.json", json.dumps(warm_eval, indent=2))
@@ -409,7 +410,8 @@ def run_diagnose(command: DiagnoseCommand) -> dict[str, Any]:
 
     config = _run_config(_validate_command(command))
     _, model, tokenizer, data = _load_policy(config, "diagnose", "e.g. DIR/warm_start of a demo")
-    result = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=command.steps, seed=config.seed)
+    result = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=command.steps, seed=config.seed,
+                            progress=config.progress)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "diagnostics.json", json.dumps(result, indent=2))
