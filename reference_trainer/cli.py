@@ -10,7 +10,7 @@
     igpo-train experiment --out DIR [--seeds 3] [--quick]
                                                   per seed: warm start -> IGPO, GRPO and the two
                                                   ablations -> DIR/experiment.json, DIR/report.md
-    igpo-train report --out DIR [--runs IGPO=RUN ...]
+    igpo-train report --out DIR [--runs IGPO=RUN ...]   (or --experiment DIR/experiment.json)
 
 Every subcommand but report takes the fields of ``config.RunConfig`` that it reads
 (``config.SUBCOMMAND_READS``) as flags (``--rl.steps 100``, ``--warm-start.steps 50``, ...), and
@@ -150,14 +150,16 @@ class ExperimentCommand(RunConfig):
 
 @dataclass
 class ReportCommand:
-    """Write report.md with plots from run directories (default: the igpo/ and grpo/ runs of a demo in --out)."""
+    """Write report.md with plots from run directories (default: the igpo/ and grpo/ runs of a demo in --out), or rebuild an experiment's report from its experiment.json (--experiment)."""
 
-    out: str = "runs/demo"
-    """Directory of report.md (and of the demo whose runs are reported)."""
+    out: str | None = None
+    """Directory of report.md (and of the demo whose runs are reported); default runs/demo, or with --experiment the directory of experiment.json."""
     runs: tuple[str, ...] = ()
     """Runs as LABEL=DIR (default: IGPO=OUT/igpo GRPO=OUT/grpo)."""
     warm_start_eval: str | None = None
     """eval.json of the warm-start policy (default: OUT/warm_start/eval.json when it exists)."""
+    experiment: str | None = None
+    """An experiment.json (igpo-train experiment): rebuild its report.md and plots from it alone; a leading <!-- ... --> comment of the report.md it replaces is kept (the published reports note there how they were made)."""
 
 
 # --- data, retriever, model -------------------------------------------------------------------------
@@ -430,9 +432,34 @@ def run_experiment(command: ExperimentCommand) -> Path:
     return report
 
 
+def rebuild_experiment_report(experiment_json: Path, out: Path) -> Path:
+    """``experiment_report.write_experiment_report`` of an experiment.json into ``out``, keeping a
+    leading ``<!-- ... -->`` comment of the report.md it replaces."""
+    from igpo_rewards.reference_trainer.experiment_report import write_experiment_report
+
+    if not experiment_json.is_file():
+        raise FileNotFoundError(f"--experiment: file not found: {experiment_json}")
+    try:
+        experiment = json.loads(experiment_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{experiment_json}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    old = out / "report.md"
+    text = old.read_text(encoding="utf-8") if old.is_file() else ""
+    header = text[: text.index("-->") + 3] + "\n\n" if text.startswith("<!--") and "-->" in text else ""
+    report = write_experiment_report(experiment, out)
+    if header:
+        write_text_atomic(report, header + report.read_text(encoding="utf-8"))
+    return report
+
+
 def run_report(command: ReportCommand) -> Path:
-    """report.md from run directories."""
-    out = Path(command.out)
+    """report.md from run directories, or an experiment's from its experiment.json."""
+    if command.experiment is not None:
+        out = Path(command.out) if command.out is not None else Path(command.experiment).parent
+        report = rebuild_experiment_report(Path(command.experiment), out)
+        print(report)
+        return report
+    out = Path(command.out or "runs/demo")
     runs = {}
     for item in command.runs or (f"IGPO={out / 'igpo'}", f"GRPO={out / 'grpo'}"):
         label, separator, directory = item.partition("=")
