@@ -43,16 +43,15 @@ import tyro
 
 from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block
 from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
+from igpo_rewards.settings import IGPOSettings
 from igpo_rewards.reference_trainer.config import (
     Count,
     FieldTypeError,
     FieldValueError,
     PositiveCount,
     RunConfig,
-    SettingsFlagError,
     check_field,
     config_from_values,
-    plain_settings,
     field_paths,
     preset_config,
     quick_config,
@@ -596,6 +595,39 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return found
 
 
+def _scalar(text: str, annotation: Any) -> Any:
+    """``text`` as a value of a scalar field type (float, int, str, X | None), or ``_UNPARSED``."""
+    kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] or [annotation]
+    if len(kinds) < len(typing.get_args(annotation)) and text == "None":
+        return None
+    try:
+        return kinds[0](text) if kinds[0] in (float, int, str) else _UNPARSED
+    except ValueError:
+        return _UNPARSED
+
+
+_UNPARSED = object()
+
+
+def _check_settings_flags(args: list[str], given: dict[str, str]) -> None:
+    """Each ``--rl.igpo.FIELD VALUE`` checked as ``IGPOSettings`` will check it, before tyro builds
+    the settings: tyro reports a refusal there under its internal name (``rl.igpo``), not the flag.
+    A value of the wrong type is left to tyro, whose message names the flag."""
+    types = typing.get_type_hints(IGPOSettings)
+    for path, typed in given.items():
+        name = path.removeprefix("rl.igpo.")
+        text = _flag_value(args, typed)
+        if not path.startswith("rl.igpo.") or name not in types or text is None:
+            continue
+        value = _scalar(text, types[name])
+        if value is _UNPARSED:
+            continue
+        try:
+            IGPOSettings(**{name: value})
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{typed} {text}: {error}") from None
+
+
 def _validate_command(command: Any) -> Any:
     """``validate_config`` of the ``RunConfig`` part, and the subcommand's own fields against their types."""
     if isinstance(command, RunConfig):
@@ -633,15 +665,11 @@ def parse(argv: list[str]) -> Any:
     name, args = argv[0], argv[1:]
     given = given_flags(name, args)
     command_type = COMMANDS[name]
+    _check_settings_flags(args, given)
     try:
         command = tyro.cli(command_type, args=args, default=_defaults(name, args), prog=f"igpo-train {name}",
                            description=command_type.__doc__)
-        if isinstance(command, RunConfig):
-            command.rl.igpo = plain_settings(command.rl.igpo)
         return _validate_command(command)
-    except SettingsFlagError as error:
-        flag = given.get(f"rl.igpo.{error.field}", _flag(f"rl.igpo.{error.field}"))
-        raise UsageError(f"{flag} {error.value}: {error}") from None
     except (FieldTypeError, FieldValueError) as error:
         if error.field in given:  # a value from a flag: name the flag as typed
             raise UsageError(str(error).replace(error.field, given[error.field], 1)) from None

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import tyro
 
 from igpo_rewards import _checks
 from igpo_rewards.agent.probes import PROBE_LAYOUTS
@@ -101,46 +100,6 @@ Text = Annotated[str, NonEmpty()]
 """A non-empty string (a path, a device)."""
 OptionalText = Annotated[Union[str, None], NonEmpty()]
 """A path or URL, or None for "not given"."""
-
-
-class SettingsFlagError(Exception):
-    """``IGPOSettings`` refused a value given as ``--rl.igpo.FIELD`` (``field``: its name; ``value``: the value).
-
-    Deliberately not a ``ValueError``: tyro reports a ``ValueError`` of a nested constructor
-    under its internal field name, so ``igpo-train`` catches this one and names the flag.
-    """
-
-    def __init__(self, field: str, value: Any, message: str):
-        super().__init__(message)
-        self.field, self.value = field, value
-
-
-@dataclass(frozen=True)
-class SettingsFromFlags(IGPOSettings):
-    """``IGPOSettings`` as tyro builds it from the ``--rl.igpo.*`` flags (the same fields, docs and
-    checks); a refused value raises ``SettingsFlagError`` naming the first field refused on its own.
-    ``igpo-train`` turns it back into a plain ``IGPOSettings`` (``plain_settings``) after parsing."""
-
-    def __post_init__(self) -> None:
-        try:
-            super().__post_init__()
-        except (TypeError, ValueError) as error:
-            values = {item.name: getattr(self, item.name) for item in dataclasses.fields(IGPOSettings)}
-            culprit = next((name for name, value in values.items() if not _settings_accept(name, value)), "")
-            raise SettingsFlagError(culprit, values.get(culprit), str(error)) from None
-
-
-def _settings_accept(name: str, value: Any) -> bool:
-    try:
-        IGPOSettings(**{name: value})
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def plain_settings(settings: IGPOSettings) -> IGPOSettings:
-    """The ``IGPOSettings`` with the values of ``settings`` (e.g. a ``SettingsFromFlags``)."""
-    return IGPOSettings(**{item.name: getattr(settings, item.name) for item in dataclasses.fields(IGPOSettings)})
 
 
 # --- the configuration ---------------------------------------------------------------------------------
@@ -266,7 +225,7 @@ class RLConfig:
     """Most padded tokens (rows x longest row) per forward/backward, rows sorted by length (like verl's dynamic batch size); 0 = rows only. Bounds memory and padding, changes no result."""
     generation_batch_size: PositiveCount = 64
     """Rows per generate call."""
-    igpo: Annotated[IGPOSettings, tyro.conf.arg(constructor=SettingsFromFlags)] = field(default_factory=IGPOSettings)
+    igpo: IGPOSettings = field(default_factory=IGPOSettings)
     """Every option of igpo_rewards.igpo_advantages / grpo_advantages, under the library's names (--rl.igpo.gamma, --rl.igpo.kind, --rl.igpo.eps, ...); GRPO uses scale, eps and ddof."""
     grpo_probes: bool = False
     """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
