@@ -479,7 +479,7 @@ def budget_note(values: Mapping[str, Any]) -> str | None:
 
     Example:
         >>> budget_note(to_dict(quick_config()))
-        'a smoke run: 2 RL steps, 6 SFT steps of a model built from scratch (the quick budget); too small to learn, so its numbers only show that the pipeline runs'
+        '2 RL steps, 6 SFT steps of a model built from scratch: the quick budget, too small to learn; the numbers only show that the pipeline runs'
         >>> budget_note(to_dict(RunConfig())) is None
         True
     """
@@ -492,8 +492,7 @@ def budget_note(values: Mapping[str, Any]) -> str | None:
         reasons.append(f"{warm['steps']} SFT steps of a model built from scratch")
     if not reasons:
         return None
-    return (f"a smoke run: {', '.join(reasons)} (the quick budget); too small to learn, so its numbers only show "
-            "that the pipeline runs")
+    return f"{', '.join(reasons)}: the quick budget, too small to learn; the numbers only show that the pipeline runs"
 
 
 # --- files --------------------------------------------------------------------------------------

@@ -328,7 +328,7 @@ def smoke_lines(config: dict) -> list[str]:
     note = budget_note(config)
     if note is None:
         return []
-    return [f"> **Smoke run.** This is {note}: every number below, and every target, says nothing about the methods.", ""]
+    return [f"> **Smoke run** ({note}): every number below, and every target, says nothing about the methods.", ""]
 
 
 def write_experiment_report(experiment: dict, out_dir: str | Path) -> Path:

@@ -255,7 +255,8 @@ def _legend(figure: Any, axes: Sequence[Any], several_seeds: bool, note: str) ->
 
 def seed_curves_figure(panels: Sequence[Panel], *, methods: Sequence[str] | None = None,
                        labels: Mapping[str, str] | None = None, facets: bool | None = None) -> Any:
-    """Per-method curves over RL steps (module docstring): one row of axes per panel.
+    """Per-method curves over RL steps (module docstring): the panels side by side, or with
+    ``facets`` a row of axes per panel.
 
     Args:
         panels: what each row shows.
@@ -272,14 +273,16 @@ def seed_curves_figure(panels: Sequence[Panel], *, methods: Sequence[str] | None
     styles = method_styles(methods)
     several = any(len(seeds) > 1 for panel in panels for seeds in panel.series.values())
     facets = several and len(methods) > 2 if facets is None else facets
-    columns = len(methods) if facets else 1
-    figure = new_figure(3.4 * columns if facets else 8.0, 3.2 * len(panels) + 1.2)
-    grid = figure.subplots(len(panels), columns, squeeze=False)
-    for row, panel in zip(grid, panels):
-        if facets:
+    if facets:  # a row per panel, a column per method
+        figure = new_figure(3.4 * len(methods), 3.2 * len(panels) + 1.2)
+        grid = figure.subplots(len(panels), len(methods), squeeze=False)
+        for row, panel in zip(grid, panels):
             _draw_facets(row, panel, styles, labels)
-        else:
-            _draw_combined(row[0], panel, styles, labels)
+    else:  # the panels side by side
+        figure = new_figure(8.0 if len(panels) == 1 else 5.5 * len(panels), 4.6)
+        grid = figure.subplots(1, len(panels), squeeze=False)
+        for ax, panel in zip(grid[0], panels):
+            _draw_combined(ax, panel, styles, labels)
     spread = "band: min-max over seeds" if several else "one run per method"
     offsets = "" if facets else (f"; methods offset by up to {100 * OFFSET_SHARE * max(len(methods) - 1, 0) / 2:.1f}% "
                                  "of the step range so that equal values stay visible")

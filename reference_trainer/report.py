@@ -453,8 +453,8 @@ def _header_lines(runs: list[dict], warm: dict | None, warm_start_eval: Path | N
     lines = [f"# Reference trainer report: {' vs '.join(run['label'] for run in runs)}", ""]
     notes = list(dict.fromkeys(note for note in (budget_note(run["config"]) for run in runs) if note))
     if notes:
-        lines += [f"> **Smoke run.** This is {'; '.join(notes)}: the EM, F1 and collapse numbers below say nothing "
-                  "about IGPO or GRPO.", ""]
+        lines += [f"> **Smoke run** ({'; '.join(notes)}): the EM, F1 and collapse numbers below say nothing about "
+                  "IGPO or GRPO.", ""]
     for run in runs:
         steps = max((record["step"] for record in run["metrics"]), default=0)
         lines.append(f"- **{run['label']}**: `{run['dir']}`, {steps} RL steps")

@@ -196,8 +196,8 @@ def test_a_quick_experiment_report_says_it_is_a_smoke_run(tmp_path):
     quick = json.loads(json.dumps(_degenerate(0.0)))
     quick["config"] = to_dict(quick_config(preset_config("sparse")))
     lines = write_experiment_report(quick, tmp_path).read_text().splitlines()
-    assert lines[2].startswith("> **Smoke run.** This is a smoke run: 2 RL steps, 6 SFT steps of a model built from scratch "
-                               "(the quick budget); too small to learn")
+    assert lines[2].startswith("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch: the quick budget, "
+                               "too small to learn; the numbers only show that the pipeline runs): every number below")
 
 
 def _step0_row(seed, outcomes):
