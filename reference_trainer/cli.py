@@ -640,6 +640,19 @@ def _validate_command(command: Any) -> Any:
     return command
 
 
+def _description(name: str) -> str:
+    """The subcommand's ``--help`` text: its docstring, then which flags it reads (``SUBCOMMAND_READS``)."""
+    doc = COMMANDS[name].__doc__
+    reads = SUBCOMMAND_READS.get(name)
+    if reads is None:
+        return doc
+    sections = {item.name for item in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), item.name))}
+    flags = [_flag(path) + (".*" if path in sections or path == "rl.igpo" else "") for path in reads.paths]
+    ignored = [_flag(path) for path in reads.ignored if path in field_paths()]
+    return (f"{doc}\n\nReads {', '.join(flags)}" + (f" (except {', '.join(ignored)})" if ignored else "")
+            + " and its own flags; any other flag below is refused.")
+
+
 def _parse_without_subcommand(argv: list[str]) -> Any:
     """``igpo-train [--help]``: tyro's overview of every subcommand (or its error for a missing one)."""
     if argv and not argv[0].startswith("-"):
@@ -668,7 +681,7 @@ def parse(argv: list[str]) -> Any:
     _check_settings_flags(args, given)
     try:
         command = tyro.cli(command_type, args=args, default=_defaults(name, args), prog=f"igpo-train {name}",
-                           description=command_type.__doc__)
+                           description=_description(name))
         return _validate_command(command)
     except (FieldTypeError, FieldValueError) as error:
         if error.field in given:  # a value from a flag: name the flag as typed

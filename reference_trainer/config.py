@@ -655,10 +655,11 @@ def validate_config(config: RunConfig) -> RunConfig:
     Example:
         >>> config = RunConfig()
         >>> config.rl.group_size = 0
-        >>> validate_config(config)
-        Traceback (most recent call last):
-        ...
-        igpo_rewards.reference_trainer.config.FieldValueError: rl.group_size must be >= 1, got 0
+        >>> try:
+        ...     validate_config(config)
+        ... except FieldValueError as error:
+        ...     print(f"{type(error).__name__} on {error.field}: {error}")
+        FieldValueError on rl.group_size: rl.group_size must be >= 1, got 0
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
