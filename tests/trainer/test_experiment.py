@@ -385,6 +385,10 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     assert (out / "logs" / "seed_0.warm_start.log").read_text().count("$ igpo-train warm-start") == 1
     report = (out / "report.md").read_text()
     assert "## The targets" in report and "| IGPO (F1 + IG) |" in report
+    assert report.splitlines()[2].startswith("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch")
+    for name in ("warm_start", "igpo"):  # each child's config file holds only what its subcommand reads
+        child = json.loads((out / "configs" / f"seed_0.{name}.json").read_text())
+        assert ("tiny" in child) == (name == "warm_start") and ("init" in child) == (name == "igpo")
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in DOCS_EXPERIMENTS.iterdir() if path.is_dir()))
