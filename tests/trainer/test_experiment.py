@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from igpo_rewards.reference_trainer.config import preset_config, quick_config, to_dict
-from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS
+from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS, outcome_groups
 from igpo_rewards.reference_trainer.experiment import METHODS, check_or_write_base, method_config, plan_jobs
 from igpo_rewards.reference_trainer.experiment_report import (
     COLLAPSE_PLOT,
@@ -288,6 +288,10 @@ def test_the_reports_in_docs_are_what_their_experiment_json_gives(name, tmp_path
         assert (directory / plot).read_bytes().startswith(PNG_SIGNATURE)
     methods = {record["method"] for record in experiment["records"]}
     assert methods == set(METHODS)
+    for row in experiment["step0"]:  # the outcome split is that of the recorded groups: all wrong within zero-variance
+        split = outcome_groups([group["outcomes"] for group in row["groups"]])
+        assert {key: row[key] for key in split} == split
+        assert row["all_wrong_group_fraction"] + row["all_right_group_fraction"] <= row["outcome_zero_variance_fraction"]
     assert {record["seed"] for record in experiment["records"]} == set(experiment["seeds"])
 
 
@@ -374,6 +378,8 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     for row in experiment["step0"]:
         same = [len(set(group["outcomes"])) == 1 for group in row["groups"]]
         assert row["outcome_zero_variance_fraction"] == pytest.approx(sum(same) / len(same))
+        parts = row["all_wrong_group_fraction"] + row["all_right_group_fraction"] + row["equal_partial_group_fraction"]
+        assert parts == pytest.approx(row["outcome_zero_variance_fraction"])
         assert row["outcome_zero_variance_fraction"] >= 0.5
     assert len(experiment["step0"]) == 2
     # resumed, not redone: the interrupted runs continued from their checkpoint, one record per step
