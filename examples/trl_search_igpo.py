@@ -17,8 +17,10 @@ What it does, top to bottom:
    response), with TRL's own progress bar, logging and checkpoints in ``--output_dir``;
 5. scores the trained model the same way and writes ``--output_dir/heldout_em.json``.
 
-Every ``GRPOConfig`` field is a flag (``--learning_rate``, ``--max_steps``, ``--logging_steps``,
-``--save_steps``, ...). The defaults below mirror the reference trainer's IGPO run
+Its own flags (``--demo_dir``, ``--max_turns``, ``--max_new_tokens``, ``--topk``, ``--threads``,
+``--eval_batch_size``) are listed by ``--help``; every ``GRPOConfig`` field is a flag too
+(``--learning_rate``, ``--max_steps``, ``--logging_steps``, ``--save_steps``, ...; ``--help_trl``
+lists them all). The defaults below mirror the reference trainer's IGPO run
 (``igpo-train demo``): 30 rounds of 8 questions x 8 rollouts (1,920 rollouts), each round two
 AdamW steps of 32 rollouts (``steps_per_generation=2``, so ``max_steps=60``), learning rate 1e-4,
 PPO clip 0.2, k3 KL 0.001 to the warm start, loss averaged over a rollout's tokens then over
@@ -28,6 +30,7 @@ rollouts, gradient norm clipped to 1, float32 on the CPU.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import shutil
 import socket
@@ -35,10 +38,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
 from transformers import HfArgumentParser
@@ -54,20 +58,19 @@ from igpo_rewards.reference_trainer.world import load_qa_parquet
 
 @dataclass
 class SearchArguments:
-    """The example's own flags (the rest are GRPOConfig's)."""
+    """The example's own flags (``--help`` lists them; every ``GRPOConfig`` field is a flag too, ``--help_trl``)."""
 
-    demo_dir: str = "runs/demo"
-    """A demo run directory: warm_start/ (the model) and data/ (corpus.jsonl, train.parquet, heldout.parquet)."""
-    max_turns: int = 4
-    """Most turns per rollout (searches plus the answer), in training and evaluation."""
-    max_new_tokens: int = 24
-    """Most tokens generated per turn."""
-    topk: int = 3
-    """Documents per search."""
-    threads: int = 1
-    """Torch CPU threads (the reference trainer's demo runs each RL process on one)."""
-    eval_batch_size: int = 64
-    """Held-out questions per generate batch."""
+    demo_dir: str = field(default="runs/demo", metadata={"help": (
+        "A demo run directory (igpo-train demo): warm_start/ (the model) and data/ (corpus.jsonl, train.parquet, "
+        "heldout.parquet).")})
+    max_turns: int = field(default=4, metadata={"help": "Most turns per rollout (searches plus the answer), in training "
+                                                         "and evaluation."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Most tokens generated per turn."})
+    topk: int = field(default=3, metadata={"help": "Documents returned per search."})
+    threads: int = field(default=1, metadata={"help": "Torch CPU threads (the reference trainer's demo runs each RL "
+                                                       "process on one)."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Held-out questions per generate batch (the greedy "
+                                                                "evaluation before and after training)."})
 
 
 # GRPOConfig values of the reference trainer's IGPO run (RLConfig defaults), for a CPU.
@@ -96,12 +99,23 @@ RUN_DEFAULTS = dict(
 
 
 def qa_dataset(path: Path) -> tuple[Dataset, list]:
-    """A verl/Search-R1 parquet of questions as a TRL dataset, and the questions themselves."""
+    """A verl/Search-R1 parquet of questions as a TRL dataset (its ``prompt`` column as written,
+    ``answers``, ``hops``), and the questions themselves.
+
+    ``igpo-train demo`` writes the prompt the reference trainer rolls out from (the Search-R1
+    instruction with the question, one user message), so it is used as is, never wrapped again.
+
+    Raises:
+        ValueError: a row whose prompt is not that instruction (e.g. a demo written before the
+            parquet held it), naming the row.
+    """
     examples = load_qa_parquet(path)
-    rows = [
-        {"prompt": [{"role": "user", "content": user_message(e.question)}], "answers": list(e.answers), "hops": e.hops}
-        for e in examples
-    ]
+    prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+    for row, (prompt, example) in enumerate(zip(prompts, examples)):
+        if prompt[-1]["content"] != user_message(example.question):
+            raise ValueError(f"{path}: row {row}: the prompt is not the Search-R1 instruction the reference trainer uses "
+                             f"(got {prompt[-1]['content']!r:.80}); re-run `igpo-train demo` to write the data again")
+    rows = [{"prompt": prompt, "answers": list(e.answers), "hops": e.hops} for prompt, e in zip(prompts, examples)]
     return Dataset.from_list(rows), examples
 
 
@@ -152,11 +166,45 @@ def _summary(scores: dict) -> str:
     return f"EM {100 * scores['em']:.1f} ({hops}; n = {scores['n']})"
 
 
+def _own_help() -> str:
+    """``--help``: the example's flags, the GRPOConfig values it changes, and how to see TRL's."""
+    own = HfArgumentParser(SearchArguments, prog="python examples/trl_search_igpo.py", description=__doc__.split("\n\n")[0])
+    changed = "\n".join(f"  --{name} {value}" for name, value in RUN_DEFAULTS.items())
+    return (own.format_help() + "\nGRPOConfig values this example sets (the reference trainer's IGPO run; override them "
+            f"with the same flags):\n{changed}\n\nEvery other GRPOConfig field (TRL's) is a flag too: "
+            "--help_trl lists all of them.\n")
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[SearchArguments, GRPOConfig]:
+    """The example's flags and TRL's ``GRPOConfig`` (with ``RUN_DEFAULTS``); ``--help`` shows the
+    example's own flags first and alone, ``--help_trl`` every flag, a misspelled flag gets the
+    nearest ones as suggestions (exit status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((SearchArguments, GRPOConfig), prog="python examples/trl_search_igpo.py")
+    parser.set_defaults(**RUN_DEFAULTS)
+    if "--help_trl" in argv or "--help-trl" in argv:
+        parser.print_help()
+        sys.exit(0)
+    if "-h" in argv or "--help" in argv:
+        print(_own_help())
+        sys.exit(0)
+    args, config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        flags = sorted({"--" + option[2:].replace("-", "_") for action in parser._actions for option in action.option_strings
+                        if option.startswith("--")})
+        problems = []
+        for item in (arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")):
+            near = difflib.get_close_matches("--" + item.lstrip("-").replace("-", "_"), flags, n=3)
+            problems.append(f"unknown flag {item}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
+        print(f"{parser.prog}: error: {'; '.join(problems or [f'unexpected arguments {unknown}'])}\n"
+              "(--help lists this example's flags, --help_trl TRL's too)", file=sys.stderr)
+        sys.exit(2)
+    return args, config
+
+
 def main(argv: list[str] | None = None) -> dict:
     """The run; returns what it writes to heldout_em.json."""
-    parser = HfArgumentParser((SearchArguments, GRPOConfig))
-    parser.set_defaults(**RUN_DEFAULTS)
-    args, config = parser.parse_args_into_dataclasses(args=argv)
+    args, config = parse_arguments(argv)
     torch.set_num_threads(args.threads)
     data = Path(args.demo_dir) / "data"
     train_dataset, _ = qa_dataset(data / "train.parquet")

@@ -1,4 +1,4 @@
-"""``igpo-train``: the console script (demo, train, eval, report).
+"""``igpo-train``: the console script (demo, train, eval, warm-start, diagnose, experiment, report).
 
     igpo-train demo [--quick] [--out DIR]         world -> tokenizer -> model -> warm start
                                                   -> IGPO and GRPO from the same start
@@ -7,27 +7,33 @@
     igpo-train eval --init DIR --out DIR          greedy EM/F1 (by hop, per data source)
     igpo-train warm-start --out DIR               tokenizer + tiny model + warm start only
     igpo-train diagnose --init DIR --out DIR      outcome sparsity and probe signal at RL step 0
-    igpo-train report --out DIR [--runs IGPO=RUN ...]
     igpo-train experiment --out DIR [--seeds 3] [--quick]
                                                   per seed: warm start -> IGPO, GRPO and the two
                                                   ablations -> DIR/experiment.json, DIR/report.md
+    igpo-train report --out DIR [--runs IGPO=RUN ...]   (or --experiment DIR/experiment.json)
 
-Every subcommand takes the fields of ``config.RunConfig`` as flags (``--rl.steps 100``,
-``--warm-start.steps 50``, ...), and ``--config FILE`` (TOML/YAML/JSON) whose values the flags
-override. ``--model PATH`` (a pretrained HF chat model), ``--data file.parquet`` and
-``--corpus file.jsonl`` (verl/Search-R1 layouts) or ``--retriever-url`` swap the embedded
-world and tiny model for real ones; the code path is the same. Errors about paths, configs
-and data are printed as one line and exit with status 2.
+Every subcommand but report takes the fields of ``config.RunConfig`` that it reads
+(``config.SUBCOMMAND_READS``) as flags (``--rl.steps 100``, ``--warm-start.steps 50``, ...), and
+``--config FILE`` (TOML/YAML/JSON) whose values the flags override. A flag the subcommand would
+ignore (``eval --rl.steps 5``), or a config-file value other than the default that it would
+ignore, is refused; a misspelled flag gets the nearest ones as suggestions. ``--model PATH`` (a
+pretrained HF chat model), ``--data file.parquet`` and ``--corpus file.jsonl`` (verl/Search-R1
+layouts) or ``--retriever-url`` swap the embedded world and tiny model for real ones; the code
+path is the same. Errors about flags, paths, configs and data are printed as one line naming the
+flag (and the subcommand's ``--help``) and exit with status 2.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import functools
 import json
 import random
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -37,11 +43,22 @@ import tyro
 
 from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block
 from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
+from igpo_rewards.settings import IGPOSettings
 from igpo_rewards.reference_trainer.config import (
+    Count,
+    FieldTypeError,
+    FieldValueError,
+    PositiveCount,
     RunConfig,
+    check_field,
     config_from_values,
+    field_paths,
+    preset_config,
     quick_config,
+    SUBCOMMAND_READS,
     read_config_values,
+    refused_path,
+    subcommand_values,
     to_dict,
     validate_config,
 )
@@ -100,7 +117,7 @@ class WarmStartCommand(RunConfig):
 
     config: str | None = None
     """TOML/YAML/JSON file of config values; flags override it."""
-    diagnose_steps: int = 0
+    diagnose_steps: Count = 0
     """Also measure outcome sparsity and probe signal over this many RL steps' rollouts (diagnostics.json; 0 = skip)."""
 
 
@@ -110,36 +127,38 @@ class DiagnoseCommand(RunConfig):
 
     config: str | None = None
     """TOML/YAML/JSON file of config values; flags override it."""
-    steps: int = 4
+    steps: PositiveCount = 4
     """How many RL steps' worth of questions to sample (rl.questions_per_step x rl.group_size rollouts each)."""
 
 
 @dataclass
 class ExperimentCommand(RunConfig):
-    """IGPO, GRPO and the two ablations (ig_weight = 0, outcome_weight = 0) from one warm start per seed; DIR/experiment.json and DIR/report.md (the sparse preset unless --world.preset says otherwise)."""
+    """IGPO, GRPO and the two ablations (ig_weight = 0, outcome_weight = 0) from one warm start per seed; DIR/experiment.json and DIR/report.md. Runs on the sparse preset unless --world.preset (or the config file) names another: questions of 1-4 hops (balanced), twice the default world's name sharing, a warm start that demonstrates only questions of at most 2 hops, and 6 turns per rollout; the defaults below are the preset's."""
 
     config: str | None = None
     """TOML/YAML/JSON file of config values; flags override it."""
-    seeds: int = 3
+    seeds: PositiveCount = 3
     """S: warm starts, each followed by one run of every method (training seeds --seed .. --seed + S - 1)."""
     quick: bool = False
     """Tiny budget (the CI smoke test): same pipeline, a few steps of everything."""
-    workers: int = 2
+    workers: PositiveCount = 2
     """Child processes at once, one thread each."""
-    diagnose_steps: int = 4
+    diagnose_steps: Count = 4
     """RL steps' worth of rollouts measured at step 0 from each warm start (outcome sparsity, probe signal; 0 = skip)."""
 
 
 @dataclass
 class ReportCommand:
-    """Write report.md with plots from run directories (default: the igpo/ and grpo/ runs of a demo in --out)."""
+    """Write report.md with plots from run directories (default: the igpo/ and grpo/ runs of a demo in --out), or rebuild an experiment's report from its experiment.json (--experiment)."""
 
-    out: str = "runs/demo"
-    """Directory of report.md (and of the demo whose runs are reported)."""
+    out: str | None = None
+    """Directory of report.md (and of the demo whose runs are reported); default runs/demo, or with --experiment the directory of experiment.json."""
     runs: tuple[str, ...] = ()
     """Runs as LABEL=DIR (default: IGPO=OUT/igpo GRPO=OUT/grpo)."""
     warm_start_eval: str | None = None
     """eval.json of the warm-start policy (default: OUT/warm_start/eval.json when it exists)."""
+    experiment: str | None = None
+    """An experiment.json (igpo-train experiment): rebuild its report.md and plots from it alone; a leading <!-- ... --> comment of the report.md it replaces is kept (the published reports note there how they were made)."""
 
 
 # --- data, retriever, model -------------------------------------------------------------------------
@@ -260,7 +279,8 @@ def warm_start_into(config: RunConfig, data: Data, warm_dir: Path, *, diagnose_s
     if diagnose_steps > 0:
         from igpo_rewards.reference_trainer.diagnostics import measure_signal
 
-        signal = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=diagnose_steps, seed=config.seed)
+        signal = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=diagnose_steps, seed=config.seed,
+                                progress=config.progress)
         write_text_atomic(warm_dir / "diagnostics.json", json.dumps(signal, indent=2))
     warm_eval = evaluate(model, tokenizer, data.retriever, heldout, step=0, progress=config.progress, **_eval_kwargs(config))
     write_text_atomic(warm_dir / "eval.json", json.dumps(warm_eval, indent=2))
@@ -269,9 +289,7 @@ def warm_start_into(config: RunConfig, data: Data, warm_dir: Path, *, diagnose_s
 
 def run_warm_start(command: WarmStartCommand) -> dict[str, Any]:
     """The warm start alone, into --out (what the demo and the experiment start RL from)."""
-    config = validate_config(_run_config(command))
-    if command.diagnose_steps < 0:
-        raise ValueError(f"--diagnose-steps must be >= 0, got {command.diagnose_steps}")
+    config = _run_config(_validate_command(command))
     seed_everything(config)
     result = warm_start_into(config, build_data(config), Path(config.out), diagnose_steps=command.diagnose_steps)
     print(f"warm start: held-out EM {100 * result['em']:.1f}  F1 {100 * result['f1']:.1f}  (n = {result['n']}) -> {config.out}")
@@ -280,7 +298,7 @@ def run_warm_start(command: WarmStartCommand) -> dict[str, Any]:
 
 def _budgeted_config(command: DemoCommand | ExperimentCommand) -> RunConfig:
     """The command's validated config, with the tiny budget of ``quick_config`` under --quick."""
-    config = _run_config(command)
+    config = _run_config(_validate_command(command))
     return validate_config(quick_config(config) if command.quick else config)
 
 
@@ -319,7 +337,7 @@ def run_demo(command: DemoCommand) -> Path:
         if command.parallel:
             child.threads = 1
         config_path = out / f"{label}.config.json"
-        write_text_atomic(config_path, json.dumps(to_dict(child), indent=2))
+        write_text_atomic(config_path, json.dumps(subcommand_values(child, "train"), indent=2))
         for stale in (out / label / "eval.json", out / f"{label}.log"):  # a new warm start: the runs start over
             stale.unlink(missing_ok=True)
         children.append(Job(label, ("train", "--config", str(config_path)), out / f"{label}.log", done=out / label / "eval.json",
@@ -349,7 +367,7 @@ def run_demo(command: DemoCommand) -> Path:
 
 def run_train(command: TrainCommand) -> dict[str, Any]:
     """One RL run from --init (or --model) into --out (``training.train`` seeds it); returns its final evaluation."""
-    config = validate_config(_run_config(command))
+    config = _run_config(_validate_command(command))
     init = config.init or config.model
     if init is None:
         raise ValueError("train needs --init DIR (e.g. DIR/warm_start of a demo) or --model PATH")
@@ -373,7 +391,7 @@ def _load_policy(config: RunConfig, subcommand: str, init_hint: str) -> tuple[st
 
 def run_eval(command: EvalCommand) -> dict[str, Any]:
     """Greedy EM/F1 of --init (or --model) on the held-out questions; writes --out/eval.json."""
-    config = validate_config(_run_config(command))
+    config = _run_config(_validate_command(command))
     path, model, tokenizer, data = _load_policy(config, "eval", "a model or checkpoint directory")
     examples = data.heldout[: config.eval.max_questions or None]
     result = evaluate(model, tokenizer, data.retriever, examples, progress=config.progress, **_eval_kwargs(config))
@@ -391,9 +409,10 @@ def run_diagnose(command: DiagnoseCommand) -> dict[str, Any]:
     """``diagnostics.measure_signal`` of --init (or --model) on the training questions; writes --out/diagnostics.json."""
     from igpo_rewards.reference_trainer.diagnostics import format_signal, measure_signal
 
-    config = validate_config(_run_config(command))
+    config = _run_config(_validate_command(command))
     _, model, tokenizer, data = _load_policy(config, "diagnose", "e.g. DIR/warm_start of a demo")
-    result = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=command.steps, seed=config.seed)
+    result = measure_signal(model, tokenizer, data.retriever, data.train, config.rl, steps=command.steps, seed=config.seed,
+                            progress=config.progress)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "diagnostics.json", json.dumps(result, indent=2))
@@ -406,19 +425,40 @@ def run_experiment(command: ExperimentCommand) -> Path:
     from igpo_rewards.reference_trainer.experiment import run_experiment as experiment
 
     config = _budgeted_config(command)
-    if config.model is not None or config.data is not None or config.eval_data is not None:
-        raise ValueError("experiment runs on the embedded world (--world.preset): --model/--data/--eval-data are not supported")
-    if command.diagnose_steps < 0:
-        raise ValueError(f"--diagnose-steps must be >= 0, got {command.diagnose_steps}")
     report = experiment(config, Path(config.out), seeds=command.seeds, workers=command.workers,
                         diagnose_steps=command.diagnose_steps, progress=config.progress)
     print(f"experiment report -> {report}")
     return report
 
 
+def rebuild_experiment_report(experiment_json: Path, out: Path) -> Path:
+    """``experiment_report.write_experiment_report`` of an experiment.json into ``out``, keeping a
+    leading ``<!-- ... -->`` comment of the report.md it replaces."""
+    from igpo_rewards.reference_trainer.experiment_report import write_experiment_report
+
+    if not experiment_json.is_file():
+        raise FileNotFoundError(f"--experiment: file not found: {experiment_json}")
+    try:
+        experiment = json.loads(experiment_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{experiment_json}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    old = out / "report.md"
+    text = old.read_text(encoding="utf-8") if old.is_file() else ""
+    header = text[: text.index("-->") + 3] + "\n\n" if text.startswith("<!--") and "-->" in text else ""
+    report = write_experiment_report(experiment, out)
+    if header:
+        write_text_atomic(report, header + report.read_text(encoding="utf-8"))
+    return report
+
+
 def run_report(command: ReportCommand) -> Path:
-    """report.md from run directories."""
-    out = Path(command.out)
+    """report.md from run directories, or an experiment's from its experiment.json."""
+    if command.experiment is not None:
+        out = Path(command.out) if command.out is not None else Path(command.experiment).parent
+        report = rebuild_experiment_report(Path(command.experiment), out)
+        print(report)
+        return report
+    out = Path(command.out or "runs/demo")
     runs = {}
     for item in command.runs or (f"IGPO={out / 'igpo'}", f"GRPO={out / 'grpo'}"):
         label, separator, directory = item.partition("=")
@@ -433,7 +473,115 @@ def run_report(command: ReportCommand) -> Path:
     return Path(report)
 
 
-# --- entry point -------------------------------------------------------------------------------------------
+# --- entry point: subcommand, flags, config file ----------------------------------------------------------
+
+COMMANDS: dict[str, type] = {
+    "demo": DemoCommand, "train": TrainCommand, "eval": EvalCommand, "warm-start": WarmStartCommand,
+    "diagnose": DiagnoseCommand, "experiment": ExperimentCommand, "report": ReportCommand,
+}
+"""Subcommand name -> its dataclass (the flags); ``config.SUBCOMMAND_READS`` says which ``RunConfig`` fields each reads."""
+
+RUNNERS = {DemoCommand: run_demo, TrainCommand: run_train, EvalCommand: run_eval, WarmStartCommand: run_warm_start,
+           ExperimentCommand: run_experiment, DiagnoseCommand: run_diagnose, ReportCommand: run_report}
+
+
+class UsageError(ValueError):
+    """A flag, flag value or config-file key that ``igpo-train SUBCOMMAND`` refuses (exit status 2)."""
+
+
+def _flag(path: str) -> str:
+    """The flag of a dotted field path, as tyro spells it: ``rl.group_size`` -> ``--rl.group-size``."""
+    return "--" + path.replace("_", "-")
+
+
+def command_flags(name: str) -> dict[str, str]:
+    """Every flag of subcommand ``name`` (bools also as ``--no-...``) -> the dotted field path it sets."""
+    command_type = COMMANDS[name]
+    paths = dict(field_paths()) if issubclass(command_type, RunConfig) else {}
+    run_fields = {item.name for item in dataclasses.fields(RunConfig)} if issubclass(command_type, RunConfig) else set()
+    own = typing.get_type_hints(command_type)
+    paths.update({item.name: own[item.name] for item in dataclasses.fields(command_type) if item.name not in run_fields})
+    flags = {}
+    for path, annotation in paths.items():
+        flags[_flag(path)] = path
+        if typing.get_args(annotation)[:1] == (bool,) or annotation is bool:
+            head, _, last = path.rpartition(".")
+            flags[_flag(f"{head}.no_{last}" if head else f"no_{last}")] = path
+    return flags
+
+
+def given_flags(name: str, args: list[str]) -> dict[str, str]:
+    """The dotted field paths that ``args`` sets -> the flag as the user typed it.
+
+    Raises:
+        UsageError: an unknown flag (with the nearest flags of the subcommand as suggestions) or a
+            flag the subcommand would ignore (``config.refused_path``); every such flag is listed.
+    """
+    flags = command_flags(name)
+    given, problems = {}, []
+    for arg in args:
+        if not arg.startswith("--") or arg == "--help":
+            continue
+        typed = arg.split("=", 1)[0]
+        spelled = "--" + typed[2:].replace("_", "-")
+        if spelled not in flags:
+            near = difflib.get_close_matches(spelled, list(flags), n=3, cutoff=0.6)
+            problems.append(f"unknown flag {typed}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
+            continue
+        path = flags[spelled]
+        reason = refused_path(name, path) if name in SUBCOMMAND_READS and path in field_paths() else None
+        if reason is not None:
+            problems.append(f"{typed} is refused: {reason}")
+        given[path] = typed
+    if problems:
+        raise UsageError("; ".join(problems))
+    return given
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def _check_file_keys(name: str, values: dict[str, Any], defaults: RunConfig, path: str) -> None:
+    """A config-file value that ``name`` would ignore is refused unless it is the default (a
+    resolved config.json holds every field)."""
+    problems = []
+    for key, value in _flatten(values).items():
+        if key not in field_paths():
+            continue  # an unknown key: from_dict names it
+        default = functools.reduce(getattr, key.split("."), defaults)
+        reason = refused_path(name, key)
+        if reason is not None and value != default:
+            problems.append(f"{path}: {key} = {value!r} is refused: {reason}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _defaults(name: str, args: list[str]) -> Any:
+    """The subcommand's defaults: the world preset's <- ``--config FILE``. The preset is
+    ``--world.preset``, else the file's ``world.preset``, else (experiment) ``EXPERIMENT_PRESET``."""
+    command_type = COMMANDS[name]
+    if not issubclass(command_type, RunConfig):
+        return None
+    path = _flag_value(args, "--config")
+    values = read_config_values(path) if path else {}
+    preset = _flag_value(args, "--world.preset")
+    file_preset = isinstance(values.get("world"), dict) and "preset" in values["world"]
+    if preset is None and not file_preset and name == "experiment":
+        preset = EXPERIMENT_PRESET
+    if values and name in SUBCOMMAND_READS:
+        _check_file_keys(name, values, preset_config(preset or (values.get("world") or {}).get("preset", "default")), path)
+    base = config_from_values(values, preset=preset, where=str(path))
+    fields = {item.name: copy.deepcopy(getattr(base, item.name)) for item in dataclasses.fields(RunConfig)}
+    if name == "experiment" and "out" not in values:
+        fields["out"] = "runs/experiment"
+    return command_type(**fields)
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -447,53 +595,117 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return found
 
 
-def parse(argv: list[str]) -> Any:
-    """The subcommand object for ``argv``: defaults <- world preset <- ``--config FILE`` <- flags.
+def _scalar(text: str, annotation: Any) -> Any:
+    """``text`` as a value of a scalar field type (float, int, str, X | None), or ``_UNPARSED``."""
+    kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] or [annotation]
+    if len(kinds) < len(typing.get_args(annotation)) and text == "None":
+        return None
+    try:
+        return kinds[0](text) if kinds[0] in (float, int, str) else _UNPARSED
+    except ValueError:
+        return _UNPARSED
 
-    The preset (``--world.preset``, else the config file's ``world.preset``) sets the defaults
-    that the file and the other flags then override.
-    """
-    path = _flag_value(argv, "--config")
-    values = read_config_values(path) if path else {}
-    preset = _flag_value(argv, "--world.preset")
-    file_preset = isinstance(values.get("world"), dict) and "preset" in values["world"]
-    if preset is None and not file_preset and argv[:1] == ["experiment"]:
-        preset = EXPERIMENT_PRESET
-    base = config_from_values(values, preset=preset, where=str(path))
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(RunConfig)}
-    defaults = {
-        "demo": DemoCommand(**copy.deepcopy(fields)),
-        "train": TrainCommand(**copy.deepcopy(fields)),
-        "eval": EvalCommand(**copy.deepcopy(fields)),
-        "diagnose": DiagnoseCommand(**copy.deepcopy(fields)),
-        "warm-start": WarmStartCommand(**copy.deepcopy(fields)),
-        "experiment": ExperimentCommand(**{**copy.deepcopy(fields), "out": fields["out"] if "out" in values else "runs/experiment"}),
-    }
-    command_type = Union[
-        Annotated[DemoCommand, tyro.conf.subcommand("demo", default=defaults["demo"])],
-        Annotated[TrainCommand, tyro.conf.subcommand("train", default=defaults["train"])],
-        Annotated[EvalCommand, tyro.conf.subcommand("eval", default=defaults["eval"])],
-        Annotated[WarmStartCommand, tyro.conf.subcommand("warm-start", default=defaults["warm-start"])],
-        Annotated[ExperimentCommand, tyro.conf.subcommand("experiment", default=defaults["experiment"])],
-        Annotated[DiagnoseCommand, tyro.conf.subcommand("diagnose", default=defaults["diagnose"])],
-        Annotated[ReportCommand, tyro.conf.subcommand("report")],
-    ]
+
+_UNPARSED = object()
+
+
+def _check_settings_flags(args: list[str], given: dict[str, str]) -> None:
+    """Each ``--rl.igpo.FIELD VALUE`` checked as ``IGPOSettings`` will check it, before tyro builds
+    the settings: tyro reports a refusal there under its internal name (``rl.igpo``), not the flag.
+    A value of the wrong type is left to tyro, whose message names the flag."""
+    types = typing.get_type_hints(IGPOSettings)
+    for path, typed in given.items():
+        name = path.removeprefix("rl.igpo.")
+        text = _flag_value(args, typed)
+        if not path.startswith("rl.igpo.") or name not in types or text is None:
+            continue
+        value = _scalar(text, types[name])
+        if value is _UNPARSED:
+            continue
+        try:
+            IGPOSettings(**{name: value})
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{typed} {text}: {error}") from None
+
+
+def _validate_command(command: Any) -> Any:
+    """``validate_config`` of the ``RunConfig`` part, and the subcommand's own fields against their types."""
+    if isinstance(command, RunConfig):
+        validate_config(_run_config(command))
+    run_fields = {item.name for item in dataclasses.fields(RunConfig)} if isinstance(command, RunConfig) else set()
+    types = typing.get_type_hints(type(command), include_extras=True)
+    for item in dataclasses.fields(command):
+        if item.name not in run_fields:
+            check_field(item.name, getattr(command, item.name), types[item.name])
+    return command
+
+
+def _description(name: str) -> str:
+    """The subcommand's ``--help`` text: its docstring, then which flags it reads (``SUBCOMMAND_READS``)."""
+    doc = COMMANDS[name].__doc__
+    reads = SUBCOMMAND_READS.get(name)
+    if reads is None:
+        return doc
+    sections = {item.name for item in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), item.name))}
+    flags = [_flag(path) + (".*" if path in sections or path == "rl.igpo" else "") for path in reads.paths]
+    ignored = [_flag(path) for path in reads.ignored if path in field_paths()]
+    return (f"{doc}\n\nReads {', '.join(flags)}" + (f" (except {', '.join(ignored)})" if ignored else "")
+            + " and its own flags; any other flag below is refused.")
+
+
+def _parse_without_subcommand(argv: list[str]) -> Any:
+    """``igpo-train [--help]``: tyro's overview of every subcommand (or its error for a missing one)."""
+    if argv and not argv[0].startswith("-"):
+        near = difflib.get_close_matches(argv[0], list(COMMANDS), n=2)
+        raise UsageError(f"unknown subcommand {argv[0]!r}" + (f"; did you mean {' or '.join(near)}?" if near else "")
+                         + f"; the subcommands are {', '.join(COMMANDS)}")
+    command_type = Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, cls in COMMANDS.items())]
     return tyro.cli(command_type, args=argv, prog="igpo-train", description=__doc__.split("\n\n")[0])
 
 
+def parse(argv: list[str]) -> Any:
+    """The subcommand object for ``argv``: defaults <- world preset <- ``--config FILE`` <- flags, validated.
+
+    The preset (``--world.preset``, else the config file's ``world.preset``) sets the defaults
+    that the file and the other flags then override.
+
+    Raises:
+        UsageError: an unknown subcommand or flag, a flag or config-file value the subcommand
+            would ignore, or a bad value (named by its flag when it came from one).
+    """
+    if not argv or argv[0] not in COMMANDS:
+        return _parse_without_subcommand(argv)
+    name, args = argv[0], argv[1:]
+    given = given_flags(name, args)
+    command_type = COMMANDS[name]
+    _check_settings_flags(args, given)
+    try:
+        command = tyro.cli(command_type, args=args, default=_defaults(name, args), prog=f"igpo-train {name}",
+                           description=_description(name))
+        return _validate_command(command)
+    except (FieldTypeError, FieldValueError) as error:
+        if error.field in given:  # a value from a flag: name the flag as typed
+            raise UsageError(str(error).replace(error.field, given[error.field], 1)) from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (2 for a bad path, config or dataset)."""
+    """Console entry point; returns the exit status (2 for a bad flag, path, config or dataset, 1 for a failed job)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    prog = f"igpo-train {name}" if name else "igpo-train"
     try:
         command = parse(argv)
-        runners = {DemoCommand: run_demo, TrainCommand: run_train, EvalCommand: run_eval, WarmStartCommand: run_warm_start,
-                   ExperimentCommand: run_experiment, DiagnoseCommand: run_diagnose, ReportCommand: run_report}
-        runners[type(command)](command)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"igpo-train: error: {error}", file=sys.stderr)
+        RUNNERS[type(command)](command)
+    except UsageError as error:
+        listing = "its flags" if name else "the subcommands"
+        print(f"{prog}: error: {error}\n(`{prog} --help` lists {listing})", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, FieldTypeError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except JobFailed as error:
-        print(f"igpo-train: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -4,23 +4,105 @@
 the tiny model's size, the warm start, the RL loop and the evaluation. Every ``igpo-train``
 subcommand takes it; flags override a TOML/YAML file given with ``--config FILE``, which
 overrides the defaults of the world preset (``preset_config``, ``load_config_file``). ``quick_config`` is the
-tiny budget of ``igpo-train demo --quick`` (the CI smoke test). ``validate_config`` raises a
-``ValueError`` naming the field and the bad value.
+tiny budget of ``igpo-train demo --quick`` (the CI smoke test).
+
+Each field declares its constraint in its type (``PositiveCount``, ``Fraction``,
+``Annotated[int, Bounds(2)]``, a ``Literal`` of choices, ...), and a section with constraints
+between fields has a ``check_relations`` method; ``validate_config`` walks the dataclasses and
+checks every field against its declaration (``TypeError`` for a wrong type, ``ValueError`` for a
+bad value, both naming the field as ``FieldTypeError`` / ``FieldValueError`` with its dotted path).
+
+``SUBCOMMAND_READS`` declares which fields each subcommand reads; ``refused_path`` says why a
+field that a subcommand would ignore is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import functools
 import json
 import math
+import numbers
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
+
+from igpo_rewards import _checks
 from igpo_rewards.agent.probes import PROBE_LAYOUTS
 from igpo_rewards.reference_trainer.world import MAX_HOPS
 from igpo_rewards.settings import IGPOSettings
+
+# --- constraints, declared in the fields' types ----------------------------------------------------
+
+
+class FieldValueError(ValueError):
+    """A config field holds a bad value; ``field`` is its dotted path (``"rl.group_size"``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class FieldTypeError(TypeError):
+    """A config field holds a value of the wrong type; ``field`` is its dotted path."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range of a number field, declared in its type: ``Annotated[int, Bounds(2)]`` is an int >= 2."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+
+    def check(self, where: str, value: float) -> None:
+        if self.low <= value <= self.high and not (self.open_low and value == self.low):
+            return
+        if self.high == math.inf:
+            wanted = f"{'>' if self.open_low else '>='} {self.low}"
+        else:
+            wanted = f"in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+        raise ValueError(f"{where} must be {wanted}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A string field that must not be empty (paths, URLs, devices); None passes where the type allows it."""
+
+    def check(self, where: str, value: str | None) -> None:
+        if value == "":
+            raise ValueError(f"{where} must be a non-empty string, got ''")
+
+
+Count = Annotated[int, Bounds(0)]
+"""An int >= 0 (0 often means "off" or "all")."""
+PositiveCount = Annotated[int, Bounds(1)]
+"""An int >= 1."""
+Seed = Annotated[int, Bounds(-(2**63), 2**64 - 1)]
+"""Any seed torch accepts."""
+Fraction = Annotated[float, Bounds(0.0, 1.0)]
+"""A probability or share in [0, 1]."""
+NonNegative = Annotated[float, Bounds(0.0)]
+"""A float >= 0."""
+Positive = Annotated[float, Bounds(0.0, open_low=True)]
+"""A float > 0."""
+Text = Annotated[str, NonEmpty()]
+"""A non-empty string (a path, a device)."""
+OptionalText = Annotated[Union[str, None], NonEmpty()]
+"""A path or URL, or None for "not given"."""
+
+
+# --- the configuration ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -29,23 +111,23 @@ class WorldConfig:
 
     preset: Literal["default", "sparse"] = "default"
     """default: the demo's world. sparse: 1-4 hop questions, more name collisions, demonstrations only up to 2 hops, 6 turns (the defaults of every section it changes: see PRESETS)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the world generator (entities, corpus, questions)."""
-    num_train: int = 1000
-    """Training questions (hops 1/2/3 balanced)."""
-    num_heldout: int = 90
+    num_train: PositiveCount = 1000
+    """Training questions (hop counts 1..max_hops balanced)."""
+    num_heldout: PositiveCount = 90
     """Held-out questions, about people never asked about in training."""
-    num_countries: int = 6
+    num_countries: Annotated[int, Bounds(2)] = 6
     """Countries in the world."""
-    cities_per_country: int = 3
+    cities_per_country: Annotated[int, Bounds(2)] = 3
     """Cities per country (the first one is the capital)."""
-    num_organisations: int = 12
+    num_organisations: PositiveCount = 12
     """Organisations (employers)."""
-    max_hops: int = 3
-    """Longest question chains (1..4); hop counts 1..max_hops are balanced."""
-    people_per_first_name: float = 2.5
+    max_hops: Annotated[int, Bounds(1, MAX_HOPS)] = 3
+    """Longest question chains (1..4); hop counts 1..max_hops are balanced (default world 3, sparse preset 4)."""
+    people_per_first_name: Annotated[float, Bounds(1.0)] = 2.5
     """About how many people share a first name (near-miss documents for a name query)."""
-    people_per_surname: float = 3.3
+    people_per_surname: Annotated[float, Bounds(1.0)] = 3.3
     """About how many people share a surname."""
 
 
@@ -53,49 +135,55 @@ class WorldConfig:
 class TinyModelConfig:
     """The model built from scratch when no ``--model`` is given (``igpo_rewards.reference_trainer.modeling``)."""
 
-    vocab_size: int = 2048
+    vocab_size: PositiveCount = 2048
     """Byte-level BPE vocabulary trained on the world's text (tags are added on top); large enough that every name is one token."""
-    hidden_size: int = 96
+    hidden_size: PositiveCount = 96
     """Transformer width."""
-    num_layers: int = 3
+    num_layers: PositiveCount = 3
     """Transformer blocks."""
-    num_heads: int = 4
+    num_heads: PositiveCount = 4
     """Attention heads (hidden_size / num_heads must be even)."""
-    intermediate_size: int = 256
+    intermediate_size: PositiveCount = 256
     """MLP width."""
-    max_position_embeddings: int = 1024
+    max_position_embeddings: PositiveCount = 1024
     """Longest sequence: prompt + turns + observations (+ probe copies)."""
+
+    def check_relations(self, prefix: str) -> None:
+        """Rotary embeddings need an even head width: ``hidden_size / num_heads`` must be an even integer."""
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise FieldValueError(f"{prefix}hidden_size", f"{prefix}hidden_size ({self.hidden_size}) / {prefix}num_heads "
+                                  f"({self.num_heads}) must be an even integer (the head width)")
 
 
 @dataclass
 class WarmStartConfig:
     """Supervised fine-tuning on generated demonstrations (``igpo_rewards.reference_trainer.warm_start``)."""
 
-    steps: int = 600
+    steps: Count = 600
     """Optimizer steps of SFT."""
-    batch_size: int = 16
+    batch_size: PositiveCount = 16
     """Demonstrations per SFT step."""
-    learning_rate: float = 3e-3
+    learning_rate: Positive = 3e-3
     """Peak AdamW learning rate of SFT and of the language-model phase: linear warm-up, then cosine decay to 10% of it."""
-    warmup_steps: int = 20
+    warmup_steps: Count = 20
     """Linear learning-rate warm-up steps."""
-    noisy_query_prob: float = 0.1
+    noisy_query_prob: Fraction = 0.1
     """Probability that a demonstration's search uses a corrupted query, then retries the right one."""
-    skip_hop_prob: float = 0.5
+    skip_hop_prob: Fraction = 0.5
     """Probability that a multi-hop demonstration stops searching one hop early and answers the bridge entity (wrong)."""
-    think_prob: float = 0.0
+    think_prob: Fraction = 0.0
     """Probability that a demonstration turn starts with a short <think> block."""
-    rename_prob: float = 1.0
+    rename_prob: Fraction = 1.0
     """Probability that a demonstration's person gets a fresh name (first and last name of two other people), so names are copied, not recalled."""
-    probe_weight: float = 0.3
+    probe_weight: NonNegative = 0.3
     """Weight of the probe term of the SFT loss: the answer after the probe text, at the last probe of right demonstrations (0 = off; for models built from scratch)."""
-    probe_fraction: float = 0.3
+    probe_fraction: Fraction = 0.3
     """The probe term is on during this last fraction of the SFT steps (after the policy has learned to copy)."""
-    pretrain_steps: int = 200
+    pretrain_steps: Count = 200
     """Language-model steps on corpus documents (people renamed) before SFT; for models built from scratch."""
-    pretrain_batch_size: int = 64
+    pretrain_batch_size: PositiveCount = 64
     """Documents per language-model step."""
-    max_hops: int = 0
+    max_hops: Count = 0
     """Demonstrate only questions of at most this many hops (0 = all); harder ones are left for RL to discover."""
 
 
@@ -105,37 +193,37 @@ class RLConfig:
 
     algorithm: Literal["igpo", "grpo"] = "igpo"
     """igpo: information-gain turn rewards + outcome (igpo_rewards.igpo_advantages); grpo: outcome only."""
-    steps: int = 30
+    steps: Count = 30
     """RL steps (one batch of rollouts and one round of updates each)."""
-    questions_per_step: int = 8
+    questions_per_step: PositiveCount = 8
     """Questions per step; each gets group_size rollouts."""
-    group_size: int = 8
+    group_size: PositiveCount = 8
     """G, rollouts per question (the group of the normalization)."""
-    max_turns: int = 4
-    """Most turns per rollout (searches plus the answer); up to 10 for real data."""
-    max_new_tokens: int = 24
+    max_turns: PositiveCount = 4
+    """Most turns per rollout (searches plus the answer); up to 10 for real data (default world 4, sparse preset 6)."""
+    max_new_tokens: PositiveCount = 24
     """Most tokens sampled in one turn."""
-    topk: int = 3
+    topk: PositiveCount = 3
     """Documents retrieved per search."""
-    learning_rate: float = 1e-4
+    learning_rate: Positive = 1e-4
     """AdamW learning rate of the policy."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Gradient norm clip (0 disables clipping)."""
-    clip_ratio: float = 0.2
+    clip_ratio: Annotated[float, Bounds(0.0, 1.0, open_low=True)] = 0.2
     """PPO clip epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
-    kl_coef: float = 0.001
+    kl_coef: NonNegative = 0.001
     """Weight of the k3 KL to the frozen warm-start reference in the loss (0 skips the reference forward)."""
-    minibatches: int = 2
+    minibatches: PositiveCount = 2
     """Minibatches per pass over the rollouts (whole groups, one optimizer step each): ppo_epochs x minibatches optimizer steps per RL step."""
-    ppo_epochs: int = 1
+    ppo_epochs: PositiveCount = 1
     """Passes over the rollouts per RL step."""
-    micro_batch_size: int = 32
+    micro_batch_size: PositiveCount = 32
     """Most rows per forward/backward (bounds memory; gradients are accumulated exactly)."""
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: Count = 4096
     """Most padded tokens (rows x longest row) per forward/backward, rows sorted by length (like verl's dynamic batch size); 0 = rows only. Bounds memory and padding, changes no result."""
-    generation_batch_size: int = 64
+    generation_batch_size: PositiveCount = 64
     """Rows per generate call."""
     igpo: IGPOSettings = field(default_factory=IGPOSettings)
     """Every option of igpo_rewards.igpo_advantages / grpo_advantages, under the library's names (--rl.igpo.gamma, --rl.igpo.kind, --rl.igpo.eps, ...); GRPO uses scale, eps and ddof."""
@@ -143,23 +231,29 @@ class RLConfig:
     """Also run the probes under GRPO (IG metrics only; the advantages stay outcome-only)."""
     probe_layout: Literal[PROBE_LAYOUTS] = "kv_cache"
     """Probes in the old-log-prob forward: a second pass of the probe copies over the trajectory pass's KV cache (the trajectory pass is then a plain causal forward; the faster one here), or the copies appended in ONE forward under a 4D mask ("packed"). Same numbers; docs/benchmarks.md."""
-    eval_every: int = 5
+    eval_every: Count = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
-    checkpoint_every: int = 10
+    checkpoint_every: Count = 10
     """Write a checkpoint every this many steps (and at the end); 0 = only at the end."""
-    case_studies_per_eval: int = 2
+    case_studies_per_eval: Count = 2
     """Trajectories (with per-turn IG and advantage) written to trajectories.jsonl at each evaluation step."""
+
+    def check_relations(self, prefix: str) -> None:
+        """Minibatches hold whole groups: at most one minibatch per question of the step."""
+        if self.minibatches > self.questions_per_step:
+            raise FieldValueError(f"{prefix}minibatches", f"{prefix}minibatches ({self.minibatches}) must be <= "
+                                  f"{prefix}questions_per_step ({self.questions_per_step}): minibatches hold whole groups")
 
 
 @dataclass
 class EvalConfig:
     """Greedy evaluation on held-out questions (``igpo_rewards.reference_trainer.evaluation``)."""
 
-    max_questions: int = 0
+    max_questions: Count = 0
     """Evaluate at most this many questions (0 = all)."""
-    max_turns: int = 0
+    max_turns: Count = 0
     """Most turns per rollout at evaluation (0 = the RL value)."""
-    batch_size: int = 64
+    batch_size: PositiveCount = 64
     """Rows per generate call."""
 
 
@@ -167,27 +261,27 @@ class EvalConfig:
 class RunConfig:
     """One run of ``igpo-train``: data, model, world, warm start, RL and evaluation settings."""
 
-    out: str = "runs/demo"
+    out: Text = "runs/demo"
     """Run directory: resolved config, metrics.jsonl, checkpoints, eval.json, report.md."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of everything random in training (torch, Python); the world has its own seed."""
-    threads: int = 1
+    threads: Count = 1
     """Torch CPU threads (0 = torch's default). One is fastest for the tiny model, above all when other processes share the cores."""
-    device: str = "cpu"
+    device: Text = "cpu"
     """Torch device of the model ("cpu", "cuda", "cuda:1", ...)."""
-    model: str | None = None
+    model: OptionalText = None
     """Path of a pretrained HF chat model (save_pretrained layout); default: a tiny model built from scratch."""
-    init: str | None = None
+    init: OptionalText = None
     """Model or checkpoint directory: where train starts (also its frozen KL reference), what eval evaluates."""
-    data: str | None = None
+    data: OptionalText = None
     """Training questions, verl/Search-R1 parquet; default: the synthetic world."""
-    eval_data: str | None = None
+    eval_data: OptionalText = None
     """Held-out questions, verl/Search-R1 parquet (default: a held-out share of --data, or the world's held-out set)."""
-    corpus: str | None = None
+    corpus: OptionalText = None
     """Retrieval corpus, Search-R1 jsonl ({"id", "contents"} per line); needed with --data unless --retriever-url."""
-    retriever_url: str | None = None
+    retriever_url: OptionalText = None
     """A Search-R1 /retrieve server to use instead of the local BM25 index."""
-    eval_fraction: float = 0.1
+    eval_fraction: Fraction = 0.1
     """Share of --data held out for evaluation when --eval-data is not given."""
     resume: bool = False
     """Continue from the latest checkpoint in the run directory."""
@@ -267,6 +361,140 @@ def quick_config(config: RunConfig | None = None) -> RunConfig:
     return config
 
 
+# --- what each subcommand reads ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reads:
+    """The config fields a subcommand reads: dotted paths (a section stands for all its fields),
+    minus ``ignored`` (path -> why the subcommand does not read it)."""
+
+    paths: tuple[str, ...]
+    ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def covers(self, path: str) -> bool:
+        """Whether the field at dotted ``path`` is read."""
+        return _under(path, self.paths) and not _under(path, tuple(self.ignored))
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
+
+
+_RUN = ("out", "seed", "threads", "device", "progress")
+_DATA = ("model", "data", "eval_data", "corpus", "retriever_url", "eval_fraction", "dtype", "world")
+_EVALUATION = ("eval", "rl.max_turns", "rl.max_new_tokens", "rl.topk")
+_STEP0 = ("rl.questions_per_step", "rl.group_size", "rl.max_turns", "rl.max_new_tokens", "rl.topk", "rl.generation_batch_size",
+          "rl.igpo", "rl.probe_layout", "rl.micro_batch_size", "rl.micro_batch_tokens")
+
+SUBCOMMAND_READS: dict[str, Reads] = {
+    "demo": Reads(_RUN + _DATA + ("tiny", "warm_start", "rl", "eval"), {"rl.algorithm": "it trains both IGPO and GRPO"}),
+    "train": Reads(_RUN + _DATA + ("init", "resume", "rl", "eval")),
+    "eval": Reads(_RUN + _DATA + ("init",) + _EVALUATION),
+    "warm-start": Reads(_RUN + _DATA + ("tiny", "warm_start") + _EVALUATION + _STEP0),
+    "diagnose": Reads(_RUN + _DATA + ("init",) + _STEP0),
+    "experiment": Reads(
+        ("out", "seed", "device", "progress", "retriever_url", "world", "tiny", "warm_start", "rl", "eval"),
+        {"rl.algorithm": "it runs every method: igpo, grpo and the two ablations",
+         "threads": "every job runs on one thread; --workers sets how many run at once",
+         "resume": "running the same command again resumes it"},
+    ),
+}
+"""Subcommand -> the ``RunConfig`` fields it reads (with ``--diagnose-steps``, warm-start reads the
+step-0 diagnostics' RL fields too). A flag, or a config-file value other than the default, outside
+them is refused (``refused_path``): the subcommand would ignore it."""
+
+_WHY = {
+    "tiny": "the model is loaded from --init/--model",
+    "warm_start": "the warm start is --init's",
+    "init": "it builds its own starting point",
+    "resume": "only train resumes a run",
+    "model": "it runs on the embedded world and the tiny model",
+    "data": "it runs on the embedded world (--world.preset)",
+    "eval_data": "it runs on the embedded world (--world.preset)",
+    "corpus": "it runs on the embedded world (--world.preset)",
+    "eval_fraction": "it runs on the embedded world (--world.preset)",
+    "dtype": "it builds the tiny model (float32)",
+    "rl": "it runs no RL step",
+}
+
+
+def refused_path(subcommand: str, path: str) -> str | None:
+    """Why ``subcommand`` refuses the field at dotted ``path`` (it would ignore it), or None when it reads it.
+
+    Example:
+        >>> refused_path("experiment", "rl.algorithm")
+        'experiment does not read rl.algorithm (it runs every method: igpo, grpo and the two ablations); train reads it'
+        >>> refused_path("train", "rl.algorithm") is None
+        True
+    """
+    reads = SUBCOMMAND_READS[subcommand]
+    if reads.covers(path):
+        return None
+    why = next((reads.ignored[prefix] for prefix in reads.ignored if _under(path, (prefix,))), None)
+    if why is None:
+        section = next((prefix for prefix in (path, path.split(".")[0]) if prefix in _WHY), None)
+        why = _WHY[section] if section else "nothing in it uses this setting"
+    readers = [name for name, other in SUBCOMMAND_READS.items() if other.covers(path)]
+    also = f"; {', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it" if readers else ""
+    return f"{subcommand} does not read {path} ({why}){also}"
+
+
+def field_paths(cls: type = None, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of ``cls`` (default ``RunConfig``) by dotted path -> its annotation; ``IGPOSettings``'s fields included."""
+    cls = RunConfig if cls is None else cls
+    paths = {}
+    for name, annotation in _field_types(cls).items():
+        bare = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+        if _is_section(bare) or bare is IGPOSettings:
+            paths.update(field_paths(bare, f"{prefix}{name}."))
+        else:
+            paths[prefix + name] = annotation
+    return paths
+
+
+def subcommand_values(config: RunConfig, subcommand: str) -> dict[str, Any]:
+    """``to_dict(config)`` without the fields ``subcommand`` does not read: the config file of a child job."""
+
+    def keep(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+        kept = {}
+        for name, value in values.items():
+            path = prefix + name
+            if isinstance(value, dict):
+                inner = keep(value, path + ".")
+                if inner:
+                    kept[name] = inner
+            elif SUBCOMMAND_READS[subcommand].covers(path):
+                kept[name] = value
+        return kept
+
+    return keep(to_dict(config), "")
+
+
+def budget_note(values: Mapping[str, Any]) -> str | None:
+    """Why a run of this config (``to_dict`` layout, possibly partial) is a smoke run, or None.
+
+    A budget at or below ``quick_config``'s (RL steps, or SFT steps of a model built from scratch)
+    is too small to learn anything: its numbers only show that the pipeline runs.
+
+    Example:
+        >>> budget_note(to_dict(quick_config()))
+        '2 RL steps, 6 SFT steps of a model built from scratch: the quick budget, too small to learn; the numbers only show that the pipeline runs'
+        >>> budget_note(to_dict(RunConfig())) is None
+        True
+    """
+    quick = quick_config(RunConfig())
+    rl, warm = values.get("rl") or {}, values.get("warm_start") or {}
+    reasons = []
+    if isinstance(rl.get("steps"), int) and rl["steps"] <= quick.rl.steps:
+        reasons.append(f"{rl['steps']} RL steps")
+    if values.get("model") is None and isinstance(warm.get("steps"), int) and warm["steps"] <= quick.warm_start.steps:
+        reasons.append(f"{warm['steps']} SFT steps of a model built from scratch")
+    if not reasons:
+        return None
+    return f"{', '.join(reasons)}: the quick budget, too small to learn; the numbers only show that the pipeline runs"
+
+
 # --- files --------------------------------------------------------------------------------------
 
 
@@ -284,7 +512,9 @@ def from_dict(values: dict[str, Any], *, cls: type = RunConfig, where: str = "co
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+        near = {key: difflib.get_close_matches(key, list(fields), n=1) for key in unknown}
+        hints = "".join(f" (did you mean {near[key][0]!r} for {key!r}?)" for key in unknown if near[key])
+        raise ValueError(f"{where}: unknown key(s) {unknown}{hints}; known keys: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
         default = getattr(base, name)
@@ -334,7 +564,10 @@ def config_from_values(values: dict[str, Any], *, preset: str | None = None, whe
     if preset is None:
         preset = world.get("preset", "default") if isinstance(world, dict) else "default"
     config = from_dict(values, where=where, base=preset_config(preset))
-    validate_config(config)
+    try:
+        validate_config(config)
+    except (FieldTypeError, FieldValueError) as error:
+        raise type(error)(error.field, f"{where}: {error}") from None
     return config
 
 
@@ -348,90 +581,87 @@ def load_config_file(path: str | Path) -> RunConfig:
     return config_from_values(read_config_values(path), where=str(path))
 
 
-# --- validation --------------------------------------------------------------------------------
+# --- validation: every field against the constraint its type declares --------------------------------
 
 
-def _positive_int(where: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{where} must be an int >= {minimum}, got {value!r}")
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
 
 
-def _number(where: str, value: Any, low: float = -math.inf, high: float = math.inf, *, open_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
-    if value < low or value > high or (open_low and value == low):
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{where} must be in {bracket}{low}, {high}], got {value!r}")
+def _is_section(annotation: Any) -> bool:
+    """A nested config dataclass of this module (``IGPOSettings`` checks itself when it is built)."""
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation) and annotation.__module__ == __name__
 
 
-def _choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{where} must be one of {choices}, got {value!r}")
+def _check_type(where: str, value: Any, kind: Any) -> None:
+    """``value`` against a plain type or a ``Literal``: the library's checkers (``igpo_rewards._checks``)."""
+    if typing.get_origin(kind) is Literal:
+        _checks.check_choice(where, value, typing.get_args(kind))
+    elif kind is bool:
+        _checks.check_flag(where, value)
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{where} must be an int, got {type(value).__name__} {value!r}")
+    elif kind is float:
+        _checks.real_number(where, value)
+    elif isinstance(typing.get_origin(kind) or kind, type) and not isinstance(value, typing.get_origin(kind) or kind):
+        expected = typing.get_origin(kind) or kind
+        raise TypeError(f"{where} must be a {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def check_field(where: str, value: Any, annotation: Any) -> None:
+    """Check one field's value against its annotation (type, Optional, Literal choices, ``Bounds``, ``NonEmpty``).
+
+    Raises ``FieldTypeError`` / ``FieldValueError`` naming ``where``.
+    """
+    constraints = ()
+    if typing.get_origin(annotation) is Annotated:
+        annotation, *constraints = typing.get_args(annotation)
+    is_union = typing.get_origin(annotation) in (Union, types.UnionType)
+    kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] if is_union else [annotation]
+    if value is None and len(kinds) < len(typing.get_args(annotation)):
+        return
+    try:
+        _check_type(where, value, kinds[0])
+        for constraint in constraints:
+            if hasattr(constraint, "check"):
+                constraint.check(where, value)
+    except TypeError as error:
+        raise FieldTypeError(where, str(error)) from None
+    except ValueError as error:
+        raise FieldValueError(where, str(error)) from None
+
+
+def _validate_section(section: Any, prefix: str) -> None:
+    types = _field_types(type(section))
+    for item in dataclasses.fields(section):
+        where, value, annotation = prefix + item.name, getattr(section, item.name), types[item.name]
+        bare = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+        if _is_section(bare):
+            if not isinstance(value, bare):
+                raise FieldTypeError(where, f"{where} must be a {bare.__name__}, got {type(value).__name__}")
+            _validate_section(value, where + ".")
+        else:
+            check_field(where, value, annotation)
+    if hasattr(section, "check_relations"):
+        section.check_relations(prefix)
 
 
 def validate_config(config: RunConfig) -> RunConfig:
-    """Check every field's type and range; raises ``ValueError`` naming the field. Returns the config."""
+    """Check every field against the constraint its type declares (and each section's
+    ``check_relations``); raises ``FieldTypeError`` / ``FieldValueError`` naming the field. Returns the config.
+
+    Example:
+        >>> config = RunConfig()
+        >>> config.rl.group_size = 0
+        >>> try:
+        ...     validate_config(config)
+        ... except FieldValueError as error:
+        ...     print(f"{type(error).__name__} on {error.field}: {error}")
+        FieldValueError on rl.group_size: rl.group_size must be >= 1, got 0
+    """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
-    _positive_int("seed", config.seed, -(2**63))
-    _positive_int("threads", config.threads, 0)
-    _number("eval_fraction", config.eval_fraction, 0.0, 1.0)
-    _choice("dtype", config.dtype, ("float32", "bfloat16", "float16"))
-    for name in ("model", "init", "data", "eval_data", "corpus", "retriever_url"):
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"{name} must be a non-empty path string or None, got {value!r}")
-    if not isinstance(config.out, str) or not config.out:
-        raise ValueError(f"out must be a non-empty path string, got {config.out!r}")
-    world = config.world
-    _choice("world.preset", world.preset, tuple(PRESETS))
-    _positive_int("world.seed", world.seed, -(2**63))
-    _positive_int("world.num_train", world.num_train)
-    _positive_int("world.num_heldout", world.num_heldout)
-    _positive_int("world.num_countries", world.num_countries, 2)
-    _positive_int("world.cities_per_country", world.cities_per_country, 2)
-    _positive_int("world.num_organisations", world.num_organisations)
-    _positive_int("world.max_hops", world.max_hops)
-    if world.max_hops > MAX_HOPS:
-        raise ValueError(f"world.max_hops must be <= {MAX_HOPS} (the longest question kind), got {world.max_hops}")
-    _number("world.people_per_first_name", world.people_per_first_name, 1.0)
-    _number("world.people_per_surname", world.people_per_surname, 1.0)
-    tiny = config.tiny
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-        _positive_int(f"tiny.{name}", getattr(tiny, name))
-    warm = config.warm_start
-    _positive_int("warm_start.steps", warm.steps, 0)
-    _positive_int("warm_start.batch_size", warm.batch_size)
-    _positive_int("warm_start.warmup_steps", warm.warmup_steps, 0)
-    _number("warm_start.learning_rate", warm.learning_rate, 0.0, open_low=True)
-    _positive_int("warm_start.pretrain_steps", warm.pretrain_steps, 0)
-    _positive_int("warm_start.pretrain_batch_size", warm.pretrain_batch_size)
-    _positive_int("warm_start.max_hops", warm.max_hops, 0)
-    _number("warm_start.probe_weight", warm.probe_weight, 0.0)
-    for name in ("noisy_query_prob", "skip_hop_prob", "think_prob", "rename_prob", "probe_fraction"):
-        _number(f"warm_start.{name}", getattr(warm, name), 0.0, 1.0)
-    rl = config.rl
-    _choice("rl.algorithm", rl.algorithm, ("igpo", "grpo"))
-    _choice("rl.probe_layout", rl.probe_layout, PROBE_LAYOUTS)
-    _positive_int("rl.steps", rl.steps, 0)
-    for name in ("questions_per_step", "group_size", "max_turns", "max_new_tokens", "topk", "minibatches",
-                 "ppo_epochs", "micro_batch_size", "generation_batch_size"):
-        _positive_int(f"rl.{name}", getattr(rl, name))
-    for name in ("eval_every", "checkpoint_every", "case_studies_per_eval", "micro_batch_tokens"):
-        _positive_int(f"rl.{name}", getattr(rl, name), 0)
-    if rl.minibatches > rl.questions_per_step:
-        raise ValueError(
-            f"rl.minibatches ({rl.minibatches}) must be <= rl.questions_per_step ({rl.questions_per_step}): "
-            "minibatches hold whole groups"
-        )
-    _number("rl.learning_rate", rl.learning_rate, 0.0, open_low=True)
-    _number("rl.weight_decay", rl.weight_decay, 0.0)
-    _number("rl.grad_clip", rl.grad_clip, 0.0)
-    _number("rl.clip_ratio", rl.clip_ratio, 0.0, 1.0, open_low=True)
-    _number("rl.kl_coef", rl.kl_coef, 0.0)
-    if not isinstance(rl.igpo, IGPOSettings):  # its own fields are checked when it is built
-        raise ValueError(f"rl.igpo must be an IGPOSettings, got {type(rl.igpo).__name__}")
-    _positive_int("eval.max_questions", config.eval.max_questions, 0)
-    _positive_int("eval.max_turns", config.eval.max_turns, 0)
-    _positive_int("eval.batch_size", config.eval.batch_size)
+    _validate_section(config, "")
     return config

@@ -7,7 +7,8 @@ samples the rollouts that the first RL steps would sample (the same questions, G
 each, temperature 1), runs the probes and reports:
 
 - ``outcome_zero_variance_fraction``: ``igpo_rewards.zero_variance_group_fraction`` of the
-  outcomes (overall and by hop count), with the all-wrong / all-right split;
+  outcomes (overall and by hop count), split by ``outcome_groups`` into all wrong / all right /
+  equal partial F1, and the groups where every rollout failed but not in the same way;
 - ``information_gain``: the probes' information gain of the non-final turns, split by what the
   turn's search returned (``observation_labels``): ``answer_document_first`` (for the first
   time, the document the gold chain reads the answer from), ``answer_document_again`` (that
@@ -31,8 +32,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-import igpo_rewards
 from igpo_rewards.reference_trainer.batch import build_batch
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.metrics import zero_advantage_group_fraction
@@ -95,6 +96,36 @@ def _summary(values: Sequence[float], threshold: float) -> dict[str, Any]:
             "above_threshold_fraction": sum(value > threshold for value in values) / len(values)}
 
 
+def outcome_groups(groups: Sequence[Sequence[float]]) -> dict[str, float]:
+    """How the groups' outcomes split, as fractions of the groups (the outcome is the answer's F1,
+    or the format penalty -2.0 for a malformed response; "failed" means an outcome <= 0):
+
+    - ``outcome_zero_variance_fraction``: all G outcomes equal, so GRPO's advantages are 0 for the
+      whole group; the sum of the next three, each a subset of it:
+    - ``all_wrong_group_fraction``: all equal and <= 0 (every rollout F1 0, or every rollout -2.0);
+    - ``all_right_group_fraction``: all equal and >= 1 (every rollout a perfect answer);
+    - ``equal_partial_group_fraction``: all equal, strictly between 0 and 1;
+    - ``all_failed_outcomes_differ_fraction``: every outcome <= 0 but not all equal (F1 0 next to
+      the format penalty): no rollout answered, yet GRPO gets a signal (for the format). Not zero-variance.
+
+    Example:
+        >>> split = outcome_groups([[1.0, 1.0], [0.0, 1.0], [-2.0, -2.0], [0.0, -2.0]])
+        >>> split["outcome_zero_variance_fraction"], split["all_wrong_group_fraction"], split["all_failed_outcomes_differ_fraction"]
+        (0.5, 0.25, 0.25)
+    """
+    if not groups:
+        raise ValueError("groups is empty: no outcomes to split")
+    equal = [group for group in groups if len(set(group)) == 1]
+    count = len(groups)
+    return {
+        "outcome_zero_variance_fraction": len(equal) / count,
+        "all_wrong_group_fraction": sum(group[0] <= 0 for group in equal) / count,
+        "all_right_group_fraction": sum(group[0] >= 1 for group in equal) / count,
+        "equal_partial_group_fraction": sum(0 < group[0] < 1 for group in equal) / count,
+        "all_failed_outcomes_differ_fraction": sum(len(set(group)) > 1 and max(group) <= 0 for group in groups) / count,
+    }
+
+
 def _group_outcomes(trajectories: Sequence[QATrajectory], offset: int) -> dict[int, list[QATrajectory]]:
     groups: dict[int, list[QATrajectory]] = defaultdict(list)
     for trajectory in trajectories:
@@ -112,6 +143,7 @@ def measure_signal(
     steps: int = 4,
     seed: int = 0,
     ig_threshold: float = 0.1,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Sparsity and probe signal over the rollouts of RL steps 1..``steps`` (see the module docstring).
 
@@ -123,11 +155,12 @@ def measure_signal(
         steps: how many steps' worth of questions to sample.
         seed: the run's seed (which questions; the sampling seed is derived from it).
         ig_threshold: the information gain counted as "clearly positive" in the split.
+        progress: a tqdm bar over the steps.
 
     Returns:
         A JSON-ready dict: ``questions``, ``rollouts``, ``group_size``,
-        ``outcome_zero_variance_fraction``, ``all_wrong_group_fraction`` (every outcome <= 0),
-        ``all_right_group_fraction`` (every outcome 1: a perfect answer), ``turn_advantage_collapse_rate``,
+        the fractions of ``outcome_groups`` (``outcome_zero_variance_fraction``, ``all_wrong_group_fraction``,
+        ``all_right_group_fraction``, ...), ``turn_advantage_collapse_rate``,
         ``by_hops`` ({hops: groups, outcome_zero_variance_fraction, train_em, solved_group_fraction,
         information_gain}),
         ``groups`` (every group's hop count and G outcomes),
@@ -144,7 +177,7 @@ def measure_signal(
     rng_state = torch.get_rng_state()
     torch.manual_seed(seed * 7919 + 17)
     try:
-        for step in range(1, steps + 1):
+        for step in tqdm(range(1, steps + 1), desc="diagnose", disable=not progress, leave=False):
             questions = examples_for_step(examples, step, config.questions_per_step, seed)
             trajectories = rollout_examples(
                 policy, tokenizer, retriever, questions, group_size=config.group_size, max_turns=config.max_turns,
@@ -178,14 +211,9 @@ def measure_signal(
 
 
 def _outcome_summary(groups: dict[int, list[QATrajectory]]) -> dict[str, float]:
-    outcomes = torch.tensor([t.outcome for group in groups.values() for t in group])
-    group_ids = torch.tensor([index for index, group in groups.items() for _ in group])
-    zero_variance = igpo_rewards.zero_variance_group_fraction(outcomes, group_ids)
-    return {
-        "outcome_zero_variance_fraction": float(zero_variance),
-        "all_wrong_group_fraction": sum(all(t.outcome <= 0 for t in group) for group in groups.values()) / len(groups),
-        "all_right_group_fraction": sum(all(t.outcome >= 1.0 for t in group) for group in groups.values()) / len(groups),
-    }
+    """``outcome_groups`` of the groups' outcomes (its zero-variance fraction is the library's
+    ``zero_variance_group_fraction``: tests/trainer/test_diagnostics.py)."""
+    return outcome_groups([[t.outcome for t in group] for group in groups.values()])
 
 
 def _by_hops(groups: dict[int, list[QATrajectory]], gains: dict[str, dict[int, list[float]]],
@@ -212,7 +240,9 @@ def format_signal(result: dict[str, Any]) -> str:
     lines = [
         f"{result['questions']} questions x G = {result['group_size']} rollouts (the first RL steps' questions)",
         f"outcome zero-variance groups: {100 * result['outcome_zero_variance_fraction']:.1f}% "
-        f"(all wrong {100 * result['all_wrong_group_fraction']:.1f}%, all right {100 * result['all_right_group_fraction']:.1f}%); "
+        f"(all wrong {100 * result['all_wrong_group_fraction']:.1f}%, all right {100 * result['all_right_group_fraction']:.1f}%, "
+        f"equal partial F1 {100 * result['equal_partial_group_fraction']:.1f}%); every rollout failed but outcomes differ: "
+        f"{100 * result['all_failed_outcomes_differ_fraction']:.1f}%; "
         f"IGPO turn-advantage collapse: {100 * result['turn_advantage_collapse_rate']:.1f}%",
     ]
     for hops, row in result["by_hops"].items():

@@ -19,7 +19,7 @@ and ``experiment_report.write_experiment_report`` writes report.md with its plot
 Directory layout::
 
     DIR/experiment_config.json         the base config; a re-run must match it
-    DIR/configs/seed_0.igpo.json       each job's resolved config
+    DIR/configs/seed_0.igpo.json       each job's resolved config (the fields its subcommand reads)
     DIR/logs/seed_0.igpo.log           each job's output
     DIR/seed_0/warm_start/             model, eval.json, metrics.jsonl, diagnostics.json
     DIR/seed_0/igpo/ ...               run directories (metrics.jsonl, eval.json, checkpoints/)
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from igpo_rewards.reference_trainer.config import RunConfig, to_dict, validate_config
+from igpo_rewards.reference_trainer.config import RunConfig, subcommand_values, to_dict, validate_config
 from igpo_rewards.reference_trainer.files import write_text_atomic
 from igpo_rewards.reference_trainer.jobs import Job, run_jobs
 from igpo_rewards.reference_trainer.report import load_eval, load_metrics
@@ -102,7 +102,7 @@ def plan_jobs(base: RunConfig, out: Path, seeds: int, *, diagnose_steps: int) ->
     for seed_index in range(seeds):
         config = warm_start_config(base, out, seed_index)
         path = configs / f"seed_{seed_index}.warm_start.json"
-        write_text_atomic(path, json.dumps(to_dict(config), indent=2))
+        write_text_atomic(path, json.dumps(subcommand_values(config, "warm-start"), indent=2))
         jobs.append(Job(name=f"seed_{seed_index}/warm_start",
                         argv=("warm-start", "--config", str(path), "--diagnose-steps", str(diagnose_steps)),
                         log=out / "logs" / f"seed_{seed_index}.warm_start.log", done=Path(config.out) / "eval.json"))
@@ -110,7 +110,7 @@ def plan_jobs(base: RunConfig, out: Path, seeds: int, *, diagnose_steps: int) ->
         for method in METHODS:
             config = method_config(base, out, seed_index, method)
             path = configs / f"seed_{seed_index}.{method}.json"
-            write_text_atomic(path, json.dumps(to_dict(config), indent=2))
+            write_text_atomic(path, json.dumps(subcommand_values(config, "train"), indent=2))
             jobs.append(Job(name=f"seed_{seed_index}/{method}", argv=("train", "--config", str(path)),
                             log=out / "logs" / f"seed_{seed_index}.{method}.log", done=Path(config.out) / "eval.json",
                             progress_file=Path(config.out) / "metrics.jsonl", total=config.rl.steps + 1,

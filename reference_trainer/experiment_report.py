@@ -3,13 +3,16 @@
 ``write_experiment_report(experiment, out_dir)`` reads only the dict that ``experiment.collect``
 writes to experiment.json (so a report can be rebuilt from that one file) and writes:
 
-- ``experiment_em.png``: held-out EM vs RL step per method, the mean over seeds (line) and
-  every seed (thin lines);
-- ``experiment_hops.png``: final held-out EM by hop count per method (mean over seeds, with the
-  per-seed range as error bars);
-- ``experiment_collapse.png``: the turn-advantage collapse rate (solid) and the outcome
-  zero-variance fraction (dotted) over RL steps, mean over seeds;
-- ``report.md``: the issue's targets with the measured values, the step-0 sparsity and probe
+- ``experiment_em.png``: held-out EM vs RL step, one axes per method: the mean over seeds, the
+  min-max band of the seeds, every seed as a thin line, the other methods' means in grey
+  (``plots.seed_curves_figure``);
+- ``experiment_hops.png``: final held-out EM by hop count per method (bars: mean over seeds;
+  whiskers: lowest to highest seed; a dot per seed);
+- ``experiment_collapse.png``: the turn-advantage collapse rate and the outcome zero-variance
+  fraction over RL steps, the same way as the EM plot (a row each);
+- ``report.md``: a smoke-run notice when the budget is the quick one (``config.budget_note``),
+  the issue's targets with the measured values (met / not met / not applicable, with the
+  reason), the step-0 sparsity (``diagnostics.outcome_groups``, each column defined) and probe
   signal, final EM/F1 per method (mean, std, every seed), steps to reach GRPO's final mean EM,
   EM by hop count, the ablation table in the paper's layout and the plots.
 
@@ -24,8 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS
-from igpo_rewards.reference_trainer.report import _finish_step_axes, _new_figure, _table
+from igpo_rewards.reference_trainer import plots
+from igpo_rewards.reference_trainer.config import budget_note
+from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS, outcome_groups
+from igpo_rewards.reference_trainer.report import _table
 
 EM_PLOT = "experiment_em.png"
 HOPS_PLOT = "experiment_hops.png"
@@ -54,20 +59,13 @@ def per_seed_curves(records: Sequence[dict], key: str) -> dict[str, dict[int, di
 
 
 def mean_curve(seed_curves: dict[int, dict[int, float]]) -> list[tuple[int, float, float, float]]:
-    """``(step, mean, min, max)`` over seeds at every step that every seed logged.
+    """``(step, mean, min, max)`` over seeds at every step that every seed logged (``plots.mean_band``).
 
     Example:
         >>> mean_curve({0: {0: 0.2, 5: 0.4}, 1: {0: 0.4, 5: 0.8, 7: 1.0}})
         [(0, 0.30000000000000004, 0.2, 0.4), (5, 0.6000000000000001, 0.4, 0.8)]
     """
-    if not seed_curves:
-        return []
-    steps = sorted(set.intersection(*(set(curve) for curve in seed_curves.values())))
-    points = []
-    for step in steps:
-        values = [curve[step] for curve in seed_curves.values()]
-        points.append((step, sum(values) / len(values), min(values), max(values)))
-    return points
+    return plots.mean_band(seed_curves)
 
 
 def steps_to_reach(curve: Sequence[tuple[int, float, float, float]], target: float, *, tolerance: float = 1e-9) -> int | None:
@@ -100,23 +98,37 @@ def final_scores(experiment: dict, metric: str = "em") -> dict[str, dict[int, fl
     return scores
 
 
+def _half_steps(igpo_steps: int | None, grpo_steps: int | None, grpo_final: float) -> dict[str, Any]:
+    """The "half the steps" target: ``met`` True / False, or None (not applicable) with the reason."""
+    result = {"igpo_steps": igpo_steps, "grpo_steps": grpo_steps, "met": None, "reason": ""}
+    if grpo_steps is None:
+        result["reason"] = ("GRPO's mean curve never reaches its own final mean EM (its final evaluation is not on the "
+                            "curve), so there is no step count to halve")
+    elif grpo_steps == 0:
+        result["reason"] = (f"GRPO's final mean EM ({100 * grpo_final:.1f}) is already reached at step 0, by the warm "
+                            "start: RL did not raise it, so there is no step count to halve")
+    else:
+        result["met"] = igpo_steps is not None and igpo_steps <= grpo_steps / 2
+    return result
+
+
 def targets(experiment: dict) -> dict[str, Any]:
     """The issue's three targets, measured on held-out EM.
 
     - ``half_steps``: IGPO reaches GRPO's final mean EM (mean over seeds) in at most half of
-      the steps GRPO needs to reach it (``igpo_steps <= grpo_steps / 2``); not met when GRPO's
-      final mean is reached at step 0 already (RL did not improve on the warm start);
-    - ``above_every_seed``: IGPO's final EM is above GRPO's in every seed;
+      the steps GRPO needs to reach it (``igpo_steps <= grpo_steps / 2``). Not applicable
+      (``met`` None, with a ``reason``) when GRPO reaches its final mean at step 0 (RL did not
+      raise it: equal curves, or every EM 0) or never on its curve: there is no count to halve;
+    - ``above_every_seed``: IGPO's final EM is above GRPO's in every seed (a tie is not above);
     - ``beats_ablations``: IGPO's final mean EM is above both ablations' (F1 + IG beats F1 only
-      and IG only).
+      and IG only; a tie does not beat).
 
-    Returns a dict with the numbers behind each check and a bool ``met`` for each.
+    Returns a dict with the numbers behind each check and ``met`` for each.
     """
     em = final_scores(experiment, "em")
     curves = {method: mean_curve(seeds) for method, seeds in per_seed_curves(experiment["records"], "heldout_em").items()}
     grpo_final = _mean(list(em["grpo"].values()))
     reach = {method: steps_to_reach(curves.get(method, []), grpo_final) for method in experiment["methods"]}
-    igpo_steps, grpo_steps = reach.get("igpo"), reach.get("grpo")
     seeds = sorted(em["igpo"])
     margins = {seed: em["igpo"][seed] - em["grpo"][seed] for seed in seeds}
     means = {method: _mean(list(values.values())) for method, values in em.items()}
@@ -124,8 +136,7 @@ def targets(experiment: dict) -> dict[str, Any]:
     return {
         "grpo_final_mean_em": grpo_final,
         "steps_to_grpo_final": reach,
-        "half_steps": {"igpo_steps": igpo_steps, "grpo_steps": grpo_steps,
-                       "met": igpo_steps is not None and bool(grpo_steps) and igpo_steps <= grpo_steps / 2},
+        "half_steps": _half_steps(reach.get("igpo"), reach.get("grpo"), grpo_final),
         "above_every_seed": {"margins": margins, "met": bool(margins) and all(margin > 0 for margin in margins.values())},
         "beats_ablations": {"igpo": means["igpo"], **ablations,
                             "met": bool(ablations) and all(means["igpo"] > value for value in ablations.values())},
@@ -138,59 +149,35 @@ def targets(experiment: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _plot_em(experiment: dict, path: Path) -> None:
-    figure = _new_figure(8, 4.5)
-    ax = figure.subplots()
-    for index, method in enumerate(experiment["methods"]):
-        seeds = per_seed_curves(experiment["records"], "heldout_em").get(method, {})
-        for curve in seeds.values():
-            steps = sorted(curve)
-            ax.plot(steps, [100 * curve[step] for step in steps], color=f"C{index}", alpha=0.25, linewidth=0.8)
-        points = mean_curve(seeds)
-        if points:
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=3, color=f"C{index}",
-                    linewidth=2, label=f"{LABELS.get(method, method)} (mean of {len(seeds)})")
-    _finish_step_axes(ax, title="held-out EM over RL steps (thin lines: single seeds)", ylabel="EM (%)",
-                      empty="no held-out evaluation logged")
-    figure.savefig(path)
+def _percent_series(experiment: dict, key: str) -> dict[str, dict[int, dict[int, float]]]:
+    """method -> seed -> step -> 100 * ``key`` (a fraction in the records)."""
+    curves = per_seed_curves(experiment["records"], key)
+    return {method: {seed: {step: 100 * value for step, value in curve.items()} for seed, curve in seeds.items()}
+            for method, seeds in curves.items()}
 
 
-def _plot_hops(experiment: dict, path: Path) -> None:
-    by_method = _hop_scores(experiment)
-    hops = sorted({hop for table in by_method.values() for hop in table}, key=int)
-    figure = _new_figure(8, 4)
-    ax = figure.subplots()
-    width = 0.8 / max(len(experiment["methods"]), 1)
-    for index, method in enumerate(experiment["methods"]):
-        values = [by_method.get(method, {}).get(hop, []) for hop in hops]
-        means = [100 * _mean(v) if v else 0.0 for v in values]
-        low = [mean - 100 * min(v) if v else 0.0 for mean, v in zip(means, values)]
-        high = [100 * max(v) - mean if v else 0.0 for mean, v in zip(means, values)]
-        positions = [h + (index - (len(experiment["methods"]) - 1) / 2) * width for h in range(len(hops))]
-        ax.bar(positions, means, width, yerr=[low, high], capsize=2, color=f"C{index}", label=LABELS.get(method, method))
-    ax.set_xticks(range(len(hops)), [f"{hop}-hop" for hop in hops])
-    ax.set_ylabel("final held-out EM (%)")
-    ax.set_ylim(0, 102)
-    ax.set_title("final held-out EM by hop count (bars: mean over seeds; whiskers: seed range)")
-    ax.grid(alpha=0.3, axis="y")
-    if hops:
-        ax.legend(fontsize=8)
-    figure.savefig(path)
+def em_figure(experiment: dict) -> Any:
+    """Held-out EM over RL steps per method (``plots.seed_curves_figure``)."""
+    panel = plots.Panel(_percent_series(experiment, "heldout_em"), "held-out EM", "EM (%)", empty="no held-out evaluation logged")
+    return plots.seed_curves_figure([panel], methods=experiment["methods"], labels=LABELS)
 
 
-def _plot_collapse(experiment: dict, path: Path) -> None:
-    figure = _new_figure(8, 4)
-    ax = figure.subplots()
-    for key, style, suffix in (("turn_advantage_collapse_rate", "-", "turn advantages all 0"),
-                               ("outcome_zero_variance_fraction", ":", "outcomes all equal")):
-        for index, method in enumerate(experiment["methods"]):
-            points = mean_curve(per_seed_curves(experiment["records"], key).get(method, {}))
-            if points:
-                ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, color=f"C{index}",
-                        label=f"{LABELS.get(method, method)}: {suffix}")
-    _finish_step_axes(ax, title="groups without signal over RL steps (mean over seeds)", ylabel="groups (%)",
-                      empty="no collapse rate logged", fontsize=7, ncol=2)
-    figure.savefig(path)
+def hops_figure(experiment: dict) -> Any:
+    """Final held-out EM by hop count per method: bars, seed range, a dot per seed."""
+    scores: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in experiment["final"]:
+        for hop, values in row["by_hops"].items():
+            scores[row["method"]][str(hop)][row["seed"]] = 100 * float(values["em"])
+    return plots.hop_bars_figure(scores, methods=experiment["methods"], labels=LABELS)
+
+
+def collapse_figure(experiment: dict) -> Any:
+    """The turn-advantage collapse rate and the outcome zero-variance fraction over RL steps per method."""
+    panels = [plots.Panel(_percent_series(experiment, "turn_advantage_collapse_rate"), "turn advantages all 0", "groups (%)",
+                          empty="no collapse rate logged"),
+              plots.Panel(_percent_series(experiment, "outcome_zero_variance_fraction"), "outcomes all equal", "groups (%)",
+                          empty="no zero-variance fraction logged")]
+    return plots.seed_curves_figure(panels, methods=experiment["methods"], labels=LABELS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,37 +238,64 @@ def _ablation_table(experiment: dict) -> list[str]:
     return _table(["Method (EM)", *[f"{hop}-hop" for hop in hops], "Avg."], rows)
 
 
+STEP0_COLUMNS = (
+    ("groups", "questions of the first RL steps, G rollouts each"),
+    ("zero-variance (%)", "groups whose G outcomes are all equal: GRPO's advantages are 0 for the whole group; "
+                          "= all wrong + all right + equal partial F1"),
+    ("all wrong (%)", "zero-variance groups whose common outcome is <= 0: every rollout scored F1 0, or every rollout "
+                      "got the format penalty -2.0"),
+    ("all right (%)", "zero-variance groups whose common outcome is 1: every rollout answered perfectly"),
+    ("equal partial (%)", "zero-variance groups whose common outcome is strictly between 0 and 1"),
+    ("all failed, outcomes differ (%)", "every outcome <= 0 but not all equal (F1 0 next to the format penalty): no "
+                                        "rollout answered right, yet GRPO's advantages are not 0; not zero-variance"),
+)
+"""The step-0 table's outcome columns and their definitions (``diagnostics.outcome_groups``), printed under the table."""
+
+
+def _step0_row(row: dict) -> list[str]:
+    """One seed's cells: the outcome split recomputed from its groups' outcomes, then the IG groups."""
+    split = outcome_groups([group["outcomes"] for group in row["groups"]])
+    cells = [str(row["seed"]), str(len(row["groups"]))]
+    cells += [_pct(split[key]) for key in ("outcome_zero_variance_fraction", "all_wrong_group_fraction",
+                                           "all_right_group_fraction", "equal_partial_group_fraction",
+                                           "all_failed_outcomes_differ_fraction")]
+    for name in IG_GROUPS:
+        group = row["information_gain"][name]
+        cells.append("n/a" if not group["turns"] else f"{group['mean']:+.3f} (n = {group['turns']})")
+    return cells
+
+
 def _step0_table(experiment: dict) -> list[str]:
-    rows = []
-    for row in experiment.get("step0") or []:
-        gains = row["information_gain"]
-        cells = [str(row["seed"]), _pct(row["outcome_zero_variance_fraction"]), _pct(row["all_wrong_group_fraction"]),
-                 _pct(row["all_right_group_fraction"])]
-        for name in IG_GROUPS:
-            group = gains[name]
-            cells.append("n/a" if not group["turns"] else f"{group['mean']:+.3f} (n = {group['turns']})")
-        rows.append(cells)
+    rows = [_step0_row(row) for row in experiment.get("step0") or []]
     if not rows:
         return ["Not measured (the warm starts ran without --diagnose-steps)."]
-    return _table(["seed", "outcome zero-variance groups (%)", "all wrong (%)", "all right (%)",
-                   *[f"IG: {name.replace('_', ' ')}" for name in IG_GROUPS]], rows)
+    header = ["seed", *[name for name, _ in STEP0_COLUMNS], *[f"IG: {name.replace('_', ' ')}" for name in IG_GROUPS]]
+    definitions = ["", "Columns (fractions of the groups; an outcome is the answer's F1, or -2.0 for a malformed response):", ""]
+    definitions += [f"- **{name}**: {meaning}." for name, meaning in STEP0_COLUMNS]
+    return _table(header, rows) + definitions
+
+
+def _mark(met: bool | None, reason: str = "") -> str:
+    if met is None:
+        return f"**not applicable**: {reason}"
+    return "**met**" if met else "**not met**"
 
 
 def _targets_lines(result: dict) -> list[str]:
-    def mark(met: bool) -> str:
-        return "**met**" if met else "**not met**"
-
     reach = result["steps_to_grpo_final"]
     half = result["half_steps"]
     margins = result["above_every_seed"]["margins"]
     ablation = result["beats_ablations"]
+    steps = ("" if half["met"] is None else
+             f" (IGPO: step {half['igpo_steps'] if half['igpo_steps'] is not None else 'never'}, "
+             f"GRPO: step {half['grpo_steps']}; evaluation steps only)")
+    tied = " (tied in every seed)" if margins and all(margin == 0 for margin in margins.values()) else ""
     return [
         f"- IGPO reaches GRPO's final mean EM ({_pct(result['grpo_final_mean_em'])}) in at most half of GRPO's steps: "
-        f"{mark(half['met'])} (IGPO: step {half['igpo_steps'] if half['igpo_steps'] is not None else 'never'}, "
-        f"GRPO: step {half['grpo_steps'] if half['grpo_steps'] is not None else 'never'}; evaluation steps only).",
-        f"- IGPO ends above GRPO in every seed: {mark(result['above_every_seed']['met'])} (IGPO - GRPO final EM by seed: "
+        f"{_mark(half['met'], half.get('reason', ''))}{steps}.",
+        f"- IGPO ends above GRPO in every seed: {_mark(result['above_every_seed']['met'])}{tied} (IGPO - GRPO final EM by seed: "
         + ", ".join(f"seed {seed}: {100 * margin:+.1f}" for seed, margin in margins.items()) + " points).",
-        f"- F1 + IG beats both ablations: {mark(ablation['met'])} (final mean EM: IGPO {_pct(ablation['igpo'])}, "
+        f"- F1 + IG beats both ablations: {_mark(ablation['met'])} (final mean EM: IGPO {_pct(ablation['igpo'])}, "
         + ", ".join(f"{LABELS[m]} {_pct(ablation[m])}" for m in ("igpo_no_ig", "igpo_no_outcome") if m in ablation) + ").",
         "",
         "Steps to reach GRPO's final mean EM (first evaluation step whose mean over seeds gets there): "
@@ -309,30 +323,43 @@ def _setup_lines(experiment: dict) -> list[str]:
     return lines
 
 
+def smoke_lines(config: dict) -> list[str]:
+    """The notice at the top of a report whose budget is too small to learn (``config.budget_note``), or nothing."""
+    note = budget_note(config)
+    if note is None:
+        return []
+    return [f"> **Smoke run** ({note}): every number below, and every target, says nothing about the methods.", ""]
+
+
 def write_experiment_report(experiment: dict, out_dir: str | Path) -> Path:
     """Write ``out_dir/report.md`` and the three PNG plots; returns the path of report.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_em(experiment, out_dir / EM_PLOT)
-    _plot_hops(experiment, out_dir / HOPS_PLOT)
-    _plot_collapse(experiment, out_dir / COLLAPSE_PLOT)
+    plots.save(em_figure(experiment), out_dir / EM_PLOT)
+    plots.save(hops_figure(experiment), out_dir / HOPS_PLOT)
+    plots.save(collapse_figure(experiment), out_dir / COLLAPSE_PLOT)
     result = targets(experiment)
-    lines = [f"# IGPO vs GRPO and the ablations, {len(experiment['seeds'])} seeds", "", *_setup_lines(experiment), "",
+    lines = [f"# IGPO vs GRPO and the ablations, {len(experiment['seeds'])} seeds", "", *smoke_lines(experiment["config"]),
+             *_setup_lines(experiment), "",
              "## The targets", "", *_targets_lines(result), "",
              "## Step 0: reward sparsity and probe signal", "",
-             "Rollouts of the first RL steps' questions from each warm start (`diagnostics.measure_signal`): groups "
-             "whose outcomes are all equal (GRPO's advantages are zero there), and the mean information gain of "
-             "non-final turns split by what the turn's search returned: the document the gold chain reads the answer "
-             "from (first time, again), only other documents mentioning the answer, or nothing about it.", "",
+             "Rollouts of the first RL steps' questions from each warm start (`diagnostics.measure_signal`): how the "
+             "groups' outcomes split (columns defined below the table), and the mean information gain of non-final "
+             "turns split by what the turn's search returned: the document the gold chain reads the answer from (first "
+             "time, again), only other documents mentioning the answer, or nothing about it.", "",
              *_step0_table(experiment), "",
-             "## Held-out EM over RL steps", "", f"![held-out EM over RL steps]({EM_PLOT})", "",
+             "## Held-out EM over RL steps", "",
+             "One panel per method: the mean over seeds (thick line), the lowest to highest seed (band), every seed "
+             "(thin lines); the other methods' means in grey.", "",
+             f"![held-out EM over RL steps]({EM_PLOT})", "",
              *_curve_table(experiment), "",
              "## Final held-out results", "", *_final_table(experiment), "",
              "## Final EM by hop count", "", f"![final EM by hop count]({HOPS_PLOT})", "",
              "## Ablation (the paper's layout; final held-out EM, mean over seeds)", "", *_ablation_table(experiment), "",
              "## Groups without signal", "",
              "Turn-advantage collapse: groups whose turn advantages are all exactly 0 (no gradient from the group); "
-             "outcome zero-variance: groups whose outcomes are all equal.", "",
+             "outcome zero-variance: groups whose outcomes are all equal. Mean over seeds with the min-max band and "
+             "every seed, as above.", "",
              f"![collapse over RL steps]({COLLAPSE_PLOT})", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")

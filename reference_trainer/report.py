@@ -2,14 +2,17 @@
 
 ``write_report(run_dirs, out_dir, warm_start_eval=...)`` reads the files below and writes
 ``out_dir/report.md`` plus ``heldout_em_f1.png``, ``advantage_collapse.png`` and (when a run
-recorded trajectories) ``case_study.png``. Plots use matplotlib's Agg canvas without pyplot,
-so nothing global changes and no display is needed.
+recorded trajectories) ``case_study.png``. The curve plots come from ``plots`` (fitted y-axis,
+integer step ticks, a marker per evaluation, runs offset slightly so that equal curves stay
+visible; a min-max band when a label holds several seeds); matplotlib's object API, no pyplot.
+A run whose budget is too small to learn (``config.budget_note``) is announced as a smoke run
+at the top of report.md.
 
 File schemas (what the training code writes into a run directory; EM, F1 and fractions are
 numbers in [0, 1], the report shows them in percent):
 
 ``config.json`` (required): the resolved run configuration, one JSON object. The report lists
-the top-level keys whose values differ between runs.
+the settings (dotted keys, e.g. ``rl.algorithm``) whose values differ between runs, each whole.
 
 ``metrics.jsonl`` (required): one JSON object per line, in step order.
 
@@ -58,6 +61,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from igpo_rewards.reference_trainer import plots
+from igpo_rewards.reference_trainer.config import budget_note
 from igpo_rewards.reference_trainer.files import read_jsonl
 
 EM_F1_PLOT = "heldout_em_f1.png"
@@ -219,58 +224,35 @@ def _load_run(label: str, run_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _finish_step_axes(ax: Any, *, title: str, ylabel: str, empty: str, ylim: tuple[float, float] | None = (-2, 102),
-                      fontsize: int = 8, ncol: int = 1) -> None:
-    """Title, labels and grid of a plot over RL steps; a legend, or ``empty`` when nothing was drawn."""
-    ax.set_title(title)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel(ylabel)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(fontsize=fontsize, ncol=ncol)
-    else:
-        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+def _run_series(runs: list[dict], key: str, *, start: float | None = None) -> dict[str, dict[int, dict[int, float]]]:
+    """label -> {seed: {step: 100 * value}} of a metrics.jsonl key (one seed per run: its config's seed),
+    with ``start`` (a fraction) at step 0 where the run logged none (every RL run starts from the warm start)."""
+    series = {}
+    for run in runs:
+        curve = {record["step"]: 100 * record[key] for record in run["metrics"] if record.get(key) is not None}
+        if start is not None and curve and 0 not in curve:
+            curve[0] = 100 * start
+        if curve:
+            seed = run["config"].get("seed", 0)
+            series[run["label"]] = {seed if isinstance(seed, int) else 0: dict(sorted(curve.items()))}
+    return series
 
 
-def _plot_heldout(runs: list[dict], warm: dict | None, path: Path) -> None:
-    figure = _new_figure(10, 4)
-    axes = figure.subplots(1, 2, sharex=True)
-    for ax, key, name in ((axes[0], "heldout_em", "em"), (axes[1], "heldout_f1", "f1")):
-        for index, run in enumerate(runs):
-            points = [(record["step"], 100 * record[key]) for record in run["metrics"] if record.get(key) is not None]
-            if warm is not None and not any(step == 0 for step, _ in points):
-                points.insert(0, (0, 100 * warm[name]))  # every RL run starts from the warm start
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, marker="o", markersize=3, color=f"C{index}", label=run["label"])
-        if warm is not None:
-            ax.axhline(100 * warm[name], color="black", linestyle="--", linewidth=1, label="warm start")
-        _finish_step_axes(ax, title=f"held-out {name.upper()}", ylabel=f"{name.upper()} (%)", empty="no held-out evaluation logged",
-                          ylim=None)
-    figure.savefig(path)
+def heldout_figure(runs: list[dict], warm: dict | None) -> Any:
+    """Held-out EM and F1 over RL steps, one panel each, the warm start as a dashed line (``plots.seed_curves_figure``)."""
+    panels = [plots.Panel(_run_series(runs, f"heldout_{name}", start=warm[name] if warm else None), f"held-out {name.upper()}",
+                          f"{name.upper()} (%)", reference=("warm start", 100 * warm[name]) if warm else None,
+                          empty="no held-out evaluation logged") for name in ("em", "f1")]
+    return plots.seed_curves_figure(panels, methods=[run["label"] for run in runs])
 
 
-def _plot_collapse(runs: list[dict], path: Path) -> None:
-    figure = _new_figure(7, 4)
-    ax = figure.subplots()
-    for index, run in enumerate(runs):
-        for key, style, suffix in (("zero_advantage_group_fraction", "-", "all advantages 0"),
-                                   ("zero_variance_group_fraction", ":", "all outcomes equal")):
-            points = [(record["step"], 100 * record[key]) for record in run["metrics"] if record.get(key) is not None]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, style, color=f"C{index}", label=f"{run['label']}: {suffix}")
-    _finish_step_axes(ax, title="advantage collapse: groups whose advantages are all zero", ylabel="groups (%)",
-                      empty="no zero_advantage_group_fraction logged")
-    figure.savefig(path)
+def collapse_figure(runs: list[dict]) -> Any:
+    """Groups whose advantages are all 0, and groups whose outcomes are all equal, over RL steps."""
+    panels = [plots.Panel(_run_series(runs, "zero_advantage_group_fraction"), "advantages all 0 (advantage collapse)",
+                          "groups (%)", empty="no zero_advantage_group_fraction logged"),
+              plots.Panel(_run_series(runs, "zero_variance_group_fraction"), "outcomes all equal (GRPO's collapse condition)",
+                          "groups (%)", empty="no zero_variance_group_fraction logged")]
+    return plots.seed_curves_figure(panels, methods=[run["label"] for run in runs])
 
 
 def _excerpt(text: str, width: int, max_lines: int) -> str:
@@ -290,13 +272,14 @@ def _turn_header(number: int, turn: dict) -> str:
     return f"Turn {number}   p(answer) before = {turn['probe_prob']:.3f}   {gain_text}   advantage = {turn['advantage']:+.3f}"
 
 
-def _plot_case_study(trajectory: dict, label: str, path: Path) -> None:
+def case_study_figure(trajectory: dict, label: str) -> Any:
+    """One trajectory drawn like the paper's case study: a box per turn, coloured by the sign of its advantage."""
     from matplotlib.patches import FancyBboxPatch
 
     turns = trajectory["turns"]
     box_height, gap, header = 1.5, 0.3, 1.2
     total = header + len(turns) * (box_height + gap)
-    figure = _new_figure(11, 0.55 * total + 0.3)
+    figure = plots.new_figure(11, 0.55 * total + 0.3)
     ax = figure.subplots()
     ax.set_xlim(0, 1)
     ax.set_ylim(0, total)
@@ -317,7 +300,7 @@ def _plot_case_study(trajectory: dict, label: str, path: Path) -> None:
         if turn.get("observation"):
             body += "\n" + _excerpt("[information] " + turn["observation"], 120, 1)
         ax.text(0.02, top - 0.75, body, fontsize=8, family="monospace", va="top", parse_math=False)
-    figure.savefig(path)
+    return figure
 
 
 def _pick_case_study(runs: list[dict]) -> tuple[str, dict] | None:
@@ -432,13 +415,30 @@ def _summary_table(runs: list[dict]) -> list[str]:
     return _table(header, rows)
 
 
+def _flat_config(values: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as dotted keys -> leaf values (``{"rl": {"steps": 2}}`` -> ``{"rl.steps": 2}``)."""
+    if isinstance(values, dict) and values:
+        return {key: value for name, item in values.items() for key, value in _flat_config(item, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: values}
+
+
+def _config_value(value: Any) -> str:
+    """A setting's value, whole, for a table cell: ``code`` JSON (strings quoted, lists and null as JSON)."""
+    return "`" + json.dumps(value, default=str).replace("`", "'") + "`"
+
+
 def _config_differences(runs: list[dict]) -> list[str]:
-    keys = sorted({key for run in runs for key in run["config"]})
+    """One row per setting (dotted key) whose value differs between runs, every value whole."""
+    if len(runs) < 2:
+        return ["One run."]
+    flat = [_flat_config(run["config"]) for run in runs]
+    keys = sorted({key for values in flat for key in values})
+    missing = object()
     differing = [key for key in keys
-                 if len({json.dumps(run["config"].get(key), sort_keys=True, default=str) for run in runs}) > 1]
-    if len(runs) < 2 or not differing:
-        return ["The runs' configurations are identical." if len(runs) > 1 else "One run."]
-    rows = [[key] + [json.dumps(run["config"].get(key), default=str)[:60] for run in runs] for key in differing]
+                 if len({json.dumps(values.get(key, missing), sort_keys=True, default=str) for values in flat}) > 1]
+    if not differing:
+        return ["The runs' configurations are identical."]
+    rows = [[key] + ["(not set)" if key not in values else _config_value(values[key]) for values in flat] for key in differing]
     return _table(["setting"] + [run["label"] for run in runs], rows)
 
 
@@ -446,6 +446,70 @@ def _mean_collapse(run: dict) -> str:
     values = [record["zero_advantage_group_fraction"] for record in run["metrics"]
               if record.get("zero_advantage_group_fraction") is not None]
     return "n/a" if not values else f"{100 * sum(values) / len(values):.1f}%"
+
+
+def _header_lines(runs: list[dict], warm: dict | None, warm_start_eval: Path | None) -> list[str]:
+    """Title, the smoke-run notice when a run's budget is too small to learn, and each run's directory."""
+    lines = [f"# Reference trainer report: {' vs '.join(run['label'] for run in runs)}", ""]
+    notes = list(dict.fromkeys(note for note in (budget_note(run["config"]) for run in runs) if note))
+    if notes:
+        lines += [f"> **Smoke run** ({'; '.join(notes)}): the EM, F1 and collapse numbers below say nothing about "
+                  "IGPO or GRPO.", ""]
+    for run in runs:
+        steps = max((record["step"] for record in run["metrics"]), default=0)
+        lines.append(f"- **{run['label']}**: `{run['dir']}`, {steps} RL steps")
+    if warm is not None:
+        lines.append(f"- **warm start**: `{warm_start_eval}`")
+    return lines
+
+
+def _results_lines(runs: list[dict], warm: dict | None) -> list[str]:
+    """The final held-out table (by hop count, by data source) and one line per run against the warm start."""
+    policies = ([("warm start", warm)] if warm is not None else []) + [(run["label"], run["eval"]) for run in runs]
+    lines = ["", "## Final held-out results", "",
+             "Greedy decoding, exact match (EM) and word-level F1 in percent, by number of hops.", ""]
+    lines += _results_table(policies, warm)
+    lines += _source_table(policies)
+    lines.append("")
+    for run in runs:
+        if run["eval"] is None:
+            lines.append(f"- {run['label']}: no held-out evaluation recorded.")
+        elif warm is not None:
+            change = 100 * (run["eval"]["em"] - warm["em"])
+            lines.append(f"- {run['label']}: held-out EM {_percent(run['eval'], 'em')} vs warm start "
+                         f"{_percent(warm, 'em')} ({change:+.1f} points).")
+        else:
+            lines.append(f"- {run['label']}: held-out EM {_percent(run['eval'], 'em')}, F1 {_percent(run['eval'], 'f1')}.")
+    return lines
+
+
+def _plot_lines(runs: list[dict]) -> list[str]:
+    lines = ["", "## Held-out EM and F1 over training", "",
+             "Each run's curve with a marker at every evaluation (runs offset slightly along the steps so that equal "
+             "values stay visible); dashed: the warm start.", "",
+             f"![held-out EM and F1 over RL steps]({EM_F1_PLOT})", "", "## Advantage collapse", "",
+             "Left: share of groups in which every advantage is zero, so the group teaches nothing. Right: groups "
+             "whose outcomes are all equal (GRPO's collapse condition).", "",
+             f"![advantage-collapse rate over RL steps]({COLLAPSE_PLOT})", ""]
+    return lines + [f"- {run['label']}: mean collapse rate {_mean_collapse(run)}." for run in runs]
+
+
+def _case_study_lines(case_study: tuple[str, dict] | None) -> list[str]:
+    lines = ["", "## Case study", ""]
+    if case_study is None:
+        return lines + ["No trajectories were recorded."]
+    label, trajectory = case_study
+    lines += [f"One {label} trajectory (step {trajectory.get('step', 'n/a')}), each turn with the probe's "
+              "p(answer) before it, its information gain and its advantage (green: positive, red: negative).", "",
+              f"![case study]({CASE_STUDY_PLOT})", "",
+              f"Question: {_cell(trajectory['question'])}  ",
+              f"Gold answer: {_cell(', '.join(trajectory.get('answers') or []))}; "
+              f"outcome reward {trajectory['outcome']:+.3f}", ""]
+    return lines + _table(["turn", "p(answer) before", "IG", "advantage", "text"],
+                          [[str(index + 1), f"{turn['probe_prob']:.3f}",
+                            "final" if turn.get("information_gain") is None else f"{turn['information_gain']:+.3f}",
+                            f"{turn['advantage']:+.3f}", "`" + _excerpt(turn["text"], 200, 1).replace("`", "'") + "`"]
+                           for index, turn in enumerate(trajectory["turns"])])
 
 
 def write_report(run_dirs: dict[str, Path], out_dir: Path, *, warm_start_eval: Path | None = None) -> Path:
@@ -471,62 +535,18 @@ def write_report(run_dirs: dict[str, Path], out_dir: Path, *, warm_start_eval: P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    _plot_heldout(runs, warm, out_dir / EM_F1_PLOT)
-    _plot_collapse(runs, out_dir / COLLAPSE_PLOT)
+    plots.save(heldout_figure(runs, warm), out_dir / EM_F1_PLOT)
+    plots.save(collapse_figure(runs), out_dir / COLLAPSE_PLOT)
     case_study = _pick_case_study(runs)
     if case_study is not None:
-        _plot_case_study(case_study[1], case_study[0], out_dir / CASE_STUDY_PLOT)
+        plots.save(case_study_figure(case_study[1], case_study[0]), out_dir / CASE_STUDY_PLOT)
 
-    labels = " vs ".join(run["label"] for run in runs)
-    lines = [f"# Reference trainer report: {labels}", ""]
-    for run in runs:
-        steps = max((record["step"] for record in run["metrics"]), default=0)
-        lines.append(f"- **{run['label']}**: `{run['dir']}`, {steps} RL steps")
-    if warm is not None:
-        lines.append(f"- **warm start**: `{warm_start_eval}`")
-
-    policies = ([("warm start", warm)] if warm is not None else []) + [(run["label"], run["eval"]) for run in runs]
-    lines += ["", "## Final held-out results", "",
-              "Greedy decoding, exact match (EM) and word-level F1 in percent, by number of hops.", ""]
-    lines += _results_table(policies, warm)
-    lines += _source_table(policies)
-    lines.append("")
-    for run in runs:
-        if run["eval"] is None:
-            lines.append(f"- {run['label']}: no held-out evaluation recorded.")
-        elif warm is not None:
-            change = 100 * (run["eval"]["em"] - warm["em"])
-            lines.append(f"- {run['label']}: held-out EM {_percent(run['eval'], 'em')} vs warm start "
-                         f"{_percent(warm, 'em')} ({change:+.1f} points).")
-        else:
-            lines.append(f"- {run['label']}: held-out EM {_percent(run['eval'], 'em')}, F1 {_percent(run['eval'], 'f1')}.")
-
-    lines += ["", "## Held-out EM and F1 over training", "", f"![held-out EM and F1 over RL steps]({EM_F1_PLOT})",
-              "", "## Advantage collapse", "",
-              "Share of groups in which every advantage is zero, so the group teaches nothing "
-              "(solid; dotted: groups whose outcomes are all equal, GRPO's collapse condition).", "",
-              f"![advantage-collapse rate over RL steps]({COLLAPSE_PLOT})", ""]
-    lines += [f"- {run['label']}: mean collapse rate {_mean_collapse(run)}." for run in runs]
-
-    lines += ["", "## Case study", ""]
-    if case_study is None:
-        lines.append("No trajectories were recorded.")
-    else:
-        label, trajectory = case_study
-        lines += [f"One {label} trajectory (step {trajectory.get('step', 'n/a')}), each turn with the probe's "
-                  "p(answer) before it, its information gain and its advantage (green: positive, red: negative).", "",
-                  f"![case study]({CASE_STUDY_PLOT})", "",
-                  f"Question: {_cell(trajectory['question'])}  ",
-                  f"Gold answer: {_cell(', '.join(trajectory.get('answers') or []))}; "
-                  f"outcome reward {trajectory['outcome']:+.3f}", ""]
-        lines += _table(["turn", "p(answer) before", "IG", "advantage", "text"],
-                        [[str(index + 1), f"{turn['probe_prob']:.3f}",
-                          "final" if turn.get("information_gain") is None else f"{turn['information_gain']:+.3f}",
-                          f"{turn['advantage']:+.3f}", "`" + _excerpt(turn["text"], 200, 1).replace("`", "'") + "`"]
-                         for index, turn in enumerate(trajectory["turns"])])
-
+    lines = _header_lines(runs, warm, warm_start_eval) + _results_lines(runs, warm) + _plot_lines(runs)
+    lines += _case_study_lines(case_study)
     lines += ["", "## Training summary", ""] + _summary_table(runs)
-    lines += ["", "## Configuration differences", ""] + _config_differences(runs)
+    lines += ["", "## Configuration differences", "",
+              "Every setting (dotted key of config.json) whose value differs between the runs, each value whole.", ""]
+    lines += _config_differences(runs)
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report

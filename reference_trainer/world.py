@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from igpo_rewards.agent.protocol import user_message
 from igpo_rewards.agent.retrieval import Document
 from igpo_rewards.reference_trainer.files import read_jsonl
 from igpo_rewards.scoring import ANSWER_SPLIT, split_ground_truth
@@ -541,8 +542,11 @@ def load_qa_parquet(path: str | Path) -> list[QAExample]:
 def write_qa_parquet(examples: Sequence[QAExample], path: str | Path, *, split: str = "train") -> Path:
     """Write questions in the verl/Search-R1 parquet layout that ``load_qa_parquet`` reads.
 
-    The prompt holds the bare question as one user message (the trainer applies its own
-    template); hops and the gold search chain go to ``extra_info`` so a round trip is lossless.
+    The prompt is the one the trainer rolls out from: one user message holding the Search-R1
+    instruction with the question (``igpo_rewards.agent.protocol.user_message``), so verl or TRL
+    trains on the same text when it reads the file as is (the chat template goes around it, as
+    ``build_prompt`` does); ``load_qa_parquet`` reads the question back from after its
+    "Question:". Hops and the gold search chain go to ``extra_info`` so a round trip is lossless.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -554,7 +558,7 @@ def write_qa_parquet(examples: Sequence[QAExample], path: str | Path, *, split: 
             raise TypeError(f"examples[{position}] must be a QAExample, got {type(example).__name__}")
     table = pa.table({
         "data_source": [example.data_source for example in examples],
-        "prompt": [[{"role": "user", "content": example.question}] for example in examples],
+        "prompt": [[{"role": "user", "content": user_message(example.question)}] for example in examples],
         "ability": ["fact-reasoning"] * len(examples),
         "reward_model": [{"ground_truth": ANSWER_SPLIT.join(example.answers), "style": "rule"} for example in examples],
         "extra_info": [{"index": str(index), "split": split, "hops": example.hops,

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
 
 import pytest
 import torch
 
 from igpo_rewards import IGPOSettings
 from igpo_rewards.reference_trainer.cli import (
+    COMMANDS,
+    RUNNERS,
     DemoCommand,
     DiagnoseCommand,
     EvalCommand,
@@ -20,7 +25,20 @@ from igpo_rewards.reference_trainer.cli import (
     main,
     parse,
 )
-from igpo_rewards.reference_trainer.config import PRESETS, RunConfig, load_config_file, preset_config, quick_config, validate_config
+from igpo_rewards.reference_trainer.config import (
+    PRESETS,
+    SUBCOMMAND_READS,
+    FieldTypeError,
+    FieldValueError,
+    RunConfig,
+    field_paths,
+    load_config_file,
+    preset_config,
+    quick_config,
+    subcommand_values,
+    to_dict,
+    validate_config,
+)
 from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
 from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
 
@@ -61,11 +79,11 @@ def test_world_preset_sets_defaults_that_the_file_and_flags_override(tmp_path):
     assert parse(["train", "--world.preset=sparse", "--rl.max-turns", "5"]).rl.max_turns == 5  # flag over preset
     toml = tmp_path / "sparse.toml"
     toml.write_text('[world]\npreset = "sparse"\n[warm_start]\nmax_hops = 3\n')
-    from_file = parse(["train", "--config", str(toml)])
+    from_file = parse(["demo", "--config", str(toml)])
     assert (from_file.world.max_hops, from_file.warm_start.max_hops, from_file.rl.max_turns) == (4, 3, 6)
     loaded = load_config_file(toml)
     assert (loaded.world.max_hops, loaded.warm_start.max_hops, loaded.rl.max_turns) == (4, 3, 6)
-    assert parse(["train", "--config", str(toml), "--world.preset", "default"]).rl.max_turns == 4  # the flag's preset
+    assert parse(["demo", "--config", str(toml), "--world.preset", "default"]).rl.max_turns == 4  # the flag's preset
     default = parse(["train"])
     assert (default.world.preset, default.world.max_hops, default.warm_start.max_hops, default.rl.max_turns) == ("default", 3, 0, 4)
 
@@ -103,11 +121,15 @@ def test_every_igpo_option_is_a_flag_and_a_config_key(tmp_path):
         load_config_file(_write(tmp_path / "old.toml", '[rl]\nig_kind = "prob"\n'))
 
 
-def test_a_bad_igpo_flag_exits_2_with_the_reason(capsys):
-    with pytest.raises(SystemExit) as exit_info:  # tyro reports what the settings object raised
-        main(["train", "--rl.igpo.gamma", "1.5"])
-    assert exit_info.value.code == 2
-    assert "gamma must be in [0, 1], got 1.5" in " ".join(capsys.readouterr().err.split())
+def test_a_bad_igpo_flag_exits_2_naming_the_flag(capsys):
+    """What the settings object refuses is reported under the user's flag, not tyro's internal
+    name (``__tyro-dummy-inner__.rl.igpo``), with the subcommand's own --help."""
+    assert main(["train", "--rl.igpo.gamma", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("igpo-train train: error: --rl.igpo.gamma 1.5: gamma must be in [0, 1], got 1.5\n")
+    assert "`igpo-train train --help`" in err and "tyro" not in err and "dummy" not in err
+    assert main(["diagnose", "--rl.igpo.kind=logp", "--rl.igpo.gamma", "0.5"]) == 2
+    assert "--rl.igpo.kind logp: igpo settings: kind must be one of ['prob', 'log_prob'], got 'logp'" in capsys.readouterr().err
 
 
 def _write(path, text):
@@ -119,27 +141,33 @@ def _write(path, text):
     "content, message",
     [
         ("[rl]\nstepz = 3\n", "unknown key(s) ['stepz']"),
-        ("[rl]\ngroup_size = 0\n", "rl.group_size must be an int >= 1, got 0"),
-        ('[rl]\nalgorithm = "ppo"\n', "rl.algorithm must be one of ('igpo', 'grpo'), got 'ppo'"),
+        ("[rl]\ngroup_size = 0\n", "bad.toml: rl.group_size must be >= 1, got 0"),
+        ('[rl]\ngroup_size = "8"\n', "bad.toml: rl.group_size must be an int, got str '8'"),
         ("[rl]\nclip_ratio = 1.5\n", "rl.clip_ratio must be in (0.0, 1.0], got 1.5"),
+        ("[rl]\nlearning_rate = 0\n", "rl.learning_rate must be > 0.0, got 0"),
+        ('out = ""\n', "out must be a non-empty string, got ''"),
+        ("[tiny]\nhidden_size = 30\n", "tiny.hidden_size (30) / tiny.num_heads (4) must be an even integer"),
         ("rl = 3\n", "must be a table/mapping"),
         ("[rl\n", "cannot parse config file"),
         ('[world]\npreset = "dense"\n', "world.preset must be one of ('default', 'sparse'), got 'dense'"),
-        ("[world]\nmax_hops = 5\n", "world.max_hops must be <= 4"),
-        ("[warm_start]\nmax_hops = -1\n", "warm_start.max_hops must be an int >= 0, got -1"),
+        ("[world]\nmax_hops = 5\n", "world.max_hops must be in [1, 4], got 5"),
+        ("[warm_start]\nmax_hops = -1\n", "warm_start.max_hops must be >= 0, got -1"),
         ('[rl.igpo]\nkind = "logp"\n', "igpo settings: kind must be one of ['prob', 'log_prob'], got 'logp'"),
-        ("[rl.igpo]\ngama = 0.9\n", "unknown key(s) ['gama']"),
+        ("[rl.igpo]\ngama = 0.9\n", "unknown key(s) ['gama'] (did you mean 'gamma' for 'gama'?)"),
     ],
 )
 def test_bad_config_files_exit_2_with_the_reason(tmp_path, capsys, content, message):
     path = tmp_path / "bad.toml"
     path.write_text(content)
-    assert main(["train", "--config", str(path)]) == 2
+    assert main(["demo", "--config", str(path)]) == 2
     assert message in capsys.readouterr().err
+    path.write_text('[rl]\nalgorithm = "ppo"\n')  # demo does not read rl.algorithm: train does
+    assert main(["train", "--config", str(path)]) == 2
+    assert "rl.algorithm must be one of ['igpo', 'grpo'], got 'ppo'" in capsys.readouterr().err
 
 
 def test_validate_config_and_quick():
-    with pytest.raises(ValueError, match=r"rl.minibatches \(9\) must be <= rl.questions_per_step \(8\)"):
+    with pytest.raises(FieldValueError, match=r"rl.minibatches \(9\) must be <= rl.questions_per_step \(8\)"):
         config = RunConfig()
         config.rl.minibatches = 9
         validate_config(config)
@@ -225,3 +253,151 @@ def test_train_and_eval_with_a_pretrained_model_and_parquet_data(real_files, tmp
     printed = capsys.readouterr().out
     assert "| EM |" in printed and "NQ" in printed
     assert json.loads((out / "eval.json").read_text())["n"] == 2
+
+
+# --- the command line a user types: help, suggestions, refused flags (issue 23, item 8 and 11) -----------
+
+
+def _help(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # tyro wraps lines inside boxes
+
+
+def test_help_names_every_subcommand(capsys):
+    text = _help(capsys, ["--help"])
+    names = ("demo", "train", "eval", "warm-start", "diagnose", "experiment", "report")
+    assert set(COMMANDS) == set(names) and set(RUNNERS) == set(COMMANDS.values())
+    assert f"the console script ({', '.join(names)})" in text  # the description names all seven
+    assert "{" + ",".join(names) + "}" in text  # and tyro's usage line
+
+
+def test_experiment_help_describes_the_sparse_preset(capsys):
+    text = _help(capsys, ["experiment", "--help"])
+    assert "questions of 1-4 hops (balanced)" in text and "demonstrates only questions of at most 2 hops" in text
+    assert "hops 1/2/3" not in text
+    assert "--world.max-hops INT Longest question chains (1..4)" in text
+    assert text.split("--world.max-hops", 1)[1].split("--world.people")[0].rstrip(" │").endswith("(default: 4)")
+    assert text.split("--rl.max-turns", 1)[1].split("--rl.max-new-tokens")[0].rstrip(" │").endswith("(default: 6)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--rl.grup-size", "3"], "unknown flag --rl.grup-size; did you mean --rl.group-size"),
+    (["train", "--rl.igpo.gama", "0.5"], "unknown flag --rl.igpo.gama; did you mean --rl.igpo.gamma"),
+    (["eval", "--warmstart.steps", "3"], "unknown flag --warmstart.steps; did you mean --warm-start.steps"),
+    (["report", "--outt", "x"], "unknown flag --outt; did you mean --out?"),
+    (["trian"], "unknown subcommand 'trian'; did you mean train?"),
+])
+def test_misspelled_flags_get_suggestions(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    prog = "igpo-train" if argv[0] == "trian" else f"igpo-train {argv[0]}"
+    assert err.startswith(f"{prog}: error: {message}") and f"(`{prog} --help` lists" in err
+
+
+def test_a_bad_value_names_the_users_flag_and_the_subcommands_help(capsys):
+    assert main(["train", "--rl.group_size", "0"]) == 2  # the flag as typed (tyro accepts both spellings)
+    assert capsys.readouterr().err == ("igpo-train train: error: --rl.group_size must be >= 1, got 0\n"
+                                       "(`igpo-train train --help` lists its flags)\n")
+    assert main(["warm-start", "--diagnose-steps", "-1"]) == 2
+    assert "igpo-train warm-start: error: --diagnose-steps must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a value of the wrong type: tyro's message, the subcommand's help
+        main(["eval", "--eval.batch-size", "x"])
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--eval.batch-size" in err and "igpo-train eval --help" in err and "tyro" not in err
+
+
+@pytest.mark.parametrize("argv, flag, why", [
+    (["experiment", "--rl.algorithm", "grpo"], "--rl.algorithm", "it runs every method: igpo, grpo and the two ablations"),
+    (["eval", "--rl.steps", "5"], "--rl.steps", "it runs no RL step"),
+    (["demo", "--rl.algorithm=grpo"], "--rl.algorithm", "it trains both IGPO and GRPO"),
+    (["train", "--tiny.hidden-size", "64"], "--tiny.hidden-size", "the model is loaded from --init/--model"),
+    (["experiment", "--model", "m"], "--model", "it runs on the embedded world and the tiny model"),
+    (["diagnose", "--no-resume"], "--no-resume", "only train resumes a run"),
+])
+def test_flags_a_subcommand_would_ignore_are_refused(capsys, argv, flag, why):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    name = argv[0]
+    assert err.startswith(f"igpo-train {name}: error: {flag} is refused: {name} does not read ") and f"({why})" in err
+
+
+def test_config_file_values_a_subcommand_would_ignore_are_refused(tmp_path, capsys):
+    path = _write(tmp_path / "run.toml", "[rl]\nsteps = 5\n")
+    assert main(["eval", "--config", str(path)]) == 2
+    assert f"{path}: rl.steps = 5 is refused: eval does not read rl.steps" in capsys.readouterr().err
+    assert parse(["train", "--config", str(path)]).rl.steps == 5  # train reads it
+    # a resolved config (every field) passes wherever the fields a subcommand ignores keep their defaults
+    resolved = to_dict(RunConfig())
+    resolved["rl"]["max_turns"], resolved["eval"]["batch_size"] = 3, 8
+    path = _write(tmp_path / "config.json", json.dumps(resolved))
+    command = parse(["eval", "--config", str(path)])
+    assert (command.rl.max_turns, command.eval.batch_size) == (3, 8)
+
+
+def test_the_config_file_of_a_child_job_holds_what_its_subcommand_reads(tmp_path):
+    config = preset_config("sparse")
+    config.warm_start.steps, config.rl.steps, config.tiny.hidden_size, config.rl.igpo = 50, 7, 64, IGPOSettings(gamma=0.5)
+    for name in ("train", "warm-start"):
+        values = subcommand_values(config, name)
+        path = _write(tmp_path / f"{name}.json", json.dumps(values))
+        command = parse([name, "--config", str(path)])
+        for path_, _ in field_paths().items():
+            value = functools.reduce(getattr, path_.split("."), command)
+            expected = functools.reduce(getattr, path_.split("."), config if SUBCOMMAND_READS[name].covers(path_) else preset_config("sparse"))
+            assert value == expected, (name, path_)
+    assert "tiny" not in subcommand_values(config, "train") and "steps" not in subcommand_values(config, "warm-start")["rl"]
+
+
+def test_igpo_settings_from_the_file_and_from_flags_merge(tmp_path):
+    path = _write(tmp_path / "igpo.toml", "[rl.igpo]\ngamma = 0.5\n")
+    assert parse(["train", "--config", str(path), "--rl.igpo.kind", "log_prob"]).rl.igpo == IGPOSettings(gamma=0.5, kind="log_prob")
+    assert type(parse(["train"]).rl.igpo) is IGPOSettings
+
+
+# --- validation declared once, with the fields (issue 18, item 4) ---------------------------------------
+
+
+def _bad_values(annotation):
+    """A value of the wrong type and one out of range for a field, from its declared type alone."""
+    import typing
+
+    from igpo_rewards.reference_trainer.config import Bounds, NonEmpty
+
+    constraints = typing.get_args(annotation)[1:] if typing.get_origin(annotation) is typing.Annotated else ()
+    base = typing.get_args(annotation)[0] if constraints else annotation
+    kinds = [k for k in typing.get_args(base) if k is not type(None)] if typing.get_origin(base) in (typing.Union, types.UnionType) else [base]
+    kind = kinds[0]
+    if typing.get_origin(kind) is typing.Literal:
+        return [(FieldTypeError, 3), (FieldValueError, "not-a-choice")]
+    wrong = {bool: (FieldTypeError, "yes"), int: (FieldTypeError, 1.5), float: (FieldTypeError, "0.5"), str: (FieldTypeError, 3)}[kind]
+    cases = [wrong]
+    for constraint in constraints:
+        if isinstance(constraint, Bounds) and constraint.low > -math.inf:
+            cases.append((FieldValueError, constraint.low if constraint.open_low else constraint.low - 1))
+        if isinstance(constraint, Bounds) and constraint.high < math.inf:
+            cases.append((FieldValueError, constraint.high + 1))
+        if isinstance(constraint, NonEmpty):
+            cases.append((FieldValueError, ""))
+    return cases
+
+
+def test_every_field_is_checked_against_its_declared_type():
+    """validate_config checks each field from its declaration: a wrong type or a value out of the
+    declared range raises, naming the field's dotted path (IGPOSettings checks its own fields)."""
+    checked = 0
+    for path, annotation in field_paths().items():
+        if path.startswith("rl.igpo."):
+            continue
+        for error_type, value in _bad_values(annotation):
+            config = RunConfig()
+            *sections, name = path.split(".")
+            setattr(functools.reduce(getattr, sections, config), name, value)
+            with pytest.raises(error_type) as error:
+                validate_config(config)
+            assert error.value.field == path and str(error.value).startswith(path), (path, value)
+            checked += 1
+    assert checked > 2 * len([p for p in field_paths() if not p.startswith("rl.igpo.")])
+    validate_config(RunConfig())

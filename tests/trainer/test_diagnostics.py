@@ -15,6 +15,7 @@ from igpo_rewards.reference_trainer.diagnostics import (
     _outcome_summary,
     format_signal,
     measure_signal,
+    outcome_groups,
     observation_labels,
     turn_group,
 )
@@ -74,8 +75,29 @@ def test_outcome_summary_by_hand(world, tokenizer):
     demo = _demonstration(world, tokenizer, world.train[0])
     groups = {index: [dataclasses.replace(demo, outcome=value) for value in outcomes]
               for index, outcomes in enumerate([[1.0, 1.0], [0.0, 1.0], [-2.0, -2.0], [0.0, -2.0]])}
-    assert _outcome_summary(groups) == {"outcome_zero_variance_fraction": 0.5, "all_wrong_group_fraction": 0.5,
-                                        "all_right_group_fraction": 0.25}
+    # [0.0, -2.0]: every rollout failed, but not in the same way (GRPO still has a signal): not "all wrong"
+    assert _outcome_summary(groups) == {"outcome_zero_variance_fraction": 0.5, "all_wrong_group_fraction": 0.25,
+                                        "all_right_group_fraction": 0.25, "equal_partial_group_fraction": 0.0,
+                                        "all_failed_outcomes_differ_fraction": 0.25}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_all_wrong_and_all_right_groups_are_zero_variance_groups(seed):
+    """The split of outcome_groups adds up: all wrong + all right + equal partial = zero-variance
+    (each a subset of it, counted group by group), against the library's zero-variance fraction."""
+    import numpy as np
+
+    import igpo_rewards
+
+    rng = random.Random(seed)
+    groups = [[rng.choice([-2.0, 0.0, 0.5, 1.0][: rng.randint(1, 4)]) for _ in range(4)] for _ in range(12)]
+    split = outcome_groups(groups)
+    library = igpo_rewards.zero_variance_group_fraction(np.array(groups).ravel(), group_size=4)
+    assert split["outcome_zero_variance_fraction"] == pytest.approx(float(library))
+    parts = split["all_wrong_group_fraction"] + split["all_right_group_fraction"] + split["equal_partial_group_fraction"]
+    assert parts == pytest.approx(split["outcome_zero_variance_fraction"])
+    failed = sum(max(group) <= 0 for group in groups) / len(groups)  # no rollout got any F1
+    assert split["all_wrong_group_fraction"] + split["all_failed_outcomes_differ_fraction"] == pytest.approx(failed)
 
 
 def test_measure_signal_on_a_tiny_policy(world, tokenizer):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from igpo_rewards.reference_trainer.config import preset_config, quick_config, to_dict
+from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS, outcome_groups
 from igpo_rewards.reference_trainer.experiment import METHODS, check_or_write_base, method_config, plan_jobs
 from igpo_rewards.reference_trainer.experiment_report import (
     COLLAPSE_PLOT,
@@ -118,7 +119,7 @@ def test_targets_by_hand():
     # GRPO's final mean EM = (0.5 + 0.25) / 2 = 0.375; mean curves: IGPO 0.25, 0.5, 0.625; GRPO 0.25, 0.25, 0.375
     assert result["grpo_final_mean_em"] == 0.375
     assert result["steps_to_grpo_final"] == {"igpo": 5, "grpo": 10, "igpo_no_ig": 5, "igpo_no_outcome": None}
-    assert result["half_steps"] == {"igpo_steps": 5, "grpo_steps": 10, "met": True}
+    assert result["half_steps"] == {"igpo_steps": 5, "grpo_steps": 10, "met": True, "reason": ""}
     assert result["above_every_seed"] == {"margins": {0: 0.25, 1: 0.25}, "met": True}
     assert result["beats_ablations"] == {"igpo": 0.625, "igpo_no_ig": 0.375, "igpo_no_outcome": 0.25, "met": True}
 
@@ -134,7 +135,9 @@ def test_targets_by_hand():
             record["heldout_em"] = 0.25
     for row in flat["final"]:
         row["em"] = 0.25 if row["method"] == "grpo" else row["em"]
-    assert targets(flat)["half_steps"] == {"igpo_steps": 0, "grpo_steps": 0, "met": False}  # GRPO never improved
+    half = targets(flat)["half_steps"]  # GRPO never improved on the warm start: no step count to halve
+    assert (half["igpo_steps"], half["grpo_steps"], half["met"]) == (0, 0, None)
+    assert half["reason"].startswith("GRPO's final mean EM (25.0) is already reached at step 0, by the warm start")
 
 
 def test_report_tables_and_plots(tmp_path):
@@ -152,6 +155,110 @@ def test_report_tables_and_plots(tmp_path):
     assert "| warm start | 25.0 | 0.0 | 25.0 | 25.0 | 25.0 |" in text
     assert "| IGPO | 25.0 | 50.0 | 62.5 |" in text  # the mean curve at steps 0, 5, 10 (step 7 has no EM)
     assert "Wall time: 1.0 min" in text
+    assert "Smoke run" not in text
+
+
+def _degenerate(em):
+    """Every method, seed and step at the same EM ``em`` (a quick run's 0.0, or equal curves)."""
+    flat = json.loads(json.dumps(WINNING))
+    for record in flat["records"]:
+        if record["heldout_em"] is not None:
+            record["heldout_em"] = em
+    for row in flat["final"]:
+        row["em"] = em
+        row["by_hops"] = {hop: {**scores, "em": em} for hop, scores in row["by_hops"].items()}
+    return flat
+
+
+@pytest.mark.parametrize("em", [0.0, 0.25])
+def test_degenerate_targets_do_not_contradict_themselves(tmp_path, em):
+    """When every curve is flat at the warm start (every EM 0.0 in a quick run, or equal curves),
+    "half the steps" has no step count to halve: the line says why instead of "not met (IGPO:
+    step 0, GRPO: step 0)"; ties are not "above" and say so."""
+    experiment = _degenerate(em)
+    result = targets(experiment)
+    assert result["half_steps"]["met"] is None and result["above_every_seed"]["met"] is False
+    assert result["beats_ablations"]["met"] is False
+    lines = write_experiment_report(experiment, tmp_path).read_text().splitlines()
+    half = next(line for line in lines if line.startswith("- IGPO reaches GRPO's final mean EM"))
+    assert half == (f"- IGPO reaches GRPO's final mean EM ({100 * em:.1f}) in at most half of GRPO's steps: **not applicable**: "
+                    f"GRPO's final mean EM ({100 * em:.1f}) is already reached at step 0, by the warm start: RL did not raise "
+                    "it, so there is no step count to halve.")
+    above = next(line for line in lines if line.startswith("- IGPO ends above GRPO in every seed"))
+    assert above.startswith("- IGPO ends above GRPO in every seed: **not met** (tied in every seed) (IGPO - GRPO final EM by seed: "
+                            "seed 0: +0.0, seed 1: +0.0 points)")
+    never = json.loads(json.dumps(WINNING))  # GRPO's curve never reaches its own final mean (the final is off the curve)
+    never["final"] = [{**row, "em": 0.9} if row["method"] == "grpo" else row for row in never["final"]]
+    assert targets(never)["half_steps"]["met"] is None and "never reaches its own final mean EM" in targets(never)["half_steps"]["reason"]
+
+
+def test_a_quick_experiment_report_says_it_is_a_smoke_run(tmp_path):
+    quick = json.loads(json.dumps(_degenerate(0.0)))
+    quick["config"] = to_dict(quick_config(preset_config("sparse")))
+    lines = write_experiment_report(quick, tmp_path).read_text().splitlines()
+    assert lines[2].startswith("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch: the quick budget, "
+                               "too small to learn; the numbers only show that the pipeline runs): every number below")
+
+
+def _step0_row(seed, outcomes):
+    gains = {name: {"turns": 0, "mean": None} for name in IG_GROUPS}
+    return {"seed": seed, "groups": [{"hops": 1, "outcomes": group} for group in outcomes], "information_gain": gains,
+            # what the diagnostics of the time wrote: "all wrong" = every outcome <= 0, wider than zero-variance
+            "outcome_zero_variance_fraction": 0.5, "all_wrong_group_fraction": 0.75, "all_right_group_fraction": 0.25}
+
+
+def test_the_step0_table_splits_zero_variance_groups_and_defines_its_columns(tmp_path):
+    experiment = json.loads(json.dumps(WINNING))
+    experiment["step0"] = [_step0_row(0, [[0.0, 0.0], [-2.0, 0.0], [1.0, 1.0], [-2.0, 0.0]])]
+    lines = write_experiment_report(experiment, tmp_path).read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| seed | groups |"))
+    assert header.startswith("| seed | groups | zero-variance (%) | all wrong (%) | all right (%) | equal partial (%) | "
+                             "all failed, outcomes differ (%) |")
+    # recomputed from the groups: zero-variance 2 of 4 = all wrong 1 + all right 1; the two mixed failures apart
+    assert next(line for line in lines if line.startswith("| 0 |")).startswith("| 0 | 4 | 50.0 | 25.0 | 25.0 | 0.0 | 50.0 |")
+    for name in ("zero-variance (%)", "all wrong (%)", "all right (%)", "equal partial (%)", "all failed, outcomes differ (%)"):
+        assert any(line.startswith(f"- **{name}**: ") for line in lines), name
+
+
+def _data(line):
+    return list(line.get_xdata()), list(line.get_ydata())
+
+
+def test_the_experiment_plots_show_every_seed_a_band_per_method_and_fit_the_data():
+    """Inspected as matplotlib objects: per method a min-max band, its mean, and each seed as a
+    labelled thin line of the method's colour; y-limits fitted to the data; integer step ticks."""
+    from matplotlib.colors import to_rgba
+
+    from igpo_rewards.reference_trainer.experiment_report import LABELS, collapse_figure, em_figure, hops_figure
+
+    figure = em_figure(WINNING)
+    assert [ax.get_title() for ax in figure.axes] == [LABELS[method] for method in WINNING["methods"]]  # one panel each
+    for ax, method in zip(figure.axes, WINNING["methods"]):
+        label = LABELS[method]
+        bands = [artist for artist in ax.collections if artist.get_gid() == f"band:{label}"]
+        assert len(bands) == 1 and bands[0].get_label() == f"{label}: min-max of 2 seeds"
+        mean = [line for line in ax.get_lines() if line.get_gid() == f"mean:{label}"]
+        seeds = [line for line in ax.get_lines() if str(line.get_gid()).startswith(f"seed:{label}:")]
+        assert len(mean) == 1 and [line.get_label() for line in seeds] == [f"{label}, seed 0", f"{label}, seed 1"]
+        for line in seeds:  # the method's colour, thinner and lighter than its mean
+            assert to_rgba(line.get_color())[:3] == to_rgba(mean[0].get_color())[:3]
+            assert line.get_linewidth() < mean[0].get_linewidth() and line.get_alpha() < 1
+        values = [100 * v for seed in (0, 1) for v in {"igpo": [0.25, 0.5, 0.75, 0.5], "grpo": [0.25, 0.5]}.get(method, [])]
+        assert ax.get_ylim()[0] > 15 and ax.get_ylim()[1] < 80  # the data are 25-75 %: not a 0-100 axis
+        if method == "igpo":
+            assert _data(seeds[0]) == ([0, 5, 10], [25.0, 50.0, 75.0]) and _data(mean[0]) == ([0, 5, 10], [25.0, 50.0, 62.5])
+            low, high = ax.get_ylim()
+            assert low < min(values) and high > max(values)
+        ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+        assert ticks == [0, 5, 10]
+    assert len({ax.get_ylim() for ax in figure.axes}) == 1  # one y-axis for the row: panels compare at a glance
+    collapse = collapse_figure(WINNING)
+    assert len(collapse.axes) == 2 * len(WINNING["methods"])  # a row per quantity
+    assert all(any(str(c.get_gid()).startswith("band:") for c in ax.collections) for ax in collapse.axes)
+    hops = hops_figure(WINNING)
+    dots = [line for line in hops.axes[0].get_lines() if line.get_gid() == "seeds:IGPO"]
+    assert sorted(value for line in dots for value in line.get_ydata()) == [25.0, 50.0, 75.0, 100.0]
+    assert hops.axes[0].get_ylim()[1] < 110
 
 
 # --- the job runner ------------------------------------------------------------------------------------
@@ -181,6 +288,10 @@ def test_the_reports_in_docs_are_what_their_experiment_json_gives(name, tmp_path
         assert (directory / plot).read_bytes().startswith(PNG_SIGNATURE)
     methods = {record["method"] for record in experiment["records"]}
     assert methods == set(METHODS)
+    for row in experiment["step0"]:  # the outcome split is that of the recorded groups: all wrong within zero-variance
+        split = outcome_groups([group["outcomes"] for group in row["groups"]])
+        assert {key: row[key] for key in split} == split
+        assert row["all_wrong_group_fraction"] + row["all_right_group_fraction"] <= row["outcome_zero_variance_fraction"]
     assert {record["seed"] for record in experiment["records"]} == set(experiment["seeds"])
 
 
@@ -267,6 +378,8 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     for row in experiment["step0"]:
         same = [len(set(group["outcomes"])) == 1 for group in row["groups"]]
         assert row["outcome_zero_variance_fraction"] == pytest.approx(sum(same) / len(same))
+        parts = row["all_wrong_group_fraction"] + row["all_right_group_fraction"] + row["equal_partial_group_fraction"]
+        assert parts == pytest.approx(row["outcome_zero_variance_fraction"])
         assert row["outcome_zero_variance_fraction"] >= 0.5
     assert len(experiment["step0"]) == 2
     # resumed, not redone: the interrupted runs continued from their checkpoint, one record per step
@@ -278,3 +391,21 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     assert (out / "logs" / "seed_0.warm_start.log").read_text().count("$ igpo-train warm-start") == 1
     report = (out / "report.md").read_text()
     assert "## The targets" in report and "| IGPO (F1 + IG) |" in report
+    assert report.splitlines()[2].startswith("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch")
+    for name in ("warm_start", "igpo"):  # each child's config file holds only what its subcommand reads
+        child = json.loads((out / "configs" / f"seed_0.{name}.json").read_text())
+        assert ("tiny" in child) == (name == "warm_start") and ("init" in child) == (name == "igpo")
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in DOCS_EXPERIMENTS.iterdir() if path.is_dir()))
+def test_igpo_train_report_rebuilds_a_published_report(name, tmp_path):
+    """`igpo-train report --experiment DIR/experiment.json` (the documented command) rebuilds the
+    published report.md, its header comment kept, and writes the three plots next to it."""
+    from igpo_rewards.reference_trainer.cli import main
+
+    for file in ("experiment.json", "report.md"):
+        (tmp_path / file).write_bytes((DOCS_EXPERIMENTS / name / file).read_bytes())
+    assert main(["report", "--experiment", str(tmp_path / "experiment.json")]) == 0
+    assert (tmp_path / "report.md").read_text() == (DOCS_EXPERIMENTS / name / "report.md").read_text()
+    for plot in (EM_PLOT, HOPS_PLOT, COLLAPSE_PLOT):
+        assert (tmp_path / plot).read_bytes().startswith(PNG_SIGNATURE)

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from igpo_rewards.reference_trainer.config import RunConfig, quick_config, to_dict
 from igpo_rewards.reference_trainer.report import (
     CASE_STUDY_PLOT,
     COLLAPSE_PLOT,
     EM_F1_PLOT,
+    _load_run,
+    collapse_figure,
+    heldout_figure,
     load_eval,
     load_metrics,
     load_trajectories,
@@ -100,7 +104,7 @@ def test_write_report_tables_and_plots(runs, tmp_path):
 
     assert "| reward_mean | 0.6 / 0.35 | 0.6 / 0.35 |" in lines  # last / mean over steps
     assert not any(line.startswith("| kl ") for line in lines)  # logged only as null
-    assert '| algorithm | "igpo" | "grpo" |' in lines
+    assert '| algorithm | `"igpo"` | `"grpo"` |' in lines
     assert not any(line.startswith("| seed ") for line in lines)  # identical settings are not listed
 
 
@@ -193,3 +197,76 @@ def test_missing_inputs_raise(runs, tmp_path):
     (run_dirs["GRPO"] / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="run 'GRPO': .*config.json not found"):
         write_report(run_dirs, tmp_path / "out")
+
+
+# --- what a reader sees: smoke runs, whole settings, plots (issue 23, items 5-7) -----------------------
+
+
+def _nested_config(run_dir, config):
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_configuration_differences_show_nested_values_whole(runs, tmp_path):
+    run_dirs, warm = runs
+    long_out = "runs/" + "a-long-directory-name/" * 5 + "igpo"
+    base = to_dict(RunConfig())
+    igpo, grpo = json.loads(json.dumps(base)), json.loads(json.dumps(base))
+    igpo["out"], grpo["out"] = long_out, long_out.replace("igpo", "grpo")
+    grpo["rl"]["algorithm"], grpo["rl"]["igpo"]["ig_weight"] = "grpo", 0.0
+    _nested_config(run_dirs["IGPO"], igpo)
+    _nested_config(run_dirs["GRPO"], grpo)
+    lines = write_report(run_dirs, tmp_path / "out", warm_start_eval=warm).read_text().splitlines()
+    section = lines[lines.index("## Configuration differences"):]
+    rows = [line for line in section if line.startswith("| ") and not line.startswith("| setting")]
+    assert rows == [f'| out | `"{long_out}"` | `"{long_out.replace("igpo", "grpo")}"` |',  # whole: 120 characters
+                    '| rl.algorithm | `"igpo"` | `"grpo"` |',
+                    "| rl.igpo.ig_weight | `1.0` | `0.0` |"]
+
+
+def test_a_quick_budget_report_says_it_is_a_smoke_run(runs, tmp_path):
+    run_dirs, warm = runs
+    for label in run_dirs:
+        _nested_config(run_dirs[label], to_dict(quick_config()))
+    text = write_report(run_dirs, tmp_path / "quick", warm_start_eval=warm).read_text()
+    assert text.splitlines()[2] == ("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch: the quick "
+                                    "budget, too small to learn; the numbers only show that the pipeline runs): the EM, F1 "
+                                    "and collapse numbers below say nothing about IGPO or GRPO.")
+    for label in run_dirs:
+        _nested_config(run_dirs[label], to_dict(RunConfig()))
+    assert "Smoke run" not in write_report(run_dirs, tmp_path / "full", warm_start_eval=warm).read_text()
+
+
+def _lines_by_gid(ax, prefix):
+    return [line for line in ax.get_lines() if str(line.get_gid()).startswith(prefix)]
+
+
+def _assert_integer_step_ticks(ax):
+    ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_the_plots_fit_the_data_with_integer_steps_and_visible_overlaps(runs, tmp_path):
+    run_dirs, warm = runs
+    loaded = [_load_run(label, directory) for label, directory in run_dirs.items()]
+    figure = heldout_figure(loaded, load_eval(warm))
+    em_axes, f1_axes = figure.axes
+    assert em_axes.get_title() == "held-out EM" and f1_axes.get_title() == "held-out F1"
+    # EM data: the warm start 25.0 at step 0, then 21.7 and 43.3 (IGPO), 15.0 and 30.0 (GRPO): the axis hugs 15-43.3
+    low, high = em_axes.get_ylim()
+    assert 12 < low < 15 and 43.3 < high < 46
+    _assert_integer_step_ticks(em_axes)
+    means = {line.get_gid(): line for line in _lines_by_gid(em_axes, "mean:")}
+    assert set(means) == {"mean:IGPO", "mean:GRPO"}
+    igpo, grpo = means["mean:IGPO"], means["mean:GRPO"]
+    assert igpo.get_marker() != grpo.get_marker() and igpo.get_linestyle() != grpo.get_linestyle()
+    assert igpo.get_markersize() > grpo.get_markersize()  # the larger marker is drawn below the smaller one
+    # both start at the warm start (the same point): offset along the steps so that neither hides the other
+    assert igpo.get_ydata()[0] == grpo.get_ydata()[0] == 25.0 and igpo.get_xdata()[0] < 0 < grpo.get_xdata()[0]
+    assert abs(igpo.get_xdata()[0]) < 0.2
+    assert [list(line.get_ydata()) for line in _lines_by_gid(em_axes, "reference")] == [[25.0, 25.0]]  # the dashed warm start
+    collapse = collapse_figure(loaded)
+    for ax in collapse.axes:
+        _assert_integer_step_ticks(ax)
+    igpo_collapse = _lines_by_gid(collapse.axes[0], "mean:IGPO")[0]
+    assert list(igpo_collapse.get_ydata()) == [12.5] * 6
+    assert collapse.axes[1].get_ylim()[0] > 80  # every group zero-variance (100%): not a 0-100 axis
