@@ -48,7 +48,8 @@ from igpo_rewards.reference_trainer.config import (
 from igpo_rewards.reference_trainer.evaluation import evaluate
 from igpo_rewards.reference_trainer.files import append_jsonl, write_text_atomic
 from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
-from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from igpo_rewards.reference_trainer.modeling import load_pretrained, save_pretrained
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.report import paper_table, write_report
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.training import seed_everything, train

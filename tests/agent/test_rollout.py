@@ -37,7 +37,7 @@ from igpo_rewards.agent.rollout import (
     sample_turns,
     sampling_config,
 )
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.rollout import rollout_examples
 from igpo_rewards.reference_trainer.world import build_world

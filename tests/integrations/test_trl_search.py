@@ -30,7 +30,8 @@ from igpo_rewards.agent.retrieval import format_observation
 from igpo_rewards.integrations.trl import IGPOTrainer, make_outcome_reward_func, make_search_rollout_func
 from igpo_rewards.reference_trainer.batch import build_batch
 from igpo_rewards.reference_trainer.config import RLConfig
-from igpo_rewards.reference_trainer.modeling import build_model, save_pretrained, train_tokenizer
+from igpo_rewards.reference_trainer.modeling import save_pretrained
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.rollout import rollout_examples
 from igpo_rewards.reference_trainer.training import score_batch

@@ -21,7 +21,7 @@ from igpo_rewards.reference_trainer.cli import (
     parse,
 )
 from igpo_rewards.reference_trainer.config import PRESETS, RunConfig, load_config_file, preset_config, quick_config, validate_config
-from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
+from igpo_rewards.testing.tiny import make_tiny_pretrained
 from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
 
 

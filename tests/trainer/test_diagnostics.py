@@ -18,7 +18,7 @@ from igpo_rewards.reference_trainer.diagnostics import (
     observation_labels,
     turn_group,
 )
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.warm_start import build_demonstration, demonstration_turns
 from igpo_rewards.reference_trainer.world import build_world

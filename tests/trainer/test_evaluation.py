@@ -10,7 +10,7 @@ from igpo_rewards.agent.protocol import INSTRUCTION
 from igpo_rewards.agent.retrieval import Document
 from igpo_rewards.agent.rollout import Trajectory
 from igpo_rewards.reference_trainer.evaluation import evaluate, summarize
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.rollout import score_response, scored
 from igpo_rewards.reference_trainer.world import QAExample

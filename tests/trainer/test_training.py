@@ -16,7 +16,7 @@ from igpo_rewards.agent.protocol import INSTRUCTION
 from igpo_rewards.reference_trainer.batch import build_batch, micro_batches
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.metrics import case_studies, zero_advantage_group_fraction
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.rollout import QATrajectory
 from igpo_rewards.reference_trainer.training import (

@@ -10,7 +10,7 @@ import torch
 from igpo_rewards.scoring import outcome_reward
 from igpo_rewards.reference_trainer.cli import tokenizer_texts
 from igpo_rewards.reference_trainer.config import WarmStartConfig
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 from igpo_rewards.agent.probes import build_probe_suffix
 from igpo_rewards.agent.protocol import build_prompt, observation_block, parse_action
 from igpo_rewards.agent.retrieval import format_observation
