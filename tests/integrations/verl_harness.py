@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from igpo_rewards.integrations.verl_search import SEARCH_TOOL_SCHEMA
+from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.retrieval import format_observation, write_corpus_jsonl
 from igpo_rewards.reference_trainer.modeling import save_pretrained
+from igpo_rewards.reference_trainer.world import QAExample, build_world
 from igpo_rewards.testing.tiny import build_model, train_tokenizer
-from igpo_rewards.agent.retrieval import format_observation
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl
 
 #: A Qwen2.5-style ChatML template with hermes tool calls (what verl's "hermes" parser reads):
 #: tool schemas in the system turn, assistant tool calls as <tool_call> JSON, tool results as a
