@@ -213,3 +213,35 @@ def test_an_editable_install_imports_the_same_names_from_anywhere(tmp_path, unin
     assert elsewhere["files"]["igpo_rewards.reference_trainer"] == str(ROOT / "reference_trainer" / "__init__.py")
     for name in ("igpo_rewards.tests", "igpo_rewards.docs", "igpo_rewards.igpo_rewards"):
         assert elsewhere["missing"][name] == "ModuleNotFoundError", name
+
+
+# What the starlette imports come from: fastapi requires (and pins) it.
+PROVIDED_BY = {"starlette": "fastapi"}
+
+
+def test_the_server_extra_holds_what_igpo_retrieve_imports():
+    """`pip install "igpo-rewards[server]"` is enough for `igpo-retrieve`: every third-party module
+    that igpo_rewards.agent.retrieval_server and the BM25 index it serves import (at the top or
+    inside a function) is a requirement of the `server` extra or of the package itself."""
+    import ast
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.match(r"[A-Za-z0-9_.-]+", requirement).group().lower().replace("-", "_") for requirement in requirements}
+
+    declared = names(project["optional-dependencies"]["server"]) | names(project["dependencies"])
+    imported = set()
+    for module in ("retrieval_server", "bm25", "retrieval"):
+        tree = ast.parse((ROOT / "igpo_rewards" / "agent" / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = {PROVIDED_BY.get(name, name) for name in imported
+                   if name not in sys.stdlib_module_names and name not in ("igpo_rewards", "__future__")}
+    assert {"bm25s", "fastapi", "uvicorn", "pydantic"} <= third_party, third_party
+    assert third_party <= declared, third_party - declared
