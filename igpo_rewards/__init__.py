@@ -10,18 +10,12 @@ Shapes: B rollouts, G rollouts per group, T turns (padded), L answer tokens, S r
 See docs/algorithm.md for each equation next to the function that computes it.
 """
 
-import os as _os
+from igpo_rewards._checkout import install_if_checkout as _install_if_checkout
 
-# A source checkout keeps two subpackages beside this folder, not inside it: ``backends/`` and
-# ``reference_trainer/`` (pyproject maps them to igpo_rewards.backends and
-# igpo_rewards.reference_trainer). When this folder is imported straight from a checkout (the
-# repository root on sys.path, installed or not), let the package find them there too.
-_checkout_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfile(
-    _os.path.join(_checkout_root, "backends", "_base.py")
-):
-    __path__.append(_checkout_root)
-del _os, _checkout_root
+# From a source checkout, igpo_rewards.backends and igpo_rewards.reference_trainer are the
+# folders beside this one (see _checkout.py); an installed wheel holds them inside it.
+_install_if_checkout(__path__[0])
+del _install_if_checkout
 
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.normalization import group_normalize, grpo_advantages, zero_variance_group_fraction

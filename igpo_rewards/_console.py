@@ -13,7 +13,7 @@ from typing import Callable
 
 _EXTRA_OF_COMMAND = {
     "igpo-train": ("igpo_rewards.reference_trainer.cli", "trainer"),
-    "igpo-retrieve": ("igpo_rewards.reference_trainer.retrieval_server", "server"),
+    "igpo-retrieve": ("igpo_rewards.agent.retrieval_server", "server"),
 }
 
 

@@ -2,13 +2,13 @@
 
 Readable top to bottom like cleanrl, one module per job. The data flow of one RL step:
 
-1. ``world.build_world`` (or ``world.load_qa_parquet`` + ``world.read_corpus_jsonl``) gives
+1. ``world.build_world`` (or ``world.load_qa_parquet`` + ``igpo_rewards.agent.retrieval.read_corpus_jsonl``) gives
    ``QAExample`` questions with answer aliases and a corpus of ``Document`` s.
 2. ``igpo_rewards.agent.protocol.build_prompt`` wraps a question in the Search-R1 instruction
    (chat template).
 3. ``rollout.rollout_examples`` samples G trajectories per question with the library's loop
    (``igpo_rewards.agent.rollout``: HF ``generate`` at temperature 1, stop on ``</search>`` /
-   ``</answer>``); each ``<search>`` query goes to a retriever (``retrieval.BM25Retriever`` or
+   ``</answer>``); each ``<search>`` query goes to a retriever (``igpo_rewards.agent.bm25.BM25Retriever`` or
    ``igpo_rewards.agent.retrieval.HTTPRetriever``) and the formatted documents are inserted
    inside ``<information>..</information>``; a malformed turn ends the rollout. Each
    ``QATrajectory`` keeps the exact token ids, the spans of generated turns and of

@@ -41,8 +41,9 @@ from typing import Annotated, Any, Union
 import torch
 import tyro
 
+from igpo_rewards.agent.bm25 import BM25Retriever
 from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block
-from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation
+from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation, read_corpus_jsonl, write_corpus_jsonl
 from igpo_rewards.settings import IGPOSettings
 from igpo_rewards.reference_trainer.config import (
     Count,
@@ -65,17 +66,11 @@ from igpo_rewards.reference_trainer.config import (
 from igpo_rewards.reference_trainer.evaluation import evaluate
 from igpo_rewards.reference_trainer.files import append_jsonl, write_text_atomic
 from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
-from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from igpo_rewards.reference_trainer.modeling import load_pretrained, save_pretrained
 from igpo_rewards.reference_trainer.report import paper_table, write_report
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.training import seed_everything, train
-from igpo_rewards.reference_trainer.world import (
-    build_world,
-    load_qa_parquet,
-    read_corpus_jsonl,
-    write_corpus_jsonl,
-    write_qa_parquet,
-)
+from igpo_rewards.reference_trainer.world import build_world, load_qa_parquet, write_qa_parquet
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 # --- subcommands ------------------------------------------------------------------------------------
 

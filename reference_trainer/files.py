@@ -6,7 +6,7 @@ directory, fsync, ``os.replace``) for whole files (configs, ``eval.json``, check
 ``metrics.jsonl`` and ``trajectories.jsonl``, ``truncate_jsonl`` to drop the records a killed run
 wrote after its last checkpoint, ``count_jsonl`` to follow a run's progress, and ``read_jsonl``
 (with line numbers, for error messages) for every JSON Lines file read back (metrics, case
-studies, Search-R1 corpora).
+studies).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ document it targets among BM25's top 3 (tests/trainer/test_world.py checks it on
 File layouts, so a user can swap in real data:
 
 - corpus: Search-R1 jsonl, one ``{"id": str, "contents": "\\"Title\\"\\ntext"}`` per line
-  (``write_corpus_jsonl`` / ``read_corpus_jsonl``).
+  (``igpo_rewards.agent.retrieval.write_corpus_jsonl`` / ``read_corpus_jsonl``).
 - questions: verl/Search-R1 parquet with columns ``data_source``, ``prompt`` ([{role, content}]),
   ``ability``, ``reward_model`` ({ground_truth: aliases joined by "<|answer_split|>", style}),
   ``extra_info`` ({index, split, ...}) (``write_qa_parquet`` / ``load_qa_parquet``).
@@ -58,17 +58,15 @@ File layouts, so a user can swap in real data:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from igpo_rewards.agent.protocol import user_message
 from igpo_rewards.agent.retrieval import Document
-from igpo_rewards.reference_trainer.files import read_jsonl
 from igpo_rewards.scoring import ANSWER_SPLIT, split_ground_truth
 
 WORLD_DATA_SOURCE = "world"
@@ -391,62 +389,6 @@ def build_world(seed: int = 0, *, num_train: int = 300, num_heldout: int = 100,
     train = _questions(world, train_people, num_train, rng, "train", max_hops)
     heldout = _questions(world, heldout_people, num_heldout, rng, "held-out", max_hops)
     return World(train=train, heldout=heldout, corpus=corpus, seed=seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Corpus IO (Search-R1 jsonl layout)
-# ---------------------------------------------------------------------------------------------
-
-
-def write_corpus_jsonl(docs: Iterable[Document], path: str | Path) -> Path:
-    """Write documents as Search-R1 corpus jsonl: one ``{"id", "contents"}`` object per line.
-
-    Parent directories are created. Returns the path written.
-    """
-    path = Path(path)
-    lines = []
-    for position, doc in enumerate(docs):
-        if not isinstance(doc, Document):
-            raise TypeError(f"docs[{position}] must be a Document, got {type(doc).__name__}")
-        lines.append(json.dumps({"id": doc.id, "contents": doc.contents}, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def read_corpus_jsonl(path: str | Path) -> list[Document]:
-    """Read a Search-R1 corpus jsonl (one ``{"id", "contents"}`` object per line).
-
-    Blank lines are skipped; integer ids are accepted and turned into strings; other keys
-    (e.g. "title" in some corpora) are ignored, the title always comes from ``contents``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file has no documents, a line is not a JSON object (the message gives
-            the line number), lacks "id" or "contents", has a non-string contents, or an id repeats.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}")
-    docs: list[Document] = []
-    seen_ids: set[str] = set()
-    for line_number, record in read_jsonl(path):
-        missing = [key for key in ("id", "contents") if key not in record]
-        if missing:
-            raise ValueError(f"{path}:{line_number}: missing key(s) {missing}; keys present: {sorted(record)}")
-        doc_id, contents = record["id"], record["contents"]
-        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-            raise ValueError(f"{path}:{line_number}: id must be a string or an int, got {doc_id!r}")
-        if not isinstance(contents, str):
-            raise ValueError(f"{path}:{line_number}: contents must be a string, got {type(contents).__name__}")
-        doc_id = str(doc_id)
-        if doc_id in seen_ids:
-            raise ValueError(f"{path}:{line_number}: duplicate document id {doc_id!r}")
-        seen_ids.add(doc_id)
-        docs.append(Document.from_contents(doc_id, contents))
-    if not docs:
-        raise ValueError(f"corpus file {path} is empty: expected one {{\"id\", \"contents\"}} JSON object per line")
-    return docs
 
 
 # ---------------------------------------------------------------------------------------------

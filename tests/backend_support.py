@@ -1,8 +1,14 @@
-"""Test helpers: run a function on one backend at a chosen precision, read results back.
+"""Test helpers: run a function on one backend at a chosen precision and device, read results back.
 
 JAX computes in float32 unless x64 is enabled, so float64 runs on JAX happen inside
 ``jax.enable_x64(True)``; everything else is plain conversion through
 ``igpo_rewards.testing.to_backend``.
+
+The device mode: ``IGPO_TEST_DEVICE=cuda`` puts every torch array that ``to_backend`` / ``run``
+make on the GPU (``"cuda"``) and every JAX array on JAX's GPU, and ``run`` checks that results
+stay there. NumPy runs as always. The default, ``cpu``, leaves arrays where the libraries put
+them. tests/conftest.py skips, with the reason, the torch and JAX tests of the core files when the
+mode asks for a GPU that is not there.
 """
 
 from __future__ import annotations
@@ -15,7 +21,33 @@ from typing import Any, Callable
 import numpy as np
 from hypothesis import given, settings
 
-from igpo_rewards.testing import to_backend
+from igpo_rewards.testing import to_backend as _to_backend
+
+DEVICE_ENV = "IGPO_TEST_DEVICE"
+DEVICES = ("cpu", "cuda")
+
+
+def test_device() -> str:
+    """The device mode, ``IGPO_TEST_DEVICE`` (``cpu`` unless set); anything else is an error."""
+    value = os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+    if value not in DEVICES:
+        raise ValueError(f"{DEVICE_ENV} must be one of {DEVICES}, got {value!r}")
+    return value
+
+
+test_device.__test__ = False  # a helper, not a test
+
+
+def device_of(backend: str) -> str | None:
+    """What ``igpo_rewards.testing.to_backend`` gets as ``device`` for ``backend`` in this mode."""
+    if test_device() == "cpu" or backend == "numpy":
+        return None
+    return "cuda" if backend == "torch" else "gpu"
+
+
+def to_backend(batch_or_array: Any, backend: str, **options: Any) -> Any:
+    """``igpo_rewards.testing.to_backend`` on the device of the mode (``device_of``)."""
+    return _to_backend(batch_or_array, backend, device=device_of(backend), **options)
 
 
 #: Hypothesis examples per test on JAX (``IGPO_JAX_EXAMPLES``). Eager JAX compiles every
@@ -60,6 +92,7 @@ def run(function: Callable[..., Any], backend: str, *arrays: Any, float_dtype: s
     with precision(backend, float_dtype):
         converted = [to_backend(np.asarray(a), backend, float_dtype=float_dtype) for a in arrays]
         result = function(*converted, **options)
+        check_device(result, backend)
         return to_numpy(result)
 
 
@@ -73,6 +106,20 @@ def run_jitted(function: Callable[..., Any], backend: str, *arrays: Any, float_d
     import jax
 
     return run(jax.jit(lambda *a: function(*a, **options)), backend, *arrays, float_dtype=float_dtype)
+
+
+def check_device(result: Any, backend: str) -> None:
+    """In the device mode, every array of ``result`` is on the mode's device (the library keeps the
+    input's device)."""
+    wanted = device_of(backend)
+    if wanted is None:
+        return
+    for array in (result if isinstance(result, tuple) else (result,)):
+        if backend == "torch":
+            assert array.device.type == wanted, f"result on {array.device}, inputs on {wanted}"
+        else:
+            platforms = {device.platform for device in array.devices()}
+            assert platforms == {wanted}, f"result on {platforms}, inputs on {wanted}"
 
 
 def to_numpy(result: Any) -> Any:

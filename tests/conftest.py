@@ -1,18 +1,27 @@
-"""Shared pytest configuration: backend selection and Hypothesis settings.
+"""Shared pytest configuration: backend and device selection, Hypothesis settings.
 
 Backends under test come from the ``IGPO_TEST_BACKENDS`` environment variable, a comma list
 (default ``numpy,torch,jax``). Any test that takes a ``backend`` argument runs once per
 requested backend; a requested backend that cannot be imported FAILS that test (it is never
 skipped), so a CI job that asks for JAX cannot pass without JAX.
+
+The device mode, ``IGPO_TEST_DEVICE=cuda`` (default ``cpu``), runs the core tests
+(tests/test_core_*.py: agreement with the oracle, properties, dtypes, group ids, validation) on
+CUDA tensors and on JAX's GPU (tests/backend_support.py). Where torch sees no GPU, or JAX has no
+GPU device, their tests of those files are skipped at collection with that reason: the mode
+never passes by running on the CPU instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+from .backend_support import DEVICE_ENV, test_device
 
 BACKENDS_ENV = "IGPO_TEST_BACKENDS"
 KNOWN_BACKENDS = ("numpy", "torch", "jax")
@@ -39,6 +48,39 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "backends(*names): run the test only on these of the requested backends"
     )
+    try:
+        test_device()
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def missing_gpu(backend: str) -> str | None:
+    """Why ``backend`` cannot run the device mode here, or None when it has a GPU."""
+    if backend == "torch":
+        import torch
+
+        return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
+    import jax
+
+    platforms = sorted({device.platform for device in jax.devices()})
+    return None if "gpu" in platforms else f"JAX has no GPU device (its devices: {platforms})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if test_device() != "cuda":
+        return
+    reasons: dict[str, str | None] = {}
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+        if not Path(str(item.fspath)).name.startswith("test_core_") or backend not in ("torch", "jax"):
+            continue
+        if backend not in reasons:
+            try:
+                reasons[backend] = missing_gpu(backend)
+            except ImportError as error:
+                reasons[backend] = f"{backend} cannot be imported: {error}"
+        if reasons[backend]:
+            item.add_marker(pytest.mark.skip(reason=f"{DEVICE_ENV}=cuda asks for a GPU: {reasons[backend]}"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

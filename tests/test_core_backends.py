@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 
 import igpo_rewards as igpo
-from igpo_rewards.testing import reference, to_backend, token_batches, turn_batches
+from igpo_rewards.testing import reference, token_batches, turn_batches
 
-from .backend_support import library_of, precision, run, to_numpy
+from .backend_support import library_of, precision, run, to_backend, to_numpy
 
 # A small fixed batch: 2 groups, padding turns, a one-turn rollout, a -inf probe.
 ANSWER_LOGPROB = np.log(np.array([[0.05, 0.6, 0.7], [0.05, 0.05, 1.0], [0.2, 0.2, 0.9], [0.0, 0.3, 0.3]]))

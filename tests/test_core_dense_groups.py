@@ -17,9 +17,9 @@ import pytest
 from hypothesis import strategies as st
 
 import igpo_rewards as igpo
-from igpo_rewards.testing import reference, to_backend, token_batches, turn_batches
+from igpo_rewards.testing import reference, token_batches, turn_batches
 
-from .backend_support import given_on_each_backend, run, run_jitted
+from .backend_support import given_on_each_backend, run, run_jitted, to_backend
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import igpo_rewards as igpo
-from igpo_rewards.testing import reference, to_backend
+from igpo_rewards.testing import reference
 
-from .backend_support import library_of, to_numpy
+from .backend_support import library_of, to_backend, to_numpy
 
 ANSWER_LOGPROB = np.log(np.array([[0.05, 0.6, 0.7], [0.3, 0.05, 1.0], [0.2, 0.2, 0.9], [0.1, 0.3, 0.3], [0.5, 0.5, 0.5]]))
 TURN_MASK = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=bool)

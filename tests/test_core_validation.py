@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 import igpo_rewards as igpo
-from igpo_rewards.testing import to_backend
 
-from .backend_support import to_numpy
+from .backend_support import to_backend, to_numpy
 
 LOGPROB = np.log(np.array([[0.1, 0.5, 0.7], [0.2, 0.3, 0.3]]))
 MASK = np.array([[1, 1, 1], [1, 1, 0]], dtype=bool)

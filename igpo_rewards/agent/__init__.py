@@ -6,10 +6,15 @@ Submodules (import them directly; this package imports none of them, and
 - :mod:`igpo_rewards.agent.protocol`: the Search-R1 protocol: tags, the instruction, the probe
   text and template, the parser of one generated turn, the observation block. Pure Python.
 - :mod:`igpo_rewards.agent.retrieval`: the ``Retriever`` interface, ``Document``, the Search-R1
-  ``/retrieve`` HTTP client and ``format_observation``. Pure Python.
+  ``/retrieve`` HTTP client, ``format_observation`` and the corpus jsonl files. Pure Python.
+- :mod:`igpo_rewards.agent.bm25`: ``BM25Retriever``, an in-process BM25 index (bm25s) over a list
+  of documents. Needs the ``server`` (or ``trainer``) extra.
+- :mod:`igpo_rewards.agent.retrieval_server`: the ``igpo-retrieve`` command, a Search-R1
+  compatible ``/retrieve`` server of that index (FastAPI). Needs the ``server`` extra.
 - :mod:`igpo_rewards.agent.rollout`: the batched multi-turn HF ``generate`` loop with a
   retriever, over a flat list of prompts (``generate_rollouts``) or G rollouts per question
   (``rollout_questions``). Needs torch and transformers.
 - :mod:`igpo_rewards.agent.probes`: the probe before every turn, every probe of a batch in one
-  packed forward (``score_probes``, ``packed_forward``). Needs torch and transformers.
+  forward (``score_probes``; ``probe_forward`` also returns the PPO old log-probs). Needs torch
+  and transformers.
 """

@@ -144,7 +144,7 @@ def build_probe_suffix(
             overlapping the answer.
 
     Example:
-        >>> from igpo_rewards.reference_trainer.modeling import train_tokenizer
+        >>> from igpo_rewards.testing.tiny import train_tokenizer
         >>> tok = train_tokenizer(["Now there's enough information to answer Paris"] * 3, vocab_size=320)
         >>> suffix = build_probe_suffix(tok, "Paris")
         >>> tok.decode(suffix.token_ids[suffix.answer_start:suffix.answer_end])

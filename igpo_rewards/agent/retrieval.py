@@ -12,13 +12,17 @@ Every retriever answers a batch of queries at once:
 
 so any Search-R1 compatible server (BM25 or dense, on another machine; ``igpo-retrieve``
 serves one) can answer the searches. Any object with that ``search`` method will do too (the
-reference trainer's in-process ``BM25Retriever``, a dense index, a Python callable wrapped in a
-class).
+in-process ``igpo_rewards.agent.bm25.BM25Retriever``, a dense index, a Python callable wrapped in
+a class).
 
 ``format_observation(docs)`` renders results as the text placed inside
 <information>...</information>, in Search-R1's layout ("Doc 1(Title: "...") text", one line each).
 
-Pure Python (urllib): importing this module needs neither torch nor transformers.
+``read_corpus_jsonl`` / ``write_corpus_jsonl`` read and write a corpus in Search-R1's jsonl layout
+(one ``{"id": str, "contents": "\\"Title\\"\\ntext"}`` per line), the file ``igpo-retrieve``
+(``igpo_rewards.agent.retrieval_server``) serves with ``igpo_rewards.agent.bm25.BM25Retriever``.
+
+Pure Python (urllib, json): importing this module needs neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 __all__ = [
     "NO_RESULTS",
@@ -38,6 +43,8 @@ __all__ = [
     "Retriever",
     "check_search_args",
     "format_observation",
+    "read_corpus_jsonl",
+    "write_corpus_jsonl",
 ]
 
 NO_RESULTS = "No documents found."
@@ -200,3 +207,84 @@ def format_observation(docs: Sequence[Document]) -> str:
     if not docs:
         return NO_RESULTS
     return "\n".join(f'Doc {rank}(Title: "{doc.title}") {doc.text}' for rank, doc in enumerate(docs, start=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus files (Search-R1 jsonl)
+# ---------------------------------------------------------------------------------------------
+
+
+def write_corpus_jsonl(docs: Iterable[Document], path: str | Path) -> Path:
+    """Write documents as Search-R1 corpus jsonl: one ``{"id", "contents"}`` object per line.
+
+    Parent directories are created. Returns the path written.
+
+    Raises:
+        TypeError: an element of ``docs`` that is not a ``Document`` (the message gives its index).
+    """
+    path = Path(path)
+    lines = []
+    for position, doc in enumerate(docs):
+        if not isinstance(doc, Document):
+            raise TypeError(f"docs[{position}] must be a Document, got {type(doc).__name__}")
+        lines.append(json.dumps({"id": doc.id, "contents": doc.contents}, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _corpus_document(record: Any, where: str) -> Document:
+    """One corpus line's object as a Document; ValueError naming ``where`` (path:line) otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in ("id", "contents") if key not in record]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; keys present: {sorted(record)}")
+    doc_id, contents = record["id"], record["contents"]
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise ValueError(f"{where}: id must be a string or an int, got {doc_id!r}")
+    if not isinstance(contents, str):
+        raise ValueError(f"{where}: contents must be a string, got {type(contents).__name__}")
+    return Document.from_contents(str(doc_id), contents)
+
+
+def read_corpus_jsonl(path: str | Path) -> list[Document]:
+    """Read a Search-R1 corpus jsonl (one ``{"id", "contents"}`` object per line).
+
+    Blank lines are skipped; integer ids are accepted and turned into strings; other keys
+    (e.g. "title" in some corpora) are ignored, the title always comes from ``contents``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file has no documents, a line is not a JSON object (the message gives
+            the line number), lacks "id" or "contents", has a non-string contents, or an id repeats.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> path = write_corpus_jsonl([Document("0", "Kaleno", "Kaleno is a city in Borania.")], f"{folder}/c.jsonl")
+        >>> read_corpus_jsonl(path)
+        [Document(id='0', title='Kaleno', text='Kaleno is a city in Borania.')]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    docs: list[Document] = []
+    seen_ids: set[str] = set()
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg}): {line.strip()[:80]!r}") from None
+            doc = _corpus_document(record, where)
+            if doc.id in seen_ids:
+                raise ValueError(f"{where}: duplicate document id {doc.id!r}")
+            seen_ids.add(doc.id)
+            docs.append(doc)
+    if not docs:
+        raise ValueError(f"corpus file {path} is empty: expected one {{\"id\", \"contents\"}} JSON object per line")
+    return docs

@@ -1,10 +1,14 @@
-"""Testing helpers for IGPO implementations: a float64 loop reference and Hypothesis strategies.
+"""Testing helpers for IGPO implementations: a float64 loop reference, Hypothesis strategies and
+tiny models.
 
 * :mod:`igpo_rewards.testing.reference`: the plain-loop oracle of every formula (NumPy only).
 * :mod:`igpo_rewards.testing.strategies`: Hypothesis strategies drawing valid batches and
   ``to_backend`` to convert them to NumPy, Torch or JAX. Needs ``hypothesis``
   (``pip install hypothesis``); it is imported only when one of its names is first used, so
   ``import igpo_rewards.testing`` works without it.
+* :mod:`igpo_rewards.testing.tiny`: a byte-level BPE chat tokenizer trained on your texts and a
+  tiny Llama-style causal LM built from a config, for tests and doctests of the agent and the
+  integrations. Needs the ``hf`` extra; imported only when first used (``testing.tiny``).
 
 Example:
   >>> from igpo_rewards.testing import reference
@@ -47,6 +51,7 @@ _STRATEGY_NAMES = (
 __all__ = [
     "reference",
     "strategies",
+    "tiny",
     "IGPOAdvantages",
     "advantages_from_token_rewards",
     "answer_logprob",
@@ -65,9 +70,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import the strategies (and hypothesis) only when one of them is asked for."""
-    if name == "strategies":
-        return importlib.import_module(f"{__name__}.strategies")
+    """Import the strategies (and hypothesis) or the tiny models (and torch) only when asked for."""
+    if name in ("strategies", "tiny"):
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _STRATEGY_NAMES:
         return getattr(importlib.import_module(f"{__name__}.strategies"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

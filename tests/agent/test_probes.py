@@ -23,7 +23,7 @@ from igpo_rewards.agent.probes import (
     token_logprobs,
 )
 from igpo_rewards.agent.protocol import PROBE_TEMPLATE
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 from ..probe_oracle import naive_probe_logprobs
 

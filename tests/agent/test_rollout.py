@@ -4,7 +4,8 @@ action parsing, turn cutting, sampling settings, batching, and the multi-turn lo
 The loop tests script what the "model" writes (``rollout.sample_turns`` is replaced by a
 function that returns the tokens of a given text), so every branch (search, answer, tag
 soup, max turns, full context) is reached on purpose; the generation tests use a tiny random
-HF model built by ``igpo_rewards.reference_trainer.modeling``.
+HF model built by ``igpo_rewards.testing.tiny``, a handful of documents and questions written here,
+and BM25 over them (``igpo_rewards.agent.bm25``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import random
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,7 +29,8 @@ from igpo_rewards.agent.protocol import (
     parse_action,
     stop_end,
 )
-from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.retrieval import Document, format_observation
 from igpo_rewards.agent.rollout import (
     StopOnStrings,
     TurnGrid,
@@ -37,21 +40,39 @@ from igpo_rewards.agent.rollout import (
     sample_turns,
     sampling_config,
 )
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.rollout import rollout_examples
-from igpo_rewards.reference_trainer.world import build_world
 from igpo_rewards.scoring import outcome_reward
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
+
+DOCS = [
+    Document("0", "Mira Tosk", "Mira Tosk was born in Velum. Mira Tosk works for Dara Labs."),
+    Document("1", "Velum", "Velum is a city in Borania. Velum is known for its bridges."),
+    Document("2", "Borania", "Borania is a country. The capital of Borania is Kaleno."),
+    Document("3", "Kaleno", "Kaleno is a city in Borania. Kaleno is known for its markets."),
+    Document("4", "Dara Labs", "Dara Labs is an organisation based in Kaleno."),
+    Document("5", "Ilsa Marr", "Ilsa Marr was born in Kaleno. Ilsa Marr works for Orvo Mills."),
+    Document("6", "Orvo Mills", "Orvo Mills is an organisation based in Velum."),
+]
+
+
+class Question(NamedTuple):
+    question: str
+    answers: tuple[str, ...]
+    gold_queries: tuple[str, ...]  # the search a perfect agent issues at each hop
+
+
+QUESTIONS = [
+    Question("Where was Mira Tosk born?", ("Velum",), ("Mira Tosk",)),
+    Question("In which country was Mira Tosk born?", ("Borania",), ("Mira Tosk", "Velum")),
+    Question("Which organisation does Ilsa Marr work for?", ("Orvo Mills",), ("Ilsa Marr",)),
+    Question("In which city is the employer of Ilsa Marr based?", ("Velum",), ("Ilsa Marr", "Orvo Mills")),
+    Question("Where was Ilsa Marr born?", ("Kaleno",), ("Ilsa Marr",)),
+    Question("In which city is the employer of Mira Tosk based?", ("Kaleno",), ("Mira Tosk", "Dara Labs")),
+]
 
 
 @pytest.fixture(scope="module")
-def world():
-    return build_world(seed=3, num_train=12, num_heldout=3, num_countries=3, cities_per_country=2, num_organisations=3)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world):
-    texts = [doc.contents for doc in world.corpus] + [example.question for example in world.train] + [INSTRUCTION]
+def tokenizer():
+    texts = [doc.contents for doc in DOCS] + [question.question for question in QUESTIONS] + [INSTRUCTION]
     return train_tokenizer(texts, vocab_size=400)
 
 
@@ -61,8 +82,8 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def retriever(world):
-    return BM25Retriever(world.corpus)
+def retriever():
+    return BM25Retriever(DOCS)
 
 
 # --- parse_action --------------------------------------------------------------------------
@@ -298,8 +319,8 @@ def scripted(tokenizer, script):
     return fake_sample_turns
 
 
-def test_rollout_layout_with_scripted_searches(monkeypatch, world, tokenizer, model, retriever):
-    example = next(e for e in world.train if e.hops == 2)
+def test_rollout_layout_with_scripted_searches(monkeypatch, tokenizer, model, retriever):
+    example = QUESTIONS[1]
     first, second = example.gold_queries
     turns = [f"<search> {first} </search>", f"<think> next </think><search> {second} </search>", f"<answer> {example.answers[0]} </answer>"]
     monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: turns[k]))
@@ -324,9 +345,9 @@ def test_rollout_layout_with_scripted_searches(monkeypatch, world, tokenizer, mo
     assert result.generated_tokens == 2 * (lengths[0] + lengths[2] + lengths[4])
 
 
-def test_rollout_endings(monkeypatch, world, tokenizer, model, retriever):
+def test_rollout_endings(monkeypatch, tokenizer, model, retriever):
     """Invalid turn, wrong answer, max turns after a search: each ends the rollout as documented."""
-    examples = world.train[:2]
+    questions = QUESTIONS[:2]
     scripts = {
         0: ["<search> x </search>", "so <answer> y </answer>"],  # text outside tags -> invalid
         1: ["<answer> Nowhere </answer>"],  # well-formed wrong answer
@@ -334,22 +355,22 @@ def test_rollout_endings(monkeypatch, world, tokenizer, model, retriever):
         3: ["<search> a"],  # truncated
     }
     monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: scripts[r][k]))
-    result = rollout_examples(model, tokenizer, retriever, examples, group_size=2, max_turns=3)
+    result = rollout_questions(model, tokenizer, retriever, [q.question for q in questions], group_size=2, max_turns=3)
     trajectories = result.trajectories
-    assert [t.group_id for t in trajectories] == [0, 0, 1, 1]
-    assert [t.example for t in trajectories] == [examples[0], examples[0], examples[1], examples[1]]
+    prompts = [tokenizer(build_prompt(q.question, tokenizer), add_special_tokens=False)["input_ids"] for q in questions]
+    assert [t.token_ids[: t.prompt_length] for t in trajectories] == [prompts[0], prompts[0], prompts[1], prompts[1]]
     assert [t.stop_reason for t in trajectories] == [
         "invalid: text outside the tags", "answer", "max_turns", "invalid: no </search> or </answer>"
     ]
     assert [t.num_turns for t in trajectories] == [2, 1, 3, 1]
     assert [len(t.observation_spans) for t in trajectories] == [1, 0, 2, 0]
-    assert [t.outcome for t in trajectories] == [-2.0, 0.0, -2.0, -2.0]
-    assert [(t.em, t.f1) for t in trajectories] == [(0.0, 0.0)] * 4  # no penalty in the metrics
+    outcomes = [outcome_reward(t.response, list(questions[i // 2].answers)) for i, t in enumerate(trajectories)]
+    assert outcomes == [-2.0, 0.0, -2.0, -2.0]
     assert trajectories[2].queries == ["a", "b"]  # no retrieval after the last allowed turn
 
 
-def test_rollout_context_full(monkeypatch, world, tokenizer, model, retriever):
-    example = world.train[0]
+def test_rollout_context_full(monkeypatch, tokenizer, model, retriever):
+    example = QUESTIONS[0]
     monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: f"<search> {example.gold_queries[0]} </search>"))
     prompt_length = len(tokenizer(build_prompt(example.question, tokenizer))["input_ids"])
     result = rollout_questions(model, tokenizer, retriever, [example.question], max_turns=4, max_context_tokens=prompt_length + 20)
@@ -361,11 +382,12 @@ def test_rollout_context_full(monkeypatch, world, tokenizer, model, retriever):
         rollout_questions(model, tokenizer, retriever, [example.question], max_context_tokens=prompt_length)
 
 
-def test_rollout_survives_random_tag_soup(monkeypatch, world, tokenizer, model, retriever):
+def test_rollout_survives_random_tag_soup(monkeypatch, tokenizer, model, retriever):
     rng = random.Random(7)
-    pieces = [*TAGS, " ", "Ilsa", "x", world.corpus[0].title, "\n"]
+    pieces = [*TAGS, " ", "Ilsa", "x", DOCS[0].title, "\n"]
     monkeypatch.setattr(rollout, "sample_turns", scripted(tokenizer, lambda r, k: "".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))))
-    result = rollout_examples(model, tokenizer, retriever, world.train[:6], group_size=4, max_turns=4)
+    result = rollout_questions(model, tokenizer, retriever, [q.question for q in QUESTIONS], group_size=4, max_turns=4)
+    assert len(result.trajectories) == 4 * len(QUESTIONS)
     for trajectory in result.trajectories:
         assert 1 <= trajectory.num_turns <= 4
         assert len(trajectory.observation_spans) == trajectory.num_turns - 1
@@ -373,20 +395,23 @@ def test_rollout_survives_random_tag_soup(monkeypatch, world, tokenizer, model, 
         assert spans[0][0] == trajectory.prompt_length and spans[-1][1] == len(trajectory.token_ids)
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, alternating
         assert all(end > start for start, end in trajectory.turn_spans)
-        assert trajectory.outcome == outcome_reward(trajectory.response, list(trajectory.example.answers))
+        assert trajectory.stop_reason in ("answer", "max_turns") or trajectory.stop_reason.startswith("invalid: ")
 
 
-def test_rollout_with_random_model(world, tokenizer, model, retriever):
+def test_rollout_with_random_model(tokenizer, model, retriever):
     torch.manual_seed(0)
-    result = rollout_examples(model, tokenizer, retriever, world.train[:2], group_size=3, max_turns=2, max_new_tokens=6)
+    questions = QUESTIONS[:2]
+    result = rollout_questions(model, tokenizer, retriever, [q.question for q in questions], group_size=3, max_turns=2,
+                               max_new_tokens=6)
     assert len(result.trajectories) == 6
     assert result.generated_tokens == sum(e - s for t in result.trajectories for s, e in t.turn_spans)
-    for trajectory in result.trajectories:
+    for index, trajectory in enumerate(result.trajectories):
         assert all(1 <= end - start <= 6 for start, end in trajectory.turn_spans)
-        assert trajectory.outcome in (-2.0,) or 0.0 <= trajectory.outcome <= 1.0
+        outcome = outcome_reward(trajectory.response, list(questions[index // 3].answers))
+        assert outcome == -2.0 or 0.0 <= outcome <= 1.0
 
 
-def test_rollout_rejects_bad_arguments(world, tokenizer, model, retriever):
+def test_rollout_rejects_bad_arguments(tokenizer, model, retriever):
     with pytest.raises(ValueError, match="group_size"):
         rollout_questions(model, tokenizer, retriever, ["q"], group_size=0)
     with pytest.raises(ValueError, match="max_turns"):
@@ -397,7 +422,7 @@ def test_rollout_rejects_bad_arguments(world, tokenizer, model, retriever):
         generate_rollouts(model, tokenizer, retriever, [[1, 2]], batch_size=0)
 
 
-def test_retriever_result_count_is_checked(monkeypatch, world, tokenizer, model):
+def test_retriever_result_count_is_checked(monkeypatch, tokenizer, model):
     class Broken:
         def search(self, queries, topk=3):
             return []

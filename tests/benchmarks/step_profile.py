@@ -32,10 +32,10 @@ import time
 
 import torch
 
+from igpo_rewards.agent.bm25 import BM25Retriever
 from igpo_rewards.reference_trainer import training
 from igpo_rewards.reference_trainer.config import RLConfig, RunConfig
 from igpo_rewards.reference_trainer.modeling import load_pretrained
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.world import build_world
 
 # (phase, name in training): this version's names, then the previous version's

@@ -47,9 +47,10 @@ from igpo_rewards.agent.probes import (  # noqa: E402
     suffix_table,
     token_logprobs,
 )
+from igpo_rewards.agent.protocol import TAGS  # noqa: E402
 from igpo_rewards.reference_trainer.config import TinyModelConfig  # noqa: E402
-from igpo_rewards.reference_trainer.modeling import TAGS, build_model, train_tokenizer  # noqa: E402
 from igpo_rewards.reference_trainer.world import build_world  # noqa: E402
+from igpo_rewards.testing.tiny import build_model, train_tokenizer  # noqa: E402
 
 from ..probe_oracle import naive_probe_logprobs  # noqa: E402
 from .bench_support import WAY_C, WAY_D, mode, rounds  # noqa: E402

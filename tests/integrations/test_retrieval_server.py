@@ -1,4 +1,4 @@
-"""Tests for igpo_rewards.reference_trainer.retrieval_server, over real HTTP on loopback.
+"""Tests for igpo_rewards.agent.retrieval_server (the igpo-retrieve command), over real HTTP on loopback.
 
 The server runs under uvicorn in a thread (``serve_in_thread``) for the API tests and as the
 ``igpo-retrieve`` command in a subprocess for the command-line, cache and load tests. Expected
@@ -30,9 +30,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from igpo_rewards.agent.retrieval import HTTPRetriever, RetrievalError
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.retrieval_server import (
+from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.retrieval import Document, HTTPRetriever, RetrievalError, read_corpus_jsonl, write_corpus_jsonl
+from igpo_rewards.agent.retrieval_server import (
     ServerLimits,
     _is_loopback,
     create_app,
@@ -40,7 +40,7 @@ from igpo_rewards.reference_trainer.retrieval_server import (
     main,
     serve_in_thread,
 )
-from igpo_rewards.reference_trainer.world import Document, build_world, read_corpus_jsonl, write_corpus_jsonl
+from igpo_rewards.reference_trainer.world import build_world
 
 LIMITS = ServerLimits(max_queries=64, max_query_chars=200, default_topk=3, max_topk=10, max_results=300,
                       max_body_bytes=32 * 1024, body_timeout_s=1.0)
@@ -358,7 +358,7 @@ class _Command:
     """``igpo-retrieve serve`` in a subprocess on a free loopback port; its log lines collected."""
 
     def __init__(self, *args):
-        self.process = subprocess.Popen([sys.executable, "-m", "igpo_rewards.reference_trainer.retrieval_server", "serve",
+        self.process = subprocess.Popen([sys.executable, "-m", "igpo_rewards.agent.retrieval_server", "serve",
                                          "--port", "0", *map(str, args)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()

@@ -1,6 +1,6 @@
 """IGPOTrainer (igpo_rewards.integrations.trl) on a tiny Llama and synthetic multi-turn rollouts.
 
-The model and its byte-level BPE tokenizer are built locally (igpo_rewards.reference_trainer.modeling); the
+The model and its byte-level BPE tokenizer are built locally (igpo_rewards.testing.tiny); the
 rollouts come from a TRL rollout_func (trl_igpo_run.py) whose completion k is a function of k
 alone. Expected advantages are computed from the same synthetic data with the float64 loop
 oracle (igpo_rewards.testing.reference), with turns read off env_mask by a plain loop here.
@@ -33,7 +33,7 @@ from igpo_rewards.integrations.trl import (
     whole_group_permutation,
 )
 from igpo_rewards.testing import reference
-from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
+from igpo_rewards.testing.tiny import make_tiny_pretrained
 
 from . import trl_igpo_run as run
 

@@ -13,7 +13,7 @@ import pytest
 
 from igpo_rewards.agent.protocol import INSTRUCTION, build_prompt, user_message
 from igpo_rewards.reference_trainer.cli import tokenizer_texts
-from igpo_rewards.reference_trainer.modeling import train_tokenizer
+from igpo_rewards.testing.tiny import train_tokenizer
 from igpo_rewards.reference_trainer.world import build_world, write_qa_parquet
 
 pytest.importorskip("trl")

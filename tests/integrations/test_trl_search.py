@@ -25,16 +25,17 @@ from safetensors.torch import load_file
 from trl import GRPOConfig
 
 from igpo_rewards.agent import rollout as agent_rollout
+from igpo_rewards.agent.bm25 import BM25Retriever
 from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, observation_block, user_message
-from igpo_rewards.agent.retrieval import format_observation
+from igpo_rewards.agent.retrieval import format_observation, write_corpus_jsonl
 from igpo_rewards.integrations.trl import IGPOTrainer, make_outcome_reward_func, make_search_rollout_func
 from igpo_rewards.reference_trainer.batch import build_batch
 from igpo_rewards.reference_trainer.config import RLConfig
-from igpo_rewards.reference_trainer.modeling import build_model, save_pretrained, train_tokenizer
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.reference_trainer.modeling import save_pretrained
 from igpo_rewards.reference_trainer.rollout import rollout_examples
 from igpo_rewards.reference_trainer.training import score_batch
-from igpo_rewards.reference_trainer.world import build_world, write_corpus_jsonl, write_qa_parquet
+from igpo_rewards.reference_trainer.world import build_world, write_qa_parquet
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 from ..torch_threads import one_thread  # noqa: F401  (an autouse fixture)
 

@@ -45,7 +45,8 @@ from igpo_rewards.agent.probes import (
     suffix_table,
     token_logprobs,
 )
-from igpo_rewards.reference_trainer.world import build_world, write_corpus_jsonl
+from igpo_rewards.agent.retrieval import write_corpus_jsonl
+from igpo_rewards.reference_trainer.world import build_world
 from igpo_rewards.testing import reference
 
 from . import verl_harness as harness

@@ -4,7 +4,7 @@ What is real: verl's config (Hydra-composed ``ppo_trainer.yaml``), ``AgentLoopWo
 ``AgentLoopWorkerTQ`` (V1) with their registries, hydra instantiation, Continuous Token builder,
 hermes tool parser, padding and streaming-reward path; verl's ``LLMServerClient.generate``; verl's
 ``RewardLoopWorker`` with its ``NaiveRewardManager`` and our ``compute_score``; a tiny Llama and a
-byte-level BPE chat tokenizer built with ``igpo_rewards.reference_trainer.modeling``; the search
+byte-level BPE chat tokenizer built with ``igpo_rewards.testing.tiny``; the search
 tool calling ``igpo-retrieve`` over loopback; verl's TransferQueue (Ray actors on CPU).
 
 What stands in: :class:`CPURolloutServer` implements the contract of verl's vLLM server
@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from igpo_rewards.integrations.verl_search import SEARCH_TOOL_SCHEMA
-from igpo_rewards.reference_trainer.modeling import build_model, save_pretrained, train_tokenizer
-from igpo_rewards.agent.retrieval import format_observation
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl
+from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.retrieval import format_observation, write_corpus_jsonl
+from igpo_rewards.reference_trainer.modeling import save_pretrained
+from igpo_rewards.reference_trainer.world import QAExample, build_world
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 #: A Qwen2.5-style ChatML template with hermes tool calls (what verl's "hermes" parser reads):
 #: tool schemas in the system turn, assistant tool calls as <tool_call> JSON, tool results as a

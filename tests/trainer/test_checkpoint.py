@@ -24,8 +24,9 @@ from igpo_rewards.reference_trainer.checkpoint import (
     save_checkpoint,
 )
 from igpo_rewards.reference_trainer.cli import tokenizer_texts
-from igpo_rewards.reference_trainer.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from igpo_rewards.reference_trainer.modeling import load_pretrained, save_pretrained
 from igpo_rewards.reference_trainer.world import build_world
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from igpo_rewards import IGPOSettings
+from igpo_rewards.agent.retrieval import write_corpus_jsonl
 from igpo_rewards.reference_trainer.cli import (
     COMMANDS,
     RUNNERS,
@@ -39,8 +40,8 @@ from igpo_rewards.reference_trainer.config import (
     to_dict,
     validate_config,
 )
-from igpo_rewards.reference_trainer.modeling import make_tiny_pretrained
-from igpo_rewards.reference_trainer.world import QAExample, build_world, write_corpus_jsonl, write_qa_parquet
+from igpo_rewards.reference_trainer.world import QAExample, build_world, write_qa_parquet
+from igpo_rewards.testing.tiny import make_tiny_pretrained
 
 
 # --- configuration ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from igpo_rewards.agent.bm25 import BM25Retriever
 from igpo_rewards.reference_trainer.cli import tokenizer_texts
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.diagnostics import (
@@ -19,10 +20,9 @@ from igpo_rewards.reference_trainer.diagnostics import (
     observation_labels,
     turn_group,
 )
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.warm_start import build_demonstration, demonstration_turns
 from igpo_rewards.reference_trainer.world import build_world
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")

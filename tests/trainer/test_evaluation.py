@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from igpo_rewards.agent import rollout
+from igpo_rewards.agent.bm25 import BM25Retriever
 from igpo_rewards.agent.protocol import INSTRUCTION
 from igpo_rewards.agent.retrieval import Document
 from igpo_rewards.agent.rollout import Trajectory
 from igpo_rewards.reference_trainer.evaluation import evaluate, summarize
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.rollout import score_response, scored
+from igpo_rewards.reference_trainer.rollout import rollout_examples, score_response, scored
 from igpo_rewards.reference_trainer.world import QAExample
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 
 def finished(example, response, stop_reason="answer"):
@@ -30,6 +30,30 @@ def test_score_response_uses_every_alias_and_zero_for_malformed():
     assert score_response("<search> x </search>", answers) == (-2.0, 0.0, 0.0)
     trajectory = finished(QAExample("q", answers, 1, "world"), "<answer> Tovia town </answer>")
     assert (trajectory.outcome, trajectory.em, trajectory.f1) == (outcome, em, f1)
+
+
+def test_rollout_examples_groups_and_scores_each_rollout_against_its_question(monkeypatch):
+    """Rollouts g * G .. g * G + G - 1 answer examples[g]; each is scored once (outcome, EM, F1)."""
+    docs = [Document("0", "Ilsa Marr", "Ilsa Marr was born in Kelm."), Document("1", "Kelm", "Kelm is a city in Tovia.")]
+    examples = [QAExample("Where was Ilsa Marr born?", ("Kelm",), 1, "world"),
+                QAExample("In which country was Ilsa Marr born?", ("Tovia", "Tovia Republic"), 2, "world")]
+    tokenizer = train_tokenizer([d.contents for d in docs] + [e.question for e in examples] + [INSTRUCTION], vocab_size=300)
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=512)
+    answers = ["<answer> Kelm </answer>", "<answer> Kelm town </answer>", "<answer> Tovia", "<answer> tovia republic </answer>"]
+    rollout_of: dict[int, int] = {}
+
+    def scripted(model_, tokenizer_, grid, *, max_new_tokens, greedy=False):
+        rows = [rollout_of.setdefault(id(context), len(rollout_of)) for context in grid.contexts]
+        return [tokenizer(answers[row], add_special_tokens=False)["input_ids"] for row in rows]
+
+    monkeypatch.setattr(rollout, "sample_turns", scripted)
+    result = rollout_examples(model, tokenizer, BM25Retriever(docs), examples, group_size=2, max_turns=2)
+    trajectories = result.trajectories
+    assert [t.group_id for t in trajectories] == [0, 0, 1, 1]
+    assert [t.example for t in trajectories] == [examples[0], examples[0], examples[1], examples[1]]
+    assert [t.response for t in trajectories] == answers
+    assert [t.outcome for t in trajectories] == [1.0, pytest.approx(2 / 3), -2.0, 1.0]
+    assert [(t.em, t.f1) for t in trajectories] == [(1.0, 1.0), (0.0, pytest.approx(2 / 3)), (0.0, 0.0), (1.0, 1.0)]
 
 
 def test_summarize_by_hops_and_source():

@@ -11,13 +11,12 @@ import torch
 
 import igpo_rewards
 from igpo_rewards import IGPOSettings
+from igpo_rewards.agent.bm25 import BM25Retriever
 from igpo_rewards.agent.probes import probe_forward, token_logprobs
 from igpo_rewards.agent.protocol import INSTRUCTION
 from igpo_rewards.reference_trainer.batch import build_batch, micro_batches
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.metrics import case_studies, zero_advantage_group_fraction
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
 from igpo_rewards.reference_trainer.rollout import QATrajectory
 from igpo_rewards.reference_trainer.training import (
     compute_advantages,
@@ -27,6 +26,7 @@ from igpo_rewards.reference_trainer.training import (
     score_batch,
 )
 from igpo_rewards.reference_trainer.world import QAExample, build_world
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 # --- policy_loss -------------------------------------------------------------------------------
 

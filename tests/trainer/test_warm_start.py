@@ -7,16 +7,13 @@ import random
 import pytest
 import torch
 
-from igpo_rewards.scoring import outcome_reward
-from igpo_rewards.reference_trainer.cli import tokenizer_texts
-from igpo_rewards.reference_trainer.config import WarmStartConfig
-from igpo_rewards.reference_trainer.modeling import build_model, train_tokenizer
-from igpo_rewards.agent.probes import build_probe_suffix
+from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.probes import build_probe_suffix, token_logprobs
 from igpo_rewards.agent.protocol import build_prompt, observation_block, parse_action
 from igpo_rewards.agent.retrieval import format_observation
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.agent.probes import token_logprobs
 from igpo_rewards.reference_trainer.batch import build_batch
+from igpo_rewards.reference_trainer.cli import tokenizer_texts
+from igpo_rewards.reference_trainer.config import WarmStartConfig
 from igpo_rewards.reference_trainer.warm_start import (
     NamePool,
     RenamingRetriever,
@@ -29,6 +26,8 @@ from igpo_rewards.reference_trainer.warm_start import (
     warm_start,
 )
 from igpo_rewards.reference_trainer.world import QAExample, build_world
+from igpo_rewards.scoring import outcome_reward
+from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 from ..probe_oracle import naive_probe_logprobs
 

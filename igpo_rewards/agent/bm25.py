@@ -1,12 +1,14 @@
-"""The trainer's in-process search engine: BM25 (bm25s) over a list of documents.
+"""An in-process search engine: BM25 (bm25s) over a list of documents.
 
 ``BM25Retriever`` implements ``igpo_rewards.agent.retrieval.Retriever``
 (``search(queries, topk) -> list[list[Document]]``): a bm25s index over the documents' titles
 and texts (English stopwords removed, no stemming). Like Lucene, it only returns documents that
 share at least one word with the query, so a query made only of stopwords or unknown words
-returns []. ``igpo_rewards.agent.retrieval.HTTPRetriever`` sends the searches to a Search-R1
-``/retrieve`` server instead (``--retriever-url``), for example ``igpo-retrieve``, which serves
-this same index.
+returns []. The reference trainer searches with it in process; ``igpo-retrieve``
+(``igpo_rewards.agent.retrieval_server``) serves the same index over HTTP to
+``igpo_rewards.agent.retrieval.HTTPRetriever``.
+
+Needs bm25s (the ``server`` and ``trainer`` extras); it is imported when a retriever is built.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from igpo_rewards.agent.retrieval import Document, check_search_args
+
+__all__ = ["BM25Retriever"]
 
 
 def _checked_docs(docs: Any) -> list[Document]:

@@ -1,4 +1,5 @@
-"""Tests for igpo_rewards.reference_trainer.retrieval: BM25 over documents, the Search-R1 HTTP client, observations."""
+"""Tests for igpo_rewards.agent.bm25 (BM25 over documents) and igpo_rewards.agent.retrieval (documents, corpus
+files, the Search-R1 HTTP client, observations)."""
 
 import json
 import math
@@ -10,8 +11,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from igpo_rewards.agent.retrieval import NO_RESULTS, Document, HTTPRetriever, RetrievalError, Retriever, format_observation
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
+from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.retrieval import (
+    NO_RESULTS,
+    Document,
+    HTTPRetriever,
+    RetrievalError,
+    Retriever,
+    format_observation,
+    read_corpus_jsonl,
+    write_corpus_jsonl,
+)
 
 DOCS = [
     Document("0", "Kaleno", "Kaleno is a city in Borania. Kaleno is known for its bridges."),
@@ -248,3 +258,61 @@ def test_http_retriever_connection_refused():
 def test_http_retriever_constructor_errors(url, timeout, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         HTTPRetriever(url, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus IO
+# ---------------------------------------------------------------------------------------------
+
+
+def test_document_contents_round_trip():
+    doc = Document(id="3", title="Mira Tosk", text='Line one.\nLine "two".')
+    assert doc.contents == '"Mira Tosk"\nLine one.\nLine "two".'
+    assert Document.from_contents("3", doc.contents) == doc
+    assert Document.from_contents(5, "no title line") == Document("5", "no title line", "")
+    assert Document.from_contents("1", "Unquoted title\ntext") == Document("1", "Unquoted title", "text")
+    with pytest.raises(TypeError, match="contents must be a str, got int"):
+        Document.from_contents("1", 7)
+
+
+def test_corpus_jsonl_round_trip(tmp_path):
+    docs = [*DOCS, Document("5", 'Quoted "title"', 'Line one.\nLine "two", Frànce 🙂')]
+    path = write_corpus_jsonl(docs, tmp_path / "sub" / "corpus.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(docs)
+    assert json.loads(lines[0]) == {"id": "0", "contents": '"Kaleno"\nKaleno is a city in Borania. Kaleno is known for its bridges.'}
+    assert read_corpus_jsonl(path) == docs
+
+
+def test_read_corpus_accepts_int_ids_blank_lines_and_extra_keys(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": 0, "contents": "\\"A\\"\\ntext a", "title": "ignored"}\n\n'
+                    '{"id": "x", "contents": "\\"B\\"\\ntext b"}\n', encoding="utf-8")
+    assert read_corpus_jsonl(path) == [Document("0", "A", "text a"), Document("x", "B", "text b")]
+
+
+@pytest.mark.parametrize("content, error, message", [
+    ("", ValueError, "is empty"),
+    ("\n  \n", ValueError, "is empty"),
+    ('{"id": "0", "contents": "a"}\n{"id": "1", "contents": \n', ValueError, "corpus.jsonl:2: not valid JSON"),
+    ('["0", "a"]\n', ValueError, "corpus.jsonl:1: expected a JSON object, got list"),
+    ('{"id": "0", "text": "a"}\n', ValueError, "corpus.jsonl:1: missing key(s) ['contents']; keys present: ['id', 'text']"),
+    ('{"id": "0", "contents": 3}\n', ValueError, "corpus.jsonl:1: contents must be a string, got int"),
+    ('{"id": null, "contents": "a"}\n', ValueError, "corpus.jsonl:1: id must be a string or an int, got None"),
+    ('{"id": "0", "contents": "a"}\n{"id": "0", "contents": "b"}\n', ValueError, "corpus.jsonl:2: duplicate document id '0'"),
+])
+def test_read_corpus_errors(tmp_path, content, error, message):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(error, match=re.escape(message)):
+        read_corpus_jsonl(path)
+
+
+def test_read_corpus_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus file not found: .*nope.jsonl"):
+        read_corpus_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_write_corpus_rejects_non_documents(tmp_path):
+    with pytest.raises(TypeError, match=r"docs\[1\] must be a Document, got dict"):
+        write_corpus_jsonl([Document("0", "a", "b"), {"id": "1"}], tmp_path / "c.jsonl")

@@ -1,5 +1,8 @@
 """A Search-R1 compatible retrieval server: BM25 (bm25s) over a jsonl corpus, behind FastAPI.
 
+The ``igpo-retrieve`` command (``pip install "igpo-rewards[server]"``; also
+``python -m igpo_rewards.agent.retrieval_server``):
+
     igpo-retrieve serve --corpus corpus.jsonl [--host 127.0.0.1] [--port 8000] [--index-dir DIR]
     igpo-retrieve index --corpus corpus.jsonl [--index-dir DIR]     # build the cached index and exit
 
@@ -54,9 +57,22 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from igpo_rewards.agent.retrieval import Document
-from igpo_rewards.reference_trainer.retrieval import BM25Retriever
-from igpo_rewards.reference_trainer.world import read_corpus_jsonl
+from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.retrieval import Document, read_corpus_jsonl
+
+__all__ = [
+    "INDEX_FORMAT",
+    "IndexedCorpus",
+    "RetrieveRequest",
+    "ServerLimits",
+    "bind_socket",
+    "corpus_sha256",
+    "create_app",
+    "default_index_dir",
+    "load_or_build_index",
+    "main",
+    "serve_in_thread",
+]
 
 logger = logging.getLogger("igpo_retrieve")
 
