@@ -23,6 +23,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfil
     __path__.append(_checkout_root)
 del _os, _checkout_root
 
+from igpo_rewards._warnings import SingleRolloutGroupWarning
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.normalization import group_normalize, grpo_advantages, zero_variance_group_fraction
 from igpo_rewards.returns import discounted_returns
@@ -43,6 +44,7 @@ from igpo_rewards.tokens import (
     place_turn_rewards,
     turn_index_from_response_mask,
 )
+from igpo_rewards.turns import PaddedTurns, final_turn_mask, num_turns_from_response_mask, pad_turns
 
 __version__ = "0.1.0"
 
@@ -58,6 +60,11 @@ __all__ = [
     "information_gain",
     "turn_rewards",
     "zero_variance_group_fraction",
+    # turn bookkeeping: ragged lists to [B, T], turns of a response mask, the final turn
+    "PaddedTurns",
+    "final_turn_mask",
+    "num_turns_from_response_mask",
+    "pad_turns",
     # verl/SkyRL token layout (section 5)
     "advantages_from_token_rewards",
     "broadcast_to_tokens",
@@ -71,4 +78,6 @@ __all__ = [
     "normalize_answer",
     "outcome_reward",
     "split_ground_truth",
+    # warnings
+    "SingleRolloutGroupWarning",
 ]
