@@ -132,10 +132,10 @@ class IGPOSettings:
           >>> result = settings.igpo_advantages(np.log([[0.1, 0.9], [0.1, 0.1]]), [1.0, 0.0], [[1, 1], [1, 1]], [0, 0])
           >>> float(result.rewards[0, 0]), float(result.rewards[0, 1])
           (0.0, 1.0)
-          >>> IGPOSettings(max_turns=1).igpo_advantages(np.log([[0.1, 0.9]]), [1.0], [[1, 1]], group_size=1)
+          >>> IGPOSettings(max_turns=1).igpo_advantages(np.log([[0.1, 0.9]] * 2), [1.0, 0.0], [[1, 1]] * 2, [0, 0])  # doctest: +ELLIPSIS
           Traceback (most recent call last):
           ...
-          ValueError: max_turns = 1 (the most turns a rollout may have), but rollouts [0] have [2] turns (turn_mask row sums); raise max_turns or cap the rollouts' turns
+          ValueError: max_turns = 1 (the most turns a rollout may have), but rollouts [0, 1] have [2, 2] turns ...
         """
         return igpo_advantages(
             answer_logprob,

@@ -223,10 +223,13 @@ class IGPOTrainer(GRPOTrainer):
     ``environment_factory``) is refused: it would rewrite the completions after the rollout.
 
     Per training batch: R_i = weighted sum of the reward functions; probe log-probs, turn masks
-    and R are gathered over processes; :func:`igpo_rewards.igpo_advantages` runs on the whole
-    batch with ``group_size=num_generations`` (row k is in group k // num_generations); each
-    process broadcasts its rows' turn advantages to their tokens. The result replaces
-    ``advantages`` in the batch TRL trains on ([B_local, C], 0 on environment tokens and padding).
+    and R are gathered over processes (probes padded by :func:`igpo_rewards.pad_turns` to
+    ``igpo_settings.max_turns``, or the most turns of any process);
+    ``igpo_settings.igpo_advantages`` runs on the whole batch with ``group_size=num_generations``
+    (row k is in group k // num_generations); each process broadcasts its rows' turn advantages
+    to their tokens. The result replaces ``advantages`` in the batch TRL trains on ([B_local, C],
+    0 on environment tokens and padding). A batch whose every advantage is 0 (it trains nothing)
+    emits a :class:`ZeroAdvantageWarning` with the count.
 
     ``igpo_batch_inputs``: while TRL scores a batch (so during each ``rollout_func`` call), the
     dataset rows of this process's slice, row i the one of ``prompts[i]``; ``None`` otherwise.
@@ -239,7 +242,8 @@ class IGPOTrainer(GRPOTrainer):
 
     Raises:
       RuntimeError: the installed TRL is outside :data:`SUPPORTED_TRL_VERSIONS`.
-      ValueError: no ``rollout_func``, or ``tools`` / ``environment_factory`` given.
+      ValueError: no ``rollout_func``, or ``tools`` / ``environment_factory`` given; per batch,
+        rollout data that do not match (probes per turn, ``max_turns``, unscored completions).
       TypeError: more positional arguments than ``model`` .. ``optimizers``.
     """
 
