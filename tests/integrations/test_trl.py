@@ -230,20 +230,26 @@ def test_max_turns_is_the_width_and_a_hard_cap(model_dir, tmp_path):
 
 
 def test_a_batch_without_signal_warns_with_the_count(model_dir, tmp_path):
-    """Every completion gets the format penalty and its group's probes do not move: every advantage
-    is 0, the step would train nothing, and the trainer says so."""
+    """Every completion is one malformed turn with the format penalty (the smallest TRL run's
+    first batches): every advantage is 0, the step would train nothing, and the trainer says so."""
 
     def no_signal(prompts, trainer):
         output = run.rollout_func(prompts, trainer)
         output["outcome"] = [-2.0] * len(prompts)
-        output["igpo_answer_logprob"] = [[-1.5] * len(row) for row in output["igpo_answer_logprob"]]
+        output["env_mask"] = [[1] * len(ids) for ids in output["completion_ids"]]  # one turn each
+        output["igpo_answer_logprob"] = [[-1.5] for _ in prompts]
         return output
 
     trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.GLOBAL_ROWS, rollout=no_signal)
     with pytest.warns(ZeroAdvantageWarning, match=r"all 12 completions of this batch \(3 groups of num_generations = 4\) "
-                                                  r"have advantage 0 on every token \(every outcome reward is -2"):
+                                                  r"have advantage 0 on every token.*\(every outcome reward is -2\)"):
         result = run.score_local_slice(trainer)
     assert torch.count_nonzero(result["advantages"]) == 0
+    import warnings
+
+    with warnings.catch_warnings():  # the usual synthetic batch has signal: no warning
+        warnings.simplefilter("error", ZeroAdvantageWarning)
+        run.score_local_slice(run.make_trainer(model_dir, tmp_path / "b", per_device_batch=run.GLOBAL_ROWS))
 
 
 def test_explicit_turn_index_must_number_every_turn():

@@ -410,9 +410,10 @@ class IGPOTrainer(GRPOTrainer):
         rewards = f"every outcome reward is {distinct[0]:g}" if len(distinct) == 1 else f"outcome rewards {distinct[:6]}"
         warnings.warn(
             f"IGPOTrainer: all {rows} completions of this batch ({rows // num_generations} groups of "
-            f"num_generations = {num_generations}) have advantage 0 on every token ({rewards}, and no probe moved within "
-            f"a group), so this step's policy-gradient loss is 0 and it learns nothing. A run of such batches means "
-            f"the set-up gives no signal: check the reward function and that completions can reach an answer",
+            f"num_generations = {num_generations}) have advantage 0 on every token: within each group every turn "
+            f"reward is the same ({rewards}), so this step's policy-gradient loss is 0 and it learns nothing. A run of "
+            f"such batches means the set-up gives no signal: check the reward function and that completions can "
+            f"reach a well-formed answer",
             ZeroAdvantageWarning,
             stacklevel=2,
         )
