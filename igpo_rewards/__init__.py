@@ -17,6 +17,7 @@ from igpo_rewards._checkout import install_if_checkout as _install_if_checkout
 _install_if_checkout(__path__[0])
 del _install_if_checkout
 
+from igpo_rewards._warnings import SingleRolloutGroupWarning
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.normalization import group_normalize, grpo_advantages, zero_variance_group_fraction
 from igpo_rewards.returns import discounted_returns
@@ -37,6 +38,7 @@ from igpo_rewards.tokens import (
     place_turn_rewards,
     turn_index_from_response_mask,
 )
+from igpo_rewards.turns import PaddedTurns, final_turn_mask, num_turns_from_response_mask, pad_turns
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,11 @@ __all__ = [
     "information_gain",
     "turn_rewards",
     "zero_variance_group_fraction",
+    # turn bookkeeping: ragged lists to [B, T], turns of a response mask, the final turn
+    "PaddedTurns",
+    "final_turn_mask",
+    "num_turns_from_response_mask",
+    "pad_turns",
     # verl/SkyRL token layout (section 5)
     "advantages_from_token_rewards",
     "broadcast_to_tokens",
@@ -65,4 +72,6 @@ __all__ = [
     "normalize_answer",
     "outcome_reward",
     "split_ground_truth",
+    # warnings
+    "SingleRolloutGroupWarning",
 ]

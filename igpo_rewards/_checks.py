@@ -1,4 +1,5 @@
-"""Input checks shared by the public functions.
+"""Input checks shared by every layer: the core functions, the agent, the integrations and the
+reference trainer's config all check their arguments with these, so one rule holds everywhere.
 
 Two kinds:
 
@@ -34,13 +35,47 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _what_to_do(argument: str, value: Any) -> str:
+    """The fix for an array passed where a Python number belongs: a traced value under
+    ``jax.jit``/``torch.compile`` cannot be one, a concrete 0-d array can be read with ``.item()``."""
+    module = type(value).__module__.split(".")[0]
+    if module not in ("jax", "jaxlib", "torch", "numpy"):
+        return ""
+    if any(word in type(value).__name__ for word in ("Tracer", "Proxy", "Fake")):  # jax.jit, torch.compile
+        return (
+            f"; {argument} is a hyperparameter, a static Python number: under jax.jit close over it "
+            f"(jax.jit(lambda x: f(x, {argument}={argument}))) or mark it static (jax.jit(f, static_argnames="
+            f"['{argument}'])) instead of passing it as a traced argument"
+        )
+    return f"; {argument} is a hyperparameter, a Python number: pass {argument}.item() instead of an array"
+
+
 def real_number(argument: str, value: Any) -> float:
     """A finite real number (Python or NumPy scalar) as a Python float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{argument} must be a real number (a Python or NumPy scalar), got {_type_name(value)} {value!r}")
+        raise TypeError(
+            f"{argument} must be a real number (a Python or NumPy scalar), got {_type_name(value)} {value!r:.80}"
+            f"{_what_to_do(argument, value)}"
+        )
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{argument} must be finite, got {value!r}")
+    return value
+
+
+def check_real(
+    argument: str, value: Any, *, low: float = -math.inf, high: float = math.inf, open_low: bool = False
+) -> float:
+    """A finite real number in [low, high] (``(low, high]`` with ``open_low``), as a Python float."""
+    value = real_number(argument, value)
+    if value < low or value > high or (open_low and value == low):
+        if high == math.inf:
+            bound = f"> {low}" if open_low else f">= {low}"
+        elif low == -math.inf:
+            bound = f"<= {high}"
+        else:
+            bound = f"in {'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"{argument} must be {bound}, got {value!r}")
     return value
 
 
@@ -63,25 +98,42 @@ def check_eps(eps: Any) -> float:
     return eps
 
 
-def check_count(argument: str, value: Any) -> int:
-    """A non-negative integer (Python or NumPy) as a Python int."""
+def check_int(argument: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (Python or NumPy; not a bool) in [minimum, maximum], as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{argument} must be an int, got {_type_name(value)} {value!r}")
-    if value < 0:
-        raise ValueError(f"{argument} must be >= 0, got {value!r}")
+        raise TypeError(f"{argument} must be an int, got {_type_name(value)} {value!r:.80}{_what_to_do(argument, value)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{argument} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{argument} must be <= {maximum}, got {value!r}")
     return int(value)
 
 
+def check_count(argument: str, value: Any) -> int:
+    """A non-negative integer (Python or NumPy) as a Python int."""
+    return check_int(argument, value, minimum=0)
+
+
 def check_positive_count(argument: str, value: Any) -> int:
-    value = check_count(argument, value)
-    if value == 0:
-        raise ValueError(f"{argument} must be >= 1, got 0")
+    """An integer >= 1 (Python or NumPy) as a Python int."""
+    return check_int(argument, value, minimum=1)
+
+
+def check_optional_positive_count(argument: str, value: Any) -> int | None:
+    """None, or an integer >= 1."""
+    return None if value is None else check_positive_count(argument, value)
+
+
+def check_str(argument: str, value: Any, *, what: str = "a str") -> str:
+    """A str (``what`` says what it names, e.g. "a dataset column")."""
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be {what}, got {_type_name(value)} {value!r:.80}")
     return value
 
 
 def check_flag(argument: str, value: Any) -> bool:
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
-        raise TypeError(f"{argument} must be a bool, got {_type_name(value)} {value!r}")
+        raise TypeError(f"{argument} must be a bool, got {_type_name(value)} {value!r:.80}{_what_to_do(argument, value)}")
     return bool(value)
 
 

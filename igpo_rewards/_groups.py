@@ -19,16 +19,22 @@ A batch's groups are given in one of two ways (exactly one per call):
     there with a sort into at most B segments (static shapes, no host sync).
 
   Anything else (float or string tensors, ids of another array library) is a ``TypeError`` that
-  says what to pass instead.
+  says what to pass instead. Float (and bool) ids are refused in every form, host or device:
+  ids are identifiers, and 1.0 next to 1 or a rounding residue must not decide a group.
+
+A batch whose every group holds a single rollout (``group_size=1``, every id distinct) gets a
+:class:`~igpo_rewards.SingleRolloutGroupWarning`: nothing is normalized against a peer.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from igpo_rewards import _checks
+from igpo_rewards._warnings import SingleRolloutGroupWarning
 from igpo_rewards.backends import Backend, backend_name_of
 
 Array = Any
@@ -53,8 +59,11 @@ def dispatch(group_ids: Any) -> dict[str, Any]:
     return {}
 
 
-def resolve(backend: Backend, group_ids: Any, num_rollouts: int, *, group_size: Any, like: Array) -> Groups:
-    """Checks ``group_ids`` or ``group_size`` against B = ``num_rollouts`` (see the module doc)."""
+def resolve(
+    backend: Backend, group_ids: Any, num_rollouts: int, *, group_size: Any, like: Array, validate: bool = True
+) -> Groups:
+    """Checks ``group_ids`` or ``group_size`` against B = ``num_rollouts`` (see the module doc);
+    warns when every group is a single rollout (for device ids only with ``validate``: it reads them)."""
     if (group_ids is None) == (group_size is None):
         given = "both" if group_ids is not None else "neither"
         raise TypeError(
@@ -62,12 +71,17 @@ def resolve(backend: Backend, group_ids: Any, num_rollouts: int, *, group_size: 
             f"group); got {given}"
         )
     if group_size is not None:
-        return _contiguous(group_size, num_rollouts)
+        groups = _contiguous(group_size, num_rollouts)
+        if groups.group_size == 1 and num_rollouts > 0:
+            _warn_single_rollout_groups(num_rollouts, "group_size=1")
+        return groups
     if backend_name_of(group_ids, argument="group_ids") in (None, "numpy"):
         host_ids = _host_ids(group_ids)
         if host_ids is not None:
             _checks.check_length("group_ids", host_ids, num_rollouts, "the rollout dimension")
             dense, count = _factorize_on_host(host_ids)
+            if count == num_rollouts > 0:
+                _warn_single_rollout_groups(num_rollouts, "every group id is distinct")
             return Groups(backend.asarray(dense, like=like), count)
         group_ids = backend.asarray(group_ids, like=like)  # e.g. a list of traced scalars under jit
     _checks.check_length("group_ids", group_ids, num_rollouts, "the rollout dimension")
@@ -78,7 +92,22 @@ def resolve(backend: Backend, group_ids: Any, num_rollouts: int, *, group_size: 
             f"ints first"
         )
     dense, count = backend.factorize(group_ids)
+    if validate and num_rollouts > 0 and backend.is_concrete(dense):
+        members = backend.segment_sum(backend.astype(dense >= 0, backend.index_dtype()), dense, count)
+        if not backend.any(members > 1):
+            _warn_single_rollout_groups(num_rollouts, "every group id is distinct")
     return Groups(dense, count)
+
+
+def _warn_single_rollout_groups(num_rollouts: int, why: str) -> None:
+    warnings.warn(
+        f"every group of this batch of {num_rollouts} rollouts holds a single rollout ({why}): with no peer in its "
+        f"group, GRPO's advantages are all 0, IGPO's too for one-turn rollouts, and a multi-turn rollout is "
+        f"compared only with its own turns. Sample G >= 2 rollouts per question (TRL's num_generations, verl's "
+        f"rollout.n) and pass one id per question, not per rollout",
+        SingleRolloutGroupWarning,
+        stacklevel=4,
+    )
 
 
 def _contiguous(group_size: Any, num_rollouts: int) -> Groups:
@@ -127,9 +156,12 @@ def _host_ids(group_ids: Any) -> np.ndarray | None:
 
 
 def _factorize_on_host(ids: np.ndarray) -> tuple[np.ndarray, int]:
-    if ids.dtype.kind in "fc" and np.isnan(ids).any():
-        rows = np.flatnonzero(np.isnan(ids))[:5].tolist()
-        raise ValueError(f"group_ids must not hold NaN; found NaN at rollouts {rows}")
+    if ids.dtype.kind in "fcb":
+        raise TypeError(
+            f"group_ids must be integer or string ids (one per question), got dtype {ids.dtype}; map them to ints "
+            f"first (e.g. np.asarray(ids).astype(np.int64)): float ids are refused in every form, as they are in "
+            f"tensors"
+        )
     try:
         uniques, inverse = np.unique(ids, return_inverse=True)
     except TypeError as error:

@@ -43,6 +43,7 @@ def igpo_advantages(
     ig_weight: float = 1.0,
     outcome_weight: float = 1.0,
     log_prob_floor: float = -20.0,
+    max_turns: int | None = None,
     validate: bool = True,
 ) -> IGPOAdvantages:
     r"""IGPO turn advantages from probe log-probs and outcome rewards (spec sections 2-4).
@@ -53,7 +54,8 @@ def igpo_advantages(
 
     Args:
       answer_logprob: [B, T] length-normalized log-prob of the answer at the probe before
-        each turn (:func:`answer_logprob`); -inf allowed.
+        each turn (:func:`answer_logprob`); <= 0 at valid turns, -inf allowed (a positive
+        value is refused: probabilities passed instead of log-probabilities).
       outcome: [B] outcome reward R_i of each rollout (answer F1 or the format penalty).
       turn_mask: [B, T] prefix mask of valid turns; rows of zeros are batch padding.
       group_ids: [B] question of each rollout: a list or NumPy array of any sortable ids
@@ -65,6 +67,10 @@ def igpo_advantages(
       kind: "prob" or "log_prob" information gain.  log_prob_floor: see :func:`information_gain`.
       mode, weighting, scale, eps, ddof: see :func:`group_normalize` (defaults are the paper's).
       ig_weight, outcome_weight: w_ig and w_out.
+      max_turns: the most turns a rollout may have (searches plus the answer), the same
+        meaning as everywhere (:class:`IGPOSettings`, :func:`advantages_from_token_rewards`,
+        :func:`pad_turns`): a rollout with more valid turns is an error. A value check, free
+        (no host sync) when the T slots of ``turn_mask`` already fit. None: no cap.
       validate: value checks (a host sync on accelerators; skipped under jit).
 
     Returns:
@@ -91,15 +97,20 @@ def igpo_advantages(
         kind=kind, ig_weight=ig_weight, outcome_weight=outcome_weight, log_prob_floor=log_prob_floor
     )
     gamma = _checks.check_gamma(gamma)
+    max_turns = _checks.check_optional_positive_count("max_turns", max_turns)
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(
         answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask, **_groups.dispatch(group_ids)
     )
     beliefs, turn_mask = _turns.turn_values_and_mask(
-        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
+        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True,
+        log_probabilities=True, num_rollouts=_turns.leading_length(outcome), rollouts_from="outcome",
     )
+    _turns.check_max_turns(backend, turn_mask, max_turns, validate=validate)
     outcome = outcome_array(backend, outcome, beliefs, validate=validate)
-    groups = _groups.resolve(backend, group_ids, beliefs.shape[0], group_size=group_size, like=beliefs)
+    groups = _groups.resolve(
+        backend, group_ids, beliefs.shape[0], group_size=group_size, like=beliefs, validate=validate
+    )
     gain, rewards = rewards_from_beliefs(backend, beliefs, outcome, turn_mask, **rewards_options)
     normalized = normalize(backend, rewards, turn_mask, groups, **options)
     advantages = discount(backend, normalized, turn_mask, gamma=gamma)

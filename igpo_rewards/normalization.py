@@ -107,7 +107,9 @@ def group_normalize(
     rewards, turn_mask = _turns.turn_values_and_mask(
         backend, "rewards", rewards, turn_mask, validate=validate, allow_neg_inf=False
     )
-    groups = _groups.resolve(backend, group_ids, rewards.shape[0], group_size=group_size, like=rewards)
+    groups = _groups.resolve(
+        backend, group_ids, rewards.shape[0], group_size=group_size, like=rewards, validate=validate
+    )
     return normalize(backend, rewards, turn_mask, groups, **options)
 
 
@@ -283,7 +285,9 @@ def grpo_advantages(
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(outcome=outcome, **_groups.dispatch(group_ids))
     outcome = _per_rollout_values(backend, "outcome", outcome, validate=validate, allow_neg_inf=False)
-    groups = _groups.resolve(backend, group_ids, outcome.shape[0], group_size=group_size, like=outcome)
+    groups = _groups.resolve(
+        backend, group_ids, outcome.shape[0], group_size=group_size, like=outcome, validate=validate
+    )
     single_turn = backend.zeros((outcome.shape[0], 1), backend.index_dtype(), like=outcome) == 0
     return normalize(backend, outcome[:, None], single_turn, groups, **options)[:, 0]
 
@@ -324,7 +328,9 @@ def zero_variance_group_fraction(
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(values=values, **_groups.dispatch(group_ids))
     values = _per_rollout_values(backend, "values", values, validate=validate, allow_neg_inf=True)
-    groups = _groups.resolve(backend, group_ids, values.shape[0], group_size=group_size, like=values)
+    groups = _groups.resolve(
+        backend, group_ids, values.shape[0], group_size=group_size, like=values, validate=validate
+    )
     return collapsed_fraction(backend, values, groups)
 
 

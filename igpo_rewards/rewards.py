@@ -43,13 +43,14 @@ def answer_logprob(
     every valid turn checked, the final one included).
 
     Args:
-      token_logprobs: [B, T, L] log pi of each answer token at probe j of rollout i.
+      token_logprobs: [B, T, L] log pi of each answer token at probe j of rollout i, <= 0
+        (a positive value is refused: probabilities passed instead of log-probabilities).
         -inf (probability 0) is legitimate and makes m = -inf. Values where ``token_mask``
         is 0 are ignored (they may hold anything, NaN included).
       token_mask: [B, T, L] bool or 0/1, which answer tokens are real (not padding).
       turn_mask: optional [B, T] prefix mask of the valid turns (probes).
-      validate: check for NaN/+inf at masked-in positions and for valid turns without answer
-        tokens (a host sync on accelerators). Without the check (``validate=False``, or under
+      validate: check for NaN/+inf and positive values at masked-in positions and for valid
+        turns without answer tokens (a host sync on accelerators). Without the check (``validate=False``, or under
         jit) such a turn gets NaN, which :func:`information_gain` and :func:`igpo_advantages`
         refuse at valid turns and which otherwise shows in every advantage of its group.
 
@@ -57,8 +58,8 @@ def answer_logprob(
       [B, T] floating array, dtype of ``token_logprobs`` (ints promoted to the default float).
 
     Raises:
-      ValueError: shapes differ, the mask holds values other than 0/1, NaN/+inf at a
-        masked-in position, or a valid turn with no answer tokens.
+      ValueError: shapes differ, the mask holds values other than 0/1, NaN/+inf or a positive
+        value at a masked-in position, or a valid turn with no answer tokens.
 
     Example:
       >>> import numpy as np
@@ -82,6 +83,7 @@ def answer_logprob(
     token_logprobs = backend.astype(token_logprobs, backend.float_dtype(token_logprobs))
     if validate:
         _checks.check_no_nan(backend, "token_logprobs", token_logprobs, token_mask, allow_neg_inf=True)
+        _turns.check_log_probabilities(backend, "token_logprobs", token_logprobs, token_mask)
     count = backend.sum(backend.astype(token_mask, backend.index_dtype()), axis=2)
     has_answer = count > 0
     valid = _valid_probes(backend, has_answer, turn_mask, validate=validate, shape=token_logprobs.shape)
@@ -157,11 +159,11 @@ def information_gain(
     Args:
       answer_logprob: [B, T] m_{i,j}, probe j taken before turn j (see :func:`answer_logprob`).
         Values at padded turns are ignored; NaN at a valid turn (a probe without answer
-        tokens) is refused.
+        tokens) is refused, and so is a positive value (a probability is not a log-probability).
       turn_mask: [B, T] prefix mask of valid turns (bool or 0/1); n_i = its row sum.
       kind: "prob" (the paper's) or "log_prob" (the authors' later option).
       log_prob_floor: lower clamp of m for kind="log_prob" (a finite number); unused for "prob".
-      validate: check the prefix mask and NaN/+inf at valid turns.
+      validate: check the prefix mask, and NaN/+inf and positive values at valid turns.
 
     Returns:
       [B, T] floating array of IG, dtype of ``answer_logprob``. A one-turn rollout has none
@@ -178,7 +180,8 @@ def information_gain(
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(answer_logprob=answer_logprob, turn_mask=turn_mask)
     beliefs, turn_mask = _turns.turn_values_and_mask(
-        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
+        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True,
+        log_probabilities=True,
     )
     return gain_from_beliefs(backend, beliefs, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
 
@@ -224,7 +227,8 @@ def turn_rewards(
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask)
     beliefs, turn_mask = _turns.turn_values_and_mask(
-        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True
+        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True,
+        log_probabilities=True, num_rollouts=_turns.leading_length(outcome), rollouts_from="outcome",
     )
     outcome = outcome_array(backend, outcome, beliefs, validate=validate)
     _, rewards = rewards_from_beliefs(backend, beliefs, outcome, turn_mask, **options)

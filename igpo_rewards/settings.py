@@ -14,10 +14,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from igpo_rewards import _checks
+from igpo_rewards import _checks, _turns
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
+from igpo_rewards.backends import get_backend
 from igpo_rewards.normalization import MODES, SCALES, WEIGHTINGS, grpo_advantages
-from igpo_rewards.rewards import INFORMATION_GAIN_KINDS
+from igpo_rewards.rewards import INFORMATION_GAIN_KINDS, information_gain, turn_rewards
+from igpo_rewards.tokens import advantages_from_token_rewards
 
 __all__ = ["IGPOSettings"]
 
@@ -59,7 +61,9 @@ class IGPOSettings:
     log_prob_floor: float = -20.0
     """Floor on log-probs for kind="log_prob" (keeps -inf finite)."""
     max_turns: int | None = None
-    """Number of turn slots T. None counts them from the batch (a host sync on GPUs)."""
+    """The most turns a rollout may have (searches plus the answer): a rollout with more is an error
+    in every method; the token path and TRL also take it as T, the number of turn slots. None: no
+    cap, T counted from the batch (a host sync on GPUs for the token path)."""
 
     def __post_init__(self) -> None:
         # The library's own checks, so a bad value fails here exactly as it would in the call
@@ -128,6 +132,10 @@ class IGPOSettings:
           >>> result = settings.igpo_advantages(np.log([[0.1, 0.9], [0.1, 0.1]]), [1.0, 0.0], [[1, 1], [1, 1]], [0, 0])
           >>> float(result.rewards[0, 0]), float(result.rewards[0, 1])
           (0.0, 1.0)
+          >>> IGPOSettings(max_turns=1).igpo_advantages(np.log([[0.1, 0.9]] * 2), [1.0, 0.0], [[1, 1]] * 2, [0, 0])  # doctest: +ELLIPSIS
+          Traceback (most recent call last):
+          ...
+          ValueError: max_turns = 1 (the most turns a rollout may have), but rollouts [0, 1] have [2, 2] turns ...
         """
         return igpo_advantages(
             answer_logprob,
@@ -138,6 +146,40 @@ class IGPOSettings:
             gamma=self.gamma,
             **self.reward_kwargs(),
             **self.normalization_kwargs(),
+            max_turns=self.max_turns,
+            validate=validate,
+        )
+
+    def advantages_from_token_rewards(
+        self,
+        token_level_rewards: Array,
+        response_mask: Array,
+        group_ids: Array | None = None,
+        *,
+        group_size: int | None = None,
+        validate: bool = True,
+    ) -> Array:
+        """:func:`igpo_rewards.advantages_from_token_rewards` (verl's token layout: [B, S] rewards
+        and response mask -> [B, S] advantages) with ``gamma``, the normalization settings and
+        ``max_turns`` (the turn slots T). ``kind`` and the reward weights shaped the rewards
+        already, where they were placed (:meth:`turn_rewards`).
+
+        Example:
+          >>> import numpy as np
+          >>> mask = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]])
+          >>> rewards = np.array([[0.0, 0.5, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+          >>> IGPOSettings(scale="none").advantages_from_token_rewards(rewards, mask, group_size=2)  # pool {0.5, 1, 0}
+          array([[ 0.5,  0.5,  0. ,  0.5,  0. ],
+                 [-0.5,  0. ,  0. ,  0. ,  0. ]])
+        """
+        return advantages_from_token_rewards(
+            token_level_rewards,
+            response_mask,
+            group_ids,
+            group_size=group_size,
+            gamma=self.gamma,
+            **self.normalization_kwargs(),
+            max_turns=self.max_turns,
             validate=validate,
         )
 
@@ -145,7 +187,7 @@ class IGPOSettings:
         self, outcome: Array, group_ids: Array | None = None, *, group_size: int | None = None, validate: bool = True
     ) -> Array:
         """:func:`igpo_rewards.grpo_advantages` (the outcome-only baseline) with ``scale``, ``eps`` and
-        ``ddof`` of these settings: [B] advantages.
+        ``ddof`` of these settings: [B] advantages. It has no turns, so no other setting applies.
 
         Example:
           >>> import numpy as np
@@ -155,3 +197,41 @@ class IGPOSettings:
         return grpo_advantages(
             outcome, group_ids, group_size=group_size, scale=self.scale, eps=self.eps, ddof=self.ddof, validate=validate
         )
+
+    def turn_rewards(self, answer_logprob: Array, outcome: Array, turn_mask: Array, *, validate: bool = True) -> Array:
+        """:func:`igpo_rewards.turn_rewards` ([B, T] rewards r, what a verl reward manager places at
+        the turns' last tokens) with ``kind``, the reward weights and ``log_prob_floor``; checks
+        ``max_turns``.
+
+        Example:
+          >>> import numpy as np
+          >>> np.round(IGPOSettings(ig_weight=2.0).turn_rewards(np.log([[0.1, 0.6]]), [1.0], [[1, 1]]), 4)
+          array([[1., 1.]])
+        """
+        self._check_max_turns(turn_mask, validate=validate)
+        return turn_rewards(answer_logprob, outcome, turn_mask, **self.reward_kwargs(), validate=validate)
+
+    def information_gain(self, answer_logprob: Array, turn_mask: Array, *, validate: bool = True) -> Array:
+        """:func:`igpo_rewards.information_gain` ([B, T] IG) with ``kind`` and ``log_prob_floor``;
+        checks ``max_turns`` (e.g. the IG metrics of a GRPO run that also probes).
+
+        Example:
+          >>> import numpy as np
+          >>> np.round(IGPOSettings(kind="log_prob").information_gain(np.log([[0.1, 0.6]]), [[1, 1]]), 4)
+          array([[1.7918, 0.    ]])
+        """
+        self._check_max_turns(turn_mask, validate=validate)
+        return information_gain(
+            answer_logprob, turn_mask, kind=self.kind, log_prob_floor=self.log_prob_floor, validate=validate
+        )
+
+    def _check_max_turns(self, turn_mask: Array, *, validate: bool) -> None:
+        """The ``max_turns`` check of :func:`igpo_rewards.igpo_advantages`, for the methods whose
+        function has no ``max_turns`` (free when the mask's T slots fit)."""
+        if self.max_turns is None:
+            return
+        backend = get_backend(turn_mask=turn_mask)
+        mask = backend.asarray(turn_mask)
+        if len(mask.shape) == 2 and mask.shape[1] > self.max_turns:
+            mask = _checks.as_mask(backend, "turn_mask", mask, validate=validate)
+            _turns.check_max_turns(backend, mask, self.max_turns, validate=validate)

@@ -22,26 +22,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from igpo_rewards import _checks, _groups
+from igpo_rewards import _checks, _groups, _turns
 from igpo_rewards.backends import Backend, get_backend
 from igpo_rewards.normalization import normalization_options, normalize
 from igpo_rewards.returns import discount
 
 Array = Any
-
-
-def _response_mask(backend: Backend, response_mask: Array, *, validate: bool, like: Array | None = None) -> Array:
-    response_mask = backend.asarray(response_mask, like=like)
-    _checks.check_ndim("response_mask", response_mask, 2, "B, S")
-    return _checks.as_mask(backend, "response_mask", response_mask, validate=validate)
-
-
-def _run_starts_and_ends(backend: Backend, mask: Array) -> tuple[Array, Array]:
-    """Bool [B, S] arrays marking the first and the last token of every run of 1s."""
-    edge = backend.zeros((mask.shape[0], 1), mask.dtype, like=mask)
-    previous = backend.concat([edge, mask[:, :-1]], axis=1)
-    following = backend.concat([mask[:, 1:], edge], axis=1)
-    return mask & ~previous, mask & ~following
 
 
 def _turn_index(backend: Backend, mask: Array, starts: Array) -> Array:
@@ -142,7 +128,7 @@ def turn_index_from_response_mask(response_mask: Array, *, validate: bool = True
     """
     validate = _checks.check_flag("validate", validate)
     backend = get_backend(response_mask=response_mask)
-    mask = _response_mask(backend, response_mask, validate=validate)
+    mask = _turns.response_mask(backend, response_mask, validate=validate)
     host = None if _is_empty(mask) else backend.host_numpy(mask)
     if host is not None:
         flat = host[0].reshape(-1)
@@ -150,7 +136,7 @@ def turn_index_from_response_mask(response_mask: Array, *, validate: bool = True
         generated = flat[runs.starts]
         turn = np.where(generated, _turn_of_runs(runs, generated), -1)
         return backend.from_host(runs.expand(turn), like=mask)
-    starts, _ = _run_starts_and_ends(backend, mask)
+    starts, _ = _turns.run_starts_and_ends(backend, mask)
     return _turn_index(backend, mask, starts)
 
 
@@ -266,7 +252,7 @@ def place_turn_rewards(
     turn_rewards = backend.asarray(turn_rewards)
     _checks.check_ndim("turn_rewards", turn_rewards, 2, "B, T")
     _checks.check_numeric(backend, "turn_rewards", turn_rewards)
-    mask = _response_mask(backend, response_mask, validate=validate, like=turn_rewards)
+    mask = _turns.response_mask(backend, response_mask, validate=validate, like=turn_rewards)
     if turn_mask is not None:
         checked = validate and backend.is_concrete(turn_rewards)
         turn_mask = _turn_mask_like(backend, turn_mask, "turn_rewards", turn_rewards, validate=checked)
@@ -276,7 +262,7 @@ def place_turn_rewards(
             f"response_mask must have shape [B, S] with B = {turn_rewards.shape[0]} (from turn_rewards "
             f"{tuple(turn_rewards.shape)}), got {tuple(mask.shape)}"
         )
-    starts, ends = _run_starts_and_ends(backend, mask)
+    starts, ends = _turns.run_starts_and_ends(backend, mask)
     index = _turn_index(backend, mask, starts)
     if validate and backend.is_concrete(mask):
         runs = backend.sum(backend.astype(starts, backend.index_dtype()), axis=1)
@@ -337,9 +323,10 @@ def advantages_from_token_rewards(
     at the run's last token. The final turn also collects any reward on 0-mask tokens after the
     last run (verl's reward managers put the outcome at the last non-padding token, which is an
     observation token when a rollout ends on one). Turns are never found by ``reward != 0``: an
-    exact-zero information gain is a real value. Rewards on other tokens of a run (e.g. a
-    per-token KL penalty from use_kl_in_reward) are not part of the turn reward; use the KL
-    as a loss term instead, as the paper does.
+    exact-zero information gain is a real value. A reward on any other token would be lost, so
+    under ``validate`` it is an error: on a 0-mask token between turns, on a token of a run
+    other than its last (e.g. a per-token KL penalty from use_kl_in_reward: use the KL as a
+    loss term instead, as the paper does), or in a row without a generated token.
 
     Args:
       token_level_rewards: [B, S] rewards, each turn's at the last token of its run.
@@ -349,10 +336,14 @@ def advantages_from_token_rewards(
       group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per
         question (verl repeats each prompt ``rollout.n`` times in a row); B a multiple of G.
       gamma, mode, weighting, scale, eps, ddof: as in :func:`igpo_advantages`.
-      max_turns: T, the number of turn slots. None counts the runs (a host sync, so pass it
-        on GPUs and under jax.jit, where it is required).
-      validate: value checks: NaN/inf in rewards at read positions, a nonzero reward on a
-        0-mask token before the last run (it would be lost), more runs than ``max_turns``.
+      max_turns: the most turns a rollout may have (the same meaning as everywhere,
+        :class:`IGPOSettings`), also T, the number of turn slots of the turn arrays: a row with
+        more runs is an error (under ``validate``). None counts the runs (a host sync, so pass
+        it on GPUs and under jax.jit, where it is required).
+      validate: value checks: NaN/inf in rewards at read positions; nothing lost, i.e. no
+        nonzero reward on a 0-mask token before the last run, on a generated token before the
+        last token of its run, or in a row with no generated token; no more runs than
+        ``max_turns``. Each is a ``ValueError`` naming the (row, token) cells.
 
     Returns:
       [B, S] advantages, dtype of ``token_level_rewards``; 0 on every 0-mask token and on rows
@@ -378,10 +369,12 @@ def advantages_from_token_rewards(
     _checks.check_ndim("token_level_rewards", rewards, 2, "B, S")
     _checks.check_numeric(backend, "token_level_rewards", rewards)
     rewards = backend.astype(rewards, backend.float_dtype(rewards))
-    mask = _response_mask(backend, response_mask, validate=validate, like=rewards)
+    mask = _turns.response_mask(backend, response_mask, validate=validate, like=rewards)
     _checks.check_same_shape("response_mask", mask, "token_level_rewards", rewards)
     num_rollouts, num_tokens = rewards.shape
-    groups = _groups.resolve(backend, group_ids, num_rollouts, group_size=group_size, like=rewards)
+    groups = _groups.resolve(
+        backend, group_ids, num_rollouts, group_size=group_size, like=rewards, validate=validate
+    )
     if max_turns is None and not backend.is_concrete(mask):
         raise ValueError("max_turns is required under jit/tracing (the number of turns must be static)")
     if num_rollouts == 0 or num_tokens == 0:
@@ -436,10 +429,11 @@ def _turn_rewards_from_runs(
     trailing = in_zero_run & is_last[run_of_nonzero] & (num_runs[runs.rows[run_of_nonzero]] > 0)
     if validate:
         read = np.concatenate([flat_rewards[ends], flat_rewards[nonzero[trailing]]])
-        lost = in_zero_run & ~is_last[run_of_nonzero]
+        # Lost: between turns, before a turn's last token, or in a row with no turn at all.
+        lost = (in_zero_run & ~trailing) | (~in_zero_run & (nonzero != runs.ends[run_of_nonzero]))
         if not np.all(np.isfinite(read)) or np.any(lost) or np.any(num_runs > max_turns):
             numpy_backend = get_backend()
-            starts, run_ends = _run_starts_and_ends(numpy_backend, mask)
+            starts, run_ends = _turns.run_starts_and_ends(numpy_backend, mask)
             key = _run_key(numpy_backend, mask, numpy_backend.prefix_count(starts))
             _check_token_rewards(numpy_backend, rewards, mask, run_ends, key, num_runs, max_turns)
 
@@ -465,7 +459,7 @@ def _turn_rewards_static(
     backend: Backend, rewards: Array, mask: Array, max_turns: int | None, *, validate: bool
 ) -> tuple[Array, Array, Array]:
     """Static-shape reading of verl's layout: [B, T] turn rewards, [B] runs, [B, S] run count."""
-    starts, ends = _run_starts_and_ends(backend, mask)
+    starts, ends = _turns.run_starts_and_ends(backend, mask)
     count = backend.prefix_count(starts)  # k on the tokens of run k and on the 0-mask tokens after it
     runs = backend.astype(count[:, -1], backend.index_dtype())
     key = _run_key(backend, mask, count)
@@ -497,16 +491,36 @@ def _check_token_rewards(
     trailing = ~mask & (key == 2 * backend.astype(runs, key.dtype)[:, None])  # after the last run
     read = ends | (trailing & (runs[:, None] > 0))
     _checks.check_no_nan(backend, "token_level_rewards", rewards, read, allow_neg_inf=False)
-    _check_nothing_lost(backend, rewards, mask, trailing, runs, max_turns)
+    _check_nothing_lost(backend, rewards, mask, ends, trailing, runs, max_turns)
 
 
-def _check_nothing_lost(backend: Backend, rewards: Array, mask: Array, trailing: Array, runs: Array, max_turns: int) -> None:
-    inside_observation = ~mask & ~trailing & (rewards != 0)
+def _check_nothing_lost(
+    backend: Backend, rewards: Array, mask: Array, ends: Array, trailing: Array, runs: Array, max_turns: int
+) -> None:
+    """Every nonzero reward must be read: at a turn's last token, or after the last turn."""
+    nonzero = rewards != 0
+    inside_observation = ~mask & ~trailing & nonzero
     if backend.any(inside_observation):
         cells = np.argwhere(backend.to_numpy(inside_observation))[:5].tolist()
         raise ValueError(
             f"token_level_rewards has nonzero rewards on 0-mask tokens between turns at (row, token) {cells}; "
             f"turn rewards belong at the last token of their run of 1s in response_mask"
+        )
+    inside_turn = mask & ~ends & nonzero
+    if backend.any(inside_turn):
+        cells = np.argwhere(backend.to_numpy(inside_turn))[:5].tolist()
+        raise ValueError(
+            f"token_level_rewards has nonzero rewards on generated tokens before the last token of their turn at "
+            f"(row, token) {cells}; a turn's reward is read at the last token of its run of 1s in response_mask, so "
+            f"these would be lost. A per-token KL penalty in the reward (verl's algorithm.use_kl_in_reward) looks "
+            f"like this: put the KL in the loss instead (actor.use_kl_loss). validate=False skips this check"
+        )
+    without_turn = trailing & (runs[:, None] == 0) & nonzero
+    if backend.any(without_turn):
+        rows = np.flatnonzero(np.any(backend.to_numpy(without_turn), axis=1))[:5].tolist()
+        raise ValueError(
+            f"token_level_rewards has nonzero rewards in rows {rows} whose response_mask has no generated token: "
+            f"a row without a turn has no turn to give them to, so they would be lost"
         )
     if backend.any(runs > max_turns):
         rows = np.flatnonzero(backend.to_numpy(runs) > max_turns)[:5].tolist()

@@ -1,4 +1,4 @@
-"""The step's rollouts as one batch of tensors, built once after generation.
+"""The step's rollouts as one batch of tensors, built once after generation, and their advantages.
 
 ``build_batch`` turns the scored ``rollout.QATrajectory`` objects of a step into a
 ``RolloutBatch``: the right-padded token ids, the turn of every generated token (read from the
@@ -69,6 +69,23 @@ class RolloutBatch:
             outcome=self.outcome[rows],
             suffixes=self.suffixes.rows(rows) if self.suffixes is not None else None,
         )
+
+
+@dataclass
+class Advantages:
+    """Advantages of a ``RolloutBatch`` (``training.compute_advantages``). B rollouts, T turns, S tokens.
+
+    Attributes:
+        turn: [B, T] advantage of each turn (0 on padded turns).
+        token: [B, S] float32, turn j's advantage on turn j's generated tokens, 0 elsewhere.
+        information_gain: [B, T] IG of each turn (None without probes).
+        rewards: [B, T] turn rewards fed to the normalization (None for GRPO).
+    """
+
+    turn: torch.Tensor
+    token: torch.Tensor
+    information_gain: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
 
 
 def build_batch(

@@ -1,22 +1,19 @@
 """What a step logs: its metrics (one ``metrics.jsonl`` record) and its case studies (``trajectories.jsonl``).
 
 Both read the step's ``batch.RolloutBatch`` (the rollouts, scored once when they were generated)
-and its ``training.Advantages``; nothing is re-scored from text. The keys are the
+and its ``batch.Advantages``; nothing is re-scored from text. The keys are the
 ``metrics.jsonl`` schema of ``igpo_rewards.reference_trainer.report``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 import igpo_rewards
-from igpo_rewards.reference_trainer.batch import RolloutBatch
-
-if TYPE_CHECKING:
-    from igpo_rewards.reference_trainer.training import Advantages
+from igpo_rewards.reference_trainer.batch import Advantages, RolloutBatch
 
 
 def zero_advantage_group_fraction(turn_advantages: torch.Tensor, group_ids: torch.Tensor) -> float:
@@ -65,7 +62,7 @@ def step_metrics(batch: RolloutBatch, advantages: Advantages, entropy: torch.Ten
         "ig_std": None,
     }
     if advantages.information_gain is not None:
-        final = torch.arange(batch.turn_mask.shape[1], device=mask.device)[None, :] == batch.turn_mask.sum(1, keepdim=True) - 1
+        final = igpo_rewards.final_turn_mask(batch.turn_mask, validate=False)
         gains = advantages.information_gain[batch.turn_mask & ~final]
         if gains.numel() > 0:
             metrics["ig_mean"] = float(gains.mean())

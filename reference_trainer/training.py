@@ -12,7 +12,9 @@
 4. advantages: one call of the settings object, ``config.igpo.igpo_advantages(answer_logprob,
    outcome, turn_mask, group_ids)`` ([B, T]; every option of ``igpo_rewards.igpo_advantages``)
    or ``config.igpo.grpo_advantages(outcome, group_ids)`` ([B], the same value on every turn);
-   ``igpo_rewards.broadcast_to_tokens`` puts turn j's advantage on turn j's generated tokens;
+   ``igpo_rewards.broadcast_to_tokens`` puts turn j's advantage on turn j's generated tokens.
+   ``config.max_turns`` caps the rollouts and ``config.igpo.max_turns`` (when set) the advantage
+   computation, with one meaning (the most turns a rollout may have): the second may not be lower;
 5. reference: the frozen warm start's log-probs of the same tokens (a plain causal forward);
 6. update (``ppo_update``): PPO clipped surrogate (clip 0.2) + ``kl_coef`` * k3 KL to the
    reference (``policy_loss``), averaged over the generated tokens of each sequence and then over
@@ -43,7 +45,7 @@ from tqdm.auto import tqdm
 
 import igpo_rewards
 from igpo_rewards.agent.probes import probe_forward, token_logprobs
-from igpo_rewards.reference_trainer.batch import RolloutBatch, build_batch, micro_batches
+from igpo_rewards.reference_trainer.batch import Advantages, RolloutBatch, build_batch, micro_batches
 from igpo_rewards.reference_trainer.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint
 from igpo_rewards.reference_trainer.config import RLConfig, RunConfig, to_dict
 from igpo_rewards.reference_trainer.evaluation import evaluate
@@ -140,23 +142,6 @@ def policy_loss(
 # --- advantages -------------------------------------------------------------------------------
 
 
-@dataclass
-class Advantages:
-    """Advantages of a batch. B rollouts, T turns, S tokens (positions of ``input_ids``).
-
-    Attributes:
-        turn: [B, T] advantage of each turn (0 on padded turns).
-        token: [B, S] float32, turn j's advantage on turn j's generated tokens, 0 elsewhere.
-        information_gain: [B, T] IG of each turn (None without probes).
-        rewards: [B, T] turn rewards fed to the normalization (None for GRPO).
-    """
-
-    turn: torch.Tensor
-    token: torch.Tensor
-    information_gain: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-
-
 def compute_advantages(batch: RolloutBatch, answer_logprob: torch.Tensor | None, config: RLConfig) -> Advantages:
     """Turn advantages with ``config.igpo`` (IGPO or GRPO), then broadcast to the generated tokens.
 
@@ -175,9 +160,7 @@ def compute_advantages(batch: RolloutBatch, answer_logprob: torch.Tensor | None,
     elif config.algorithm == "grpo":
         turn = settings.grpo_advantages(batch.outcome, batch.group_ids)[:, None] * turn_mask
         if answer_logprob is not None:
-            information_gain = igpo_rewards.information_gain(
-                answer_logprob, turn_mask, kind=settings.kind, log_prob_floor=settings.log_prob_floor
-            )
+            information_gain = settings.information_gain(answer_logprob, turn_mask)
     else:
         raise ValueError(f"config.algorithm must be 'igpo' or 'grpo', got {config.algorithm!r}")
     token = igpo_rewards.broadcast_to_tokens(turn, batch.token_turn, turn_mask=turn_mask)
@@ -290,6 +273,22 @@ def ppo_update(
 # --- the step ---------------------------------------------------------------------------------
 
 
+def check_turn_caps(config: RLConfig) -> None:
+    """``config.max_turns`` (the rollout loop's cap) and ``config.igpo.max_turns`` (the advantage
+    settings' cap, when set) mean the same bound: the settings may not refuse what the loop allows.
+
+    Raises:
+        ValueError: ``rl.igpo.max_turns`` below ``rl.max_turns``.
+    """
+    cap = config.igpo.max_turns
+    if cap is not None and cap < config.max_turns:
+        raise ValueError(
+            f"rl.igpo.max_turns = {cap} is below rl.max_turns = {config.max_turns}: both are the most turns a "
+            f"rollout may have, and the rollouts may take {config.max_turns}. Leave rl.igpo.max_turns unset (no "
+            f"cap beyond the rollouts') or set it to at least rl.max_turns"
+        )
+
+
 @dataclass
 class StepResult:
     """What ``rl_step`` returns: the metrics, the batch of rollouts, their advantages and probes."""
@@ -315,6 +314,7 @@ def rl_step(
     ``config.kl_coef == 0`` skips it). Returns the step's metrics (keys as in
     ``igpo_rewards.reference_trainer.report``'s metrics.jsonl schema), batch and advantages.
     """
+    check_turn_caps(config)
     step_started = time.perf_counter()
     use_probes = config.algorithm == "igpo" or config.grpo_probes
     use_reference = reference is not None and config.kl_coef > 0
@@ -433,6 +433,7 @@ def train(
     step) and ends exactly where an uninterrupted run would. Returns the final evaluation.
     """
     rl, run_dir = config.rl, Path(run_dir)
+    check_turn_caps(rl)  # before any model is loaded
     checkpoints, metrics_path, trajectories_path = run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "trajectories.jsonl"
     eval_examples = list(eval_examples)[: config.eval.max_questions or None]
 

@@ -16,6 +16,10 @@ from igpo_rewards.testing import reference, token_batches, turn_batches
 
 from .backend_support import given_on_each_backend, run, run_jitted
 
+# Hypothesis draws batches whose groups are all single rollouts on purpose (an edge case of the
+# equations); the warning that says so to users is tested in test_core_validation.py.
+pytestmark = pytest.mark.filterwarnings("ignore::igpo_rewards.SingleRolloutGroupWarning")
+
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 
 options = st.fixed_dictionaries(

@@ -14,6 +14,10 @@ from igpo_rewards.testing import reference, token_batches, turn_batches
 
 from .backend_support import library_of, precision, run, to_backend, to_numpy
 
+# Hypothesis draws batches whose groups are all single rollouts on purpose; the warning that says
+# so to users is tested in test_core_validation.py.
+pytestmark = pytest.mark.filterwarnings("ignore::igpo_rewards.SingleRolloutGroupWarning")
+
 # A small fixed batch: 2 groups, padding turns, a one-turn rollout, a -inf probe.
 ANSWER_LOGPROB = np.log(np.array([[0.05, 0.6, 0.7], [0.05, 0.05, 1.0], [0.2, 0.2, 0.9], [0.0, 0.3, 0.3]]))
 TURN_MASK = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=bool)

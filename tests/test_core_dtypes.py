@@ -47,6 +47,7 @@ SAMPLES = {
     "response_mask": RESPONSE_MASK,
     "token_turn_index": reference.turn_index_from_response_mask(RESPONSE_MASK),
     "token_level_rewards": reference.place_turn_rewards(TURN_REWARDS, RESPONSE_MASK),
+    "ragged_turn_values": ANSWER_LOGPROB,  # a [B, T] array: B full rows
 }
 
 TOLERANCE = {"float16": 3e-2, "bfloat16": 6e-2, "float32": 1e-5, "float64": 1e-9}
@@ -98,8 +99,9 @@ def test_dtype_sweep(backend, name):
             where = f"{name} output {index} on {backend} {float_dtype}"
             assert library_of(value) == backend, where
             result = to_numpy(value.float() if str(value.dtype) == "torch.bfloat16" else value)
-            if np.issubdtype(np.asarray(expected).dtype, np.integer):
-                assert np.issubdtype(result.dtype, np.integer), where
+            if np.issubdtype(np.asarray(expected).dtype, np.integer) or np.asarray(expected).dtype == bool:
+                kind = "b" if np.asarray(expected).dtype == bool else "iu"
+                assert result.dtype.kind in kind, f"{where}: {result.dtype}"
                 np.testing.assert_array_equal(result, expected, err_msg=where)
                 continue
             assert str(value.dtype).endswith(float_dtype), f"{where}: {value.dtype}"

@@ -29,7 +29,7 @@ TOKEN_REWARDS = np.concatenate([TOKEN_REWARDS, np.zeros((5, 1))], axis=1)
 
 
 def functions_taking_group_ids():
-    names = [name for name in igpo.__all__ if callable(getattr(igpo, name))]
+    names = [name for name in igpo.__all__ if inspect.isfunction(getattr(igpo, name))]
     found = [name for name in names if "group_ids" in inspect.signature(getattr(igpo, name)).parameters]
     assert len(found) >= 5, found
     return found
@@ -97,6 +97,22 @@ def test_float_device_ids_say_what_to_pass_instead(backend):
         call("grpo_advantages", backend, ids)
 
 
+@pytest.mark.parametrize("form", ["list", "numpy float64", "numpy float32", "backend array"])
+def test_float_ids_are_refused_in_every_form(backend, form):
+    """Float ids were refused as tensors but accepted as lists and NumPy arrays: now refused everywhere."""
+    floats = [float(uid) for uid in INT_IDS]  # integral values: still not ids
+    ids = {
+        "list": floats,
+        "numpy float64": np.array(floats),
+        "numpy float32": np.array(floats, dtype=np.float32),
+        "backend array": to_backend(np.array(floats, dtype=np.float32), backend, float_dtype="float32"),
+    }[form]
+    for name in functions_taking_group_ids():
+        with pytest.raises(TypeError, match=r"group_ids (must be integer or string ids|given as a \w+ array must hold "
+                                            r"integers).*(float32|float64)"):
+            call(name, backend, ids)
+
+
 def test_ids_of_another_array_library_are_refused_naming_them(backend):
     other = {"numpy": "torch", "torch": "jax", "jax": "torch"}[backend]
     ids = to_backend(np.array(INT_IDS), other)
@@ -108,7 +124,7 @@ def test_ids_of_another_array_library_are_refused_naming_them(backend):
     "group_ids, error, message",
     [
         ([1, "a", 1, "a", 2], TypeError, r"group_ids must be ids that sort together"),
-        ([0.0, np.nan, 0.0, 1.0, 1.0], ValueError, r"group_ids must not hold NaN; found NaN at rollouts \[1\]"),
+        ([0.0, np.nan, 0.0, 1.0, 1.0], TypeError, r"group_ids must be integer or string ids.*got dtype float64"),
         ([0, 0, 1], ValueError, r"group_ids must have shape \[B\] with B = 5 .*got shape \(3,\)"),
         (np.zeros((5, 1), dtype=int), ValueError, r"group_ids must have shape \[B\]"),
         ({"q": 1}, TypeError, r"group_ids: igpo_rewards takes NumPy arrays"),

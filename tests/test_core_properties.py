@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 import igpo_rewards as igpo
 from igpo_rewards.testing import turn_batches
 
 from .backend_support import given_on_each_backend, run
+
+# Hypothesis draws batches whose groups are all single rollouts on purpose (an edge case of the
+# equations); the warning that says so to users is tested in test_core_validation.py.
+pytestmark = pytest.mark.filterwarnings("ignore::igpo_rewards.SingleRolloutGroupWarning")
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 normalization = st.fixed_dictionaries(

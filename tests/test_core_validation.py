@@ -72,6 +72,7 @@ def conv(backend, array):
         (lambda c: igpo.zero_variance_group_fraction(c([[1.0]]), c([0])), ValueError, r"values must have shape \[B\]"),
     ],
 )
+@pytest.mark.filterwarnings("ignore::igpo_rewards.SingleRolloutGroupWarning")  # one-row batches, on purpose
 def test_bad_input_is_refused_with_a_clear_message(backend, call, error, message):
     with pytest.raises(error, match=message):
         call(lambda array: conv(backend, array))
@@ -229,3 +230,122 @@ def test_validate_on_the_meta_device_says_to_pass_validate_false(backend):
     with pytest.raises(ValueError, match=r"meta tensor.*max_turns"):
         igpo.advantages_from_token_rewards(torch.empty(2, 4, device=meta), torch.ones(2, 4, device=meta, dtype=torch.bool),
                                            [0, 0], validate=False)
+
+
+# -- issue 18/23: the silent slips, now errors or warnings ------------------------------------------
+
+
+PROBABILITIES = np.exp(LOGPROB)  # what a user who forgot the log would pass
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: igpo.igpo_advantages(c(PROBABILITIES), c(OUTCOME), c(MASK), GROUPS),
+        lambda c: igpo.turn_rewards(c(PROBABILITIES), c(OUTCOME), c(MASK)),
+        lambda c: igpo.information_gain(c(PROBABILITIES), c(MASK), kind="log_prob"),
+        lambda c: igpo.IGPOSettings().igpo_advantages(c(PROBABILITIES), c(OUTCOME), c(MASK), group_size=2),
+        lambda c: igpo.IGPOSettings().turn_rewards(c(PROBABILITIES), c(OUTCOME), c(MASK)),
+    ],
+)
+def test_probabilities_passed_as_log_probabilities_are_refused(backend, call):
+    with pytest.raises(ValueError, match=r"answer_logprob must hold log-probabilities \(<= 0\) at valid positions; "
+                                         r"found positive values at \[\[0, 0\].*probabilities passed instead of "
+                                         r"log-probabilities"):
+        call(lambda array: conv(backend, array))
+
+
+def test_positive_token_logprobs_are_refused_and_padding_is_not_checked(backend):
+    with pytest.raises(ValueError, match=r"token_logprobs must hold log-probabilities \(<= 0\).*\[\[0, 1, 0\]\]"):
+        igpo.answer_logprob(conv(backend, [[[-0.5], [0.4]]]), conv(backend, [[[1], [1]]]))
+    junk_under_padding = np.where(MASK, LOGPROB, 3.0)  # padded turns may hold anything
+    igpo.igpo_advantages(conv(backend, junk_under_padding), conv(backend, OUTCOME), conv(backend, MASK), GROUPS)
+    igpo.igpo_advantages(conv(backend, PROBABILITIES), conv(backend, OUTCOME), conv(backend, MASK), GROUPS,
+                         validate=False)  # the value checks are off
+
+
+def test_a_transposed_argument_is_named(backend):
+    logprob = np.log(np.full((4, 3), 0.5))  # B = 4 rollouts, T = 3 turns
+    mask, outcome = np.ones((4, 3), dtype=bool), np.zeros(4)
+    with pytest.raises(ValueError, match=r"answer_logprob must be \[B, T\] = \(4, 3\) like turn_mask \(B = 4 from "
+                                         r"outcome\), got \(3, 4\): answer_logprob looks transposed"):
+        igpo.igpo_advantages(conv(backend, logprob.T), conv(backend, outcome), conv(backend, mask), group_size=2)
+    with pytest.raises(ValueError, match=r"turn_mask must be \[B, T\] = \(4, 3\).*turn_mask looks transposed"):
+        igpo.turn_rewards(conv(backend, logprob), conv(backend, outcome), conv(backend, mask.T))
+    with pytest.raises(ValueError, match=r"turn_mask must have the shape of answer_logprob \(3, 4\), got \(4, 3\): "
+                                         r"one of them is transposed"):
+        igpo.information_gain(conv(backend, logprob.T), conv(backend, mask))
+
+
+def test_igpo_advantages_refuses_rollouts_longer_than_max_turns(backend):
+    with pytest.raises(ValueError, match=r"max_turns = 1 \(the most turns a rollout may have\), but rollouts \[0, 1\] "
+                                         r"have \[3, 2\] turns"):
+        igpo.igpo_advantages(conv(backend, LOGPROB), conv(backend, OUTCOME), conv(backend, MASK), GROUPS, max_turns=1)
+    capped = igpo.igpo_advantages(conv(backend, LOGPROB), conv(backend, OUTCOME), conv(backend, MASK), GROUPS, max_turns=3)
+    free = igpo.igpo_advantages(conv(backend, LOGPROB), conv(backend, OUTCOME), conv(backend, MASK), GROUPS)
+    np.testing.assert_array_equal(to_numpy(capped.advantages), to_numpy(free.advantages))
+    wide = np.concatenate([MASK, np.zeros((2, 2), dtype=bool)], axis=1)  # 5 slots, rows of 3 and 2 turns: fine
+    igpo.igpo_advantages(conv(backend, np.pad(LOGPROB, ((0, 0), (0, 2)))), conv(backend, OUTCOME), conv(backend, wide),
+                         GROUPS, max_turns=3)
+
+
+@pytest.mark.parametrize(
+    "rewards, mask, message",
+    [
+        ([[0.3, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0, 0.0]], [[1, 1, 0, 1, 1], [1, 1, 0, 1, 0]],
+         r"nonzero rewards on generated tokens before the last token of their turn at \(row, token\) \[\[0, 0\]\]"),
+        ([[0.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.5, 0.0]], [[1, 1, 0, 1, 1], [0, 0, 0, 0, 0]],
+         r"nonzero rewards in rows \[1\] whose response_mask has no generated token"),
+    ],
+)
+def test_token_rewards_that_would_be_dropped_are_refused(backend, rewards, mask, message):
+    c = lambda array: conv(backend, array)  # noqa: E731
+    with pytest.raises(ValueError, match=message):
+        igpo.advantages_from_token_rewards(c(rewards), c(mask), group_size=2)
+    with pytest.raises(ValueError, match=message):  # the static-shape formulation checks the same
+        igpo.advantages_from_token_rewards(c(rewards), c(mask), group_size=2, max_turns=2)
+    igpo.advantages_from_token_rewards(c(rewards), c(mask), group_size=2, validate=False)
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [dict(group_size=1), dict(group_ids=["a", "b"]), dict(group_ids=[7, 3]), dict(group_ids="device")],
+    ids=["group_size=1", "distinct str ids", "distinct int ids", "distinct device ids"],
+)
+def test_groups_of_one_rollout_warn(backend, groups):
+    if groups.get("group_ids") == "device":
+        groups = dict(group_ids=conv(backend, np.array([7, 3])))
+    with pytest.warns(igpo.SingleRolloutGroupWarning, match=r"every group of this batch of 2 rollouts holds a single "
+                                                            r"rollout"):
+        advantages = igpo.grpo_advantages(conv(backend, OUTCOME), **groups)
+    np.testing.assert_array_equal(to_numpy(advantages), [0.0, 0.0])  # what the warning is about
+    with pytest.warns(igpo.SingleRolloutGroupWarning):
+        igpo.igpo_advantages(conv(backend, LOGPROB), conv(backend, OUTCOME), conv(backend, MASK), **groups)
+
+
+def test_a_batch_with_one_real_group_does_not_warn(backend):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        igpo.grpo_advantages(conv(backend, [1.0, 0.0, 0.5]), [0, 0, 1])  # group 1 alone is fine: group 0 is not
+        igpo.grpo_advantages(conv(backend, [1.0, 0.0]), group_size=2)
+
+
+@pytest.mark.backends("jax")
+def test_a_traced_hyperparameter_says_to_close_over_it(backend):
+    import jax
+    import jax.numpy as jnp
+
+    with pytest.raises(TypeError, match=r"group_size must be an int, got DynamicJaxprTracer.*under jax.jit close over "
+                                        r"it .*or mark it static \(jax.jit\(f, static_argnames=\['group_size'\]\)\)"):
+        jax.jit(lambda r, g: igpo.grpo_advantages(r, group_size=g))(jnp.ones(4), 2)
+    with pytest.raises(TypeError, match=r"gamma must be a real number.*under jax.jit close over it"):
+        jax.jit(lambda r, m, g: igpo.discounted_returns(r, m, gamma=g))(jnp.ones((1, 2)), jnp.ones((1, 2)), 0.5)
+    works = jax.jit(lambda r: igpo.grpo_advantages(r, group_size=2))(jnp.asarray([1.0, 0.0]))  # closed over
+    np.testing.assert_allclose(np.asarray(works), [1.0, -1.0], rtol=1e-5)
+
+
+def test_an_array_hyperparameter_says_to_pass_a_number():
+    with pytest.raises(TypeError, match=r"group_size must be an int, got ndarray.*pass group_size.item\(\)"):
+        igpo.grpo_advantages(OUTCOME, group_size=np.array(2))

@@ -51,7 +51,7 @@ def test_wheel_holds_one_igpo_rewards_package_with_its_subpackages(wheel):
     assert top_level == {"igpo_rewards", wheel.name.split("-py3")[0] + ".dist-info"}, top_level
     for expected in ("igpo_rewards/py.typed", "igpo_rewards/backends/_base.py", "igpo_rewards/backends/_torch.py",
                      "igpo_rewards/reference_trainer/training.py", "igpo_rewards/testing/reference.py",
-                     "igpo_rewards/integrations/verl.py"):
+                     "igpo_rewards/integrations/verl.py", "igpo_rewards/integrations/trl/search.py"):
         assert expected in names, expected
     entry_points = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.dist-info/entry_points.txt").decode()
     assert "igpo-train = igpo_rewards._console:igpo_train" in entry_points

@@ -25,7 +25,11 @@ def keyword_options(function) -> set[str]:
     return {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - NOT_SETTINGS
 
 
-@pytest.mark.parametrize("function", [igpo_rewards.igpo_advantages, igpo_rewards.grpo_advantages])
+MIRRORED = [igpo_rewards.igpo_advantages, igpo_rewards.grpo_advantages, igpo_rewards.advantages_from_token_rewards,
+            igpo_rewards.turn_rewards, igpo_rewards.information_gain]
+
+
+@pytest.mark.parametrize("function", MIRRORED)
 def test_every_option_is_a_field_with_the_same_name_and_default(function):
     fields = {field.name: field.default for field in dataclasses.fields(IGPOSettings)}
     defaults = {p.name: p.default for p in inspect.signature(function).parameters.values()}
@@ -55,6 +59,74 @@ def test_igpo_advantages_method_uses_every_setting():
         assert not np.allclose(moved.advantages, got.advantages), name
     unscaled = IGPOSettings(**{**CHANGED, "scale": "none"}).igpo_advantages(answer_logprob, outcome, turn_mask, group_ids)
     assert not np.allclose(unscaled.advantages, got.advantages)
+
+
+def test_every_field_is_read_by_some_method():
+    """A setting that nothing reads is an error waiting to happen: each field is an option of a
+    function that a method mirrors (with the same name, so the method passes it)."""
+    read = set().union(*(keyword_options(function) for function in MIRRORED))
+    assert {field.name for field in dataclasses.fields(IGPOSettings)} == read
+    for function in MIRRORED:
+        assert hasattr(IGPOSettings, function.__name__), function.__name__
+
+
+def token_batch():
+    """The turn-level batch() in verl's layout: each turn 2 generated tokens then a 1-token observation."""
+    answer_logprob, outcome, turn_mask, group_ids = batch()
+    response_mask = np.zeros((4, 9), dtype=np.int64)
+    for row, turns in enumerate(turn_mask.sum(axis=1)):
+        for turn in range(turns):
+            response_mask[row, 3 * turn: 3 * turn + 2] = 1
+    rewards = reference.turn_rewards(answer_logprob, outcome, turn_mask)
+    return reference.place_turn_rewards(rewards, response_mask), response_mask, group_ids
+
+
+def test_token_path_method_uses_every_setting():
+    token_rewards, response_mask, group_ids = token_batch()
+    options = {name: CHANGED[name] for name in ("gamma", "mode", "weighting", "scale", "eps", "ddof")}
+    got = IGPOSettings(**CHANGED).advantages_from_token_rewards(token_rewards, response_mask, group_ids)
+    want = reference.advantages_from_token_rewards(token_rewards, response_mask, group_ids, **options)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    for name in options:
+        if CHANGED[name] == getattr(IGPOSettings(), name):
+            continue
+        others = IGPOSettings(**{key: value for key, value in CHANGED.items() if key != name})
+        assert not np.allclose(others.advantages_from_token_rewards(token_rewards, response_mask, group_ids), got), name
+    np.testing.assert_allclose(IGPOSettings(**CHANGED).advantages_from_token_rewards(token_rewards, response_mask,
+                                                                                      group_size=2), got, rtol=1e-12)
+
+
+def test_turn_rewards_and_information_gain_methods_use_their_settings():
+    answer_logprob, outcome, turn_mask, _ = batch()
+    settings = IGPOSettings(**CHANGED)
+    np.testing.assert_allclose(
+        settings.turn_rewards(answer_logprob, outcome, turn_mask),
+        reference.turn_rewards(answer_logprob, outcome, turn_mask, **settings.reward_kwargs()), rtol=1e-12)
+    np.testing.assert_allclose(
+        settings.information_gain(answer_logprob, turn_mask),
+        reference.information_gain(answer_logprob, turn_mask, kind="log_prob", log_prob_floor=-3.0), rtol=1e-12)
+
+
+def test_max_turns_is_read_by_every_method_that_sees_turns():
+    """IGPOSettings(max_turns=1) once ran a 3-turn batch through igpo_advantages without a word."""
+    answer_logprob, outcome, turn_mask, group_ids = batch()
+    token_rewards, response_mask, _ = token_batch()
+    settings = IGPOSettings(max_turns=1)
+    message = r"max_turns = 1 \(the most turns a rollout may have\), but rollouts \[0, 1, 3\] have \[3, 2, 3\] turns"
+    with pytest.raises(ValueError, match=message):
+        settings.igpo_advantages(answer_logprob, outcome, turn_mask, group_ids)
+    with pytest.raises(ValueError, match=message):
+        settings.turn_rewards(answer_logprob, outcome, turn_mask)
+    with pytest.raises(ValueError, match=message):
+        settings.information_gain(answer_logprob, turn_mask)
+    with pytest.raises(ValueError, match=r"more runs of 1s than max_turns = 1 in rows \[0, 1, 3\]"):
+        settings.advantages_from_token_rewards(token_rewards, response_mask, group_ids)
+    # a cap the batch respects changes nothing
+    capped, free = IGPOSettings(max_turns=3), IGPOSettings()
+    np.testing.assert_array_equal(capped.igpo_advantages(answer_logprob, outcome, turn_mask, group_ids).advantages,
+                                  free.igpo_advantages(answer_logprob, outcome, turn_mask, group_ids).advantages)
+    np.testing.assert_array_equal(capped.advantages_from_token_rewards(token_rewards, response_mask, group_ids),
+                                  free.advantages_from_token_rewards(token_rewards, response_mask, group_ids))
 
 
 def test_grpo_advantages_method_uses_scale_eps_ddof():

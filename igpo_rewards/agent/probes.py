@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 import igpo_rewards
+from igpo_rewards import _checks
 from igpo_rewards.agent.protocol import ANSWER_PLACEHOLDER, PROBE_TEMPLATE
 
 if TYPE_CHECKING:
@@ -214,10 +215,12 @@ def pad_token_ids(
     """Right-pad B token id sequences: ``(input_ids [B, S] long, lengths [B] long)``, S = the longest.
 
     Raises:
-        ValueError: no sequence, or an empty one.
+        TypeError: not a sequence of token id sequences. ValueError: no sequence, or an empty one.
     """
-    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) or len(token_ids) == 0:
-        raise ValueError(f"token_ids must be a non-empty sequence of token id sequences, got {token_ids!r:.80}")
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+        raise TypeError(f"token_ids must be a sequence of token id sequences, got {type(token_ids).__name__}")
+    if len(token_ids) == 0:
+        raise ValueError("token_ids must be a non-empty sequence of token id sequences, got an empty one")
     for b, row in enumerate(token_ids):
         if len(row) == 0:
             raise ValueError(f"token_ids[{b}] is empty")
@@ -519,6 +522,7 @@ def token_logprobs(
         ``(logprobs [B, S] float32, entropy [B, S] float32 or None)``, 0.0 where not masked.
     """
     _check_model(model, custom_mask=False)
+    chunk_size = _checks.check_positive_count("chunk_size", chunk_size)
     token_mask = _token_mask(token_mask, input_ids)
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     return _trajectory_scores(model, hidden, input_ids, token_mask, chunk_size=chunk_size, entropy=return_entropy)
@@ -560,12 +564,11 @@ def probe_forward(
     Raises:
         ValueError: mismatched shapes, a start outside its row, an unknown layout, an attention
             implementation that takes no custom mask, ``chunk_size`` < 1.
+        TypeError: ``probe_layout`` not a str, ``chunk_size`` not an int.
     """
     _check_model(model, custom_mask=True)
-    if probe_layout not in PROBE_LAYOUTS:
-        raise ValueError(f"probe_layout must be one of {PROBE_LAYOUTS}, got {probe_layout!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _checks.check_choice("probe_layout", probe_layout, PROBE_LAYOUTS)
+    chunk_size = _checks.check_positive_count("chunk_size", chunk_size)
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     token_mask = _token_mask(token_mask, input_ids)

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from igpo_rewards import _checks
 from igpo_rewards.agent.probes import pad_token_ids
 from igpo_rewards.agent.protocol import STOP_STRINGS, build_prompt, observation_block, parse_action
 from igpo_rewards.agent.retrieval import Retriever, format_observation
@@ -340,8 +341,7 @@ def sample_turns(model: Any, tokenizer: Any, grid: TurnGrid, *, max_new_tokens: 
     prompt share its encoding (``_shared_prompt_cache``). Every returned turn has at least one
     token.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = _checks.check_positive_count("max_new_tokens", max_new_tokens)
     config = sampling_config(tokenizer, model, max_new_tokens=max_new_tokens, greedy=greedy)
     config.return_dict_in_generate = True  # the output carries the cache
     ids, mask = grid.extend(config.pad_token_id, next(model.parameters()).device)
@@ -383,12 +383,6 @@ class _RolloutState:
             stop_reason=self.stop_reason or "max_turns",
             queries=self.queries,
         )
-
-
-def _check_counts(**counts: Any) -> None:
-    for name, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _take_turns(tokenizer: Any, active: list[_RolloutState], turns: list[list[int]], last: bool) -> list[tuple[_RolloutState, str]]:
@@ -465,10 +459,13 @@ def generate_rollouts(
         ``RolloutResult`` with one trajectory per prompt, in order.
 
     Raises:
-        ValueError: a bad count, an empty prompt, a prompt that leaves no room for a turn, or a
+        TypeError: a count that is not an int.
+        ValueError: a count < 1, an empty prompt, a prompt that leaves no room for a turn, or a
             retriever that answers another number of result lists than it got queries.
     """
-    _check_counts(max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk, batch_size=batch_size)
+    for name, count in dict(max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk, batch_size=batch_size).items():
+        _checks.check_positive_count(name, count)
+    _checks.check_optional_positive_count("max_context_tokens", max_context_tokens)
     if max_context_tokens is None:
         max_context_tokens = int(getattr(model.config, "max_position_embeddings", 4096))
     states = []
@@ -519,9 +516,9 @@ def rollout_questions(
     template when it has one), tokenized once; ``kwargs`` go to ``generate_rollouts``.
 
     Raises:
-        ValueError: ``group_size`` < 1, and whatever ``generate_rollouts`` raises.
+        TypeError / ValueError: ``group_size`` not an int / < 1, and whatever ``generate_rollouts`` raises.
     """
-    _check_counts(group_size=group_size)
+    _checks.check_positive_count("group_size", group_size)
     prompts = []
     for question in questions:
         prompt_ids = tokenizer(build_prompt(question, tokenizer), add_special_tokens=False)["input_ids"]

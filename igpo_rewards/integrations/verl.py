@@ -71,7 +71,6 @@ TOKEN_LEVEL_REJECTION = ("token_k1", "token_k2", "token_k3")
 """verl's token-level ``rollout_rs`` modes (``rollout_corr_helper.TOKEN_LEVEL_ROLLOUT_RS_OPTIONS``)."""
 
 logger = logging.getLogger(MODULE_NAME)
-_warned_kl_in_reward = False
 _warned_outcome_only = False
 
 
@@ -151,9 +150,9 @@ def compute_igpo_advantage(
     Hyperparameters come from ``algorithm.igpo.*`` (:class:`IGPOSettings`, the paper's defaults);
     verl's ``algorithm.gamma`` (a per-token discount for GAE) is not used.
 
-    With ``use_kl_in_reward=True`` every generated token carries a KL penalty: turn detection is
-    unaffected (it uses the mask only), but only the penalty at turn ends reaches the turn
-    reward. Use ``actor.use_kl_loss=True`` instead (the paper's choice); a warning says so once.
+    ``use_kl_in_reward=True`` is refused: it puts a KL penalty on every generated token, and IGPO
+    reads a turn's reward at its last token only, so the rest would be dropped. Use
+    ``actor.use_kl_loss=True`` instead (the paper's choice).
 
     Args:
       token_level_rewards: [B, S] float rewards (verl's ``token_level_rewards``).
@@ -173,7 +172,8 @@ def compute_igpo_advantage(
         has a nonzero reward at the end of any turn but its last (see :func:`_warn_if_outcome_only`).
 
     Raises:
-      ValueError: no ``index``, shapes that disagree, rewards on observation tokens between turns,
+      ValueError: no ``index``, shapes that disagree, a reward that would be lost (on observation
+        tokens between turns, inside a turn, in a row without a turn), ``use_kl_in_reward``,
         token-level rejection sampling in ``algorithm.rollout_correction.rollout_rs``.
     """
     if index is None:
@@ -190,13 +190,8 @@ def compute_igpo_advantage(
             f"{tuple(token_level_rewards.shape)}"
         )
     with torch.no_grad():
-        advantages = igpo_rewards.advantages_from_token_rewards(
-            token_level_rewards,
-            response_mask,
-            **_groups_of(group_ids, device=token_level_rewards.device),
-            gamma=settings.gamma,
-            max_turns=settings.max_turns,
-            **settings.normalization_kwargs(),
+        advantages = settings.advantages_from_token_rewards(
+            token_level_rewards, response_mask, **_groups_of(group_ids, device=token_level_rewards.device)
         )
     return advantages, advantages
 
@@ -221,7 +216,7 @@ def _config_value(config: Any, key: str) -> Any:
 
 
 def _check_algorithm_config(config: Any) -> None:
-    """Refuses token-level rejection sampling; warns once about ``use_kl_in_reward``.
+    """Refuses token-level rejection sampling and ``use_kl_in_reward``.
 
     verl's ``rollout_correction`` with ``rollout_rs`` in token_k1/k2/k3 (decoupled mode, the
     default: ``bypass_mode=False``) zeroes single tokens of ``response_mask`` before the advantage
@@ -229,7 +224,6 @@ def _check_algorithm_config(config: Any) -> None:
     and every other rollout's advantages); a hole on a turn's last token moves its reward onto a
     0-mask token. In bypass mode the rejection only masks the actor's loss, after the advantages.
     """
-    global _warned_kl_in_reward
     correction = _config_value(config, "rollout_correction")
     rejection = _config_value(correction, "rollout_rs")
     if isinstance(rejection, str) and not _config_value(correction, "bypass_mode"):
@@ -243,13 +237,12 @@ def _check_algorithm_config(config: Any) -> None:
                 f"Use a sequence-level mode (e.g. seq_mean_k3), or algorithm.rollout_correction.bypass_mode=True "
                 f"(rejection then masks only the loss)."
             )
-    if _config_value(config, "use_kl_in_reward") and not _warned_kl_in_reward:
-        _warned_kl_in_reward = True
-        warnings.warn(
-            "algorithm.use_kl_in_reward=True with adv_estimator=igpo: IGPO reads each turn's reward at the "
-            "turn's last token, so the per-token KL penalty on the other tokens is dropped. Set "
-            "algorithm.use_kl_in_reward=False and actor_rollout_ref.actor.use_kl_loss=True.",
-            stacklevel=3,
+    if _config_value(config, "use_kl_in_reward"):
+        raise ValueError(
+            "algorithm.use_kl_in_reward=True with adv_estimator=igpo: verl puts a KL penalty on every generated "
+            "token, but IGPO reads each turn's reward at the turn's last token, so the penalty on the other tokens "
+            "would be dropped. Set algorithm.use_kl_in_reward=False and actor_rollout_ref.actor.use_kl_loss=True "
+            "(the KL as a loss term, the paper's choice)."
         )
 
 
@@ -324,32 +317,23 @@ def igpo_token_scores(
     settings = settings_from_config(config)
     if turn_mask is None:
         turn_mask = _turn_mask_from_runs(answer_logprob, response_mask)
-    rewards = igpo_rewards.turn_rewards(answer_logprob, outcome, turn_mask, **settings.reward_kwargs())
+    rewards = settings.turn_rewards(answer_logprob, outcome, turn_mask)
     return igpo_rewards.place_turn_rewards(rewards, response_mask, turn_mask=turn_mask)
 
 
 def _turn_mask_from_runs(answer_logprob: Any, response_mask: Any) -> Any:
-    """[B, T] prefix mask with n_b = number of runs of 1s in row b, in answer_logprob's library."""
-    index = igpo_rewards.turn_index_from_response_mask(response_mask)
-    if isinstance(index, torch.Tensor):
-        runs = index.max(dim=1).values + 1
-        num_turns = answer_logprob.shape[1]
-        positions = torch.arange(num_turns, device=index.device)
-        if index.shape[0] and int(runs.max()) > num_turns:
-            raise ValueError(
-                f"response_mask has up to {int(runs.max())} runs of 1s (turns) per row but answer_logprob has "
-                f"T = {num_turns} probes per row (shape {tuple(answer_logprob.shape)})"
-            )
-        return positions[None, :] < runs[:, None]
-    index = np.asarray(index)
-    runs = index.max(axis=1, initial=-1) + 1
+    """[B, T] prefix mask with n_b = the number of runs of 1s in row b (T from answer_logprob),
+    in the library of ``response_mask``."""
+    runs = igpo_rewards.num_turns_from_response_mask(response_mask)
     num_turns = np.shape(answer_logprob)[1]
-    if runs.size and runs.max() > num_turns:
+    most = int(runs.max()) if runs.shape[0] else 0
+    if most > num_turns:
         raise ValueError(
-            f"response_mask has up to {int(runs.max())} runs of 1s (turns) per row but answer_logprob has "
-            f"T = {num_turns} probes per row (shape {np.shape(answer_logprob)})"
+            f"response_mask has up to {most} runs of 1s (turns) per row but answer_logprob has T = {num_turns} "
+            f"probes per row (shape {tuple(np.shape(answer_logprob))})"
         )
-    return np.arange(num_turns)[None, :] < runs[:, None]
+    positions = torch.arange(num_turns, device=runs.device) if isinstance(runs, torch.Tensor) else np.arange(num_turns)
+    return positions[None, :] < runs[:, None]
 
 
 def assemble_igpo_rm_scores(
@@ -370,46 +354,39 @@ def assemble_igpo_rm_scores(
       [B, S] float32 tensor on ``response_mask``'s device (see :func:`igpo_token_scores`).
 
     Raises:
-      KeyError: ``key`` missing from ``non_tensor_batch``. ValueError: a rollout whose number
-      of probe log-probs differs from its number of turns, or a length mismatch with ``scores``.
+      ValueError: ``key`` missing from ``non_tensor_batch``, a rollout whose number of probe
+      log-probs differs from its number of turns, or a length mismatch with ``scores`` (each
+      names the field).
     """
     response_mask = data.batch["response_mask"]
     if key not in data.non_tensor_batch:
-        raise KeyError(
+        raise ValueError(
             f"non_tensor_batch has no {key!r} column (columns: {sorted(data.non_tensor_batch)}); the agent loop "
             f"must store each rollout's probe log-probs in extra_fields[{key!r}]"
         )
-    per_rollout = [np.asarray(row, dtype=np.float64).reshape(-1) for row in data.non_tensor_batch[key]]
+    probes = igpo_rewards.pad_turns(data.non_tensor_batch[key], like=response_mask)
     num_rollouts = response_mask.shape[0]
-    if len(per_rollout) != num_rollouts or len(scores) != num_rollouts:
+    if probes.values.shape[0] != num_rollouts or len(scores) != num_rollouts:
         raise ValueError(
             f"need one probe row and one score per rollout: response_mask {tuple(response_mask.shape)}, "
-            f"{len(per_rollout)} rows in {key!r}, {len(scores)} scores"
+            f"{probes.values.shape[0]} rows in non_tensor_batch[{key!r}], {len(scores)} scores"
         )
-    runs = (igpo_rewards.turn_index_from_response_mask(response_mask).max(dim=1).values + 1).tolist()
-    probes = [row.size for row in per_rollout]
-    mismatched = [row for row in range(num_rollouts) if runs[row] != probes[row]]
+    runs = igpo_rewards.num_turns_from_response_mask(response_mask).tolist()
+    counts = probes.turn_mask.sum(dim=1).tolist()
+    mismatched = [row for row in range(num_rollouts) if runs[row] != counts[row]]
     if mismatched:
         shown = mismatched[:5]
         raise ValueError(
             f"each rollout needs one probe log-prob per turn (run of 1s in response_mask): rows {shown} have "
-            f"{[probes[row] for row in shown]} values in {key!r} but {[runs[row] for row in shown]} turns"
+            f"{[counts[row] for row in shown]} values in {key!r} but {[runs[row] for row in shown]} turns"
         )
-    num_turns = max(probes, default=0)
-    answer_logprob = np.zeros((num_rollouts, num_turns))
-    turn_mask = np.zeros((num_rollouts, num_turns), dtype=bool)
-    for row, values in enumerate(per_rollout):
-        answer_logprob[row, : values.size] = values
-        turn_mask[row, : values.size] = True
-    device = response_mask.device
-    token_scores = igpo_token_scores(
-        torch.tensor(answer_logprob, dtype=torch.float32, device=device),
-        torch.tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32, device=device),
+    return igpo_token_scores(
+        probes.values.to(torch.float32),
+        torch.as_tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32, device=response_mask.device),
         response_mask,
-        turn_mask=torch.tensor(turn_mask, device=device),
+        turn_mask=probes.turn_mask,
         config=config,
     )
-    return token_scores
 
 
 def register() -> None:

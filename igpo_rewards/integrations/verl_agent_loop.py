@@ -116,18 +116,19 @@ def probe_logprob_from_server_output(
       suffix: the probe suffix; its answer tokens are scored.
 
     Raises:
-      RuntimeError: no prompt log-probs (a server that ignores ``prompt_logprobs``), a length
-        other than N, or scored ids other than the ones sent.
+      ValueError: no prompt log-probs (a server that ignores ``prompt_logprobs``), a length
+        other than N, or scored ids other than the ones sent (each names the field).
     """
     logprobs = extra_fields.get("prompt_logprobs")
     if logprobs is None:
-        raise RuntimeError(
+        raise ValueError(
             "the rollout server returned no extra_fields['prompt_logprobs'] for an igpo_tool_agent probe request; "
             "the probes need a rollout server that honours prompt_logprobs (verl's vllm or sglang server)"
         )
     if len(logprobs) != len(sequence_ids):
-        raise RuntimeError(
-            f"probe request of {len(sequence_ids)} tokens got {len(logprobs)} prompt log-probs from the rollout server"
+        raise ValueError(
+            f"extra_fields['prompt_logprobs'] must hold one row per prompt token: the probe request of "
+            f"{len(sequence_ids)} tokens got {len(logprobs)} prompt log-probs from the rollout server"
         )
     ids = extra_fields.get("prompt_ids")
     positions = range(context_length + suffix.answer_start, context_length + suffix.answer_end)
@@ -135,7 +136,9 @@ def probe_logprob_from_server_output(
         scored = [int(ids[p - 1][0]) for p in positions]
         sent = [int(sequence_ids[p]) for p in positions]
         if scored != sent:
-            raise RuntimeError(f"the rollout server scored token ids {scored} where the probe sent {sent}")
+            raise ValueError(
+                f"extra_fields['prompt_ids']: the rollout server scored token ids {scored} where the probe sent {sent}"
+            )
     values = np.array([[[float(logprobs[p - 1][0]) for p in positions]]], dtype=np.float64)
     return float(igpo_rewards.answer_logprob(values, np.ones(values.shape, dtype=bool))[0, 0])
 
@@ -250,8 +253,8 @@ class IGPOToolAgentLoop(ToolAgentLoop):
         run_starts = _run_starts(output.response_mask)
         kept = _turn_of_each_run(run_starts, probes.turn_starts)
         if kept is None:
-            raise RuntimeError(
-                f"igpo_tool_agent: the response mask has runs of 1s starting at {run_starts} but the "
+            raise ValueError(
+                f"igpo_tool_agent: response_mask has runs of 1s starting at {run_starts} but the "
                 f"assistant turns started at {probes.turn_starts}; each turn must be exactly one run of 1s"
             )
         output.extra_fields[ANSWER_LOGPROB_KEY] = [probes.values[turn] for turn in kept]
@@ -261,9 +264,12 @@ class IGPOToolAgentLoop(ToolAgentLoop):
 
 
 def _run_starts(mask: Sequence[int]) -> list[int]:
-    """Where each run of 1s (turn) of a response mask starts (``igpo_rewards.turn_index_from_response_mask``)."""
-    index = igpo_rewards.turn_index_from_response_mask(np.asarray([list(mask)], dtype=np.int64).reshape(1, -1))[0]
-    return [int(np.argmax(index == turn)) for turn in range(int(index.max(initial=-1)) + 1)]
+    """Where each run of 1s (turn) of a response mask starts: the first token of each turn of
+    ``igpo_rewards.turn_index_from_response_mask``."""
+    row = np.asarray([list(mask)], dtype=np.int64).reshape(1, -1)
+    index = igpo_rewards.turn_index_from_response_mask(row)[0]
+    num_turns = int(igpo_rewards.num_turns_from_response_mask(row)[0])
+    return [int(np.argmax(index == turn)) for turn in range(num_turns)]
 
 
 def _turn_of_each_run(run_starts: list[int], turn_starts: list[int]) -> list[int] | None:

@@ -715,3 +715,58 @@ def zero_variance_group_fraction(values: Any, group_ids: Any = None, *, group_si
         return 0.0
     collapsed = sum(1 for members in groups.values() if all(v == members[0] for v in members))
     return collapsed / len(groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Turn bookkeeping (igpo_rewards.turns).
+
+
+class PaddedTurns(NamedTuple):
+    """:func:`pad_turns`' result: float64 ``[B, T]`` values and the bool ``[B, T]`` turn mask."""
+
+    values: np.ndarray
+    turn_mask: np.ndarray
+
+
+def pad_turns(ragged_turn_values: Any, *, max_turns: int | None = None) -> PaddedTurns:
+    """Row i's n_i values in columns 0 .. n_i - 1, zeros after; T = ``max_turns`` or the longest row.
+
+    Args:
+      ragged_turn_values: B rows of per-turn values (lists, or 1-D arrays/tensors); a [B, T]
+        array is B full rows.
+
+    Raises:
+      ValueError: a row longer than ``max_turns``.
+    """
+    rows = [[float(value) for value in _float64(row).reshape(-1)] for row in ragged_turn_values]
+    num_turns = max((len(row) for row in rows), default=0) if max_turns is None else int(max_turns)
+    values = np.zeros((len(rows), num_turns))
+    turn_mask = np.zeros((len(rows), num_turns), dtype=bool)
+    for i, row in enumerate(rows):
+        if len(row) > num_turns:
+            raise ValueError(f"row {i} has {len(row)} turns > max_turns = {num_turns}")
+        for j, value in enumerate(row):
+            values[i, j] = value
+            turn_mask[i, j] = True
+    return PaddedTurns(values, turn_mask)
+
+
+def num_turns_from_response_mask(response_mask: Any) -> np.ndarray:
+    """n_b = the number of maximal runs of 1s in row b of the response mask: int64 ``[B]``."""
+    mask = _bool(response_mask)
+    _check_ndim(mask, "response_mask", 2, "[B, S]")
+    return np.array([len(_runs(mask[b])) for b in range(mask.shape[0])], dtype=np.int64)
+
+
+def final_turn_mask(turn_mask: Any) -> np.ndarray:
+    """True at turn n_i - 1 of each rollout (nothing for n_i = 0): bool ``[B, T]``."""
+    mask = _bool(turn_mask)
+    _check_ndim(mask, "turn_mask", 2, "[B, T]")
+    final = np.zeros(mask.shape, dtype=bool)
+    for i, count in enumerate(_num_turns(mask)):
+        if count > 0:
+            final[i, count - 1] = True
+    return final
+
+
+__all__ += ["PaddedTurns", "pad_turns", "num_turns_from_response_mask", "final_turn_mask"]

@@ -292,6 +292,48 @@ def turn_batches(
     )
 
 
+def _draw_row_tokens(draw: Any, num_runs: int, max_turn_tokens: int, max_observation_tokens: int) -> list[int]:
+    """One row's response mask: num_runs runs of 1s separated by observation runs, maybe a trailing one."""
+    tokens: list[int] = []
+    for run in range(num_runs):
+        if run > 0:
+            tokens += [0] * draw(st.integers(1, max_observation_tokens))
+        tokens += [1] * draw(st.integers(1, max_turn_tokens))
+    if num_runs > 0:
+        tokens += [0] * draw(st.integers(0, max_observation_tokens))  # trailing observation
+    return tokens
+
+
+def _fill_token_arrays(
+    draw: Any, rows: list[tuple[list[int], list[float], int]], final_reward_after_last_run: bool
+) -> TokenBatch:
+    """The TokenBatch of drawn rows (token mask, turn rewards, group id), padded with 0-2 tokens."""
+    num_rollouts = len(rows)
+    num_turns = max(len(row[1]) for row in rows)
+    num_tokens = max(len(row[0]) for row in rows) + draw(st.integers(0, 2))  # + padding
+    response_mask = np.zeros((num_rollouts, num_tokens), dtype=np.int64)
+    turn_rewards = np.zeros((num_rollouts, num_turns), dtype=np.float64)
+    token_level_rewards = np.zeros((num_rollouts, num_tokens), dtype=np.float64)
+    for i, (tokens, rewards, _) in enumerate(rows):
+        response_mask[i, : len(tokens)] = tokens
+        turn_rewards[i, : len(rewards)] = rewards
+        run_ends = [s for s in range(len(tokens)) if tokens[s] == 1 and (s + 1 == len(tokens) or tokens[s + 1] == 0)]
+        for reward, end in zip(rewards, run_ends):
+            token_level_rewards[i, end] = reward
+        if final_reward_after_last_run and run_ends and run_ends[-1] + 1 < num_tokens:
+            if draw(st.booleans()):
+                target = draw(st.integers(run_ends[-1] + 1, num_tokens - 1))
+                token_level_rewards[i, target] = token_level_rewards[i, run_ends[-1]]
+                token_level_rewards[i, run_ends[-1]] = 0.0
+    return TokenBatch(
+        response_mask=response_mask,
+        turn_rewards=turn_rewards,
+        turn_mask=_prefix_mask([len(row[1]) for row in rows], num_turns),
+        token_level_rewards=token_level_rewards,
+        group_ids=np.asarray([row[2] for row in rows], dtype=np.int64),
+    )
+
+
 @st.composite
 def _token_batches(
     draw: Any,
@@ -322,13 +364,7 @@ def _token_batches(
             # The very first row is never empty so that T >= 1 and S >= 1.
             first_row = group_index == 0 and member == 0
             num_runs = _draw_num_turns(draw, max_turns, allow_empty_rows and not first_row)
-            tokens: list[int] = []
-            for run in range(num_runs):
-                if run > 0:
-                    tokens += [0] * draw(st.integers(1, max_observation_tokens))
-                tokens += [1] * draw(st.integers(1, max_turn_tokens))
-            if num_runs > 0:
-                tokens += [0] * draw(st.integers(0, max_observation_tokens))  # trailing observation
+            tokens = _draw_row_tokens(draw, num_runs, max_turn_tokens, max_observation_tokens)
             if constant:
                 rewards = [level] * num_runs
             else:
@@ -338,31 +374,7 @@ def _token_batches(
     if not contiguous_groups:
         order = draw(st.permutations(range(len(rows))))
         rows = [rows[k] for k in order]
-    num_rollouts = len(rows)
-    num_turns = max(len(row[1]) for row in rows)
-    num_tokens = max(len(row[0]) for row in rows) + draw(st.integers(0, 2))  # + padding
-
-    response_mask = np.zeros((num_rollouts, num_tokens), dtype=np.int64)
-    turn_rewards = np.zeros((num_rollouts, num_turns), dtype=np.float64)
-    token_level_rewards = np.zeros((num_rollouts, num_tokens), dtype=np.float64)
-    for i, (tokens, rewards, _) in enumerate(rows):
-        response_mask[i, : len(tokens)] = tokens
-        turn_rewards[i, : len(rewards)] = rewards
-        run_ends = [s for s in range(len(tokens)) if tokens[s] == 1 and (s + 1 == len(tokens) or tokens[s + 1] == 0)]
-        for reward, end in zip(rewards, run_ends):
-            token_level_rewards[i, end] = reward
-        if final_reward_after_last_run and run_ends and run_ends[-1] + 1 < num_tokens:
-            if draw(st.booleans()):
-                target = draw(st.integers(run_ends[-1] + 1, num_tokens - 1))
-                token_level_rewards[i, target] = token_level_rewards[i, run_ends[-1]]
-                token_level_rewards[i, run_ends[-1]] = 0.0
-    return TokenBatch(
-        response_mask=response_mask,
-        turn_rewards=turn_rewards,
-        turn_mask=_prefix_mask([len(row[1]) for row in rows], num_turns),
-        token_level_rewards=token_level_rewards,
-        group_ids=np.asarray([row[2] for row in rows], dtype=np.int64),
-    )
+    return _fill_token_arrays(draw, rows, final_reward_after_last_run)
 
 
 def token_batches(

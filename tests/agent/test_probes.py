@@ -166,6 +166,8 @@ def test_pad_token_ids_and_suffix_table():
         pad_token_ids([[1], []])
     with pytest.raises(ValueError, match="non-empty"):
         pad_token_ids([])
+    with pytest.raises(TypeError, match="token_ids must be a sequence of token id sequences, got str"):
+        pad_token_ids("abc")
     with pytest.raises(TypeError, match=r"suffixes\[0\] must be a ProbeSuffix"):
         suffix_table([None])
 
@@ -388,7 +390,7 @@ def test_bad_batches_are_refused(model, tokenizer):
         token_logprobs(model, batch.input_ids, torch.ones_like(batch.token_mask))
     with pytest.raises(ValueError, match="token_mask must have the shape of input_ids"):
         token_logprobs(model, batch.input_ids, batch.token_mask[:, :3])
-    with pytest.raises(ValueError, match=r"probe_layout must be one of \('packed', 'kv_cache'\), got 'flat'"):
+    with pytest.raises(ValueError, match=r"probe_layout must be one of \['packed', 'kv_cache'\], got 'flat'"):
         batch.forward(model, "flat")
 
 

@@ -420,6 +420,11 @@ def test_rollout_rejects_bad_arguments(tokenizer, model, retriever):
         generate_rollouts(model, tokenizer, retriever, [[1, 2], []])
     with pytest.raises(ValueError, match="batch_size"):
         generate_rollouts(model, tokenizer, retriever, [[1, 2]], batch_size=0)
+    # one error rule in every layer: a wrong type is a TypeError, as in the core
+    with pytest.raises(TypeError, match="max_turns must be an int, got str '4'"):
+        generate_rollouts(model, tokenizer, retriever, [[1, 2]], max_turns="4")
+    with pytest.raises(TypeError, match="group_size must be an int, got float 2.0"):
+        rollout_questions(model, tokenizer, retriever, ["q"], group_size=2.0)
 
 
 def test_retriever_result_count_is_checked(monkeypatch, tokenizer, model):

@@ -28,6 +28,7 @@ from igpo_rewards.integrations.trl import (
     TESTED_TRL_VERSIONS,
     IGPOTrainer,
     SplitGroupWarning,
+    ZeroAdvantageWarning,
     check_trl_version,
     token_turn_index,
     whole_group_permutation,
@@ -110,18 +111,17 @@ def test_advantages_equal_igpo_rewards_on_the_same_rollouts(one_process):
 def test_trainer_passes_trls_contiguous_groups_as_group_size(model_dir, tmp_path, monkeypatch):
     """TRL yields each prompt num_generations times in a row: the trainer passes group_size and
     gets what group ids k // num_generations give."""
-    import igpo_rewards
+    method, seen = IGPOSettings.igpo_advantages, []
 
-    library, seen = igpo_rewards.igpo_advantages, []
-
-    def spy(answer_logprob, outcome, turn_mask, group_ids=None, **kwargs):
-        result = library(answer_logprob, outcome, turn_mask, group_ids, **kwargs)
+    def spy(settings, answer_logprob, outcome, turn_mask, group_ids=None, **kwargs):
+        result = method(settings, answer_logprob, outcome, turn_mask, group_ids, **kwargs)
         options = {key: value for key, value in kwargs.items() if key != "group_size"}
         ids = torch.arange(answer_logprob.shape[0]) // run.NUM_GENERATIONS
-        seen.append((group_ids, kwargs.get("group_size"), result, library(answer_logprob, outcome, turn_mask, ids, **options)))
+        by_ids = method(settings, answer_logprob, outcome, turn_mask, ids, **options)
+        seen.append((group_ids, kwargs.get("group_size"), result, by_ids))
         return result
 
-    monkeypatch.setattr(igpo_rewards, "igpo_advantages", spy)
+    monkeypatch.setattr(IGPOSettings, "igpo_advantages", spy)  # the trainer calls its settings, not option by option
     trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.GLOBAL_ROWS)
     run.score_local_slice(trainer)
     (group_ids, group_size, dense, by_ids), = seen
@@ -206,6 +206,10 @@ def test_whole_group_permutation():
     assert len(orders) == 6  # every order of the 3 groups occurs, nothing else
     with pytest.raises(ValueError, match="num_rows=10, group_size=4"):
         whole_group_permutation(10, 4)
+    with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
+        whole_group_permutation(10, 0)
+    with pytest.raises(TypeError, match="group_size must be an int, got float 2.0"):
+        whole_group_permutation(10, 2.0)
 
 
 def test_minibatches_that_cannot_hold_whole_groups_warn(model_dir, tmp_path):
@@ -213,6 +217,45 @@ def test_minibatches_that_cannot_hold_whole_groups_warn(model_dir, tmp_path):
     trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=6, steps_per_generation=2)
     with pytest.warns(SplitGroupWarning, match="num_generations = 4"):
         trainer.train()
+
+
+def test_max_turns_is_the_width_and_a_hard_cap(model_dir, tmp_path):
+    """igpo_settings.max_turns is the most turns a completion may have (the batch has up to 3)."""
+    wide = run.make_trainer(model_dir, tmp_path / "a", per_device_batch=run.GLOBAL_ROWS, igpo_settings={"max_turns": 5})
+    assert_rows_match(run.score_local_slice(wide)["advantages"], expected_advantages(wide.processing_class, IGPOSettings()))
+    narrow = run.make_trainer(model_dir, tmp_path / "b", per_device_batch=run.GLOBAL_ROWS, igpo_settings={"max_turns": 2})
+    with pytest.raises(ValueError, match=r"igpo_settings.max_turns = 2 \(the most turns a completion may have\), but a "
+                                         r"completion of this batch has 3 turns"):
+        run.score_local_slice(narrow)
+
+
+def test_a_batch_without_signal_warns_with_the_count(model_dir, tmp_path):
+    """Every completion is one malformed turn with the format penalty (the smallest TRL run's
+    first batches): every advantage is 0, the step would train nothing, and the trainer says so."""
+
+    def no_signal(prompts, trainer):
+        output = run.rollout_func(prompts, trainer)
+        output["outcome"] = [-2.0] * len(prompts)
+        output["env_mask"] = [[1] * len(ids) for ids in output["completion_ids"]]  # one turn each
+        output["igpo_answer_logprob"] = [[-1.5] for _ in prompts]
+        return output
+
+    trainer = run.make_trainer(model_dir, tmp_path, per_device_batch=run.GLOBAL_ROWS, rollout=no_signal)
+    with pytest.warns(ZeroAdvantageWarning, match=r"all 12 completions of this batch \(3 groups of num_generations = 4\) "
+                                                  r"have advantage 0 on every token.*\(every outcome reward is -2\)"):
+        result = run.score_local_slice(trainer)
+    assert torch.count_nonzero(result["advantages"]) == 0
+    import warnings
+
+    with warnings.catch_warnings():  # the usual synthetic batch has signal: no warning
+        warnings.simplefilter("error", ZeroAdvantageWarning)
+        run.score_local_slice(run.make_trainer(model_dir, tmp_path / "b", per_device_batch=run.GLOBAL_ROWS))
+
+
+def test_explicit_turn_index_must_number_every_turn():
+    with pytest.raises(ValueError, match=r"igpo_turn_index\[0\] must number the completion's turns 0, 1, ..., n - 1.*"
+                                         r"got turns \[0, 2\]"):
+        token_turn_index([4], None, [[0, 0, 2, 2]], 4)
 
 
 def test_token_turn_index_from_env_mask_or_explicit_turns():

@@ -197,7 +197,7 @@ def test_the_rollout_refuses_what_would_change_igpo(trainer, retriever, world):
     examples = world.train[:1]
     with pytest.raises(TypeError, match="runs under igpo_rewards.integrations.trl.IGPOTrainer"):
         rollout_func(["a prompt"], object())
-    with pytest.raises(RuntimeError, match="igpo_batch_inputs is None"):
+    with pytest.raises(ValueError, match="trainer.igpo_batch_inputs is None"):
         rollout_func([dataset_rows(examples)[0]["prompt"]], trainer)
     for name, value, message in [
         ("use_vllm", True, "use_vllm=True is not supported"),
@@ -217,7 +217,7 @@ def test_the_rollout_refuses_what_would_change_igpo(trainer, retriever, world):
         call(make_search_rollout_func(retriever, answers_column="golden_answers"), trainer, examples, seed=0)
     trainer.igpo_batch_inputs = dataset_rows(world.train[:2])
     try:
-        with pytest.raises(RuntimeError, match=r"prompts\[0\] is not the prompt of the batch's row 0"):
+        with pytest.raises(ValueError, match=r"prompts\[0\] is not the 'prompt' of trainer.igpo_batch_inputs\[0\]"):
             rollout_func([trainer.igpo_batch_inputs[1]["prompt"], trainer.igpo_batch_inputs[0]["prompt"]], trainer)
     finally:
         trainer.igpo_batch_inputs = None
@@ -228,8 +228,12 @@ def test_bad_settings_are_refused_when_built():
         make_search_rollout_func(42)
     with pytest.raises(ValueError, match="url must be an http"):
         make_search_rollout_func("localhost:8000")
-    with pytest.raises(ValueError, match="max_turns must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="max_turns must be >= 1, got 0"):
         make_search_rollout_func("http://127.0.0.1:8000", max_turns=0)
+    with pytest.raises(TypeError, match="topk must be an int, got str '3'"):  # a wrong type is a TypeError
+        make_search_rollout_func("http://127.0.0.1:8000", topk="3")
+    with pytest.raises(TypeError, match="probe_layout must be a str"):
+        make_search_rollout_func("http://127.0.0.1:8000", probe_layout=1)
     with pytest.raises(ValueError, match="probe_layout must be one of"):
         make_search_rollout_func("http://127.0.0.1:8000", probe_layout="dense")
     with pytest.raises(ValueError, match="metric"):

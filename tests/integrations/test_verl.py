@@ -177,22 +177,20 @@ def test_verl_compute_advantage_matches_igpo_rewards(igpo):
     expected = oracle_token_advantages(turn_rewards, turn_mask, uids, turn_of_token, settings)
     np.testing.assert_allclose(advantages.numpy(), expected, rtol=1e-5, atol=1e-6)
     # bit-for-bit the library's own result on the same tensors
-    library = igpo_rewards.advantages_from_token_rewards(
-        scores, response_mask, torch.tensor([0, 0, 1, 0, 1, 2, 2]), gamma=settings.gamma,
-        **settings.normalization_kwargs(),
-    )
+    library = settings.advantages_from_token_rewards(scores, response_mask, torch.tensor([0, 0, 1, 0, 1, 2, 2]))
     assert torch.equal(advantages, library)
     # the all-equal group gets exactly 0, and nothing leaks onto observation/padding tokens
     assert torch.count_nonzero(advantages[5:]) == 0
     assert torch.count_nonzero(advantages[response_mask == 0]) == 0
 
 
-def test_kl_in_reward_on_every_token_does_not_change_the_turns(monkeypatch):
-    uids, response_mask, scores, turn_rewards, turn_mask, turn_of_token = build_batch()
+def test_kl_in_reward_is_refused_instead_of_dropped():
+    """verl's use_kl_in_reward puts a KL penalty on every generated token; IGPO reads a turn's reward
+    at its last token, so the rest would be lost: refused by config, and by the token layout itself."""
+    uids, response_mask, scores, _, _, _ = build_batch()
     generator = torch.Generator().manual_seed(0)
     old_log_probs = -torch.rand(response_mask.shape, generator=generator) - 0.1
     ref_log_prob = -torch.rand(response_mask.shape, generator=generator) - 0.1
-    beta = 0.05
     data = DataProto.from_dict(
         tensors={
             "response_mask": response_mask,
@@ -202,23 +200,14 @@ def test_kl_in_reward_on_every_token_does_not_change_the_turns(monkeypatch):
         },
         non_tensors={"uid": uids},
     )
-    data, _ = apply_kl_penalty(data, core_algos.FixedKLController(beta), kl_penalty="kl")
+    data, _ = apply_kl_penalty(data, core_algos.FixedKLController(0.05), kl_penalty="kl")
     rewards = data.batch["token_level_rewards"]
     assert torch.all(rewards[response_mask == 1] != 0)  # every generated token carries a reward
-
-    monkeypatch.setattr(igpo_verl, "_warned_kl_in_reward", False)
-    with pytest.warns(UserWarning, match="use_kl_in_reward"):
-        data = run_verl(data, algorithm_config(use_kl_in_reward=True))
-
-    # Expected: the same turns; turn j's reward is what sits at its last token (r - beta * kl there).
-    kl = (old_log_probs - ref_log_prob).double().numpy()
-    shifted = turn_rewards.copy()
-    for b, (_, segments, row_rewards) in enumerate(ROWS):
-        _, _, ends, _ = layout(segments)
-        for turn, end in enumerate(ends):
-            shifted[b, turn] -= beta * kl[b, end]
-    expected = oracle_token_advantages(shifted, turn_mask, uids, turn_of_token, IGPOSettings())
-    np.testing.assert_allclose(data.batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"algorithm.use_kl_in_reward=True with adv_estimator=igpo.*use_kl_loss=True"):
+        run_verl(data, algorithm_config(use_kl_in_reward=True))
+    with pytest.raises(ValueError, match=r"nonzero rewards on generated tokens before the last token of their turn.*"
+                                         r"use_kl_in_reward"):
+        run_verl(data, algorithm_config(use_kl_in_reward=False))
 
 
 def test_rm_scores_from_probes_then_verl_advantages_equal_igpo_advantages():
@@ -286,7 +275,7 @@ def test_bad_inputs_fail_loudly():
             tensors={"response_mask": torch.tensor([[1, 0, 1, 0]])}, non_tensors={igpo_verl.ANSWER_LOGPROB_KEY: probes}
         )
         igpo_verl.assemble_igpo_rm_scores(data, [1.0])
-    with pytest.raises(KeyError, match="extra_fields"):
+    with pytest.raises(ValueError, match=r"non_tensor_batch has no 'igpo_answer_logprob' column.*extra_fields"):
         data = DataProto.from_dict(tensors={"response_mask": torch.tensor([[1, 0]])}, non_tensors={"uid": uids[:1]})
         igpo_verl.assemble_igpo_rm_scores(data, [1.0])
 
@@ -386,13 +375,13 @@ def test_contiguous_uids_take_the_group_size_path_with_the_same_advantages(monke
     rows = [2, 4, 5, 6, 0, 1]  # q2, q2, q9, q9, q7, q7: G = 2 contiguous rollouts per uid
     uids = np.array(["4f1c-q2", "4f1c-q2", "9a0e-q9", "9a0e-q9", "77b3-q7", "77b3-q7"], dtype=object)
     seen = []
-    library = igpo_rewards.advantages_from_token_rewards
+    library, method = igpo_rewards.advantages_from_token_rewards, IGPOSettings.advantages_from_token_rewards
 
     def spy(*args, **kwargs):
         seen.append({key: kwargs[key] for key in ("group_ids", "group_size") if key in kwargs})
-        return library(*args, **kwargs)
+        return method(*args, **kwargs)
 
-    monkeypatch.setattr(igpo_rewards, "advantages_from_token_rewards", spy)
+    monkeypatch.setattr(IGPOSettings, "advantages_from_token_rewards", spy)  # the estimator calls its settings
     for igpo in (None, {"mode": "separate", "weighting": "trajectory", "gamma": 0.9}):
         data = run_verl(make_data(uids, response_mask[rows], scores[rows].clone()), algorithm_config(igpo))
         assert seen[-1] == {"group_size": 2}

@@ -19,6 +19,7 @@ from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.metrics import case_studies, zero_advantage_group_fraction
 from igpo_rewards.reference_trainer.rollout import QATrajectory
 from igpo_rewards.reference_trainer.training import (
+    check_turn_caps,
     compute_advantages,
     policy_loss,
     ppo_update,
@@ -223,6 +224,21 @@ def test_compute_advantages_errors():
         compute_advantages(batch, None, RLConfig(algorithm="igpo"))
     with pytest.raises(ValueError, match=r"answer_logprob must be \[B, T\] = \(1, 1\), got \(1, 2\)"):
         compute_advantages(batch, torch.zeros(1, 2), RLConfig(algorithm="igpo"))
+
+
+def test_max_turns_has_one_meaning_in_the_trainer():
+    """--rl.max-turns caps the rollouts, --rl.igpo.max-turns the advantages: the same bound."""
+    check_turn_caps(RLConfig(max_turns=4))  # no cap on the settings
+    check_turn_caps(RLConfig(max_turns=4, igpo=IGPOSettings(max_turns=6)))
+    with pytest.raises(ValueError, match=r"rl.igpo.max_turns = 2 is below rl.max_turns = 4"):
+        check_turn_caps(RLConfig(max_turns=4, igpo=IGPOSettings(max_turns=2)))
+    batch = batch_of([make_trajectory([2, 1, 2], outcome=1.0), make_trajectory([3], outcome=0.0)])
+    answer_logprob = torch.log(torch.tensor([[0.1, 0.3, 0.6], [0.1, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"max_turns = 2 \(the most turns a rollout may have\), but rollouts \[0\] have "
+                                         r"\[3\] turns"):  # the settings' cap is read by the advantage step
+        compute_advantages(batch, answer_logprob, RLConfig(algorithm="igpo", igpo=IGPOSettings(max_turns=2)))
+    with pytest.raises(ValueError, match=r"max_turns = 2"):  # GRPO's IG metric reads it too
+        compute_advantages(batch, answer_logprob, RLConfig(algorithm="grpo", igpo=IGPOSettings(max_turns=2)))
 
 
 # --- the update and the whole step with a tiny model ----------------------------------------------

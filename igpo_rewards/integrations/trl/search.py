@@ -1,6 +1,7 @@
 """The Search-R1 agent as a TRL ``rollout_func`` for ``IGPOTrainer``, and the outcome reward function.
 
-Also importable from :mod:`igpo_rewards.integrations.trl` (the names below are re-exported there).
+Import them from :mod:`igpo_rewards.integrations.trl` (this module imports the trainer, never the
+reverse).
 
 ``make_search_rollout_func(retriever, ...)`` returns ``rollout_func(prompts, trainer)``. Per call
 (one per generation batch, on each process):
@@ -51,10 +52,11 @@ from typing import Any
 import torch
 from trl.models.utils import unwrap_model_for_generation
 
+from igpo_rewards import _checks
 from igpo_rewards.agent.probes import PROBE_LAYOUTS, score_probes
 from igpo_rewards.agent.retrieval import Document, HTTPRetriever, Retriever
 from igpo_rewards.agent.rollout import Trajectory, generate_rollouts
-from igpo_rewards.integrations.trl import ANSWER_LOGPROB_KEY, IGPOTrainer
+from igpo_rewards.integrations.trl.trainer import ANSWER_LOGPROB_KEY, IGPOTrainer
 from igpo_rewards.scoring import outcome_reward, split_ground_truth
 
 __all__ = ["make_outcome_reward_func", "make_search_rollout_func"]
@@ -116,12 +118,6 @@ def _as_retriever(retriever: Any) -> Retriever:
     )
 
 
-def _check_positive(**counts: Any) -> None:
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_trainer(trainer: Any) -> None:
     """Refuses trainers and settings under which this rollout would not be what TRL trains on."""
     if not isinstance(trainer, IGPOTrainer):
@@ -158,16 +154,21 @@ def _batch_answers(trainer: IGPOTrainer, prompts: Sequence[Any], column: str) ->
     """Each prompt's answer aliases, from the dataset rows IGPOTrainer holds for the batch."""
     rows = trainer.igpo_batch_inputs
     if rows is None:
-        raise RuntimeError(
+        raise ValueError(
             "trainer.igpo_batch_inputs is None: the search rollout_func must be called by IGPOTrainer while it "
             "scores a batch (TRL calls rollout_func from _generate_and_score_completions)"
         )
     if len(rows) != len(prompts):
-        raise RuntimeError(f"the batch holds {len(rows)} dataset rows but rollout_func got {len(prompts)} prompts")
+        raise ValueError(
+            f"prompts has {len(prompts)} entries but trainer.igpo_batch_inputs holds {len(rows)} dataset rows; "
+            f"rollout_func must get the prompts of the batch's rows, in order"
+        )
     answers = []
     for index, (row, prompt) in enumerate(zip(rows, prompts)):
         if row.get("prompt") != prompt:
-            raise RuntimeError(f"prompts[{index}] is not the prompt of the batch's row {index}: {prompt!r:.120}")
+            raise ValueError(
+                f"prompts[{index}] is not the 'prompt' of trainer.igpo_batch_inputs[{index}]: {prompt!r:.120}"
+            )
         if column not in row:
             raise ValueError(
                 f"the dataset has no column {column!r} (the ground-truth answers, answers_column=); "
@@ -263,7 +264,8 @@ def make_search_rollout_func(
             or a callable ``(queries, topk)`` returning, per query, ``Document`` objects or
             Search-R1 contents strings (``'"Title"\\ntext'``).
         answers_column: the dataset column holding each row's ground-truth answer aliases.
-        max_turns: the most turns of a rollout (searches plus the answer).
+        max_turns: the most turns of a rollout (searches plus the answer); the same bound as
+            ``IGPOSettings.max_turns``, which, when set, must be at least this.
         max_new_tokens: the most tokens generated in one turn.
         topk: documents per search.
         max_context_tokens: the longest prompt + completion; a rollout whose next observation
@@ -278,21 +280,19 @@ def make_search_rollout_func(
         one completion per prompt, in order.
 
     Raises:
-        TypeError / ValueError: a bad retriever or setting, here; at each call, a trainer that is
-        not an ``IGPOTrainer``, ``use_vllm``, ``mask_truncated_completions`` or sampling settings
-        the loop does not apply, a missing answers column, or prompts that are not the batch's.
+        TypeError: a retriever or setting of the wrong type, here; at each call, a trainer that
+        is not an ``IGPOTrainer``.
+        ValueError: a bad setting, here; at each call, ``use_vllm``, ``mask_truncated_completions``
+        or sampling settings the loop does not apply, a missing answers column, or prompts that
+        are not the batch's (each names the field).
     """
     search = _as_retriever(retriever)
-    _check_positive(
-        max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
-        generation_batch_size=generation_batch_size, probe_batch_size=probe_batch_size,
-    )
-    if max_context_tokens is not None:
-        _check_positive(max_context_tokens=max_context_tokens)
-    if probe_layout not in PROBE_LAYOUTS:
-        raise ValueError(f"probe_layout must be one of {PROBE_LAYOUTS}, got {probe_layout!r}")
-    if not isinstance(answers_column, str):
-        raise TypeError(f"answers_column must be a str (a dataset column), got {type(answers_column).__name__}")
+    for name, count in dict(max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
+                            generation_batch_size=generation_batch_size, probe_batch_size=probe_batch_size).items():
+        _checks.check_positive_count(name, count)
+    _checks.check_optional_positive_count("max_context_tokens", max_context_tokens)
+    _checks.check_choice("probe_layout", probe_layout, PROBE_LAYOUTS)
+    _checks.check_str("answers_column", answers_column, what="a str (a dataset column)")
 
     def search_rollout_func(prompts: list[Any], trainer: IGPOTrainer) -> dict[str, Any]:
         _check_trainer(trainer)
@@ -352,8 +352,7 @@ def make_outcome_reward_func(
         TypeError / ValueError: bad settings (here); at each call, a missing column or a ground
         truth that ``igpo_rewards.split_ground_truth`` cannot read.
     """
-    if not isinstance(answers_column, str):
-        raise TypeError(f"answers_column must be a str (a dataset column), got {type(answers_column).__name__}")
+    _checks.check_str("answers_column", answers_column, what="a str (a dataset column)")
     outcome_reward("", "checked", metric=metric, format_penalty=format_penalty, style=style)  # validates the settings
 
     def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:

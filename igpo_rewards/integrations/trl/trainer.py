@@ -1,50 +1,6 @@
-"""IGPO for TRL: ``IGPOTrainer``, a ``GRPOTrainer`` whose advantages are IGPO's per-turn advantages.
-
-TRL has no advantage hook; this trainer lets ``GRPOTrainer._generate_and_score_completions``
-run unchanged (rollouts, reward functions, reference/old log-probs, logging) and then replaces
-its one-scalar-per-completion ``advantages`` [B] with per-token IGPO advantages [B, C]
-(C completion tokens), which TRL's loss accepts as they are.
-
-What it reads from TRL, and how stable each piece is:
-
-* the user's ``rollout_func`` (TRL's documented, experimental contract): IGPOTrainer wraps it
-  and keeps what it returns, so it reads the completions, ``env_mask`` and the probe log-probs
-  exactly as the rollout produced them;
-* ``GRPOTrainer._calculate_rewards``: the rewards of the whole batch, gathered over processes;
-* ``GRPOTrainer._generate_and_score_completions``, a private method, whose ``advantages`` it
-  replaces;
-* ``GRPOTrainer._prepare_inputs``, a private method, which shuffles each round's rollouts
-  (``trl.trainer.grpo_trainer.shuffle_sequence_dict``) before splitting them into the round's
-  ``steps_per_generation`` optimizer steps: IGPOTrainer swaps in, for the duration of that call,
-  a shuffle that moves whole groups, so every optimizer step trains on complete groups (as verl's
-  and the reference trainer's minibatches do). IGPO's advantages are normalized within a group,
-  so a whole group's advantages are their own baseline inside one step; TRL's row shuffle splits
-  groups across steps, and on the docs' CPU run that cost 2.6 held-out EM points over five seeds
-  (docs/integrations/trl.md). Because of these private methods, IGPOTrainer checks the TRL version
-  when it is built and refuses any outside :data:`SUPPORTED_TRL_VERSIONS`, the range pyproject's
-  ``trl`` extra declares and the tests run at both ends.
-
-What the ``rollout_func`` must return per completion, besides TRL's ``prompt_ids``,
-``completion_ids`` and ``logprobs``:
-
-* ``igpo_answer_logprob``: the n_i probe log-probs m_{i,0..n_i-1}, probe j taken right before
-  turn j (:func:`igpo_rewards.answer_logprob` of the ground-truth answer tokens);
-* ``env_mask`` (TRL's own key): 1 on tokens the model generated, 0 on tool/observation tokens
-  inside the completion. Each maximal run of 1s is one turn, so a completion needs exactly
-  n_i runs. Without ``env_mask`` the whole completion is one turn;
-* optionally ``igpo_turn_index``: the turn (0, 1, ...) of every completion token, -1 for none,
-  when turns are not the runs of ``env_mask`` (e.g. two turns with no observation between).
-
-:func:`make_search_rollout_func` is such a ``rollout_func`` (the Search-R1 loop of
-:mod:`igpo_rewards.agent` with retrieval and probes) and :func:`make_outcome_reward_func` its
-reward function; both live in :mod:`igpo_rewards.integrations.trl_search` and are importable
-from here.
-
-The outcome reward R_i is the weighted sum of the trainer's reward functions (what GRPO
-normalizes). Groups are TRL's: row k of the batch gathered over processes belongs to group
-k // num_generations, so a group may span processes; the per-turn data of all processes is
-gathered, normalized together and each process keeps its own rows.
-"""
+"""``IGPOTrainer``: TRL's ``GRPOTrainer`` with IGPO's per-turn advantages (the package docstring of
+:mod:`igpo_rewards.integrations.trl` says what it reads from TRL and what a ``rollout_func``
+returns; import from there)."""
 
 from __future__ import annotations
 
@@ -54,7 +10,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import trl
 import trl.trainer.grpo_trainer as _trl_grpo
@@ -63,6 +18,7 @@ from packaging.version import Version
 from trl import GRPOTrainer
 
 import igpo_rewards
+from igpo_rewards import _checks
 from igpo_rewards.integrations import IGPOSettings
 
 __all__ = [
@@ -72,9 +28,8 @@ __all__ = [
     "TURN_INDEX_KEY",
     "IGPOTrainer",
     "SplitGroupWarning",
+    "ZeroAdvantageWarning",
     "check_trl_version",
-    "make_outcome_reward_func",
-    "make_search_rollout_func",
     "token_turn_index",
     "whole_group_permutation",
 ]
@@ -158,9 +113,28 @@ def token_turn_index(
         if len(values) != length:
             raise ValueError(f"{name}[{row}] has {len(values)} values but completion {row} has {length} tokens")
         index[row, :length] = torch.as_tensor(list(values), dtype=torch.int64)
+        if turn_index is not None:
+            _check_explicit_turns(row, values)
     if turn_index is None:
         index = igpo_rewards.turn_index_from_response_mask(index.clamp(min=0))
     return index
+
+
+def _check_explicit_turns(row: int, values: Sequence[int]) -> None:
+    """An explicit turn index numbers the completion's turns 0, 1, ..., n - 1 (each with a token), -1 elsewhere."""
+    turns = sorted({int(value) for value in values} - {-1})
+    if turns != list(range(len(turns))):
+        raise ValueError(
+            f"{TURN_INDEX_KEY}[{row}] must number the completion's turns 0, 1, ..., n - 1 (every turn on some token) "
+            f"and -1 on tokens of no turn; got turns {turns[:8]}"
+        )
+
+
+def _num_turns(turn_index: torch.Tensor, explicit: Sequence[Sequence[int]] | None) -> list[int]:
+    """n_i of each completion: the runs of env_mask (``turn_index >= 0``), or the explicit turns."""
+    if explicit is not None:
+        return [len({int(value) for value in values} - {-1}) for values in explicit]
+    return igpo_rewards.num_turns_from_response_mask(turn_index >= 0).tolist()
 
 
 @dataclasses.dataclass
@@ -204,6 +178,16 @@ class SplitGroupWarning(UserWarning):
     """A round's minibatches cannot hold whole groups, so some group is split across optimizer steps."""
 
 
+class ZeroAdvantageWarning(UserWarning):
+    """Every completion of a batch got advantage 0 on every token, so the batch trains nothing.
+
+    The group-normalized turn rewards of every group were all equal (e.g. every completion got
+    the format penalty -2.0, and the probes moved nothing): the policy-gradient loss is 0. A few
+    such batches happen; a run of them means the set-up gives no signal (a malformed-answer
+    policy, a reward function that always returns the same value, or too short completions).
+    """
+
+
 def whole_group_permutation(num_rows: int, group_size: int) -> torch.Tensor:
     """A random order of ``num_rows`` rows that keeps each group of ``group_size`` consecutive rows
     together and in order (one ``torch.randperm`` over the groups, on torch's global generator).
@@ -213,8 +197,10 @@ def whole_group_permutation(num_rows: int, group_size: int) -> torch.Tensor:
         >>> whole_group_permutation(6, 2).tolist()
         [4, 5, 0, 1, 2, 3]
     """
-    if group_size < 1 or num_rows % group_size:
-        raise ValueError(f"num_rows must be a multiple of group_size >= 1, got num_rows={num_rows}, group_size={group_size}")
+    num_rows = _checks.check_count("num_rows", num_rows)
+    group_size = _checks.check_positive_count("group_size", group_size)
+    if num_rows % group_size:
+        raise ValueError(f"num_rows must be a multiple of group_size, got num_rows={num_rows}, group_size={group_size}")
     groups = torch.randperm(num_rows // group_size)
     return (groups[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)
 
@@ -237,10 +223,13 @@ class IGPOTrainer(GRPOTrainer):
     ``environment_factory``) is refused: it would rewrite the completions after the rollout.
 
     Per training batch: R_i = weighted sum of the reward functions; probe log-probs, turn masks
-    and R are gathered over processes; :func:`igpo_rewards.igpo_advantages` runs on the whole
-    batch with ``group_size=num_generations`` (row k is in group k // num_generations); each
-    process broadcasts its rows' turn advantages to their tokens. The result replaces
-    ``advantages`` in the batch TRL trains on ([B_local, C], 0 on environment tokens and padding).
+    and R are gathered over processes (probes padded by :func:`igpo_rewards.pad_turns` to
+    ``igpo_settings.max_turns``, or the most turns of any process);
+    ``igpo_settings.igpo_advantages`` runs on the whole batch with ``group_size=num_generations``
+    (row k is in group k // num_generations); each process broadcasts its rows' turn advantages
+    to their tokens. The result replaces ``advantages`` in the batch TRL trains on ([B_local, C],
+    0 on environment tokens and padding). A batch whose every advantage is 0 (it trains nothing)
+    emits a :class:`ZeroAdvantageWarning` with the count.
 
     ``igpo_batch_inputs``: while TRL scores a batch (so during each ``rollout_func`` call), the
     dataset rows of this process's slice, row i the one of ``prompts[i]``; ``None`` otherwise.
@@ -253,7 +242,8 @@ class IGPOTrainer(GRPOTrainer):
 
     Raises:
       RuntimeError: the installed TRL is outside :data:`SUPPORTED_TRL_VERSIONS`.
-      ValueError: no ``rollout_func``, or ``tools`` / ``environment_factory`` given.
+      ValueError: no ``rollout_func``, or ``tools`` / ``environment_factory`` given; per batch,
+        rollout data that do not match (probes per turn, ``max_turns``, unscored completions).
       TypeError: more positional arguments than ``model`` .. ``optimizers``.
     """
 
@@ -342,14 +332,13 @@ class IGPOTrainer(GRPOTrainer):
     def _igpo_local_turns(self, rollout: _Rollout, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's probe log-probs [B_local, T], turn mask [B_local, T] and token turns [B_local, C].
 
-        T is the largest turn count of any process (or ``igpo_settings.max_turns``), so that
-        every process gathers tensors of the same width.
+        T is ``igpo_settings.max_turns`` (the most turns a completion may have), or else the
+        largest turn count of any process, so that every process gathers tensors of one width.
         """
-        probes = [np.asarray(row, dtype=np.float64).reshape(-1) for row in rollout.answer_logprob]
         turn_index = token_turn_index(rollout.completion_lengths, rollout.env_mask, rollout.turn_index, num_tokens)
-        turns = (turn_index.max(dim=1).values + 1).tolist()
-        counts = [row.size for row in probes]
-        mismatched = [row for row in range(len(probes)) if counts[row] != turns[row]]
+        turns = _num_turns(turn_index, rollout.turn_index)
+        counts = [len(row) for row in rollout.answer_logprob]
+        mismatched = [row for row in range(len(counts)) if counts[row] != turns[row]]
         if mismatched:
             shown = mismatched[:5]
             raise ValueError(
@@ -360,36 +349,28 @@ class IGPOTrainer(GRPOTrainer):
         local_max = torch.tensor([max(counts, default=0)], device=self.accelerator.device)
         widest = int(self.accelerator.gather(local_max).max())
         max_turns = self.igpo_settings.max_turns
-        num_turns = widest if max_turns is None else max_turns
-        if widest > num_turns:
-            raise ValueError(f"a completion has {widest} turns but igpo_settings.max_turns = {num_turns}")
-        answer_logprob = torch.zeros(len(probes), num_turns, dtype=torch.float32)
-        turn_mask = torch.zeros(len(probes), num_turns, dtype=torch.bool)
-        for row, values in enumerate(probes):
-            answer_logprob[row, : values.size] = torch.from_numpy(values).float()
-            turn_mask[row, : values.size] = True
-        return answer_logprob, turn_mask, turn_index
+        if max_turns is not None and widest > max_turns:
+            raise ValueError(
+                f"igpo_settings.max_turns = {max_turns} (the most turns a completion may have), but a completion of "
+                f"this batch has {widest} turns; raise it or cap the rollout's turns"
+            )
+        padded = igpo_rewards.pad_turns(
+            rollout.answer_logprob, max_turns=widest if max_turns is None else max_turns, like=turn_index
+        )
+        return padded.values.to(torch.float32), padded.turn_mask, turn_index
 
     def _igpo_token_advantages(self, num_tokens: int) -> torch.Tensor:
         (rollout,), rewards_per_func = self._igpo_rollouts, self._igpo_rewards_per_func
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        settings = self.igpo_settings
         answer_logprob, turn_mask, turn_index = self._igpo_local_turns(rollout, num_tokens)
         local_rows = answer_logprob.shape[0]
 
         # The whole batch: groups are rows k * G .. k * G + G - 1 of the gathered batch.
         all_logprob = self.accelerator.gather(answer_logprob.to(device))
         all_turn_mask = self.accelerator.gather(turn_mask.to(device))
-        weights = self.reward_weights.to(rewards_per_func.device)
-        outcome = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        unscored = torch.isnan(rewards_per_func).all(dim=1)
-        if bool(unscored.any()):
-            raise ValueError(
-                f"every reward function returned None for completions {torch.nonzero(unscored).flatten()[:5].tolist()} "
-                f"of the batch; IGPO needs an outcome reward for each completion"
-            )
+        outcome = self._igpo_outcome(rewards_per_func)
         total_rows = all_logprob.shape[0]
         if outcome.shape[0] != total_rows or total_rows % num_generations:
             raise ValueError(
@@ -397,16 +378,11 @@ class IGPOTrainer(GRPOTrainer):
                 f"of num_generations = {num_generations}"
             )
         # TRL's sampler yields each prompt num_generations times in a row: contiguous groups.
-        result = igpo_rewards.igpo_advantages(
-            all_logprob,
-            outcome.to(all_logprob),
-            all_turn_mask,
-            group_size=num_generations,
-            gamma=settings.gamma,
-            **settings.reward_kwargs(),
-            **settings.normalization_kwargs(),
+        result = self.igpo_settings.igpo_advantages(
+            all_logprob, outcome.to(all_logprob), all_turn_mask, group_size=num_generations
         )
         self._igpo_log(mode, result.information_gain, all_turn_mask)
+        self._warn_if_no_signal(result.advantages, outcome, num_generations)
 
         start = self.accelerator.process_index * local_rows
         local_advantages = result.advantages[start : start + local_rows]
@@ -414,22 +390,38 @@ class IGPOTrainer(GRPOTrainer):
             local_advantages, turn_index.to(local_advantages.device), turn_mask=turn_mask.to(local_advantages.device)
         )
 
+    def _igpo_outcome(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """R_i [B]: the weighted sum of the reward functions (what GRPO normalizes) of every completion."""
+        weights = self.reward_weights.to(rewards_per_func.device)
+        unscored = torch.isnan(rewards_per_func).all(dim=1)
+        if bool(unscored.any()):
+            raise ValueError(
+                f"every reward function returned None for completions {torch.nonzero(unscored).flatten()[:5].tolist()} "
+                f"of the batch; IGPO needs an outcome reward for each completion"
+            )
+        return (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+
+    def _warn_if_no_signal(self, advantages: torch.Tensor, outcome: torch.Tensor, num_generations: int) -> None:
+        """ZeroAdvantageWarning when every completion of the batch has advantage 0 (the step trains nothing)."""
+        if bool(advantages.any()):
+            return
+        rows = advantages.shape[0]
+        distinct = torch.unique(outcome).tolist()
+        rewards = f"every outcome reward is {distinct[0]:g}" if len(distinct) == 1 else f"outcome rewards {distinct[:6]}"
+        warnings.warn(
+            f"IGPOTrainer: all {rows} completions of this batch ({rows // num_generations} groups of "
+            f"num_generations = {num_generations}) have advantage 0 on every token: within each group every turn "
+            f"reward is the same ({rewards}), so this step's policy-gradient loss is 0 and it learns nothing. A run of "
+            f"such batches means the set-up gives no signal: check the reward function and that completions can "
+            f"reach a well-formed answer",
+            ZeroAdvantageWarning,
+            stacklevel=2,
+        )
+
     def _igpo_log(self, mode: str, information_gain: torch.Tensor, turn_mask: torch.Tensor) -> None:
         """Adds igpo/turns_mean and igpo/information_gain_mean (non-final turns) to TRL's metrics."""
-        last_turn = turn_mask.sum(dim=1, keepdim=True) - 1
-        positions = torch.arange(turn_mask.shape[1], device=turn_mask.device)[None, :]
-        non_final = turn_mask & (positions < last_turn)
+        non_final = turn_mask & ~igpo_rewards.final_turn_mask(turn_mask, validate=False)
         self._metrics[mode]["igpo/turns_mean"].append(turn_mask.sum(dim=1).float().mean().item())
         self._metrics[mode]["igpo/information_gain_mean"].append(
             information_gain[non_final].float().mean().item() if bool(non_final.any()) else 0.0
         )
-
-
-def __getattr__(name: str) -> Any:
-    """``make_search_rollout_func`` and ``make_outcome_reward_func`` from :mod:`.trl_search` (which
-    imports this module, so it is imported on first use rather than at the top)."""
-    if name in ("make_search_rollout_func", "make_outcome_reward_func"):
-        from igpo_rewards.integrations import trl_search
-
-        return getattr(trl_search, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
