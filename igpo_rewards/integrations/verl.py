@@ -61,6 +61,10 @@ ESTIMATOR_NAME = "igpo"
 """The name verl's ``algorithm.adv_estimator`` takes."""
 CONFIG_KEY = "igpo"
 """The hyperparameters live under ``algorithm.igpo``."""
+PROBE_MODE_KEY = "probe_mode"
+"""``algorithm.igpo.probe_mode``: where the agent loop's probes are scored (``actor`` or ``server``,
+unset: ``actor`` where supported); a verl-side key, read by ``verl_actor.probe_mode_from_config``
+and not one of :class:`IGPOSettings`' fields."""
 ANSWER_LOGPROB_KEY = "igpo_answer_logprob"
 """The ``non_tensor_batch`` column (an agent loop's ``extra_fields`` key) holding each rollout's probe log-probs."""
 ENTRY_POINT_GROUP = "verl.plugins"
@@ -96,6 +100,8 @@ def settings_from_config(config: Any) -> IGPOSettings:
     if config is None or isinstance(config, IGPOSettings):
         return IGPOSettings.from_mapping(config)
     section = config.get(CONFIG_KEY, None) if hasattr(config, "get") else getattr(config, CONFIG_KEY, None)
+    if section is not None and hasattr(section, "items"):
+        section = {key: value for key, value in section.items() if key != PROBE_MODE_KEY}
     try:
         return IGPOSettings.from_mapping(section)
     except (ValueError, TypeError) as error:
