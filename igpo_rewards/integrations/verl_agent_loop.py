@@ -4,6 +4,13 @@ verl >= 0.9 imports this module through the ``verl.plugins`` entry point ``igpo_
 igpo-rewards declares, which registers :class:`IGPOToolAgentLoop` in verl's agent-loop registry:
 ``actor_rollout_ref.rollout.agent.default_agent_loop=igpo_tool_agent`` needs no file of the user's.
 
+Where the probes are scored is ``algorithm.igpo.probe_mode`` (``verl_actor.probe_mode_from_config``):
+``actor`` (the default where verl's actor supports it) records only the probe plan of each
+trajectory (``verl_actor.ACTOR_PROBES_KEY``: where each turn starts, the suffix's token ids and
+answer span, the reward settings) and leaves ``rm_scores`` in verl's layout: the actor scores
+the probes in its old-log-prob pass and writes the turn rewards (``igpo_rewards.integrations.verl_actor``).
+``server`` scores them on the rollout server, as follows.
+
 Before each assistant turn j (docs/algorithm.md, section 1) the loop sends the probe sequence
 
     context_j (the prompt, or everything up to the end of observation j-1) + probe suffix
@@ -51,6 +58,7 @@ from igpo_rewards.agent.probes import ProbeSuffix, build_probe_suffix
 from igpo_rewards.agent.protocol import PROBE_TEMPLATE
 from igpo_rewards.integrations import IGPOSettings
 from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, igpo_token_scores, settings_from_config
+from igpo_rewards.integrations.verl_actor import ACTOR_PROBES_KEY, actor_probe_plan, probe_mode_from_config
 
 __all__ = [
     "AGENT_LOOP_NAME",
@@ -171,6 +179,10 @@ class IGPOAgentLoopOutput(AgentLoopOutput):
 
     def as_dict(self) -> dict[str, Any]:
         fields = super().as_dict()
+        plan = fields["extra_fields"].pop(ACTOR_PROBES_KEY, None)
+        if plan is not None:  # actor mode: the actor's old-log-prob pass reads the plan and writes rm_scores
+            fields[ACTOR_PROBES_KEY] = plan
+            return fields
         if "rm_scores" in fields and not self._outcome_only:
             fields["rm_scores"] = self.turn_reward_scores(fields["response_mask"])
         return fields
@@ -212,6 +224,7 @@ class IGPOToolAgentLoop(ToolAgentLoop):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.igpo_settings = settings_from_config(self.config.get("algorithm"))
+        self.igpo_probe_mode = probe_mode_from_config(self.config)
         self._probes: _Probes | None = None  # verl builds one agent loop per trajectory
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> IGPOAgentLoopOutput:
@@ -223,7 +236,8 @@ class IGPOToolAgentLoop(ToolAgentLoop):
     async def _handle_generating_state(
         self, agent_data: AgentData, sampling_params: dict[str, Any], ignore_termination: bool = False
     ) -> AgentState:
-        await self._probe(agent_data)
+        if self.igpo_probe_mode == "server":
+            await self._probe(agent_data)
         self._probes.turn_starts.append(len(agent_data.response_mask))
         return await super()._handle_generating_state(agent_data, sampling_params, ignore_termination)
 
@@ -257,6 +271,11 @@ class IGPOToolAgentLoop(ToolAgentLoop):
                 f"igpo_tool_agent: response_mask has runs of 1s starting at {run_starts} but the "
                 f"assistant turns started at {probes.turn_starts}; each turn must be exactly one run of 1s"
             )
+        if self.igpo_probe_mode == "actor":
+            output.extra_fields[ACTOR_PROBES_KEY] = actor_probe_plan(
+                prompt_length=len(output.prompt_ids), turn_starts=[probes.turn_starts[turn] for turn in kept],
+                suffix=probes.suffix, settings=self.igpo_settings)
+            return IGPOAgentLoopOutput.from_output(output, self.igpo_settings)
         output.extra_fields[ANSWER_LOGPROB_KEY] = [probes.values[turn] for turn in kept]
         output.extra_fields[PROBE_TOKENS_KEY] = probes.prefill_tokens
         _widen_weight_versions(output.extra_fields, probes.global_steps)

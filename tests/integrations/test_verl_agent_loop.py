@@ -102,10 +102,11 @@ def legacy_input(policy) -> DataProto:
     return batch
 
 
-def run_legacy(setup, loop, *, agent_loop: str, worker_class):
+def run_legacy(setup, loop, *, agent_loop: str, worker_class, probe_mode: str = "server"):
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    config = harness.verl_config(setup.policy, setup.tool_config, agent_loop=agent_loop, use_v1=False, n=GROUP_SIZE)
+    config = harness.verl_config(setup.policy, setup.tool_config, agent_loop=agent_loop, use_v1=False, n=GROUP_SIZE,
+                                 probe_mode=probe_mode)
     server = make_server(setup.policy)
     client = harness.local_server_client(config, server)
     rewards = harness.InProcessActor(RewardLoopWorker(config))
@@ -513,6 +514,7 @@ def _finished(turn_starts, response_mask, values, steps=()):
     """IGPOToolAgentLoop._finish on a hand-made trajectory (no server needed)."""
     loop = IGPOToolAgentLoop.__new__(IGPOToolAgentLoop)
     loop.igpo_settings = igpo_verl.IGPOSettings()
+    loop.igpo_probe_mode = "server"
     loop._probes = _Probes(suffix=None, values=list(values), turn_starts=list(turn_starts), prefill_tokens=42,
                            global_steps=list(steps))
     output = AgentLoopOutput(prompt_ids=[1, 2], response_ids=list(range(len(response_mask))),
@@ -682,3 +684,139 @@ def test_probe_cost_server_side_versus_actor_side(legacy, setup):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "verl_probe_cost.json"), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Actor mode (algorithm.igpo.probe_mode=actor): the probes scored in the actor's old-log-prob pass
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def actor_legacy(setup, event_loop_for_verl):
+    """igpo_tool_agent in actor mode through the legacy worker: probe plans in the rows, no probe requests."""
+    return run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker,
+                      probe_mode="actor")
+
+
+@pytest.fixture(scope="module")
+def actor_worker(setup):
+    """verl's actor worker (``ActorRolloutRefWorker(role="actor")``, fsdp2, remove-padding) on CPU,
+    loaded from the policy's saved weights (tests/integrations/verl_cpu_engine.py)."""
+    from . import verl_cpu_engine
+
+    with verl_cpu_engine.cpu_actor_environment():
+        config = verl_cpu_engine.actor_config(setup.policy.path, remove_padding=True, micro_batch_size=4)
+        yield verl_cpu_engine.actor_worker(config)
+
+
+def advantages_by_trajectory(data: DataProto, uids=None) -> dict:
+    """(uid, token ids) -> (rm_scores row, advantages row) over the response, for a legacy batch."""
+    out = data
+    uids = out.non_tensor_batch["uid"] if uids is None else uids
+    table = {}
+    for row in range(len(out)):
+        path = trajectory(out, row)
+        size = len(path.token_ids) - path.prompt_length
+        table[(str(uids[row]), tuple(path.token_ids))] = (out.batch["token_level_rewards"][row, :size].numpy(),
+                                                          out.batch["advantages"][row, :size].numpy())
+    return table
+
+
+def legacy_advantages(data: DataProto, config) -> DataProto:
+    """RayPPOTrainer.fit from the reward on (extract_reward -> token_level_rewards -> compute_advantage)."""
+    reward_tensor, _ = extract_reward(data)
+    data.batch["token_level_scores"] = reward_tensor
+    data.batch["token_level_rewards"] = reward_tensor
+    algorithm = config.algorithm
+    return compute_advantage(data, adv_estimator=algorithm.adv_estimator, gamma=algorithm.gamma, lam=algorithm.lam,
+                             num_repeat=GROUP_SIZE, config=algorithm)
+
+
+def test_actor_mode_rollouts_send_no_probe_and_carry_probe_plans(actor_legacy, legacy, setup):
+    from igpo_rewards.integrations.verl_actor import ACTOR_PROBES_KEY
+
+    out = actor_legacy.output
+    assert actor_legacy.server.log.requests["prompt_logprobs"] == 0 < actor_legacy.server.log.requests["generate"]
+    assert igpo_verl.ANSWER_LOGPROB_KEY not in out.non_tensor_batch and PROBE_TOKENS_KEY not in out.non_tensor_batch
+    for row in range(len(out)):
+        path = trajectory(out, row)
+        plan = out.non_tensor_batch[ACTOR_PROBES_KEY][row]
+        suffix = build_probe_suffix(setup.policy.tokenizer, path.answer)
+        assert plan["turn_starts"] == path.turn_starts
+        assert plan["suffix_ids"] == list(suffix.token_ids)
+        assert plan["answer_span"] == [suffix.answer_start, suffix.answer_end]
+        scores = out.batch["rm_scores"][row].numpy()  # verl's layout until the old-log-prob pass: R at the last token
+        size = len(path.token_ids) - path.prompt_length
+        assert np.flatnonzero(scores).tolist() in ([], [size - 1])
+        assert scores[size - 1] == pytest.approx(float(out.non_tensor_batch["acc"][row]))
+    # the same trajectories as server mode (the harness server seeds each request by its prompt)
+    server = sorted(tuple(trajectory(legacy.output, row).token_ids) for row in range(len(legacy.output)))
+    assert sorted(tuple(trajectory(out, row).token_ids) for row in range(len(out))) == server
+
+
+def test_actor_mode_legacy_advantages_equal_server_modes(actor_legacy, legacy, actor_worker):
+    """Legacy trainer: RayPPOTrainer._compute_old_log_prob (wrapped by verl_actor) runs verl's actor
+    worker, whose pass scores the probes and writes the turn rewards into the reward tensor ``fit``
+    took; the rewards and advantages equal server mode's on the same trajectories."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    out = actor_legacy.output
+    batch = DataProto(batch=out.batch.clone(), non_tensor_batch=dict(out.non_tensor_batch), meta_info=dict(out.meta_info))
+    batch.meta_info.update(temperature=1.0, global_token_num=batch.batch["attention_mask"].sum(-1).tolist())
+    reward_tensor, _ = extract_reward(batch)
+    RayPPOTrainer._compute_old_log_prob(SimpleNamespace(config=actor_legacy.config, actor_rollout_wg=actor_worker), batch)
+    assert reward_tensor.data_ptr() == batch.batch["rm_scores"].data_ptr()
+    actor = advantages_by_trajectory(legacy_advantages(batch, actor_legacy.config))
+    server_data = DataProto(batch=legacy.output.batch.clone(), non_tensor_batch=dict(legacy.output.non_tensor_batch))
+    server = advantages_by_trajectory(legacy_advantages(server_data, legacy.config))
+    assert actor.keys() == server.keys()
+    for key, (rewards, advantages) in actor.items():
+        np.testing.assert_allclose(rewards, server[key][0], rtol=0, atol=PROBE_TOLERANCE)
+        np.testing.assert_allclose(advantages, server[key][1], rtol=0, atol=1e-3)
+    assert sum(np.count_nonzero(rewards) > 1 for rewards, _ in actor.values()) > 0  # information gains reached rm_scores
+
+
+def test_actor_mode_v1_advantages_equal_server_modes(v1, legacy, actor_worker, setup, event_loop_for_verl):
+    """V1 trainer: rows stored by verl's AgentLoopWorkerTQ in actor mode; PPOTrainer._compute_old_log_prob
+    calls the actor worker with the TransferQueue batch (verl's tqbridge fetches every field and writes
+    the pass's outputs back, rm_scores included); PPOTrainer._compute_advantage then gives server
+    mode's advantages on the same trajectories."""
+    from transfer_queue import KVBatchMeta
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils import tensordict_utils
+
+    config = harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=True,
+                                 n=GROUP_SIZE, probe_mode="actor")
+    client = harness.local_server_client(config, make_server(setup.policy))
+    worker = AgentLoopWorkerTQ.__ray_actor_class__(config, client, None, [harness.InProcessActor(RewardLoopWorker(config))])
+    rows = harness.dataset_rows(setup.policy.examples)
+    for row in rows:
+        row["uid"] = f"actor_{row['uid']}"
+    prompts = tensordict_utils.get_tensordict({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
+    tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+
+    async def generate():
+        await worker.generate_sequences(prompts)
+        while worker.background_tasks:
+            await asyncio.gather(*list(worker.background_tasks))
+
+    event_loop_for_verl.run_until_complete(generate())
+    keys = [f"{row['uid']}_{session}_0" for row in rows for session in range(GROUP_SIZE)]
+    tags = v1.tq.kv_list("train")["train"]
+    batch = KVBatchMeta(keys=keys, partition_id="train", tags=[tags[key] for key in keys])
+    trainer = SimpleNamespace(config=config, actor_rollout_wg=actor_worker)
+    PPOTrainer._compute_old_log_prob(trainer, batch, {})
+    PPOTrainer._compute_advantage(SimpleNamespace(config=config), batch, {})
+
+    data = v1.tq.kv_batch_get(keys=keys, partition_id="train",
+                              select_fields=["advantages", "rm_scores", "prompts", "responses", "uid"])
+    server_data = DataProto(batch=legacy.output.batch.clone(), non_tensor_batch=dict(legacy.output.non_tensor_batch))
+    server = advantages_by_trajectory(legacy_advantages(server_data, legacy.config))
+    rm_scores = list(data["rm_scores"].unbind())
+    advantages = list(data["advantages"].unbind())
+    for row, (prompt, response) in enumerate(zip(data["prompts"].unbind(), data["responses"].unbind())):
+        key = (str(list(data["uid"])[row]).removeprefix("actor_"), tuple(prompt.tolist() + response.tolist()))
+        np.testing.assert_allclose(rm_scores[row].numpy(), server[key][0], rtol=0, atol=PROBE_TOLERANCE)
+        np.testing.assert_allclose(advantages[row].numpy(), server[key][1], rtol=0, atol=1e-3)
