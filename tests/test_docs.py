@@ -153,6 +153,7 @@ THIRD_PARTY_CLASSES = {
     "AgentLoopWorker": "verl.experimental.agent_loop.agent_loop.AgentLoopWorker",
     "LLMServerClient": "verl.workers.rollout.llm_server.LLMServerClient",
     "PPOTrainer": "verl.trainer.ppo.v1.trainer_base.PPOTrainer",
+    "RayPPOTrainer": "verl.trainer.ppo.ray_trainer.RayPPOTrainer",
 }
 EXAMPLE_OBJECTS = {"settings": "igpo_rewards.IGPOSettings"}
 DOTTED_NAME = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\(.*\))?(?:\[.*\])?", flags=re.S)

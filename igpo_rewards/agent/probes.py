@@ -749,6 +749,7 @@ class CachedProbeForward(NamedTuple):
         answer_logprob: [B, T] float32, ``igpo_rewards.answer_logprob(probe_logprobs, probe_mask)``.
         query_tokens: the query slots the probe forwards computed (padding included).
         probe_tokens: the ideal: sum_b n_b * P_b, the probe tokens themselves.
+        forwards: how many forwards (groups) that took.
     """
 
     probe_logprobs: torch.Tensor
@@ -756,6 +757,7 @@ class CachedProbeForward(NamedTuple):
     answer_logprob: torch.Tensor
     query_tokens: int
     probe_tokens: int
+    forwards: int
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -885,7 +887,7 @@ def cached_probe_forward(
     query_tokens = sum(group.input_ids.numel() for group in groups)
     probe_tokens = int((turn_mask.sum(dim=1) * suffixes.lengths).sum())
     return CachedProbeForward(probe_logprobs, probe_mask, igpo_rewards.answer_logprob(probe_logprobs, probe_mask),
-                              query_tokens, probe_tokens)
+                              query_tokens, probe_tokens, len(groups))
 
 
 def _score_group(model: PreTrainedModel, cache: object, key_rows: torch.Tensor, key_offsets: torch.Tensor, group: CachedProbeGroup) -> torch.Tensor:

@@ -102,45 +102,63 @@ def actor_mode_problems(config: Any) -> list[str]:
 
     Checked: the verl release, the ``igpo_actor`` plugin being installed and enabled, the actor
     strategy (FSDP: fsdp, fsdp2), Ulysses sequence parallelism, fused kernels, rollout-correction
-    bypass mode (no old-log-prob pass), and that verl's engine registry, on this process's
-    platform, builds the probe engine.
+    bypass mode (no old-log-prob pass), that verl's engine registry, on this process's platform,
+    builds the probe engine, and (legacy trainer) that its old-log-prob step is wrapped. The
+    answer is computed once per process for each combination of these.
     """
     import verl
+    from verl.utils.device import get_vendor
 
+    parallel = max(int(_select(config, "actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1),
+                   int(_select(config, "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size", 1) or 1))
+    return list(_problems(
+        verl.__version__, _select(config, "actor_rollout_ref.actor.strategy"), parallel,
+        bool(_select(config, "actor_rollout_ref.model.use_fused_kernels", False)),
+        bool(_select(config, "algorithm.rollout_correction.bypass_mode", False)),
+        bool(_select(config, "trainer.use_v1", True)),
+        tuple(os.getenv(name) for name in ("VERL_USE_EXTERNAL_PLUGINS", "VERL_ENGINE_DEVICE", "VERL_ENGINE_VENDOR")),
+        (get_device_name(), get_vendor()),
+    ))
+
+
+@functools.lru_cache(maxsize=64)
+def _problems(version: str, strategy: Any, parallel: int, fused: bool, bypass: bool, v1: bool,
+              environment: tuple, platform: tuple) -> tuple[str, ...]:
+    del environment, platform  # read again below; part of the cache key
     problems = []
-    if verl.__version__ != SUPPORTED_VERL_VERSION:
+    if version != SUPPORTED_VERL_VERSION:
         problems.append(
-            f"verl {verl.__version__} is installed: the actor's probe engine and the legacy trainer's hook are written "
+            f"verl {version} is installed: the actor's probe engine and the legacy trainer's hook are written "
             f"against verl {SUPPORTED_VERL_VERSION} (pip install 'verl=={SUPPORTED_VERL_VERSION}')"
         )
     plugin = _plugin_problem()
     if plugin:
         problems.append(plugin)
-    strategy = _select(config, "actor_rollout_ref.actor.strategy")
     if strategy not in ENGINE_KEY["backend"]:
         problems.append(f"actor_rollout_ref.actor.strategy={strategy!r}: the probe engine is verl's FSDP engine (fsdp, fsdp2)")
-    parallel = max(int(_select(config, "actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1),
-                   int(_select(config, "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size", 1) or 1))
     if parallel > 1:
         problems.append(
             f"actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size={parallel}: Ulysses sequence parallelism "
             "splits every trajectory's tokens (so its KV cache) across the group's ranks, and a probe copy needs its whole "
             "context; the probe pass would need Ulysses' all-to-all over the cache"
         )
-    if _select(config, "actor_rollout_ref.model.use_fused_kernels", False):
+    if fused:
         problems.append("actor_rollout_ref.model.use_fused_kernels=True: the fused kernels return log-probs without logits "
                         "or a KV cache")
-    if _select(config, "algorithm.rollout_correction.bypass_mode", False):
+    if bypass:
         problems.append("algorithm.rollout_correction.bypass_mode=True: verl skips the old-log-prob pass, where the actor "
                         "scores the probes")
-    if strategy in ENGINE_KEY["backend"] and not issubclass(EngineRegistry.get_engine_cls("language_model", strategy),
-                                                             IGPOFSDPEngineWithLMHead):
-        problems.append(
-            f"verl's engine registry builds {EngineRegistry.get_engine_cls('language_model', strategy).__name__} on this "
-            f"platform (device {os.getenv('VERL_ENGINE_DEVICE') or get_device_name()!r}); the probe engine is registered "
-            "for NVIDIA CUDA (device 'cuda', vendor 'nvidia')"
-        )
-    return problems
+    if strategy in ENGINE_KEY["backend"]:
+        engine = EngineRegistry.get_engine_cls(ENGINE_KEY["model_type"], strategy)
+        if not issubclass(engine, IGPOFSDPEngineWithLMHead):
+            problems.append(
+                f"verl's engine registry builds {engine.__name__} on this platform (device "
+                f"{os.getenv('VERL_ENGINE_DEVICE') or get_device_name()!r}); the probe engine is registered for NVIDIA "
+                "CUDA (device 'cuda', vendor 'nvidia')"
+            )
+    if not v1 and version == SUPPORTED_VERL_VERSION and not patch_legacy_old_log_prob():
+        problems.append("trainer.use_v1=False: the legacy trainer's old-log-prob step could not be wrapped")
+    return tuple(problems)
 
 
 def _plugin_problem() -> str | None:
@@ -358,7 +376,8 @@ class IGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             raise RuntimeError(f"the model's forward returned no KV cache (use_cache=True): {type(self.module).__name__}")
         probes = self._probe_pass(micro_batch, kept.pop("cache"), plans, packed=packed)
         output["model_output"].update(self._rewards(micro_batch, plans, probes))
-        output["metrics"].update({"igpo/probe_query_tokens": probes.query_tokens, "igpo/probe_tokens": probes.probe_tokens})
+        output["metrics"].update({"igpo/probe_query_tokens": probes.query_tokens, "igpo/probe_tokens": probes.probe_tokens,
+                                  "igpo/probe_forwards": probes.forwards})
         return loss, output
 
     def _check_probe_pass(self, micro_batch: Any) -> None:

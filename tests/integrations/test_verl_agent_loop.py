@@ -772,7 +772,7 @@ def test_actor_mode_legacy_advantages_equal_server_modes(actor_legacy, legacy, a
     assert actor.keys() == server.keys()
     for key, (rewards, advantages) in actor.items():
         np.testing.assert_allclose(rewards, server[key][0], rtol=0, atol=PROBE_TOLERANCE)
-        np.testing.assert_allclose(advantages, server[key][1], rtol=0, atol=1e-3)
+        np.testing.assert_allclose(advantages, server[key][1], rtol=0, atol=PROBE_TOLERANCE)
     assert sum(np.count_nonzero(rewards) > 1 for rewards, _ in actor.values()) > 0  # information gains reached rm_scores
 
 
@@ -819,4 +819,4 @@ def test_actor_mode_v1_advantages_equal_server_modes(v1, legacy, actor_worker, s
     for row, (prompt, response) in enumerate(zip(data["prompts"].unbind(), data["responses"].unbind())):
         key = (str(list(data["uid"])[row]).removeprefix("actor_"), tuple(prompt.tolist() + response.tolist()))
         np.testing.assert_allclose(rm_scores[row].numpy(), server[key][0], rtol=0, atol=PROBE_TOLERANCE)
-        np.testing.assert_allclose(advantages[row].numpy(), server[key][1], rtol=0, atol=1e-3)
+        np.testing.assert_allclose(advantages[row].numpy(), server[key][1], rtol=0, atol=PROBE_TOLERANCE)

@@ -9,7 +9,7 @@ What it takes, and nothing else:
 * ``VERL_ENGINE_DEVICE=cuda`` / ``VERL_ENGINE_VENDOR=nvidia``: verl's own overrides of the engine
   registry's lookup, so the registry returns the engines it returns on an NVIDIA GPU (the probe
   engine under (cuda, nvidia));
-* a one-process gloo group (FSDP needs a process group);
+* a one-process gloo group over a file store (FSDP needs a process group);
 * fp32 weights and mixed precision, no torch.compile, SDPA attention (no flash-attn on CPU);
 * ``verl.models.transformers.monkey_patch.is_trl_available`` answering False: verl 0.9.1 then
   imports ``AutoModelForCausalLMWithValueHead`` from TRL, which TRL 1.x no longer has (this venv
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,22 +140,27 @@ class CPUPlatform(PlatformBase):
 
 @contextlib.contextmanager
 def cpu_actor_environment(port: int = 29571) -> Iterator[None]:
-    """The CPU platform, the engine-registry overrides and a gloo group, restored on exit (the
-    process group stays: torch allows one default group per process)."""
+    """The CPU platform, the engine-registry overrides and a one-process gloo group (over a file
+    store: no port, so parallel test processes do not collide), all undone on exit."""
     from verl.models.transformers import monkey_patch
 
     saved_env = {key: os.environ.get(key) for key in (*ENVIRONMENT, "MASTER_PORT")}
     saved_platform = platform_manager._current_platform
     saved_trl = monkey_patch.is_trl_available
     os.environ.update(ENVIRONMENT)
-    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("MASTER_PORT", str(port))  # read by verl's Worker; no store listens on it
     platform_manager._current_platform = CPUPlatform()
     monkey_patch.is_trl_available = lambda: False
+    created = not torch.distributed.is_initialized()
     try:
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-        yield
+        with tempfile.TemporaryDirectory() as directory:
+            if created:
+                store = torch.distributed.FileStore(os.path.join(directory, "store"), 1)
+                torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+            yield
     finally:
+        if created and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         monkey_patch.is_trl_available = saved_trl
         platform_manager._current_platform = saved_platform
         for key, value in saved_env.items():
