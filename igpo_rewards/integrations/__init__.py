@@ -4,7 +4,9 @@
   through the ``verl.plugins`` entry point), the helpers that write turn rewards into
   ``rm_scores``, and the outcome reward function ``compute_score``. Needs ``pip install igpo-rewards[verl]``.
 - :mod:`igpo_rewards.integrations.verl_agent_loop`: verl's agent loop ``"igpo_tool_agent"`` (the
-  tool agent loop plus the probe before every turn, scored by the rollout server);
+  tool agent loop plus the probe before every turn); :mod:`igpo_rewards.integrations.verl_actor`
+  scores those probes in the actor's old-log-prob pass (actor mode, verl 0.9.1; else the rollout
+  server scores them);
   :mod:`igpo_rewards.integrations.verl_manager` carries its turn rewards through the legacy
   trainer; :mod:`igpo_rewards.integrations.verl_search` is a Search-R1 ``/retrieve`` search tool.
 - :mod:`igpo_rewards.integrations.trl` (a package: ``trainer`` and ``search``, imported in that
