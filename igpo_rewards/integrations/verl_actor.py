@@ -205,7 +205,14 @@ def probe_mode_from_config(config: Any) -> str:
 # --- the probe plan a trajectory carries ------------------------------------------------------------
 
 
-def actor_probe_plan(*, prompt_length: int, turn_starts: Sequence[int], suffix: ProbeSuffix, settings: IGPOSettings) -> dict[str, Any]:
+def actor_probe_plan(
+    *,
+    prompt_length: int,
+    turn_starts: Sequence[int],
+    suffix: ProbeSuffix,
+    settings: IGPOSettings,
+    probe_token_limit: int | None = None,
+) -> dict[str, Any]:
     """One trajectory's probe plan (what the agent loop stores under ``ACTOR_PROBES_KEY``).
 
     Args:
@@ -213,10 +220,14 @@ def actor_probe_plan(*, prompt_length: int, turn_starts: Sequence[int], suffix: 
       turn_starts: where each kept turn starts in the response (one per run of 1s of its mask).
       suffix: the probe suffix (the first alias of the ground truth).
       settings: the reward settings (``kind``, weights, floor, ``max_turns``).
+      probe_token_limit: the longest probe (context + suffix) that is scored, as in server mode
+        (the rollout server's context); a longer one repeats the last scored value (IG 0), or
+        is -inf when none was scored. None: no limit.
 
     Returns:
-      ``{"turn_starts": [...], "suffix_ids": [...], "answer_span": [start, end], "settings": {...}}``,
-      turn starts counted in prompt + response: probe j sees the first ``turn_starts[j]`` tokens.
+      ``{"turn_starts": [...], "suffix_ids": [...], "answer_span": [start, end], "settings": {...},
+      "probe_token_limit": ...}``, turn starts counted in prompt + response: probe j sees the first
+      ``turn_starts[j]`` tokens.
 
     Example:
       >>> plan = actor_probe_plan(prompt_length=5, turn_starts=[0, 7], settings=IGPOSettings(),
@@ -229,6 +240,7 @@ def actor_probe_plan(*, prompt_length: int, turn_starts: Sequence[int], suffix: 
         "suffix_ids": [int(token) for token in suffix.token_ids],
         "answer_span": [int(suffix.answer_start), int(suffix.answer_end)],
         "settings": dataclasses.asdict(settings),
+        "probe_token_limit": None if probe_token_limit is None else int(probe_token_limit),
     }
 
 
@@ -297,6 +309,27 @@ def actor_turn_rewards(
     scores = igpo_token_scores(answer_logprob.double(), torch.tensor(outcomes, dtype=torch.float64, device=masks.device),
                                masks, turn_mask=turn_mask, config=settings)
     return [scores[row, :length].to(rm_scores[row].dtype).to(rm_scores[row].device) for row, length in enumerate(lengths)]
+
+
+def _scored_probes(plans: list[dict[str, Any]]) -> list[int]:
+    """How many probes of each row are scored: those whose context plus suffix fits the plan's
+    ``probe_token_limit`` (contexts only grow, so a prefix of the turns)."""
+    scored = []
+    for plan in plans:
+        limit, size = plan.get("probe_token_limit"), len(plan["suffix_ids"])
+        scored.append(sum(1 for start in plan["turn_starts"] if limit is None or start + size <= limit))
+    return scored
+
+
+def _with_skipped_probes(answer_logprob: torch.Tensor, scored: list[int], counts: list[int]) -> torch.Tensor:
+    """[B, T] probe values with the skipped probes of each row (turns scored[b] .. counts[b] - 1)
+    repeating the row's last scored value, or -inf when none was scored (server mode's rule)."""
+    width = max(counts)
+    values = torch.nn.functional.pad(answer_logprob, (0, width - answer_logprob.shape[1]))
+    for row, (done, count) in enumerate(zip(scored, counts)):
+        if done < count:
+            values[row, done:count] = values[row, done - 1] if done else float("-inf")
+    return values
 
 
 def _settings(plans: list[dict[str, Any]]) -> IGPOSettings:
@@ -374,10 +407,13 @@ class IGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             loss, output = super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
         if kept.get("cache") is None:
             raise RuntimeError(f"the model's forward returned no KV cache (use_cache=True): {type(self.module).__name__}")
-        probes = self._probe_pass(micro_batch, kept.pop("cache"), plans, packed=packed)
-        output["model_output"].update(self._rewards(micro_batch, plans, probes))
+        scored = _scored_probes(plans)
+        probes = self._probe_pass(micro_batch, kept.pop("cache"), plans, scored, packed=packed)
+        answer_logprob = _with_skipped_probes(probes.answer_logprob.detach(), scored, [len(p["turn_starts"]) for p in plans])
+        output["model_output"].update(self._rewards(micro_batch, plans, answer_logprob))
         output["metrics"].update({"igpo/probe_query_tokens": probes.query_tokens, "igpo/probe_tokens": probes.probe_tokens,
-                                  "igpo/probe_forwards": probes.forwards})
+                                  "igpo/probe_forwards": probes.forwards,
+                                  "igpo/probes_skipped": sum(len(p["turn_starts"]) for p in plans) - sum(scored)})
         return loss, output
 
     def _check_probe_pass(self, micro_batch: Any) -> None:
@@ -394,7 +430,8 @@ class IGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             raise ValueError("actor-mode probes take text models (2-D position ids); this batch has multi-modal "
                              f"(3-D) position ids: set algorithm.igpo.{PROBE_MODE_KEY}=server")
 
-    def _probe_pass(self, micro_batch: Any, cache: Any, plans: list[dict[str, Any]], *, packed: bool) -> Any:
+    def _probe_pass(self, micro_batch: Any, cache: Any, plans: list[dict[str, Any]], scored: list[int], *, packed: bool) -> Any:
+        """The scored probes of the micro-batch (the first ``scored[b]`` of row b) over the cache."""
         device = cache.layers[0].keys.device
         lengths = micro_batch["input_ids"].offsets().diff().tolist()
         starts = [[int(start) for start in plan["turn_starts"]] for plan in plans]
@@ -404,8 +441,8 @@ class IGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             row = outside[0]
             raise ValueError(f"{ACTOR_PROBES_KEY} of row {row}: turn starts {starts[row]} must be 1..{lengths[row]} "
                              f"(the trajectory's tokens), at least one")
-        turn_starts, counts = pad_token_ids(starts, device=device)
-        turn_mask = torch.arange(turn_starts.shape[1], device=device)[None, :] < counts[:, None]
+        turn_starts, _ = pad_token_ids(starts, device=device)
+        turn_mask = torch.arange(turn_starts.shape[1], device=device)[None, :] < torch.tensor(scored, device=device)[:, None]
         suffixes = suffix_table([ProbeSuffix("", tuple(plan["suffix_ids"]), *plan["answer_span"]) for plan in plans],
                                 device=device)
         if packed:  # one cache row: trajectory b's keys start at its offset in the packed sequence
@@ -420,16 +457,15 @@ class IGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             return cached_probe_forward(self.module, cache, turn_starts, turn_mask, suffixes, key_rows=key_rows,
                                         key_offsets=key_offsets, max_padding=MAX_PADDING, pad_token_id=0, dtype=dtype)
 
-    def _rewards(self, micro_batch: Any, plans: list[dict[str, Any]], probes: Any) -> dict[str, torch.Tensor]:
+    def _rewards(self, micro_batch: Any, plans: list[dict[str, Any]], answer_logprob: torch.Tensor) -> dict[str, torch.Tensor]:
         if "rm_scores" not in micro_batch.keys():
             raise ValueError(
                 f"the old-log-prob batch carries {ACTOR_PROBES_KEY} but no rm_scores: actor-mode probes need the outcome "
                 "reward before the old-log-prob pass (verl's streaming reward loop)"
             )
         counts = [len(plan["turn_starts"]) for plan in plans]
-        turn_mask = torch.arange(probes.answer_logprob.shape[1], device=probes.answer_logprob.device)[None, :] < torch.tensor(
-            counts, device=probes.answer_logprob.device)[:, None]
-        answer_logprob = probes.answer_logprob.detach()
+        turn_mask = torch.arange(answer_logprob.shape[1], device=answer_logprob.device)[None, :] < torch.tensor(
+            counts, device=answer_logprob.device)[:, None]
         rewards = actor_turn_rewards(answer_logprob, turn_mask, list(micro_batch["rm_scores"].unbind()),
                                      list(micro_batch["response_mask"].unbind()), _settings(plans))
         values = [answer_logprob[row, :count].float().cpu() for row, count in enumerate(counts)]

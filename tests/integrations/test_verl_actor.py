@@ -262,6 +262,31 @@ def test_actor_rewards_and_advantages_equal_server_modes(policy, cpu_actor):
                                advantages(batch, server, config.algorithm), rtol=0, atol=1e-5)
 
 
+def test_probes_past_the_token_limit_repeat_the_last_value_as_in_server_mode(policy, cpu_actor):
+    """A probe longer than its plan's ``probe_token_limit`` (context + suffix; server mode skips it
+    on the server's context) is not scored: it repeats the row's last scored value, -inf if none."""
+    config = config_for(policy, remove_padding=True, dynamic_bsz=False, micro_batch_size=6)
+    worker = verl_cpu_engine.actor_worker(config)
+    paths = trajectories(policy.tokenizer, IGPOSettings(**SETTINGS))
+    limits = {1: 1, 2: paths.rows[2].starts[1] + len(paths.rows[2].suffix.token_ids)}  # row 1: none fits; row 2: two of four
+    for row, limit in limits.items():
+        paths.rows[row].plan["probe_token_limit"] = limit
+    batch = legacy_batch(paths)
+    output = worker.compute_log_prob(old_log_prob_input(batch))
+
+    server = expected_probes(policy, paths).server
+    server[1] = [float("-inf")]
+    server[2] = server[2][:2] + [server[2][1]] * 2
+    got = [row.tolist() for row in tu.get(output, igpo_verl.ANSWER_LOGPROB_KEY).unbind()]
+    for b in range(len(got)):
+        np.testing.assert_allclose(got[b], server[b], rtol=0, atol=PROBE_TOLERANCE)
+    assert total(tu.get(output, "metrics")["igpo/probes_skipped"]) == 3
+    rm_scores = torch.stack(list(tu.get(output, "rm_scores").unbind()))
+    expected = server_mode_rm_scores(batch, server, [row.outcome for row in paths.rows], config.algorithm)
+    torch.testing.assert_close(rm_scores, expected, rtol=0, atol=1e-5)
+    assert rm_scores[2].nonzero()[:, 0].tolist() == [3, 26]  # turn ends 3, 11, 21, 26: IG, 0, 0, then R
+
+
 def test_without_probe_plans_the_engine_is_verls_own(policy, cpu_actor, monkeypatch):
     """No plan in the batch: the same outputs as verl's own engine (bit for bit), the model never
     asked for a KV cache, no extra outputs."""
