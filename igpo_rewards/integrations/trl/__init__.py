@@ -49,31 +49,48 @@ k // num_generations, so a group may span processes; the per-turn data of all pr
 gathered, normalized together and each process keeps its own rows.
 """
 
-from igpo_rewards.integrations.trl.search import make_outcome_reward_func, make_search_rollout_func
+from igpo_rewards.agent.tool_calls import SearchEnvironment, make_search_tool
 from igpo_rewards.integrations.trl.trainer import (
     ANSWER_LOGPROB_KEY,
+    PROBE_SECONDS_KEY,
+    SUPPORTED_TRANSFORMERS_TOOL_VERSIONS,
+    SUPPORTED_TRL_TOOL_VERSIONS,
     SUPPORTED_TRL_VERSIONS,
+    TESTED_TRL_TOOL_VERSIONS,
     TESTED_TRL_VERSIONS,
     TURN_INDEX_KEY,
     IGPOTrainer,
     SplitGroupWarning,
     ZeroAdvantageWarning,
+    check_tool_loop_versions,
     check_trl_version,
     token_turn_index,
+    turn_starts_from_tool_mask,
     whole_group_permutation,
 )
+from igpo_rewards.integrations.trl.tools import use_search_r1_tool_protocol
+from igpo_rewards.integrations.trl.search import make_outcome_reward_func, make_search_rollout_func
 
 __all__ = [
     "ANSWER_LOGPROB_KEY",
+    "PROBE_SECONDS_KEY",
+    "SUPPORTED_TRANSFORMERS_TOOL_VERSIONS",
+    "SUPPORTED_TRL_TOOL_VERSIONS",
     "SUPPORTED_TRL_VERSIONS",
+    "TESTED_TRL_TOOL_VERSIONS",
     "TESTED_TRL_VERSIONS",
     "TURN_INDEX_KEY",
     "IGPOTrainer",
+    "SearchEnvironment",
     "SplitGroupWarning",
     "ZeroAdvantageWarning",
+    "check_tool_loop_versions",
     "check_trl_version",
     "make_outcome_reward_func",
     "make_search_rollout_func",
+    "make_search_tool",
     "token_turn_index",
+    "turn_starts_from_tool_mask",
+    "use_search_r1_tool_protocol",
     "whole_group_permutation",
 ]
