@@ -319,7 +319,7 @@ def test_trl_versions_in_the_range_pass(version):
     check_trl_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.29.1", "1.0.0rc1", "1.17.0.dev0", "1.17.0", "2.0.0"])
+@pytest.mark.parametrize("version", ["0.29.1", "1.0.0rc1", "1.16.0rc1", "1.17.0.dev0", "1.17.0", "2.0.0"])
 def test_other_trl_versions_are_refused_at_construction(version, monkeypatch):
     message = rf"supports trl>=1\.0,<1\.17 \(tested: 1\.0\.0 and 1\.16\.0\); found trl {re.escape(version)}\."
     with pytest.raises(RuntimeError, match=message):

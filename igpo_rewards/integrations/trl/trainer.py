@@ -90,8 +90,8 @@ def check_trl_version(version: str) -> None:
       ...
       RuntimeError: IGPOTrainer supports trl>=1.0,<1.17 (tested: 1.0.0 and 1.16.0); found trl 1.17.0. ...
     """
-    if Version(version) in SpecifierSet(SUPPORTED_TRL_VERSIONS):
-        return
+    if not Version(version).is_prerelease and Version(version) in SpecifierSet(SUPPORTED_TRL_VERSIONS):
+        return  # (packaging >= 26 lets a specifier set admit pre-releases inside its range: excluded explicitly)
     raise RuntimeError(
         f"IGPOTrainer supports trl{SUPPORTED_TRL_VERSIONS} (tested: {' and '.join(TESTED_TRL_VERSIONS)}); "
         f"found trl {version}. It overrides GRPOTrainer._generate_and_score_completions, a private TRL method, "
@@ -114,7 +114,7 @@ def check_tool_loop_versions(trl_version: str, transformers_version: str) -> Non
       ...
       RuntimeError: IGPOTrainer on TRL's tool loop (tools= / environment_factory=) supports trl>=1.14.2,<1.17 with transformers>=5.13 ...
     """
-    trl_ok = Version(trl_version) in SpecifierSet(SUPPORTED_TRL_TOOL_VERSIONS)
+    trl_ok = not Version(trl_version).is_prerelease and Version(trl_version) in SpecifierSet(SUPPORTED_TRL_TOOL_VERSIONS)
     transformers_ok = SpecifierSet(SUPPORTED_TRANSFORMERS_TOOL_VERSIONS).contains(transformers_version, prereleases=True)
     if trl_ok and transformers_ok:
         return
