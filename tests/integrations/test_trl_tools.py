@@ -592,13 +592,14 @@ def demo_dir(world, tokenizer, warm_start, tmp_path_factory):
 
 
 def test_two_training_steps_of_the_example_with_tools_and_with_an_environment(demo_dir, tmp_path):
-    """examples/trl_tools_igpo.py end to end with igpo-retrieve over loopback: tools= and
-    environment_factory= train the same, and the warm start's end-of-turn ids are back for the
-    held-out evaluation."""
+    """examples/trl_tools_igpo.py end to end with igpo-retrieve over loopback, a TRL evaluation at step 2
+    (the tool loop and the probes in eval mode) and a checkpoint per step: tools= and
+    environment_factory= train the same."""
     example = load_example("trl_tools_igpo")
     common = ["--demo_dir", str(demo_dir), "--max_steps", "2", "--num_generations", "2", "--per_device_train_batch_size", "4",
               "--steps_per_generation", "1", "--logging_steps", "1", "--learning_rate", "1e-2", "--max_new_tokens", "16",
-              "--eval_batch_size", "8", "--topk", str(TOPK)]
+              "--eval_batch_size", "8", "--topk", str(TOPK), "--eval_strategy", "steps", "--eval_steps", "2",
+              "--per_device_eval_batch_size", "4"]
     results = {}
     for name, extra in (("tools", []), ("environment", ["--environment"])):
         out = tmp_path / name
@@ -612,7 +613,7 @@ def test_two_training_steps_of_the_example_with_tools_and_with_an_environment(de
         assert scores["n"] == 3 and 0.0 <= scores["em"] <= 1.0
     logged = {key for record in result["log_history"] for key in record}
     for key in ("loss", "reward", "rewards/outcome_f1/mean", "tools/call_frequency", "igpo/turns_mean",
-                "igpo/information_gain_mean", PROBE_SECONDS_KEY):
+                "igpo/information_gain_mean", PROBE_SECONDS_KEY, "eval_reward", "eval_igpo/turns_mean"):
         assert key in logged, key
     keys = ("loss", "reward", "igpo/turns_mean", "igpo/information_gain_mean", "tools/call_frequency")
     for tools_record, environment_record in zip(result["log_history"], results["environment"]["log_history"]):
@@ -634,3 +635,23 @@ def test_the_examples_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         example.parse_arguments(["--probe_layout", "packed"])
     assert exit_info.value.code == 2 and "--probe_layout is kv_cache" in capsys.readouterr().err
+
+
+def test_the_probe_cost_benchmark_runs(demo_dir, tmp_path):
+    """tests/benchmarks/trl_probe_cost.py on the taught tiny model, one small batch: (a) and (b) time
+    the same rollouts, and the tool loop's extra seconds are (b) - (a)."""
+    spec = importlib.util.spec_from_file_location("trl_probe_cost", ROOT / "tests" / "benchmarks" / "trl_probe_cost.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = benchmark.main(["--demo_dir", str(demo_dir), "--repeats", "1", "--questions", "2", "--group_size", "2",
+                                  "--max_new_tokens", "16", "--topk", str(TOPK), "--work_dir", str(tmp_path),
+                                  "--out", str(tmp_path / "costs.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "costs.jsonl").read_text().splitlines()[:-1]]
+    tokens = {record["way"]: record["completion_tokens"] for record in records}
+    assert tokens["a_grpo_tools"] == tokens["b_igpo_tools"] > 0
+    medians = summary["medians"]
+    assert medians["a_grpo_tools"]["probe_s"] == 0.0 < medians["b_igpo_tools"]["probe_s"]
+    assert medians["c_igpo_rollout_func"]["probe_s"] > 0
+    assert summary["tools_extra_per_batch"]["wall_s"] == pytest.approx(medians["b_igpo_tools"]["wall_s"] - medians["a_grpo_tools"]["wall_s"])
