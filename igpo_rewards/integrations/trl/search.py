@@ -17,7 +17,7 @@ reverse).
    format penalty;
 3. ``igpo_rewards.agent.probes.score_probes`` scores the probe before every turn (the
    ground-truth answer after "Now there's enough information to answer"), ``probe_batch_size``
-   rollouts per packed forward;
+   rollouts per forward (``probe_layout``), through the helper IGPOTrainer's tool loop uses too;
 4. the output holds TRL's ``prompt_ids``, ``completion_ids`` (the turns and the observations
    between them) and ``logprobs`` (``None``: with HF generate TRL recomputes what it needs), and
    what ``IGPOTrainer`` reads: ``env_mask`` (1 on generated tokens, 0 on observation tokens: one
@@ -37,9 +37,10 @@ settings the loop does not apply (``temperature`` other than 1, ``top_p``, ``top
 ``mask_truncated_completions`` (a Search-R1 completion ends at ``</answer>``, not at an
 end-of-sequence token, so TRL would mask every one of them).
 
-``make_outcome_reward_func(answers_column)`` is the matching TRL reward function:
-``igpo_rewards.outcome_reward`` of each completion's text against its row's aliases (answer F1,
-the format penalty -2.0 for a malformed response or one without an answer).
+``make_outcome_reward_func(answers_column, tokenizer=...)`` is the matching TRL reward function,
+for this rollout function and for TRL's tool loop alike: ``igpo_rewards.outcome_reward`` of each
+completion's text (with ``tokenizer``, the decoded ``completion_ids``) against its row's aliases
+(answer F1, the format penalty -2.0 for a malformed response or one without an answer).
 """
 
 from __future__ import annotations
