@@ -259,6 +259,7 @@ def write_result(trainer, config: GRPOConfig, script: str, argv: list[str] | Non
     rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * trainer.accelerator.num_processes
     result = {
         "command": " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+        "seed": config.seed,
         "optimizer_steps": trainer.state.global_step,
         "rollouts": trainer.state.global_step * rows_per_step // config.num_iterations,
         "train_seconds": seconds,

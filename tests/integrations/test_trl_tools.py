@@ -620,6 +620,10 @@ def test_two_training_steps_of_the_example_with_tools_and_with_an_environment(de
         assert {k: tools_record.get(k) for k in keys} == {k: environment_record.get(k) for k in keys}
     generation = json.loads((tmp_path / "tools" / "checkpoint-2" / "generation_config.json").read_text())
     assert len(generation["eos_token_id"]) == 3  # the checkpoints keep the tool protocol's stop ids
+    table = load_example("trl_paths_table").main([str(tmp_path / "tools"), str(tmp_path / "environment")])
+    em = f"{100 * result['trained']['em']:.1f}"
+    assert f"| TRL's tool loop (tools) | {em} (seed 0) | **{em}** |" in table
+    assert "| TRL's tool loop (environment_factory) |" in table and f"| warm start | | {100 * result['warm_start']['em']:.1f} |" in table
 
 
 def test_the_examples_flags(capsys):
