@@ -21,8 +21,11 @@ probes and advantages. The examples train
 step are half the extra seconds per batch. The optimizer steps themselves are the same in all
 three (the loss takes [B] or [B, C] advantages) and are not timed here.
 
-Printed per repeat, one JSON line per trainer: wall and process CPU seconds of the batch, and
-``igpo/probe_seconds`` (the probe block's wall seconds). Then the medians and (b) - (a). The
+Printed per repeat, one JSON line per trainer: wall and process CPU seconds of the batch,
+``igpo/probe_seconds`` (the probe block's wall seconds) and the probe block's process CPU seconds
+(the one probe helper both paths call, ``igpo_rewards.integrations.trl._probes.probe_log_probs``,
+timed by a wrapper this script installs; on a shared machine CPU seconds vary far less than wall
+seconds). Then the medians and (b) - (a). The
 searches go to an in-process BM25 index (``BM25Retriever``) rather than ``igpo-retrieve``, so no
 HTTP time enters the numbers. ``uptime`` is printed first and last: quote the load with the numbers.
 """
@@ -59,6 +62,23 @@ from igpo_rewards.reference_trainer.modeling import load_pretrained  # noqa: E40
 from igpo_rewards.reference_trainer.world import load_qa_parquet  # noqa: E402
 
 WAYS = ("a_grpo_tools", "b_igpo_tools", "c_igpo_rollout_func")
+_PROBE_CPU: list[float] = []
+
+
+def _instrument_probes() -> None:
+    """Times the process CPU of every probe block: both paths call ``probe_log_probs`` by the name they imported."""
+    from igpo_rewards.integrations.trl import search, trainer
+
+    original = trainer.probe_log_probs
+
+    def timed(*args, **kwargs):
+        started = time.process_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _PROBE_CPU.append(time.process_time() - started)
+
+    trainer.probe_log_probs = search.probe_log_probs = timed
 
 
 def _uptime() -> str:
@@ -105,17 +125,19 @@ def time_batch(trainer, batch: list[dict], seed: int) -> dict:
     """Wall and CPU seconds of one generation batch (train mode), and its probe seconds."""
     trainer.model.train()
     torch.manual_seed(seed)
+    _PROBE_CPU.clear()
     wall, cpu = time.perf_counter(), time.process_time()
     output = trainer._generate_and_score_completions([dict(row) for row in batch])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     probes = trainer._metrics["train"].get(PROBE_SECONDS_KEY) or [0.0]
-    return {"wall_s": wall, "cpu_s": cpu, "probe_s": probes[-1], "completion_tokens": int(output["completion_mask"].sum())}
+    return {"wall_s": wall, "cpu_s": cpu, "probe_s": probes[-1], "probe_cpu_s": sum(_PROBE_CPU),
+            "completion_tokens": int(output["completion_mask"].sum())}
 
 
 def summarize(records: list[dict]) -> dict:
     """Medians per way and the tool loop's extra seconds per batch and per optimizer step ((b) - (a))."""
     medians = {way: {key: statistics.median(r[key] for r in records if r["way"] == way)
-                     for key in ("wall_s", "cpu_s", "probe_s")} for way in WAYS if any(r["way"] == way for r in records)}
+                     for key in ("wall_s", "cpu_s", "probe_s", "probe_cpu_s")} for way in WAYS if any(r["way"] == way for r in records)}
     extra = {key: medians["b_igpo_tools"][key] - medians["a_grpo_tools"][key] for key in ("wall_s", "cpu_s")}
     return {"medians": medians, "tools_extra_per_batch": extra,
             "tools_extra_per_optimizer_step": {key: value / 2 for key, value in extra.items()}}
@@ -134,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    _instrument_probes()
     print(json.dumps({"uptime_start": _uptime()}), flush=True)
     trainers, batch = build_trainers(args.demo_dir, args.work_dir, questions=args.questions, group_size=args.group_size,
                                      max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, topk=args.topk)

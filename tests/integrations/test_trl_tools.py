@@ -657,5 +657,6 @@ def test_the_probe_cost_benchmark_runs(demo_dir, tmp_path):
     assert tokens["a_grpo_tools"] == tokens["b_igpo_tools"] > 0
     medians = summary["medians"]
     assert medians["a_grpo_tools"]["probe_s"] == 0.0 < medians["b_igpo_tools"]["probe_s"]
-    assert medians["c_igpo_rollout_func"]["probe_s"] > 0
+    assert medians["c_igpo_rollout_func"]["probe_s"] > 0 and medians["c_igpo_rollout_func"]["probe_cpu_s"] > 0
+    assert medians["a_grpo_tools"]["probe_cpu_s"] == 0.0 < medians["b_igpo_tools"]["probe_cpu_s"]
     assert summary["tools_extra_per_batch"]["wall_s"] == pytest.approx(medians["b_igpo_tools"]["wall_s"] - medians["a_grpo_tools"]["wall_s"])
