@@ -32,7 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from igpo_rewards import outcome_reward
 from igpo_rewards.agent.bm25 import BM25Retriever

@@ -521,10 +521,8 @@ class IGPOTrainer(GRPOTrainer):
             raise RuntimeError("IGPOTrainer runs on TRL's tool loop, but TRL did not call _tool_call_loop for this batch")
         tool_masks, completion_ids = self._igpo_tool_loop
         prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(output["prompt_ids"], output["prompt_mask"])]
-        padded = output["completion_ids"]
-        if len(prompt_ids) != len(completion_ids) or any(
-            padded[row, : len(ids)].tolist() != ids for row, ids in enumerate(completion_ids)
-        ):
+        padded = output["completion_ids"].tolist()  # one copy to the host
+        if len(prompt_ids) != len(completion_ids) or any(row[: len(ids)] != ids for row, ids in zip(padded, completion_ids)):
             raise RuntimeError(
                 "TRL's batch does not hold the completions its tool loop returned (rows or tokens differ): this TRL "
                 f"release is not one IGPOTrainer supports ({SUPPORTED_TRL_TOOL_VERSIONS})"
