@@ -45,6 +45,7 @@ from igpo_rewards.integrations.trl import (
     PROBE_SECONDS_KEY,
     SUPPORTED_TRANSFORMERS_TOOL_VERSIONS,
     SUPPORTED_TRL_TOOL_VERSIONS,
+    SUPPORTED_TRL_VERSIONS,
     TESTED_TRL_TOOL_VERSIONS,
     IGPOTrainer,
     SearchEnvironment,
@@ -541,7 +542,8 @@ def test_other_versions_are_refused_on_the_tool_loop(trl_version, transformers_v
                rf"{re.escape(transformers_version)}\. .*or use a rollout_func \(trl>=1\.0,<1\.17\)")
     with pytest.raises(RuntimeError, match=message):
         check_tool_loop_versions(trl_version, transformers_version)
-    if Version(trl_version) in SpecifierSet(">=1.0,<1.17"):  # else the general check refuses it first
+    if not Version(trl_version).is_prerelease and Version(trl_version) in SpecifierSet(SUPPORTED_TRL_VERSIONS):
+        # (else the general check refuses it first)
         monkeypatch.setattr(trl, "__version__", trl_version)
         # the module object the trainer imported (transformers' lazy module can be a second object here)
         monkeypatch.setattr(trl_trainer.transformers, "__version__", transformers_version)
