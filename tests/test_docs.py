@@ -299,6 +299,7 @@ def test_a_stale_name_does_not_resolve(name):
 QUOTED_COUNTS = {
     "docs/integrations/trl.md": [
         (r"and its tests: (\d+) of them", ["tests/integrations/test_trl.py", "tests/integrations/test_trl_search.py"]),
+        (r"the tool-loop floor job's tests: (\d+) of them", ["tests/integrations/test_trl_tools.py"]),
     ],
     "docs/integrations/retrieval_server.md": [
         (r"bad requests \((\d+) cases\)", ["tests/integrations/test_retrieval_server.py",

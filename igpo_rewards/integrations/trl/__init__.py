@@ -1,19 +1,34 @@
 """IGPO for TRL: ``IGPOTrainer``, a ``GRPOTrainer`` whose advantages are IGPO's per-turn advantages.
 
-The package holds two modules, imported in one direction: :mod:`.trainer` (``IGPOTrainer`` and
-what it reads from TRL) and :mod:`.search` (the Search-R1 ``rollout_func`` and its reward
-function, which run under ``IGPOTrainer``). Import every public name from here.
+The package holds three modules, imported in one direction: :mod:`.trainer` (``IGPOTrainer`` and
+what it reads from TRL), :mod:`.tools` (``use_search_r1_tool_protocol``: the Search-R1 text as TRL
+tool calls) and :mod:`.search` (the Search-R1 ``rollout_func`` and the outcome reward function,
+which run under ``IGPOTrainer``). Import every public name from here; the search tool and
+environment (``make_search_tool``, ``SearchEnvironment``) come from
+:mod:`igpo_rewards.agent.tool_calls`.
 
 TRL has no advantage hook; this trainer lets ``GRPOTrainer._generate_and_score_completions``
 run unchanged (rollouts, reward functions, reference/old log-probs, logging) and then replaces
 its one-scalar-per-completion ``advantages`` [B] with per-token IGPO advantages [B, C]
 (C completion tokens), which TRL's loss accepts as they are.
 
-What it reads from TRL, and how stable each piece is:
+The turns and their probes come from one of two sources:
 
-* the user's ``rollout_func`` (TRL's documented, experimental contract): IGPOTrainer wraps it
-  and keeps what it returns, so it reads the completions, ``env_mask`` and the probe log-probs
-  exactly as the rollout produced them;
+* TRL's own tool loop (``tools=`` / ``environment_factory=``): TRL generates every turn with its
+  configured backend (transformers, vLLM colocate or server). ``IGPOTrainer`` wraps
+  ``GRPOTrainer._tool_call_loop`` (private; the same parameters and first three return values in
+  every TRL 1.x) and keeps the per-row tool masks and completion ids it returns; each run of 1s
+  of a tool mask is a turn. After TRL has built the batch it scores the probe before every turn
+  on its own model (``igpo_rewards.agent.probes.score_probes``, kv_cache layout; never on vLLM),
+  with the answers of the dataset column ``answers_column``. Needs
+  :data:`SUPPORTED_TRL_TOOL_VERSIONS` and :data:`SUPPORTED_TRANSFORMERS_TOOL_VERSIONS`.
+* a ``rollout_func`` that returns the probes itself (below).
+
+What it reads from TRL on both paths, and how stable each piece is:
+
+* the user's ``rollout_func`` (TRL's documented, experimental contract; the rollout-function
+  path): IGPOTrainer wraps it and keeps what it returns, so it reads the completions,
+  ``env_mask`` and the probe log-probs exactly as the rollout produced them;
 * ``GRPOTrainer._calculate_rewards``: the rewards of the whole batch, gathered over processes;
 * ``GRPOTrainer._generate_and_score_completions``, a private method, whose ``advantages`` it
   replaces;
@@ -26,7 +41,8 @@ What it reads from TRL, and how stable each piece is:
   groups across steps, and on the docs' CPU run that cost 2.6 held-out EM points over five seeds
   (docs/integrations/trl.md). Because of these private methods, IGPOTrainer checks the TRL version
   when it is built and refuses any outside :data:`SUPPORTED_TRL_VERSIONS`, the range pyproject's
-  ``trl`` extra declares and the tests run at both ends.
+  ``trl`` extra declares and the tests run at both ends (on the tool loop also the narrower
+  ``trl-tools`` ranges).
 
 What the ``rollout_func`` must return per completion, besides TRL's ``prompt_ids``,
 ``completion_ids`` and ``logprobs``:
@@ -49,31 +65,48 @@ k // num_generations, so a group may span processes; the per-turn data of all pr
 gathered, normalized together and each process keeps its own rows.
 """
 
-from igpo_rewards.integrations.trl.search import make_outcome_reward_func, make_search_rollout_func
+from igpo_rewards.agent.tool_calls import SearchEnvironment, make_search_tool
 from igpo_rewards.integrations.trl.trainer import (
     ANSWER_LOGPROB_KEY,
+    PROBE_SECONDS_KEY,
+    SUPPORTED_TRANSFORMERS_TOOL_VERSIONS,
+    SUPPORTED_TRL_TOOL_VERSIONS,
     SUPPORTED_TRL_VERSIONS,
+    TESTED_TRL_TOOL_VERSIONS,
     TESTED_TRL_VERSIONS,
     TURN_INDEX_KEY,
     IGPOTrainer,
     SplitGroupWarning,
     ZeroAdvantageWarning,
+    check_tool_loop_versions,
     check_trl_version,
     token_turn_index,
+    turn_starts_from_tool_mask,
     whole_group_permutation,
 )
+from igpo_rewards.integrations.trl.tools import use_search_r1_tool_protocol
+from igpo_rewards.integrations.trl.search import make_outcome_reward_func, make_search_rollout_func
 
 __all__ = [
     "ANSWER_LOGPROB_KEY",
+    "PROBE_SECONDS_KEY",
+    "SUPPORTED_TRANSFORMERS_TOOL_VERSIONS",
+    "SUPPORTED_TRL_TOOL_VERSIONS",
     "SUPPORTED_TRL_VERSIONS",
+    "TESTED_TRL_TOOL_VERSIONS",
     "TESTED_TRL_VERSIONS",
     "TURN_INDEX_KEY",
     "IGPOTrainer",
+    "SearchEnvironment",
     "SplitGroupWarning",
     "ZeroAdvantageWarning",
+    "check_tool_loop_versions",
     "check_trl_version",
     "make_outcome_reward_func",
     "make_search_rollout_func",
+    "make_search_tool",
     "token_turn_index",
+    "turn_starts_from_tool_mask",
+    "use_search_r1_tool_protocol",
     "whole_group_permutation",
 ]
