@@ -88,20 +88,20 @@ def settings_from_config(config: Any) -> IGPOSettings:
 
     Raises:
       ValueError: unknown key or bad value under ``algorithm.igpo``, or ``subgoal_weight > 0``
-        (verl's probes score the answer alone).
+        (verl's probes score the answer alone; an :class:`IGPOSettings` with it is refused where
+        its methods get the answer's probes alone).
 
     Example:
       >>> settings_from_config({"adv_estimator": "igpo", "igpo": {"mode": "separate"}}).mode
       'separate'
     """
     if config is None or isinstance(config, IGPOSettings):
-        settings = IGPOSettings.from_mapping(config)
-    else:
-        section = config.get(CONFIG_KEY, None) if hasattr(config, "get") else getattr(config, CONFIG_KEY, None)
-        try:
-            settings = IGPOSettings.from_mapping(section)
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"algorithm.{CONFIG_KEY}: {error}") from error
+        return IGPOSettings.from_mapping(config)
+    section = config.get(CONFIG_KEY, None) if hasattr(config, "get") else getattr(config, CONFIG_KEY, None)
+    try:
+        settings = IGPOSettings.from_mapping(section)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"algorithm.{CONFIG_KEY}: {error}") from error
     if settings.subgoal_weight > 0:
         raise ValueError(
             f"algorithm.{CONFIG_KEY}.subgoal_weight = {settings.subgoal_weight}: sub-goal targets are not available in "
