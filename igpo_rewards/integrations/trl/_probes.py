@@ -44,14 +44,15 @@ def probe_log_probs(
     tokenizer: Any,
     token_ids: Sequence[Sequence[int]],
     turn_starts: Sequence[Sequence[int]],
-    answers: Sequence[str],
+    answers: Sequence[str | Sequence[str]],
     *,
     batch_size: int,
     layout: str,
     template: str = PROBE_TEMPLATE,
-) -> list[list[float]]:
+) -> list[list[Any]]:
     """The n_b probe log-probs of every trajectory b (n_b = ``len(turn_starts[b])``), ``batch_size``
-    trajectories per ``score_probes`` forward."""
+    trajectories per ``score_probes`` forward. With a list of targets per trajectory (answer first),
+    each turn's entry is the list of the part's K target log-probs (``score_probes`` [B, T, K])."""
     values: list[list[float]] = []
     for first in range(0, len(token_ids), batch_size):
         part = slice(first, first + batch_size)

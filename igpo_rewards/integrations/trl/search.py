@@ -23,6 +23,14 @@ reverse).
    what ``IGPOTrainer`` reads: ``env_mask`` (1 on generated tokens, 0 on observation tokens: one
    run of 1s per turn) and ``igpo_answer_logprob`` (one probe per turn).
 
+Sub-goal targets (``subgoals_column``, docs/algorithm.md section 7.1): each row may also list
+intermediate answers of its question (a multi-hop question's bridge entities: MuSiQue's
+decomposition answers, 2Wiki's evidence objects). Every turn is then probed for the answer and
+each of them in the same forward (``score_probes`` with a list of targets per trajectory), and the
+output also holds ``igpo_target_logprob``: per completion, per turn, the probe log-probs of its
+targets, the answer first. ``IGPOTrainer`` weighs the sub-goals with
+``igpo_settings.subgoal_weight``.
+
 The ground-truth answers: TRL passes a ``rollout_func`` the prompts only. ``IGPOTrainer`` keeps
 the batch's dataset rows in ``trainer.igpo_batch_inputs`` while it scores the batch (row i is the
 row of ``prompts[i]``), and the rollout function reads ``answers_column`` from them (any form
@@ -55,8 +63,14 @@ from igpo_rewards.agent.retrieval import Retriever
 from igpo_rewards.agent.rollout import Trajectory, generate_rollouts
 from igpo_rewards.agent.tool_calls import as_retriever
 from igpo_rewards.integrations.trl._probes import generation_model, probe_log_probs
-from igpo_rewards.integrations.trl.trainer import ANSWER_LOGPROB_KEY, PROBE_SECONDS_KEY, IGPOTrainer, _row_answers
-from igpo_rewards.scoring import outcome_reward
+from igpo_rewards.integrations.trl.trainer import (
+    ANSWER_LOGPROB_KEY,
+    PROBE_SECONDS_KEY,
+    TARGET_LOGPROB_KEY,
+    IGPOTrainer,
+    _row_answers,
+)
+from igpo_rewards.scoring import normalize_answer, outcome_reward
 
 __all__ = ["make_outcome_reward_func", "make_search_rollout_func"]
 
@@ -124,6 +138,54 @@ def _batch_answers(trainer: IGPOTrainer, prompts: Sequence[Any], column: str) ->
     return _row_answers(rows, column)
 
 
+def _batch_targets(trainer: IGPOTrainer, answers: Sequence[tuple[str, ...]], column: str) -> list[list[str]]:
+    """Each row's probe targets: its answer (the first alias), then the sub-goals of ``column``."""
+    if trainer.igpo_settings.subgoal_weight == 0:
+        raise ValueError(
+            f"subgoals_column={column!r} probes sub-goal targets, but igpo_settings.subgoal_weight is 0: they would be "
+            f"ignored; set IGPOSettings(subgoal_weight=...) (e.g. 1.0), or leave subgoals_column out for the paper's IGPO"
+        )
+    targets = []
+    for index, (row, aliases) in enumerate(zip(trainer.igpo_batch_inputs, answers)):
+        if column not in row:
+            raise ValueError(
+                f"the dataset has no column {column!r} (the sub-goal targets, subgoals_column=); its columns: {sorted(row)}"
+            )
+        subgoals = [] if row[column] is None else row[column]
+        if isinstance(subgoals, str) or not isinstance(subgoals, Sequence):
+            raise TypeError(
+                f"dataset row of prompts[{index}], column {column!r}: the sub-goals must be a list of strings, got "
+                f"{subgoals!r:.120}"
+            )
+        answer_forms = {normalize_answer(alias) for alias in aliases}
+        for subgoal in subgoals:
+            if not isinstance(subgoal, str) or not subgoal.strip():
+                raise ValueError(
+                    f"dataset row of prompts[{index}], column {column!r}: every sub-goal must be a non-empty string, got "
+                    f"{subgoal!r:.80}"
+                )
+            if normalize_answer(subgoal) in answer_forms:
+                raise ValueError(
+                    f"dataset row of prompts[{index}], column {column!r}: the sub-goal {subgoal!r} is the answer itself "
+                    f"(target 0): list only the intermediate answers, or its gain would count twice"
+                )
+        if len({normalize_answer(subgoal) for subgoal in subgoals}) != len(subgoals):
+            raise ValueError(f"dataset row of prompts[{index}], column {column!r}: repeated sub-goals {list(subgoals)}")
+        targets.append([aliases[0], *subgoals])
+    return targets
+
+
+def _probe_outputs(probes: list[list[Any]], targets: Sequence[str | Sequence[str]]) -> dict[str, Any]:
+    """The rollout_func's probe keys: the answer's probes, and with sub-goals each turn's probes of the
+    row's own targets (the probes hold the batch's K per turn; a row keeps its first len(targets))."""
+    if all(isinstance(target, str) for target in targets):
+        return {ANSWER_LOGPROB_KEY: probes}
+    return {
+        ANSWER_LOGPROB_KEY: [[turn[0] for turn in row] for row in probes],
+        TARGET_LOGPROB_KEY: [[turn[: len(row_targets)] for turn in row] for row, row_targets in zip(probes, targets)],
+    }
+
+
 def _prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
     """Token ids of each prompt: messages through the chat template, a string as it is (each distinct prompt once)."""
     encoded: dict[str, list[int]] = {}
@@ -167,6 +229,7 @@ def make_search_rollout_func(
     generation_batch_size: int = 64,
     probe_batch_size: int = 32,
     probe_layout: str = "packed",
+    subgoals_column: str | None = None,
 ) -> Callable[[list[Any], IGPOTrainer], dict[str, Any]]:
     """A TRL ``rollout_func`` running the Search-R1 multi-turn loop with IGPO's probes (module docstring).
 
@@ -186,6 +249,11 @@ def make_search_rollout_func(
         probe_batch_size: rollouts per probe forward.
         probe_layout: "packed" (probe copies in one forward) or "kv_cache"
             (``igpo_rewards.agent.probes.probe_forward``).
+        subgoals_column: the dataset column of each row's sub-goal targets (a list of strings,
+            possibly empty, or None: the question's intermediate answers, not the answer itself),
+            probed before every turn with the answer in the same forward (module docstring).
+            None (default): the paper's IGPO, the answer alone. Needs
+            ``igpo_settings.subgoal_weight > 0``.
 
     Returns:
         ``rollout_func(prompts, trainer) -> dict`` for ``IGPOTrainer(..., rollout_func=...)``,
@@ -195,8 +263,10 @@ def make_search_rollout_func(
         TypeError: a retriever or setting of the wrong type, here; at each call, a trainer that
         is not an ``IGPOTrainer``.
         ValueError: a bad setting, here; at each call, ``use_vllm``, ``mask_truncated_completions``
-        or sampling settings the loop does not apply, a missing answers column, or prompts that
-        are not the batch's (each names the field).
+        or sampling settings the loop does not apply, a missing answers or sub-goals column, a
+        sub-goal that is empty, repeated or the answer itself, ``subgoals_column`` with
+        ``igpo_settings.subgoal_weight == 0``, or prompts that are not the batch's (each names the
+        field).
     """
     search = as_retriever(retriever)
     for name, count in dict(max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
@@ -205,12 +275,16 @@ def make_search_rollout_func(
     _checks.check_optional_positive_count("max_context_tokens", max_context_tokens)
     _checks.check_choice("probe_layout", probe_layout, PROBE_LAYOUTS)
     _checks.check_str("answers_column", answers_column, what="a str (a dataset column)")
+    if subgoals_column is not None:
+        _checks.check_str("subgoals_column", subgoals_column, what="a str (a dataset column) or None")
 
     def search_rollout_func(prompts: list[Any], trainer: IGPOTrainer) -> dict[str, Any]:
         _check_trainer(trainer)
         if not prompts:
             raise ValueError("rollout_func got no prompts")
         answers = _batch_answers(trainer, prompts, answers_column)
+        targets = ([aliases[0] for aliases in answers] if subgoals_column is None
+                   else _batch_targets(trainer, answers, subgoals_column))
         tokenizer = trainer.processing_class
         prompt_ids = _prompt_ids(tokenizer, prompts)
         mode = "train" if trainer.model.training else "eval"
@@ -223,7 +297,7 @@ def make_search_rollout_func(
             started = time.perf_counter()
             probes = probe_log_probs(
                 model, tokenizer, [t.token_ids for t in trajectories], [t.turn_starts for t in trajectories],
-                [aliases[0] for aliases in answers], batch_size=probe_batch_size, layout=probe_layout,
+                targets, batch_size=probe_batch_size, layout=probe_layout,
             )
             probe_seconds = time.perf_counter() - started
         prompt_part, completion_ids, env_mask = zip(*(_completion(t) for t in trajectories))
@@ -236,7 +310,7 @@ def make_search_rollout_func(
             "completion_ids": list(completion_ids),
             "logprobs": None,
             "env_mask": list(env_mask),
-            ANSWER_LOGPROB_KEY: probes,
+            **_probe_outputs(probes, targets),
         }
 
     return search_rollout_func

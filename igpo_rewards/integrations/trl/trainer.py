@@ -50,6 +50,9 @@ ANSWER_LOGPROB_KEY = "igpo_answer_logprob"
 """rollout_func output key: per completion, the list of its n_i probe log-probs."""
 TURN_INDEX_KEY = "igpo_turn_index"
 """Optional rollout_func output key: per completion, the turn of each completion token (-1: none)."""
+TARGET_LOGPROB_KEY = "igpo_target_logprob"
+"""Optional rollout_func output key (sub-goal targets): per completion, per turn, the probe log-probs of
+its K_i targets, the answer first (then ``igpo_answer_logprob`` is each turn's first value)."""
 SUPPORTED_TRL_VERSIONS = ">=1.0,<1.17"
 """The TRL releases IGPOTrainer runs on: pyproject's ``trl`` extra, tested at both ends."""
 TESTED_TRL_VERSIONS = ("1.0.0", "1.16.0")
@@ -235,6 +238,7 @@ class _Rollout:
     env_mask: Sequence[Sequence[int]] | None
     turn_index: Sequence[Sequence[int]] | None
     answer_logprob: Sequence[Sequence[float]]
+    target_logprob: Sequence[Sequence[Sequence[float]]] | None = None
 
 
 def _read_rollout(output: Mapping[str, Any]) -> _Rollout:
@@ -248,7 +252,8 @@ def _read_rollout(output: Mapping[str, Any]) -> _Rollout:
     answer_logprob = output[ANSWER_LOGPROB_KEY]
     if len(answer_logprob) != len(lengths):
         raise ValueError(f"{ANSWER_LOGPROB_KEY} has {len(answer_logprob)} entries for {len(lengths)} completions")
-    return _Rollout(lengths, output.get("env_mask"), output.get(TURN_INDEX_KEY), answer_logprob)
+    return _Rollout(lengths, output.get("env_mask"), output.get(TURN_INDEX_KEY), answer_logprob,
+                    output.get(TARGET_LOGPROB_KEY))
 
 
 def _recording(rollout_func: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -262,6 +267,49 @@ def _recording(rollout_func: Callable[..., dict[str, Any]]) -> Callable[..., dic
         return output
 
     return recording_rollout_func
+
+
+def _gathered_targets(trainer: Any, rollout: _Rollout, turn_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sub-goal targets of the whole batch: ``([B, T, K] probe log-probs, [B, K] target mask)``
+    gathered over processes (K = the most targets of any completion, T = this process's turn slots,
+    the same on every process), or None when the rollout returned no ``igpo_target_logprob``.
+
+    Checks that each completion has one entry per turn, the same K_i >= 1 targets on each turn,
+    and the answer's probe first; refuses ``igpo_settings.subgoal_weight > 0`` without targets.
+    """
+    targets = rollout.target_logprob
+    if targets is None:
+        if trainer.igpo_settings.subgoal_weight > 0:
+            raise ValueError(
+                f"igpo_settings.subgoal_weight = {trainer.igpo_settings.subgoal_weight}, but the rollout_func returned no "
+                f"{TARGET_LOGPROB_KEY!r} (the probes of each turn's sub-goal targets): pass subgoals_column= to "
+                f"make_search_rollout_func, or set subgoal_weight = 0 (the paper's IGPO)"
+            )
+        return None
+    if len(targets) != len(rollout.answer_logprob):
+        raise ValueError(f"{TARGET_LOGPROB_KEY} has {len(targets)} entries for {len(rollout.answer_logprob)} completions")
+    counts = []
+    for row, (turns, answer) in enumerate(zip(targets, rollout.answer_logprob)):
+        sizes = {len(turn) for turn in turns}
+        if len(turns) != len(answer) or len(sizes) > 1 or 0 in sizes:
+            raise ValueError(
+                f"{TARGET_LOGPROB_KEY}[{row}] must hold, for each of the completion's {len(answer)} turns, the probes of "
+                f"its K >= 1 targets (the same K every turn); got {len(turns)} turns with {sorted(sizes)} targets"
+            )
+        if [turn[0] for turn in turns] != list(answer):
+            raise ValueError(
+                f"{TARGET_LOGPROB_KEY}[{row}]: each turn's first target must be the answer, whose probes are "
+                f"{ANSWER_LOGPROB_KEY}[{row}] = {list(answer)[:4]}; got {[turn[0] for turn in turns][:4]}"
+            )
+        counts.append(sizes.pop() if sizes else 1)
+    device = trainer.accelerator.device
+    num_targets = int(trainer.accelerator.gather(torch.tensor([max(counts, default=1)], device=device)).max())
+    values = torch.zeros((len(targets), turn_mask.shape[1], num_targets), dtype=torch.float32)
+    for row, turns in enumerate(targets):
+        if turns:
+            values[row, : len(turns), : counts[row]] = torch.tensor(turns, dtype=torch.float32)
+    target_mask = torch.arange(num_targets)[None, :] < torch.tensor(counts, dtype=torch.long)[:, None]
+    return trainer.accelerator.gather(values.to(device)), trainer.accelerator.gather(target_mask.to(device))
 
 
 class SplitGroupWarning(UserWarning):
@@ -616,8 +664,10 @@ class IGPOTrainer(GRPOTrainer):
                 f"of num_generations = {num_generations}"
             )
         # TRL's sampler yields each prompt num_generations times in a row: contiguous groups.
+        targets = _gathered_targets(self, rollout, turn_mask)  # sub-goal targets: [B, T, K] probes and [B, K] mask
+        probes, target_mask = (all_logprob, None) if targets is None else targets
         result = self.igpo_settings.igpo_advantages(
-            all_logprob, outcome.to(all_logprob), all_turn_mask, group_size=num_generations
+            probes, outcome.to(probes), all_turn_mask, group_size=num_generations, target_mask=target_mask
         )
         self._igpo_log(mode, result.information_gain, all_turn_mask)
         self._warn_if_no_signal(result.advantages, outcome, num_generations)
