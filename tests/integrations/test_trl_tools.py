@@ -5,7 +5,9 @@ The world, its byte-level BPE tokenizer (igpo_rewards.testing.tiny, whose chat t
 Search-R1 tool template) and the model are built here. Independent oracles: the Search-R1 text
 protocol (``parse_action``, ``observation_block``, ``format_observation`` of the BM25 results),
 the old ChatML template written out below, one plain forward per probe (tests/probe_oracle.py),
-and the float64 loop oracle of the advantages (igpo_rewards.testing.reference).
+and the float64 loop oracle of the advantages (igpo_rewards.testing.reference); with sub-goal
+targets also ``score_probes`` of each target alone and the rollout function's batch on the same
+questions and seed.
 """
 
 from __future__ import annotations
