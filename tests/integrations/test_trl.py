@@ -337,6 +337,7 @@ def test_arguments_whose_meaning_differs_between_trl_releases_are_refused():
         IGPOTrainer(tools=[len], **common)
     with pytest.raises(ValueError, match=r"not both: TRL's tool loop \(environment_factory=...\)"):
         IGPOTrainer(environment_factory=object, **common)
-    for name, value in (("answers_column", "answers"), ("probe_template", "{answer}"), ("probe_batch_size", 8)):
+    for name, value in (("answers_column", "answers"), ("subgoals_column", "subgoals"), ("probe_template", "{answer}"),
+                        ("probe_batch_size", 8)):
         with pytest.raises(ValueError, match=rf"{name} configure the probes of TRL's tool loop; with a rollout_func"):
             IGPOTrainer(**common, **{name: value})

@@ -5,7 +5,9 @@ The world, its byte-level BPE tokenizer (igpo_rewards.testing.tiny, whose chat t
 Search-R1 tool template) and the model are built here. Independent oracles: the Search-R1 text
 protocol (``parse_action``, ``observation_block``, ``format_observation`` of the BM25 results),
 the old ChatML template written out below, one plain forward per probe (tests/probe_oracle.py),
-and the float64 loop oracle of the advantages (igpo_rewards.testing.reference).
+and the float64 loop oracle of the advantages (igpo_rewards.testing.reference); with sub-goal
+targets also ``score_probes`` of each target alone and the rollout function's batch on the same
+questions and seed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from trl import GRPOConfig
 
 from igpo_rewards import outcome_reward
 from igpo_rewards.agent.bm25 import BM25Retriever
-from igpo_rewards.agent.probes import build_probe_suffix
+from igpo_rewards.agent.probes import build_probe_suffix, score_probes
 from igpo_rewards.agent.protocol import INSTRUCTION, PROBE_TEMPLATE, build_prompt, observation_block, parse_action, user_message
 from igpo_rewards.agent.retrieval import HTTPRetriever, format_observation, write_corpus_jsonl
 from igpo_rewards.agent.tool_calls import SEARCH_R1_CHAT_TEMPLATE, SEARCH_R1_RESPONSE_TEMPLATE
@@ -51,6 +53,7 @@ from igpo_rewards.integrations.trl import (
     SearchEnvironment,
     check_tool_loop_versions,
     make_outcome_reward_func,
+    make_search_rollout_func,
     make_search_tool,
     turn_starts_from_tool_mask,
     use_search_r1_tool_protocol,
@@ -139,8 +142,10 @@ def dataset_rows(examples):
     return [{"prompt": [{"role": "user", "content": user_message(e.question)}], "answers": list(e.answers)} for e in examples]
 
 
-def make_trainer(tool_model, retriever, world, tmp_path, *, environment=False, igpo_settings=None, model=None, **config):
-    """An IGPOTrainer on TRL's tool loop over a copy of the tool model (TRL patches the model it trains)."""
+def make_trainer(tool_model, retriever, world, tmp_path, *, environment=False, igpo_settings=None, model=None, rows=None,
+                 subgoals_column=None, **config):
+    """An IGPOTrainer on TRL's tool loop over a copy of the tool model (TRL patches the model it trains);
+    its dataset is ``rows`` (default: the first QUESTIONS questions)."""
     base, tool_tokenizer = tool_model
     options = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=QUESTIONS * G, num_generations=G, max_steps=1, learning_rate=1e-3,
@@ -154,20 +159,21 @@ def make_trainer(tool_model, retriever, world, tmp_path, *, environment=False, i
         loop = {"tools": [make_search_tool(retriever, topk=TOPK)]}
     return IGPOTrainer(
         model=copy.deepcopy(base) if model is None else model, reward_funcs=[make_outcome_reward_func(tokenizer=tool_tokenizer)],
-        args=GRPOConfig(**options), train_dataset=Dataset.from_list(dataset_rows(world.train[:QUESTIONS])),
-        processing_class=tool_tokenizer, igpo_settings=igpo_settings, **loop,
+        args=GRPOConfig(**options), train_dataset=Dataset.from_list(rows or dataset_rows(world.train[:QUESTIONS])),
+        processing_class=tool_tokenizer, igpo_settings=igpo_settings, subgoals_column=subgoals_column, **loop,
     )
 
 
-def scored_batch(trainer, world, *, seed=0):
+def scored_batch(trainer, world, *, seed=0, rows=None):
     """What TRL does per generation batch: each question's row G times in a row, scored in train mode."""
-    rows = [row for row in dataset_rows(world.train[:QUESTIONS]) for _ in range(G)]
+    rows = [row for row in rows or dataset_rows(world.train[:QUESTIONS]) for _ in range(G)]
     torch.manual_seed(seed)
     trainer.model.train()
     output = trainer._generate_and_score_completions([dict(row) for row in rows])
     masks, completions = trainer._igpo_tool_loop
     (rollout,) = trainer._igpo_rollouts
-    return SimpleNamespace(output=output, rows=rows, masks=masks, completions=completions, probes=rollout.answer_logprob)
+    return SimpleNamespace(output=output, rows=rows, masks=masks, completions=completions, probes=rollout.answer_logprob,
+                           targets=rollout.target_logprob)
 
 
 @pytest.fixture(scope="module")
@@ -357,26 +363,46 @@ def test_the_environment_factory_gives_the_same_batch(tools_batch, tool_model, r
     assert [len(environment.queries) for environment in trainer.environments] == searches
 
 
-def oracle_advantages(batch, tokenizer, settings: IGPOSettings, model) -> list[np.ndarray]:
-    """Per token of every completion: the float64 oracle's turn advantage, from probes of one plain
-    forward per probe, outcomes from the decoded completions, turns from a plain loop over the mask."""
-    sequences, starts, answers = [], [], []
+def row_targets(row, subgoals):
+    """A row's probe targets: its first answer alias, then (``subgoals``) its ``subgoals`` column."""
+    return [row["answers"][0], *(row.get("subgoals") or [])] if subgoals else [row["answers"][0]]
+
+
+def oracle_probes(batch, tokenizer, model, *, subgoals=False):
+    """[B, T, K] float64 probes of every row's targets from one plain forward per probe and target,
+    the [B, T] turn mask (turns from a plain loop over the tool mask) and the [B, K] target mask."""
+    sequences, starts = [], []
     for b, (mask, ids) in enumerate(zip(batch.masks, batch.completions)):
         prompt = batch.output["prompt_ids"][b][batch.output["prompt_mask"][b].bool()].tolist()
         sequences.append(prompt + ids)
         starts.append([len(prompt) + start for start, _ in runs(mask, 1)])
-        answers.append(batch.rows[b]["answers"][0])
-    suffixes = [build_probe_suffix(tokenizer, answer) for answer in answers]
-    with torch.no_grad():
-        logprobs, where = naive_probe_logprobs(model.eval(), sequences, starts, suffixes)
-    probes = (logprobs * where).sum(-1).double() / where.sum(-1).clamp(min=1)
-    turn_mask = torch.arange(probes.shape[1])[None, :] < torch.tensor([len(s) for s in starts])[:, None]
+    targets = [row_targets(row, subgoals) for row in batch.rows]
+    num_turns, num_targets = max(map(len, starts)), max(map(len, targets))
+    probes = torch.zeros((len(sequences), num_turns, num_targets), dtype=torch.float64)
+    for k in range(num_targets):
+        has = [len(names) > k for names in targets]
+        suffixes = [build_probe_suffix(tokenizer, names[k]) if present else None for names, present in zip(targets, has)]
+        with torch.no_grad():
+            logprobs, where = naive_probe_logprobs(
+                model.eval(), sequences, [row if present else [] for row, present in zip(starts, has)], suffixes)
+        column = (logprobs * where).sum(-1).double() / where.sum(-1).clamp(min=1)
+        probes[:, : column.shape[1], k] = column
+    turn_mask = torch.arange(num_turns)[None, :] < torch.tensor([len(s) for s in starts])[:, None]
+    target_mask = torch.arange(num_targets)[None, :] < torch.tensor([len(names) for names in targets])[:, None]
+    return probes, turn_mask, target_mask
+
+
+def oracle_token_advantages(batch, tokenizer, settings: IGPOSettings, probes, turn_mask, target_mask=None) -> list[np.ndarray]:
+    """Per token of every completion: the float64 oracle's turn advantage on ``probes`` ([B, T], or
+    [B, T, K] with ``target_mask`` and ``settings.target_weights(K)``), outcomes from the decoded completions."""
     outcome = [outcome_reward(tokenizer.decode(ids, skip_special_tokens=True), row["answers"])
                for ids, row in zip(batch.completions, batch.rows)]
     groups = [b // G for b in range(len(batch.rows))]
+    targets = {} if target_mask is None else {"target_weights": settings.target_weights(probes.shape[2]),
+                                              "target_mask": target_mask.numpy()}
     turn_advantages = reference.igpo_advantages(
-        probes.numpy(), outcome, turn_mask.numpy(), groups, gamma=settings.gamma, **settings.reward_kwargs(),
-        **settings.normalization_kwargs(),
+        probes.numpy(), outcome, turn_mask.numpy(), groups, gamma=settings.gamma, **targets, **settings.reward_kwargs(),
+        **settings.normalization_kwargs(), **settings.accumulation_kwargs(),
     ).advantages
     per_token = []
     for b, mask in enumerate(batch.masks):
@@ -384,7 +410,15 @@ def oracle_advantages(batch, tokenizer, settings: IGPOSettings, model) -> list[n
         for turn, (start, end) in enumerate(runs(mask, 1)):
             turn_of.update({t: turn for t in range(start, end)})
         per_token.append(np.array([turn_advantages[b, turn_of[t]] if t in turn_of else 0.0 for t in range(len(mask))]))
-    return per_token, probes, turn_mask
+    return per_token
+
+
+def oracle_advantages(batch, tokenizer, settings: IGPOSettings, model) -> list[np.ndarray]:
+    """Per token of every completion: the float64 oracle's turn advantage, from probes of one plain
+    forward per probe, outcomes from the decoded completions, turns from a plain loop over the mask."""
+    probes, turn_mask, _ = oracle_probes(batch, tokenizer, model)
+    probes = probes[..., 0]
+    return oracle_token_advantages(batch, tokenizer, settings, probes, turn_mask), probes, turn_mask
 
 
 @pytest.mark.parametrize("igpo_settings", [None, {"gamma": 0.5, "mode": "separate", "kind": "log_prob", "ig_weight": 2.0}])
@@ -406,6 +440,125 @@ def test_advantages_equal_the_float64_oracle(igpo_settings, tools_batch, tool_mo
     metrics = trainer._metrics["train"]
     assert metrics["igpo/turns_mean"][-1] == pytest.approx(float(turn_mask.sum(1).double().mean()))
     assert metrics[PROBE_SECONDS_KEY][-1] > 0
+
+
+# --- sub-goal targets (docs/algorithm.md 7.1) on the tool loop ----------------------------------
+
+SUBGOAL_QUESTIONS = (1, 4, 0, 2)  # 3, 2, 1 and 3 hops: K = 3, 2, 1 and 3 targets
+SUBGOALS = {"subgoal_weight": 1.0}
+
+
+def subgoal_rows(world):
+    """Rows of questions with sub-goals: each gold chain without its answer (None for a 1-hop question)."""
+    examples = [world.train[i] for i in SUBGOAL_QUESTIONS]
+    return [{**row, "subgoals": list(example.gold_bridge_answers[:-1]) or None}
+            for row, example in zip(dataset_rows(examples), examples)]
+
+
+def subgoal_trainer(tool_model, retriever, world, tmp_path, igpo_settings=SUBGOALS):
+    return make_trainer(tool_model, retriever, world, tmp_path, rows=subgoal_rows(world), subgoals_column="subgoals",
+                        igpo_settings=igpo_settings)
+
+
+@pytest.fixture(scope="module")
+def subgoal_batch(tool_model, retriever, world, tmp_path_factory):
+    trainer = subgoal_trainer(tool_model, retriever, world, tmp_path_factory.mktemp("subgoals"))
+    return trainer, scored_batch(trainer, world, rows=subgoal_rows(world))
+
+
+@pytest.mark.parametrize("igpo_settings", [SUBGOALS, {"subgoal_weight": 0.5, "subgoal_potential": "probe", "gain_clip": "positive",
+                                                      "accumulation": "sqrt_n", "kind": "log_prob", "gamma": 0.9}])
+def test_sub_goal_advantages_equal_the_float64_oracle(igpo_settings, subgoal_batch, tool_model, retriever, world, tmp_path):
+    """The trainer probes every turn for each row's answer and sub-goals; its [B, T, K] advantages are the
+    oracle's on one plain forward per probe and target, with the target mask and target_weights(K)."""
+    if igpo_settings is SUBGOALS:
+        trainer, batch = subgoal_batch
+    else:
+        trainer = subgoal_trainer(tool_model, retriever, world, tmp_path, igpo_settings)
+        batch = scored_batch(trainer, world, rows=subgoal_rows(world))
+    model = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
+    tokenizer, settings = trainer.processing_class, IGPOSettings.from_mapping(igpo_settings)
+    probes, turn_mask, target_mask = oracle_probes(batch, tokenizer, model, subgoals=True)
+    assert sorted({len(turns[0]) for turns in batch.targets}) == [1, 2, 3] and max(turn_mask.sum(1)) >= 3
+    for b, turns in enumerate(batch.targets):
+        count = len(row_targets(batch.rows[b], True))
+        assert len(turns) == int(turn_mask[b].sum()) and {len(turn) for turn in turns} == {count}
+        assert [turn[0] for turn in turns] == batch.probes[b]
+        np.testing.assert_allclose(turns, probes[b, turn_mask[b], :count].numpy(), rtol=1e-5, atol=2e-5)
+    expected = oracle_token_advantages(batch, tokenizer, settings, probes, turn_mask, target_mask)
+    advantages = batch.output["advantages"]
+    for b, want in enumerate(expected):
+        np.testing.assert_allclose(advantages[b, : want.size].double().numpy(), want, rtol=1e-4, atol=1e-5)
+        assert torch.count_nonzero(advantages[b, want.size :]) == 0
+    # the sub-goals move the advantages: the answer's probes alone give others
+    answer_only = IGPOSettings.from_mapping({key: value for key, value in igpo_settings.items() if key != "subgoal_weight"})
+    alone = oracle_token_advantages(batch, tokenizer, answer_only, probes[..., 0], turn_mask)
+    assert any(not np.allclose(a, b, atol=1e-3) for a, b in zip(expected, alone))
+
+
+def test_each_targets_probe_equals_score_probes_of_that_target_alone(subgoal_batch):
+    trainer, batch = subgoal_batch
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    for b, (mask, ids) in enumerate(zip(batch.masks, batch.completions)):
+        prompt = batch.output["prompt_ids"][b][batch.output["prompt_mask"][b].bool()].tolist()
+        starts = [len(prompt) + start for start, _ in runs(mask, 1)]
+        for k, name in enumerate(row_targets(batch.rows[b], True)):
+            with torch.no_grad():
+                alone = score_probes(model, trainer.processing_class, [prompt + ids], [starts], [name], probe_layout="kv_cache")[0]
+            torch.testing.assert_close(torch.tensor([turn[k] for turn in batch.targets[b]]), alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_rollout_function_path_gives_the_same_sub_goal_batch(subgoal_batch, tool_model, retriever, world, tmp_path):
+    """make_search_rollout_func(subgoals_column=) on the same questions and seed writes the tool loop's
+    tokens (the Search-R1 tool protocol); its targets' probes and the advantages are the tool loop's."""
+    _, tools = subgoal_batch
+    base, tool_tokenizer = tool_model
+    rows = subgoal_rows(world)
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=QUESTIONS * G, num_generations=G, max_steps=1,
+                   beta=0.0, loss_type="grpo", use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=0,
+                   max_completion_length=600)
+    trainer = IGPOTrainer(
+        model=copy.deepcopy(base), reward_funcs=[make_outcome_reward_func(tokenizer=tool_tokenizer)],
+        args=GRPOConfig(**options), train_dataset=Dataset.from_list(rows), processing_class=tool_tokenizer,
+        rollout_func=make_search_rollout_func(retriever, subgoals_column="subgoals", max_turns=4, max_new_tokens=24,
+                                              topk=TOPK, probe_layout="kv_cache"),
+        igpo_settings=SUBGOALS,
+    )
+    batch = [row for row in rows for _ in range(G)]
+    torch.manual_seed(0)
+    trainer.model.train()
+    output = trainer._generate_and_score_completions([dict(row) for row in batch])
+    (rollout,) = trainer._igpo_rollouts
+    completions = [output["completion_ids"][b, :length].tolist() for b, length in enumerate(rollout.completion_lengths)]
+    assert completions == tools.completions and [list(mask) for mask in rollout.env_mask] == tools.masks
+    assert rollout.target_logprob == tools.targets and rollout.answer_logprob == tools.probes
+    assert torch.equal(output["advantages"], tools.output["advantages"])
+
+
+def test_sub_goal_settings_that_would_be_ignored_or_misread_are_refused(tool_model, retriever, world, tmp_path):
+    with pytest.raises(ValueError, match=r"subgoals_column='subgoals' probes sub-goal targets, but "
+                                         r"igpo_settings.subgoal_weight is 0: they would be ignored"):
+        subgoal_trainer(tool_model, retriever, world, tmp_path / "a", igpo_settings=None)
+    with pytest.raises(ValueError, match=r"igpo_settings.subgoal_weight = 0.5 weighs sub-goal targets, but "
+                                         r"subgoals_column is None.*pass subgoals_column="):
+        make_trainer(tool_model, retriever, world, tmp_path / "b", igpo_settings={"subgoal_weight": 0.5})
+    with pytest.raises(TypeError, match="subgoals_column must be a str"):
+        make_trainer(tool_model, retriever, world, tmp_path / "c", igpo_settings=SUBGOALS, subgoals_column=["subgoals"])
+    trainer = subgoal_trainer(tool_model, retriever, world, tmp_path / "d")
+    for change, error, message in [  # row 0: a 3-hop question, sub-goals Hapova Group and Kudis, answer Kruhirand
+        (lambda row: row.pop("subgoals"), ValueError, r"no column 'subgoals' \(the sub-goal targets, subgoals_column=\)"),
+        (lambda row: row.update(subgoals="Kudis"), TypeError,
+         r"dataset row 0 of the batch, column 'subgoals': the sub-goals must be a list of strings"),
+        (lambda row: row.update(subgoals=["Kudis", ""]), ValueError, r"every sub-goal must be a non-empty string"),
+        (lambda row: row.update(subgoals=["Hapova Group", "kruhirand"]), ValueError,
+         r"the sub-goal 'kruhirand' is the answer itself \(target 0\)"),
+        (lambda row: row.update(subgoals=["Kudis", "kudis"]), ValueError, r"repeated sub-goals \['Kudis', 'kudis'\]"),
+    ]:
+        rows = subgoal_rows(world)
+        change(rows[0])
+        with pytest.raises(error, match=message):
+            scored_batch(trainer, world, rows=rows)
+        assert trainer._igpo_tool_loop is None  # refused before TRL generated anything
 
 
 def test_truncated_rollouts_keep_their_turns_and_train_nothing(tool_model, retriever, world, tmp_path):

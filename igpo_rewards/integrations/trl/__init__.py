@@ -20,8 +20,9 @@ The turns and their probes come from one of two sources:
   every TRL 1.x) and keeps the per-row tool masks and completion ids it returns; each run of 1s
   of a tool mask is a turn. After TRL has built the batch it scores the probe before every turn
   on its own model (``igpo_rewards.agent.probes.score_probes``, kv_cache layout; never on vLLM),
-  with the answers of the dataset column ``answers_column``. Needs
-  :data:`SUPPORTED_TRL_TOOL_VERSIONS` and :data:`SUPPORTED_TRANSFORMERS_TOOL_VERSIONS`.
+  with the answers of the dataset column ``answers_column`` (and with ``subgoals_column``, each
+  row's sub-goal targets too). Needs :data:`SUPPORTED_TRL_TOOL_VERSIONS` and
+  :data:`SUPPORTED_TRANSFORMERS_TOOL_VERSIONS`.
 * a ``rollout_func`` that returns the probes itself (below).
 
 What it reads from TRL on both paths, and how stable each piece is:
@@ -53,7 +54,9 @@ What the ``rollout_func`` must return per completion, besides TRL's ``prompt_ids
   inside the completion. Each maximal run of 1s is one turn, so a completion needs exactly
   n_i runs. Without ``env_mask`` the whole completion is one turn;
 * optionally ``igpo_turn_index``: the turn (0, 1, ...) of every completion token, -1 for none,
-  when turns are not the runs of ``env_mask`` (e.g. two turns with no observation between).
+  when turns are not the runs of ``env_mask`` (e.g. two turns with no observation between);
+* optionally ``igpo_target_logprob`` (sub-goal targets): per turn, the probe log-probs of the
+  completion's K_i targets, the answer first (the same K_i on every turn).
 
 :func:`make_search_rollout_func` is such a ``rollout_func`` (the Search-R1 loop of
 :mod:`igpo_rewards.agent` with retrieval and probes) and :func:`make_outcome_reward_func` its
@@ -72,6 +75,7 @@ from igpo_rewards.integrations.trl.trainer import (
     SUPPORTED_TRANSFORMERS_TOOL_VERSIONS,
     SUPPORTED_TRL_TOOL_VERSIONS,
     SUPPORTED_TRL_VERSIONS,
+    TARGET_LOGPROB_KEY,
     TESTED_TRL_TOOL_VERSIONS,
     TESTED_TRL_VERSIONS,
     TURN_INDEX_KEY,
@@ -93,6 +97,7 @@ __all__ = [
     "SUPPORTED_TRANSFORMERS_TOOL_VERSIONS",
     "SUPPORTED_TRL_TOOL_VERSIONS",
     "SUPPORTED_TRL_VERSIONS",
+    "TARGET_LOGPROB_KEY",
     "TESTED_TRL_TOOL_VERSIONS",
     "TESTED_TRL_VERSIONS",
     "TURN_INDEX_KEY",

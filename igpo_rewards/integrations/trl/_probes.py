@@ -51,13 +51,16 @@ def probe_log_probs(
     template: str = PROBE_TEMPLATE,
 ) -> list[list[Any]]:
     """The n_b probe log-probs of every trajectory b (n_b = ``len(turn_starts[b])``), ``batch_size``
-    trajectories per ``score_probes`` forward. With a list of targets per trajectory (answer first),
-    each turn's entry is the list of the part's K target log-probs (``score_probes`` [B, T, K])."""
-    values: list[list[float]] = []
+    trajectories per ``score_probes`` forward. With a list of K_b targets per trajectory (answer
+    first), each turn's entry is the list of its K_b target log-probs (``score_probes`` [B, T, K],
+    trimmed to the trajectory's own targets: a forward pads every row to its longest list)."""
+    values: list[list[Any]] = []
     for first in range(0, len(token_ids), batch_size):
         part = slice(first, first + batch_size)
         scores = score_probes(
             model, tokenizer, token_ids[part], turn_starts[part], answers[part], template=template, probe_layout=layout
         ).cpu()
-        values += [scores[row, : len(starts)].tolist() for row, starts in enumerate(turn_starts[part])]
+        for row, (starts, targets) in enumerate(zip(turn_starts[part], answers[part])):
+            row_scores = scores[row, : len(starts)] if isinstance(targets, str) else scores[row, : len(starts), : len(targets)]
+            values.append(row_scores.tolist())
     return values

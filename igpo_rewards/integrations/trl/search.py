@@ -29,7 +29,9 @@ decomposition answers, 2Wiki's evidence objects). Every turn is then probed for 
 each of them in the same forward (``score_probes`` with a list of targets per trajectory), and the
 output also holds ``igpo_target_logprob``: per completion, per turn, the probe log-probs of its
 targets, the answer first. ``IGPOTrainer`` weighs the sub-goals with
-``igpo_settings.subgoal_weight``.
+``igpo_settings.subgoal_weight``. The targets are built and checked, and the probes split into
+the two keys, by the trainer module's helpers that ``IGPOTrainer(subgoals_column=...)`` uses on
+TRL's tool loop, so both paths probe the same targets.
 
 The ground-truth answers: TRL passes a ``rollout_func`` the prompts only. ``IGPOTrainer`` keeps
 the batch's dataset rows in ``trainer.igpo_batch_inputs`` while it scores the batch (row i is the
@@ -64,13 +66,13 @@ from igpo_rewards.agent.rollout import Trajectory, generate_rollouts
 from igpo_rewards.agent.tool_calls import as_retriever
 from igpo_rewards.integrations.trl._probes import generation_model, probe_log_probs
 from igpo_rewards.integrations.trl.trainer import (
-    ANSWER_LOGPROB_KEY,
     PROBE_SECONDS_KEY,
-    TARGET_LOGPROB_KEY,
     IGPOTrainer,
+    _probe_outputs,
     _row_answers,
+    _row_targets,
 )
-from igpo_rewards.scoring import normalize_answer, outcome_reward
+from igpo_rewards.scoring import outcome_reward
 
 __all__ = ["make_outcome_reward_func", "make_search_rollout_func"]
 
@@ -136,54 +138,6 @@ def _batch_answers(trainer: IGPOTrainer, prompts: Sequence[Any], column: str) ->
                 f"prompts[{index}] is not the 'prompt' of trainer.igpo_batch_inputs[{index}]: {prompt!r:.120}"
             )
     return _row_answers(rows, column)
-
-
-def _batch_targets(trainer: IGPOTrainer, answers: Sequence[tuple[str, ...]], column: str) -> list[list[str]]:
-    """Each row's probe targets: its answer (the first alias), then the sub-goals of ``column``."""
-    if trainer.igpo_settings.subgoal_weight == 0:
-        raise ValueError(
-            f"subgoals_column={column!r} probes sub-goal targets, but igpo_settings.subgoal_weight is 0: they would be "
-            f"ignored; set IGPOSettings(subgoal_weight=...) (e.g. 1.0), or leave subgoals_column out for the paper's IGPO"
-        )
-    targets = []
-    for index, (row, aliases) in enumerate(zip(trainer.igpo_batch_inputs, answers)):
-        if column not in row:
-            raise ValueError(
-                f"the dataset has no column {column!r} (the sub-goal targets, subgoals_column=); its columns: {sorted(row)}"
-            )
-        subgoals = [] if row[column] is None else row[column]
-        if isinstance(subgoals, str) or not isinstance(subgoals, Sequence):
-            raise TypeError(
-                f"dataset row of prompts[{index}], column {column!r}: the sub-goals must be a list of strings, got "
-                f"{subgoals!r:.120}"
-            )
-        answer_forms = {normalize_answer(alias) for alias in aliases}
-        for subgoal in subgoals:
-            if not isinstance(subgoal, str) or not subgoal.strip():
-                raise ValueError(
-                    f"dataset row of prompts[{index}], column {column!r}: every sub-goal must be a non-empty string, got "
-                    f"{subgoal!r:.80}"
-                )
-            if normalize_answer(subgoal) in answer_forms:
-                raise ValueError(
-                    f"dataset row of prompts[{index}], column {column!r}: the sub-goal {subgoal!r} is the answer itself "
-                    f"(target 0): list only the intermediate answers, or its gain would count twice"
-                )
-        if len({normalize_answer(subgoal) for subgoal in subgoals}) != len(subgoals):
-            raise ValueError(f"dataset row of prompts[{index}], column {column!r}: repeated sub-goals {list(subgoals)}")
-        targets.append([aliases[0], *subgoals])
-    return targets
-
-
-def _probe_outputs(probes: list[list[Any]], targets: Sequence[str | Sequence[str]]) -> dict[str, Any]:
-    """The rollout_func's probe keys: the answer's probes, and with sub-goals each turn's probes of the
-    row's own targets (the probes hold the batch's K per turn; a row keeps its first len(targets))."""
-    if all(isinstance(target, str) for target in targets):
-        return {ANSWER_LOGPROB_KEY: probes}
-    return {
-        ANSWER_LOGPROB_KEY: [[turn[0] for turn in row] for row in probes],
-        TARGET_LOGPROB_KEY: [[turn[: len(row_targets)] for turn in row] for row, row_targets in zip(probes, targets)],
-    }
 
 
 def _prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
@@ -284,7 +238,7 @@ def make_search_rollout_func(
             raise ValueError("rollout_func got no prompts")
         answers = _batch_answers(trainer, prompts, answers_column)
         targets = ([aliases[0] for aliases in answers] if subgoals_column is None
-                   else _batch_targets(trainer, answers, subgoals_column))
+                   else _row_targets(trainer.igpo_batch_inputs, answers, subgoals_column, trainer.igpo_settings))
         tokenizer = trainer.processing_class
         prompt_ids = _prompt_ids(tokenizer, prompts)
         mode = "train" if trainer.model.training else "eval"

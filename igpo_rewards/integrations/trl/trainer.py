@@ -25,7 +25,7 @@ from igpo_rewards.agent.protocol import PROBE_TEMPLATE
 from igpo_rewards.agent.tool_calls import SEARCH_R1_RESPONSE_TEMPLATE, STOP_TAGS
 from igpo_rewards.integrations import IGPOSettings
 from igpo_rewards.integrations.trl._probes import generation_model, probe_log_probs
-from igpo_rewards.scoring import split_ground_truth
+from igpo_rewards.scoring import normalize_answer, split_ground_truth
 
 __all__ = [
     "ANSWER_LOGPROB_KEY",
@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTED_TRANSFORMERS_TOOL_VERSIONS",
     "SUPPORTED_TRL_TOOL_VERSIONS",
     "SUPPORTED_TRL_VERSIONS",
+    "TARGET_LOGPROB_KEY",
     "TESTED_TRL_TOOL_VERSIONS",
     "TESTED_TRL_VERSIONS",
     "TURN_INDEX_KEY",
@@ -165,6 +166,54 @@ def _row_answers(rows: Sequence[Mapping[str, Any]], column: str) -> list[tuple[s
         except (TypeError, ValueError) as error:
             raise type(error)(f"dataset row {index} of the batch, column {column!r}: {error}") from None
     return answers
+
+
+def _refuse_ignored_subgoals(settings: IGPOSettings, column: str | None) -> None:
+    """Sub-goal targets with ``subgoal_weight == 0`` would be probed and then ignored."""
+    if column is not None and settings.subgoal_weight == 0:
+        raise ValueError(
+            f"subgoals_column={column!r} probes sub-goal targets, but igpo_settings.subgoal_weight is 0: they would be "
+            f"ignored; set IGPOSettings(subgoal_weight=...) (e.g. 1.0), or leave subgoals_column out for the paper's IGPO"
+        )
+
+
+def _row_targets(
+    rows: Sequence[Mapping[str, Any]], answers: Sequence[tuple[str, ...]], column: str, settings: IGPOSettings
+) -> list[list[str]]:
+    """Each dataset row's probe targets (both TRL paths): its answer (the first alias), then the
+    sub-goals of ``column`` (a list of non-empty strings, or None for none), each checked."""
+    _refuse_ignored_subgoals(settings, column)
+    targets = []
+    for index, (row, aliases) in enumerate(zip(rows, answers, strict=True)):
+        if column not in row:
+            raise ValueError(
+                f"the dataset has no column {column!r} (the sub-goal targets, subgoals_column=); its columns: {sorted(row)}"
+            )
+        subgoals = [] if row[column] is None else row[column]
+        where = f"dataset row {index} of the batch, column {column!r}"
+        if isinstance(subgoals, str) or not isinstance(subgoals, Sequence):
+            raise TypeError(f"{where}: the sub-goals must be a list of strings, got {subgoals!r:.120}")
+        answer_forms = {normalize_answer(alias) for alias in aliases}
+        for subgoal in subgoals:
+            if not isinstance(subgoal, str) or not subgoal.strip():
+                raise ValueError(f"{where}: every sub-goal must be a non-empty string, got {subgoal!r:.80}")
+            if normalize_answer(subgoal) in answer_forms:
+                raise ValueError(
+                    f"{where}: the sub-goal {subgoal!r} is the answer itself (target 0): list only the intermediate "
+                    f"answers, or its gain would count twice"
+                )
+        if len({normalize_answer(subgoal) for subgoal in subgoals}) != len(subgoals):
+            raise ValueError(f"{where}: repeated sub-goals {list(subgoals)}")
+        targets.append([aliases[0], *subgoals])
+    return targets
+
+
+def _probe_outputs(probes: list[list[Any]], targets: Sequence[str | Sequence[str]]) -> dict[str, Any]:
+    """The probe keys of a rollout (both TRL paths) from ``probe_log_probs`` of ``targets``: the
+    answer's probes, and with a list of targets per row each turn's probes of the row's own targets."""
+    if all(isinstance(target, str) for target in targets):
+        return {ANSWER_LOGPROB_KEY: probes}
+    return {ANSWER_LOGPROB_KEY: [[turn[0] for turn in row] for row in probes], TARGET_LOGPROB_KEY: probes}
 
 
 def token_turn_index(
@@ -369,15 +418,20 @@ def _check_mode(rollout_func: Any, tool_loop: list[str], probe_options: dict[str
         if given:
             raise ValueError(
                 f"{', '.join(given)} configure the probes of TRL's tool loop; with a rollout_func the rollout function "
-                f"scores the probes (make_search_rollout_func(answers_column=..., probe_batch_size=...)): drop them here"
+                f"scores the probes (make_search_rollout_func(answers_column=..., subgoals_column=..., probe_batch_size=...)): "
+                f"drop them here"
             )
         return False
     check_tool_loop_versions(trl.__version__, transformers.__version__)
     return True
 
 
-def _check_tool_loop_inputs(inputs: Sequence[Mapping[str, Any]], answers_column: str) -> None:
-    """TRL's tool loop parses tool calls out of conversational completions only; the answers column must be there."""
+def _tool_loop_targets(
+    inputs: Sequence[Mapping[str, Any]], answers_column: str, subgoals_column: str | None, settings: IGPOSettings
+) -> list[str] | list[list[str]]:
+    """Each row's probe targets on TRL's tool loop: the answer (first alias), or with ``subgoals_column``
+    the list ``[answer, *sub-goals]``. Checked before TRL generates: conversational prompts (TRL's tool
+    loop parses tool calls out of chat messages only), the answers and sub-goals columns."""
     for index, row in enumerate(inputs):
         prompt = row.get("prompt")
         if not (isinstance(prompt, list) and prompt and all(isinstance(message, Mapping) for message in prompt)):
@@ -385,7 +439,21 @@ def _check_tool_loop_inputs(inputs: Sequence[Mapping[str, Any]], answers_column:
                 f"TRL's tool loop needs conversational prompts (a list of chat messages), but the 'prompt' of dataset "
                 f"row {index} of the batch is {prompt!r:.120}"
             )
-    _row_answers(inputs, answers_column)
+    answers = _row_answers(inputs, answers_column)
+    if subgoals_column is None:
+        return [aliases[0] for aliases in answers]
+    return _row_targets(inputs, answers, subgoals_column, settings)
+
+
+def _check_tool_loop_subgoals(settings: IGPOSettings, column: str | None) -> None:
+    """On TRL's tool loop the trainer probes the targets itself: sub-goals need a weight and a column."""
+    _refuse_ignored_subgoals(settings, column)
+    if column is None and settings.subgoal_weight > 0:
+        raise ValueError(
+            f"igpo_settings.subgoal_weight = {settings.subgoal_weight} weighs sub-goal targets, but subgoals_column is "
+            f"None, so the tool loop probes the answer alone: pass subgoals_column= (the dataset column of each row's "
+            f"sub-goals), or set subgoal_weight = 0 (the paper's IGPO)"
+        )
 
 
 def _tool_owners(tools: Sequence[Any], environments: Sequence[Any] | None) -> list[Any]:
@@ -408,18 +476,25 @@ class IGPOTrainer(GRPOTrainer):
       the batch, the probe before every turn is scored on the trainer's own model (never on
       vLLM: the current policy, whatever the backend) with ``score_probes``' kv_cache layout,
       ``probe_batch_size`` completions per forward, the probe text ``probe_template``, and the
-      first alias of each row's ``answers_column`` (default ``"answers"``). Needs
-      :data:`SUPPORTED_TRL_TOOL_VERSIONS` and :data:`SUPPORTED_TRANSFORMERS_TOOL_VERSIONS`,
-      conversational prompts, and a model with ``attn_implementation`` "sdpa" or "eager".
+      first alias of each row's ``answers_column`` (default ``"answers"``). With
+      ``subgoals_column`` (sub-goal targets, docs/algorithm.md section 7.1; needs
+      ``igpo_settings.subgoal_weight > 0``) every probe also scores the row's sub-goals (a list
+      of strings, or None) in the same forward, checked as :func:`make_search_rollout_func` checks
+      them. Needs :data:`SUPPORTED_TRL_TOOL_VERSIONS` and
+      :data:`SUPPORTED_TRANSFORMERS_TOOL_VERSIONS`, conversational prompts, and a model with
+      ``attn_implementation`` "sdpa" or "eager".
     * a ``rollout_func`` that returns ``igpo_answer_logprob`` (and ``env_mask`` for multi-turn
-      completions), e.g. :func:`make_search_rollout_func`. ``answers_column``, ``probe_template``
-      and ``probe_batch_size`` belong to the rollout function then and are refused here.
+      completions; ``igpo_target_logprob`` for sub-goal targets), e.g.
+      :func:`make_search_rollout_func`. ``answers_column``, ``subgoals_column``,
+      ``probe_template`` and ``probe_batch_size`` belong to the rollout function then and are
+      refused here.
 
     Per training batch: R_i = weighted sum of the reward functions; probe log-probs, turn masks
     and R are gathered over processes (probes padded by :func:`igpo_rewards.pad_turns` to
     ``igpo_settings.max_turns``, or the most turns of any process);
     ``igpo_settings.igpo_advantages`` runs on the whole batch with ``group_size=num_generations``
-    (row k is in group k // num_generations); each process broadcasts its rows' turn advantages
+    (row k is in group k // num_generations; with sub-goal targets on [B, T, K] probes, K the most
+    targets of any row, and a [B, K] target mask); each process broadcasts its rows' turn advantages
     to their tokens. The result replaces ``advantages`` in the batch TRL trains on ([B_local, C],
     0 on environment tokens and padding). A batch whose every advantage is 0 (it trains nothing)
     emits a :class:`ZeroAdvantageWarning` with the count.
@@ -439,9 +514,12 @@ class IGPOTrainer(GRPOTrainer):
         supported range; on the tool loop, a tool's retriever failed (``retrieval_errors``,
         :class:`igpo_rewards.agent.tool_calls.ToolErrors`).
       ValueError: neither or both of a ``rollout_func`` and TRL's tool loop; settings that would
-        do nothing or change IGPO (named in the message); per batch, data that do not match
-        (probes per turn, ``max_turns``, unscored completions, a missing answers column).
-      TypeError: more positional arguments than ``model`` .. ``optimizers``.
+        do nothing or change IGPO (named in the message; on the tool loop ``subgoals_column``
+        with ``subgoal_weight == 0`` and ``subgoal_weight > 0`` without it); per batch, data
+        that do not match (probes per turn, ``max_turns``, unscored completions, a missing
+        answers or sub-goals column, a sub-goal that is empty, repeated or the answer itself).
+      TypeError: more positional arguments than ``model`` .. ``optimizers``; a setting of the wrong
+        type; on the tool loop, a row's sub-goals that are not a list.
     """
 
     def __init__(
@@ -450,6 +528,7 @@ class IGPOTrainer(GRPOTrainer):
         rollout_func: Callable[..., dict[str, Any]] | None = None,
         igpo_settings: IGPOSettings | Mapping[str, Any] | None = None,
         answers_column: str | None = None,
+        subgoals_column: str | None = None,
         probe_template: str | None = None,
         probe_batch_size: int | None = None,
         **kwargs: Any,
@@ -462,7 +541,8 @@ class IGPOTrainer(GRPOTrainer):
                 f"positions differ between TRL releases"
             )
         tool_loop = [name for name in ("tools", "environment_factory") if kwargs.get(name)]
-        probe_options = dict(answers_column=answers_column, probe_template=probe_template, probe_batch_size=probe_batch_size)
+        probe_options = dict(answers_column=answers_column, subgoals_column=subgoals_column, probe_template=probe_template,
+                             probe_batch_size=probe_batch_size)
         self._igpo_tool_mode = _check_mode(rollout_func, tool_loop, probe_options)
         self.igpo_settings = IGPOSettings.from_mapping(igpo_settings)
         self.igpo_batch_inputs: list[dict[str, Any]] | None = None
@@ -473,6 +553,10 @@ class IGPOTrainer(GRPOTrainer):
             self.answers_column = _checks.check_str(
                 "answers_column", "answers" if answers_column is None else answers_column, what="a str (a dataset column)"
             )
+            if subgoals_column is not None:
+                _checks.check_str("subgoals_column", subgoals_column, what="a str (a dataset column) or None")
+            self.subgoals_column = subgoals_column
+            _check_tool_loop_subgoals(self.igpo_settings, subgoals_column)
             self.probe_template = PROBE_TEMPLATE if probe_template is None else _checks.check_str("probe_template", probe_template)
             self.probe_batch_size = _checks.check_positive_count("probe_batch_size", 32 if probe_batch_size is None else probe_batch_size)
             super().__init__(*args, **kwargs)
@@ -491,14 +575,14 @@ class IGPOTrainer(GRPOTrainer):
         self._igpo_rewards_per_func = None
         self._igpo_tool_loop = None
         if self._igpo_tool_mode:
-            _check_tool_loop_inputs(inputs, self.answers_column)
+            targets = _tool_loop_targets(inputs, self.answers_column, self.subgoals_column, self.igpo_settings)
         self.igpo_batch_inputs = inputs
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.igpo_batch_inputs = None
         if self._igpo_tool_mode:
-            self._igpo_rollouts.append(self._igpo_tool_rollout(output, inputs))
+            self._igpo_rollouts.append(self._igpo_tool_rollout(output, targets))
         rewards_seen = self._igpo_rewards_per_func is not None
         if len(self._igpo_rollouts) != 1 or not rewards_seen:
             raise RuntimeError(
@@ -563,8 +647,9 @@ class IGPOTrainer(GRPOTrainer):
                     f"error to the model as the tool's result); first error: {first[0]}"
                 ) from first[0]
 
-    def _igpo_tool_rollout(self, output: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -> _Rollout:
-        """Turns, answers and probes of the batch TRL's tool loop generated (this process's rows)."""
+    def _igpo_tool_rollout(self, output: Mapping[str, Any], targets: Sequence[str | Sequence[str]]) -> _Rollout:
+        """Turns and probes of the batch TRL's tool loop generated (this process's rows), each row probed
+        for its ``targets`` (:func:`_tool_loop_targets`)."""
         if self._igpo_tool_loop is None:
             raise RuntimeError("IGPOTrainer runs on TRL's tool loop, but TRL did not call _tool_call_loop for this batch")
         tool_masks, completion_ids = self._igpo_tool_loop
@@ -576,16 +661,17 @@ class IGPOTrainer(GRPOTrainer):
                 f"release is not one IGPOTrainer supports ({SUPPORTED_TRL_TOOL_VERSIONS})"
             )
         turn_starts = turn_starts_from_tool_mask([len(ids) for ids in prompt_ids], tool_masks)
-        answers = [aliases[0] for aliases in _row_answers(inputs, self.answers_column)]
         started = time.perf_counter()
         with generation_model(self) as model:
             probes = probe_log_probs(
-                model, self._tokenizer, [p + c for p, c in zip(prompt_ids, completion_ids)], turn_starts, answers,
+                model, self._tokenizer, [p + c for p, c in zip(prompt_ids, completion_ids)], turn_starts, targets,
                 batch_size=self.probe_batch_size, layout="kv_cache", template=self.probe_template,
             )
         mode = "train" if self.model.training else "eval"
         self._metrics[mode][PROBE_SECONDS_KEY].append(time.perf_counter() - started)
-        return _Rollout([len(ids) for ids in completion_ids], tool_masks, None, probes)
+        fields = _probe_outputs(probes, targets)
+        return _Rollout([len(ids) for ids in completion_ids], tool_masks, None, fields[ANSWER_LOGPROB_KEY],
+                        fields.get(TARGET_LOGPROB_KEY))
 
     def _prepare_inputs(self, generation_batch: Any) -> Any:
         """TRL's ``_prepare_inputs`` with each round's shuffle moving whole groups (module docstring)."""
