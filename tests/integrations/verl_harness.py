@@ -39,6 +39,7 @@ import torch
 
 from igpo_rewards.integrations.verl_search import SEARCH_TOOL_SCHEMA
 from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.probes import _cache_argument
 from igpo_rewards.agent.retrieval import format_observation, write_corpus_jsonl
 from igpo_rewards.reference_trainer.modeling import save_pretrained
 from igpo_rewards.reference_trainer.world import QAExample, build_world
@@ -286,7 +287,6 @@ class _Sampler:
     def sample(self, model: Any, output: Any, max_tokens: int, generator: torch.Generator) -> tuple[list[int], list[float]]:
         tokens, logprobs = [], []
         logits = output.logits[0, -1].float()
-        cache = getattr(output, "cache", None) or output.past_key_values
         for _ in range(max_tokens):
             log_softmax = torch.log_softmax(logits, dim=-1)
             token = self._pick(logits, generator)
@@ -294,8 +294,11 @@ class _Sampler:
             logprobs.append(float(log_softmax[token]))
             if token in self.stop or len(tokens) == max_tokens:
                 break
-            step = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
-            logits, cache = step.logits[0, -1].float(), getattr(step, "cache", None) or step.past_key_values
+            # The KV cache under the keyword this transformers' forward takes (``cache`` in the newest,
+            # ``past_key_values`` in the 5.10 that verl 0.9.1 allows): an unknown keyword would land in
+            # **kwargs and every step would be decoded without its context.
+            output = model(input_ids=torch.tensor([[token]]), use_cache=True, **_cache_argument(model, output))
+            logits = output.logits[0, -1].float()
         return tokens, logprobs
 
     def _pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
