@@ -271,7 +271,6 @@ class IGPOToolAgentLoop(ToolAgentLoop):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.igpo_settings = settings_from_config(self.config.get("algorithm"))
-        self._check_manager()
         self._probes: _Probes | None = None  # verl builds one agent loop per trajectory
         self.probe_token_limit = self._probe_token_limit()
 
@@ -303,6 +302,7 @@ class IGPOToolAgentLoop(ToolAgentLoop):
         return probe_token_limit(None, _max_position_embeddings(config_path, bool(model.get("trust_remote_code", False))))
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> IGPOAgentLoopOutput:
+        self._check_manager()  # here, not in __init__: hydra would wrap the error in its own
         answer = probe_answer(kwargs.get("reward_model"), kwargs.get("extra_info"))
         self._probes = _Probes(build_probe_suffix(self.tokenizer, answer, template=self.probe_template))
         output = await super().run(sampling_params, **kwargs)
