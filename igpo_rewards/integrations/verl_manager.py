@@ -125,13 +125,15 @@ class SessionLedger:
     :meth:`add` takes a worker's report and raises once the last ``window`` sessions hold more
     than ``limit`` failures (:class:`SessionFailureError`), or at once for a session refused for
     its configuration (``IGPOConfigError``: every session would fail the same way). :meth:`metrics`
-    returns what was counted since its last call, as a training step's metrics.
+    returns what was counted since its last call, as a training step's metrics:
+    ``training/igpo/sessions`` (sessions that ended, failed or not), ``training/igpo/failed_sessions``
+    and ``training/igpo/probes_skipped`` (probes past the server's context, see ``verl_agent_loop``).
 
     Example:
       >>> ledger = SessionLedger(window=4, limit=1)
       >>> ledger.add({"failed": [False, True, False], "errors": ["ValueError: x"], "probes_skipped": 2})
       >>> ledger.metrics()
-      {'training/igpo/finished_sessions': 3, 'training/igpo/failed_sessions': 1, 'training/igpo/probes_skipped': 2}
+      {'training/igpo/sessions': 3, 'training/igpo/failed_sessions': 1, 'training/igpo/probes_skipped': 2}
       >>> ledger.add({"failed": [True], "errors": ["ValueError: y"]})  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
@@ -148,7 +150,7 @@ class SessionLedger:
         failed = [bool(value) for value in report.get("failed", [])]
         self.recent.extend(failed)
         self.errors.extend(report.get("errors", []))
-        self.counts["finished_sessions"] += len(failed)
+        self.counts["sessions"] += len(failed)
         self.counts["failed_sessions"] += sum(failed)
         self.counts["probes_skipped"] += int(report.get("probes_skipped", 0))
         if report.get("config_errors"):
@@ -160,7 +162,7 @@ class SessionLedger:
                 f"{self.limit} of the last {self.window}); the last errors: {list(self.errors)}")
 
     def metrics(self) -> dict[str, int]:
-        names = ("finished_sessions", "failed_sessions", "probes_skipped")
+        names = ("sessions", "failed_sessions", "probes_skipped")
         metrics = {f"training/igpo/{name}": int(self.counts[name]) for name in names}
         self.counts.clear()
         return metrics

@@ -685,9 +685,9 @@ def test_session_ledger_counts_and_stops_past_the_limit():
     assert (FAILED_SESSIONS_LIMIT, FAILURE_WINDOW) == (12, 256)  # the limit docs/integrations/verl.md states
     ledger = SessionLedger()
     ledger.add({"failed": [True] * 12 + [False] * 200, "errors": ["ValueError: a"], "probes_skipped": 3})
-    assert ledger.metrics() == {"training/igpo/finished_sessions": 212, "training/igpo/failed_sessions": 12,
+    assert ledger.metrics() == {"training/igpo/sessions": 212, "training/igpo/failed_sessions": 12,
                                 "training/igpo/probes_skipped": 3}
-    assert ledger.metrics()["training/igpo/finished_sessions"] == 0  # counted since the last report
+    assert ledger.metrics()["training/igpo/sessions"] == 0  # counted since the last report
     ledger.add({"failed": [False] * 56})  # the 12 failures leave the window of the last 256 sessions
     ledger.add({"failed": [True] * 12 + [False] * 232, "errors": ["ValueError: b"]})  # 12 of the last 256: allowed
     assert ledger.metrics()["training/igpo/failed_sessions"] == 12

@@ -139,7 +139,13 @@ def v1(setup, event_loop_for_verl):
 
     from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopWorkerTQ
 
+    # Ray's worker processes inherit the environment ray.init starts them with: the harness (the
+    # rollout server actor of the Ray tests below) must import there.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    environment = pytest.MonkeyPatch()
+    environment.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    environment.undo()
     tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
     try:
         config = harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=True,
@@ -667,6 +673,166 @@ def test_rows_of_verls_dataset_naming_tool_agent_are_refused(setup, tmp_path, mo
             prompts = DataProto.from_single_dict(batch)
         with pytest.raises(igpo_verl.IGPOConfigError, match=message.format("a training batch")):
             manager.generate_sequences(prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# IGPOAgentLoopManager as both trainers run it: Ray actors, verl's load balancer, the replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_server(v1, setup):
+    """The rollout server as a Ray actor behind verl's real GlobalRequestLoadBalancer, and verl's
+    reward loop worker as a Ray actor (what the trainers hand the manager), in the V1 fixture's Ray session."""
+    import ray
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.workers.rollout.router import GlobalRequestLoadBalancer
+
+    server = ray.remote(harness.CPURolloutServer).remote(setup.policy.model, eos_token_id=setup.policy.tokenizer.eos_token_id,
+                                                         max_model_len=1024)
+    balancer = ray.remote(GlobalRequestLoadBalancer).remote(servers={"cpu-0": server})
+    rewards = ray.remote(RewardLoopWorker).remote(v1.config)
+    return SimpleNamespace(server=server, balancer=balancer, rewards=[rewards])
+
+
+def manager_config(setup, *, use_v1, extra=()):
+    return harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=use_v1, n=GROUP_SIZE,
+                               extra=["actor_rollout_ref.rollout.agent.num_workers=1", *extra])
+
+
+def test_v1_manager_replay_buffer_and_advantages_through_ray(v1, setup, ray_server, event_loop_for_verl):
+    """V1 in colocate_async mode as TaskRunnerV1 and the trainer run it, minus the actor:
+    IGPOAgentLoopManager.create starts IGPO's worker actor; prompts registered and dispatched as
+    _submit_batch_to_rollout does; IGPO's replay buffer (verl's ReplayBufferAsync) samples the
+    finished groups and reports the sessions, including one prompt whose 4 sessions fail (no ground
+    truth to probe); verl's _compute_advantage gives IGPO's advantages; failures past the limit stop
+    the run at the next dispatch, in the trainer's process."""
+    from tensordict import TensorDict
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils import tensordict_utils
+    from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
+
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopManagerTQ
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager, IGPOReplayBuffer, SessionFailureError
+
+    tq = v1.tq
+    config = manager_config(setup, use_v1=True, extra=["trainer.v1.trainer_mode=colocate_async"])
+    client = FullyAsyncLLMServerClient(config, load_balancer_handle=ray_server.balancer)
+    manager = IGPOAgentLoopManager.create(config=config, llm_client=client, teacher_client=None,
+                                          reward_loop_worker_handles=ray_server.rewards)
+    asyncio.set_event_loop(event_loop_for_verl)
+    assert type(manager) is IGPOAgentLoopManagerTQ and len(manager.agent_loop_workers) == 1
+    buffer = IGPOReplayBuffer(trainer_mode="colocate_async", trainer_config=config.trainer.v1.colocate_async,
+                              max_off_policy_threshold=None, max_off_policy_strategy="drop",
+                              sampler_kwargs=config.trainer.v1.sampler.sampler_kwargs, refill_fn=None)
+
+    def dispatch(rows):
+        tq.kv_batch_put(keys=[row["uid"] for row in rows], partition_id="train",
+                        tags=[{"is_prompt": True, "status": "pending", "global_steps": 1} for _ in rows])
+        prompts = tensordict_utils.get_tensordict({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
+        tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+        manager.generate_sequences(prompts)
+
+    rows = harness.dataset_rows(setup.policy.examples)
+    for row in rows:
+        row["uid"] = f"ray{row['uid']}"
+    unprobeable = dict(rows[0], uid="raybroken", reward_model={"style": "rule"})  # no ground truth: the probe cannot run
+    dispatch(rows + [unprobeable])
+    batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=len(rows))
+    assert metrics["training/igpo/sessions"] == GROUP_SIZE * (len(rows) + 1)
+    assert metrics["training/igpo/failed_sessions"] == GROUP_SIZE and metrics["training/igpo/probes_skipped"] == 0
+    assert metrics["training/rollout_failure/evicted_samples"] == 1  # verl evicts the failed group (async modes)
+    assert sorted(batch.keys) == sorted(f"{row['uid']}_{session}_0" for row in rows for session in range(GROUP_SIZE))
+
+    stored = tq.kv_batch_get(keys=batch.keys, partition_id="train", select_fields=["rollout_log_probs"])
+    tq.kv_batch_put(keys=batch.keys, partition_id="train",
+                    fields=TensorDict({"old_log_probs": stored["rollout_log_probs"]}, batch_size=len(batch.keys)))
+    PPOTrainer._compute_advantage(SimpleNamespace(config=config), batch, {})
+    data = tq.kv_batch_get(keys=batch.keys, partition_id="train",
+                           select_fields=["advantages", "response_mask", "extra_fields", "uid"])
+    masks = data["response_mask"].to_padded_tensor(0).numpy()
+    extra = list(data["extra_fields"])
+    probes = [list(item[igpo_verl.ANSWER_LOGPROB_KEY]) for item in extra]
+    outcomes = [float(item["reward_extra_info"]["acc"]) for item in extra]
+    expected, _ = expected_advantages(probes, outcomes, list(data["uid"]), masks)
+    np.testing.assert_allclose(data["advantages"].to_padded_tensor(0.0).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert max(len(values) for values in probes) >= 2
+
+    manager.sessions.limit = GROUP_SIZE + 1  # a low limit: the next GROUP_SIZE failures pass it
+    dispatch([dict(unprobeable, uid="raybroken2")])
+    deadline = time.monotonic() + 300
+    with pytest.raises(SessionFailureError, match=r"8 of the last 20 agent-loop sessions failed .*ValueError: "
+                                                  r"igpo_tool_agent needs each row's ground truth"):
+        while time.monotonic() < deadline:  # the failures reach the trainer with the next report
+            manager.collect_session_reports()
+            time.sleep(1.0)
+
+
+class NoPromptLogprobsServer(harness.CPURolloutServer):
+    """A server that ignores ``prompt_logprobs`` (as verl's TRT-LLM server does)."""
+
+    async def generate(self, prompt_ids, sampling_params, request_id, **kwargs):
+        output = await super().generate(prompt_ids, sampling_params, request_id, **kwargs)
+        output.extra_fields.pop("prompt_logprobs", None)
+        return output
+
+
+def test_a_session_refused_for_its_configuration_stops_the_run(v1, setup, event_loop_for_verl):
+    """IGPO's V1 worker reports a session that failed with IGPOConfigError (here: a server without
+    prompt log-probs); the trainer-side ledger stops at once, since every session would fail alike."""
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.utils import tensordict_utils
+
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopWorkerTQ
+    from igpo_rewards.integrations.verl_manager import SessionLedger
+
+    client = harness.local_server_client(v1.config, make_server(setup.policy, server_class=NoPromptLogprobsServer))
+    worker = IGPOAgentLoopWorkerTQ(v1.config, client, None, [harness.InProcessActor(RewardLoopWorker(v1.config))])
+    row = dict(harness.dataset_rows(setup.policy.examples)[0], uid="noprobes")
+    prompts = tensordict_utils.get_tensordict({key: np.array([value], dtype=object) for key, value in row.items()})
+    tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+
+    async def generate():
+        await worker.generate_sequences(prompts)
+        while worker.background_tasks:
+            await asyncio.gather(*list(worker.background_tasks))
+
+    event_loop_for_verl.run_until_complete(generate())
+    report = event_loop_for_verl.run_until_complete(worker.igpo_session_report())
+    assert report["failed"] == [True] * GROUP_SIZE and len(report["config_errors"]) == GROUP_SIZE
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"refused for its configuration.*no extra_fields\['prompt_logprobs'\]"):
+        SessionLedger().add(report)
+
+
+def test_legacy_manager_reward_path_through_ray(setup, ray_server, event_loop_for_verl):
+    """The legacy trainer's path with IGPOAgentLoopManager as RayPPOTrainer runs it: create (worker
+    actor), generate_sequences on the repeated prompts, batch.union, extract_reward, compute_advantage:
+    IGPO's advantages on the rows' probes and outcomes."""
+    from verl.workers.rollout.llm_server import LLMServerClient
+
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
+    config = manager_config(setup, use_v1=False)
+    manager = IGPOAgentLoopManager.create(config=config, llm_client=LLMServerClient(config, load_balancer_handle=ray_server.balancer),
+                                          teacher_client=None, reward_loop_worker_handles=ray_server.rewards)
+    asyncio.set_event_loop(event_loop_for_verl)
+    assert type(manager) is IGPOAgentLoopManager and len(manager.agent_loop_workers) == 1
+    batch = legacy_input(setup.policy)
+    data = manager.generate_sequences(batch)
+    for key, column in batch.non_tensor_batch.items():  # what RayPPOTrainer's batch.union(gen_batch_output) adds
+        data.non_tensor_batch.setdefault(key, column)
+    reward_tensor, _ = extract_reward(data)
+    data.batch["token_level_scores"] = reward_tensor
+    data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+    algorithm = config.algorithm
+    data = compute_advantage(data, adv_estimator=algorithm.adv_estimator, gamma=algorithm.gamma, lam=algorithm.lam,
+                             num_repeat=GROUP_SIZE, config=algorithm)
+    probes = [list(values) for values in data.non_tensor_batch[igpo_verl.ANSWER_LOGPROB_KEY]]
+    outcomes = [float(value) for value in data.non_tensor_batch["acc"]]
+    expected, result = expected_advantages(probes, outcomes, data.non_tensor_batch["uid"], data.batch["response_mask"].numpy())
+    np.testing.assert_allclose(data.batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(result.information_gain).max() > 0.01
 
 
 # ---------------------------------------------------------------------------------------------
