@@ -101,10 +101,11 @@ logger = logging.getLogger(__name__)
 _warned = set()
 
 
-def _warn_once(key: str, message: str, *args: Any) -> None:
+def _warn_once(key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+    """Logs ``message`` once per process (per ``key``)."""
     if key not in _warned:
         _warned.add(key)
-        logger.warning(message, *args)
+        logger.log(level, message, *args)
 
 
 def probe_token_limit(max_model_len: int | None, max_position_embeddings: int) -> int:
@@ -287,7 +288,7 @@ class IGPOToolAgentLoop(ToolAgentLoop):
             refusal = manager_refusal()
             _warn_once("no-manager", "igpo_tool_agent runs without IGPO's agent-loop manager: the start-up checks "
                        "(docs/integrations/verl.md) and the failed-session metric and limit are off. Set %s",
-                       refusal.fix)
+                       refusal.fix, level=logging.ERROR)
             return
         if "legacy-allowed" not in _warned:
             enforce([manager_refusal()], self.igpo_settings, when="igpo_tool_agent under the legacy trainer")

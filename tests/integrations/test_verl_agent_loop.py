@@ -943,6 +943,34 @@ def test_manager_builds_the_workers_of_the_trainer_in_use(legacy, event_loop_for
         assert manager.agent_loop_workers_class.__ray_actor_class__ is worker_class
 
 
+def test_without_igpos_manager_v1_logs_once_and_the_legacy_opt_in_warns(legacy, monkeypatch, caplog):
+    """Outside IGPO's worker: under V1 (rewards reach the estimator through as_dict; a refusal would
+    make verl's async modes refill the group forever) one error line per process names the key;
+    under the legacy trainer the refusal becomes one warning with the opt-in."""
+    import logging
+
+    from igpo_rewards.integrations import verl_agent_loop, verl_checks
+
+    monkeypatch.setattr(verl_checks, "_in_igpo_worker", False)
+    monkeypatch.setattr(verl_agent_loop, "_warned", set())
+    loop = IGPOToolAgentLoop.__new__(IGPOToolAgentLoop)
+    loop.config = OmegaConf.merge(legacy.config, {"trainer": {"use_v1": True}})
+    loop.igpo_settings = igpo_verl.IGPOSettings()
+    with caplog.at_level(logging.WARNING, logger=verl_agent_loop.__name__):
+        loop._check_manager()
+        loop._check_manager()
+    lines = [record.getMessage() for record in caplog.records
+             if record.name == verl_agent_loop.__name__ and record.levelno == logging.ERROR]
+    assert len(lines) == 1 and "agent_loop_manager_class=igpo_rewards.integrations.verl_manager.IGPOAgentLoopManager" in lines[0]
+    loop.config = legacy.config
+    loop.igpo_settings = igpo_verl.IGPOSettings(allow_outcome_only=True)
+    with pytest.warns(igpo_verl.OutcomeOnlyWarning, match="agent_loop_manager_class is not IGPO's"):
+        loop._check_manager()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop._check_manager()  # once per process
+
+
 def test_compute_score_reads_hermes_transcripts():
     response = ('<tool_call>\n{"name": "search", "arguments": {"query": "Gusti"}}\n</tool_call>user\n<tool_response>\n'
                 'Doc 1(Title: "Gusti") ...\n</tool_response>\n<tool_response>\nDoc 2\n</tool_response>\nassistant\n'

@@ -16,8 +16,7 @@ or ``_extract_prompt_logprobs_sglang``, compiled from verl's installed source by
 :func:`verl_function`: their modules import vLLM / SGLang, which a CPU machine lacks) in the
 engine's own output layout. In the in-process runs the load balancer and Ray's actor hop are
 replaced by :class:`InProcessActor` (Ray's ``handle.method.remote(...)`` call syntax, executed in
-this process); :func:`ray_server_client` puts the server behind verl's real load balancer as a
-Ray actor.
+this process); the Ray tests run the server as a Ray actor behind verl's real load balancer.
 
 The tiny model is trained for a few seconds on scripted hermes conversations (search, then
 answer; or answer at once), so that sampling at temperature 1 produces real tool calls and
