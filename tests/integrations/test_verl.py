@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,28 @@ def run_verl(data, config):
     return compute_advantage(
         data, adv_estimator=config.adv_estimator, gamma=config.gamma, lam=config.lam, num_repeat=4, config=config
     )
+
+
+def test_the_verl_pins_job_installs_verls_own_requirements():
+    """constraints-verl-pins.txt pins verl and a transformers verl's metadata allows; the verl-pins
+    job (scripts/test_verl_pins.sh, which sets IGPO_EXPECT_*) imports exactly those."""
+    import importlib.metadata
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    import verl
+
+    text = (Path(__file__).resolve().parents[2] / "constraints-verl-pins.txt").read_text(encoding="utf-8")
+    pins = dict(re.findall(r"^([\w-]+)==([\w.]+)$", text, flags=re.M))
+    assert set(pins) == {"verl", "transformers"} and pins["verl"] == importlib.metadata.version("verl")
+    (allowed,) = [Requirement(line) for line in importlib.metadata.requires("verl")
+                  if Requirement(line).name == "transformers" and Requirement(line).marker is None]
+    assert pins["transformers"] in allowed.specifier, (pins["transformers"], str(allowed.specifier))
+    expected_verl, expected_transformers = os.environ.get("IGPO_EXPECT_VERL"), os.environ.get("IGPO_EXPECT_TRANSFORMERS")
+    if expected_verl is not None:  # the verl-pins job
+        assert verl.__version__ == expected_verl == pins["verl"]
+        assert transformers.__version__ == expected_transformers == pins["transformers"]
 
 
 def test_import_verl_registers_igpo_through_the_entry_point():
