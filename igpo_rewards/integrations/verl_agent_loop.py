@@ -295,12 +295,14 @@ class IGPOToolAgentLoop(ToolAgentLoop):
             _warned.add("legacy-allowed")  # allowed by the opt-in: warned once
 
     def _probe_token_limit(self) -> int:
+        """The longest probe request the rollout server takes (:func:`probe_token_limit`)."""
         rollout, model = self.config.actor_rollout_ref.rollout, self.config.actor_rollout_ref.model
         max_model_len = rollout.get("max_model_len")
         if max_model_len:
             return probe_token_limit(max_model_len, 0)
         config_path = model.get("hf_config_path") or model.path
-        return probe_token_limit(None, _max_position_embeddings(config_path, bool(model.get("trust_remote_code", False))))
+        positions = _max_position_embeddings(config_path, bool(model.get("trust_remote_code", False)))
+        return probe_token_limit(None, positions)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> IGPOAgentLoopOutput:
         self._check_manager()  # here, not in __init__: hydra would wrap the error in its own
