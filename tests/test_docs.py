@@ -300,6 +300,10 @@ QUOTED_COUNTS = {
     "docs/integrations/trl.md": [
         (r"and its tests: (\d+) of them", ["tests/integrations/test_trl.py", "tests/integrations/test_trl_search.py"]),
     ],
+    "docs/integrations/verl.md": [  # the verl-pins job's files (scripts/test_verl_pins.sh)
+        (r"and 420 s for its (\d+) tests", sorted(str(path.relative_to(ROOT)) for pattern in (
+            "tests/integrations/test_verl*.py", "igpo_rewards/integrations/*verl*.py") for path in ROOT.glob(pattern))),
+    ],
     "docs/integrations/retrieval_server.md": [
         (r"bad requests \((\d+) cases\)", ["tests/integrations/test_retrieval_server.py",
                                            "-k", "test_bad_requests_get_4xx_with_a_message"]),
