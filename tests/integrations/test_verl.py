@@ -376,17 +376,19 @@ def compose_verl_config(arguments):
 
 def main_ppo_commands():
     """Every ``python -m verl.trainer.main_ppo`` command in the page's bash blocks, as its overrides,
-    once per trainer: as written (V1 unless it sets trainer.use_v1) and with trainer.use_v1=False."""
+    once per trainer: as written (V1 unless it sets trainer.use_v1), then with trainer.use_v1=False;
+    the V1 commands also in the async modes the page says they run in (trainer.v1.trainer_mode)."""
     commands = []
-    for block in doc_blocks("bash"):
-        for command in re.split(r"\n(?=\S)", block.replace("\\\n", " ")):
-            if "verl.trainer.main_ppo" not in command:
-                continue
-            arguments = command.split("verl.trainer.main_ppo", 1)[1].split()
-            if not any(argument.startswith("trainer.use_v1=") for argument in arguments):
-                commands.append(pytest.param(arguments, id=f"command{len(commands)}-v1"))
-                arguments = [*arguments, "trainer.use_v1=False"]
-            commands.append(pytest.param(arguments, id=f"command{len(commands)}-legacy"))
+    for number, command in enumerate(command for block in doc_blocks("bash")
+                                     for command in re.split(r"\n(?=\S)", block.replace("\\\n", " "))
+                                     if "verl.trainer.main_ppo" in command):
+        arguments = command.split("verl.trainer.main_ppo", 1)[1].split()
+        if not any(argument.startswith("trainer.use_v1=") for argument in arguments):
+            commands.append(pytest.param(arguments, id=f"command{number}-v1"))
+            for mode in ("colocate_async", "separate_async"):
+                commands.append(pytest.param([*arguments, f"trainer.v1.trainer_mode={mode}"], id=f"command{number}-{mode}"))
+            arguments = [*arguments, "trainer.use_v1=False"]
+        commands.append(pytest.param(arguments, id=f"command{number}-legacy"))
     return commands
 
 
@@ -444,7 +446,8 @@ def test_main_ppo_itself_validates_the_pages_command(tmp_path):
     """verl.trainer.main_ppo.main as shipped (hydra.main, auto_set_device, validate_config) on the
     page's first command, in a fresh process, stopped where it would start Ray (run_ppo); for
     both trainers."""
-    (v1, legacy, *_) = [param.values[0] for param in main_ppo_commands()]
+    by_id = {param.id: param.values[0] for param in main_ppo_commands()}
+    v1, legacy = by_id["command0-v1"], by_id["command0-legacy"]
     script = (
         "import sys\n"
         "import verl.trainer.main_ppo as main_ppo\n"
