@@ -278,7 +278,8 @@ def _check_algorithm_config(config: Any) -> None:
     """Raises IGPOConfigError naming every problem of :func:`algorithm_config_problems`."""
     problems = algorithm_config_problems(config)
     if problems:
-        raise IGPOConfigError(" ".join(f"adv_estimator=igpo: {setting} {why} Fix: {fix}." for setting, why, fix in problems))
+        messages = [f"adv_estimator=igpo: {setting} {why} Fix: {fix}." for setting, why, fix in problems]
+        raise IGPOConfigError(" ".join(messages))
 
 
 def _check_outcome_only(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, settings: IGPOSettings) -> None:

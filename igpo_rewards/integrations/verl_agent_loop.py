@@ -68,7 +68,6 @@ from igpo_rewards.agent.probes import ProbeSuffix, build_probe_suffix
 from igpo_rewards.agent.protocol import PROBE_TEMPLATE
 from igpo_rewards.integrations import IGPOSettings
 from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, IGPOConfigError, igpo_token_scores, settings_from_config
-from igpo_rewards.integrations.verl_checks import enforce, in_igpo_worker, manager_refusal, uses_v1_trainer
 
 __all__ = [
     "AGENT_LOOP_NAME",
@@ -282,6 +281,10 @@ class IGPOToolAgentLoop(ToolAgentLoop):
         a refusal would only make verl's async modes evict and refill the group forever: an error
         in the log, once per process, says what is lost (the start-up checks, the failure metric
         and limit)."""
+        # verl_checks imports this module's siblings: imported here, not at the top, so that importing
+        # it first never finds this module half-initialized through verl's plugin loading.
+        from igpo_rewards.integrations.verl_checks import enforce, in_igpo_worker, manager_refusal, uses_v1_trainer
+
         if in_igpo_worker():
             return
         if uses_v1_trainer(self.config):

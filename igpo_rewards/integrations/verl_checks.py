@@ -149,7 +149,8 @@ def _tools_and_turns(config: Any) -> list[Refusal]:
     """No tools, or one assistant turn: every rollout has a single turn, and IGPO's only reward is the outcome."""
     multi_turn = "actor_rollout_ref.rollout.multi_turn"
     refusals = []
-    if not _select(config, f"{multi_turn}.tool_config_path") and not _select(config, f"{multi_turn}.function_tool_path"):
+    tools = [_select(config, f"{multi_turn}.{key}") for key in ("tool_config_path", "function_tool_path")]
+    if not any(tools):
         refusals.append(Refusal(
             f"{multi_turn}.tool_config_path", "is unset (and so is function_tool_path): with no tool the agent "
             "answers in one turn and there is no turn to reward but the last.",
@@ -158,7 +159,8 @@ def _tools_and_turns(config: Any) -> list[Refusal]:
     if _select(config, f"{multi_turn}.max_assistant_turns") == 1:
         refusals.append(Refusal(
             f"{multi_turn}.max_assistant_turns", "is 1: every rollout ends after one turn, so its only reward is the "
-            "outcome.", f"{multi_turn}.max_assistant_turns=<the most turns a rollout may take, >= 2>", outcome_only=True))
+            "outcome.", f"{multi_turn}.max_assistant_turns=<the most turns a rollout may take, >= 2>",
+            outcome_only=True))
     return refusals
 
 
@@ -193,7 +195,8 @@ def _v1_sampler(config: Any) -> list[Refusal]:
         return []
     sampler = "trainer.v1.sampler"
     refusals = []
-    if not _is_igpo_sampler(_select(config, f"{sampler}.custom_sampler.path"), _select(config, f"{sampler}.custom_sampler.name")):
+    path, name = (_select(config, f"{sampler}.custom_sampler.{key}") for key in ("path", "name"))
+    if not _is_igpo_sampler(path, name):
         refusals.append(Refusal(
             f"{sampler}.custom_sampler", "is not IGPO's: under the V1 trainer it counts the failed agent-loop sessions "
             "and the skipped probes into the step's metrics (igpo/...) and stops the run past the failure limit.",
@@ -283,7 +286,8 @@ def enforce(refusals: Sequence[Refusal], settings: IGPOSettings | Any, *, when: 
         logger.warning(message)
         warnings.warn(message, OutcomeOnlyWarning, stacklevel=2)
     if refused:
-        raise IGPOConfigError(f"IGPO cannot train with this verl configuration ({when}): " + " ".join(map(str, refused)))
+        raise IGPOConfigError(f"IGPO cannot train with this verl configuration ({when}): "
+                              + " ".join(map(str, refused)))
 
 
 def mark_igpo_worker() -> None:

@@ -39,7 +39,12 @@ from verl.protocol import DataProto
 from verl.utils.ray_utils import auto_await
 
 from igpo_rewards.integrations import IGPOSettings
-from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, IGPOConfigError, assemble_igpo_rm_scores, settings_from_config
+from igpo_rewards.integrations.verl import (
+    ANSWER_LOGPROB_KEY,
+    IGPOConfigError,
+    assemble_igpo_rm_scores,
+    settings_from_config,
+)
 from igpo_rewards.integrations.verl_checks import (
     check_agent_names,
     check_config,

@@ -165,6 +165,21 @@ def test_import_verl_registers_igpo_through_the_entry_point():
     ]
 
 
+def test_any_verl_module_of_igpo_rewards_imported_first_leaves_both_plugins_registered():
+    """Importing one of these modules first makes verl load its plugins (import verl), which import
+    the others: no import cycle may leave a plugin half-loaded (verl would log it at debug level)."""
+    modules = ["verl_checks", "verl_manager", "verl_agent_loop", "_verl_v1", "verl_search"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VERL_USE_EXTERNAL")}
+    code = ("import importlib, sys; importlib.import_module('igpo_rewards.integrations.' + sys.argv[1]); "
+            "from igpo_rewards.integrations.verl import check_agent_loop_registered, check_registered; "
+            "check_registered(); check_agent_loop_registered()")
+    processes = {module: subprocess.Popen([sys.executable, "-W", "ignore", "-c", code, module], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for module in modules}
+    failed = {module: process.communicate(timeout=600)[1][-1500:] for module, process in processes.items()}
+    assert all(processes[module].returncode == 0 for module in modules), {
+        module: error for module, error in failed.items() if processes[module].returncode}
+
+
 def test_start_up_check_says_why_igpo_is_missing_when_plugins_are_disabled():
     env = dict(os.environ, VERL_USE_EXTERNAL_PLUGINS="none")
     result = subprocess.run(
