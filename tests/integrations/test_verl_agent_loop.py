@@ -8,9 +8,13 @@ HF model trained on hermes tool calls; the search tool calls ``igpo-retrieve`` o
 Expected values never come from the code under test: turns are read off ``response_mask`` with a
 loop written here, probe values come from the reference trainer's packed probe forward on the same
 model and tokens, and advantages from ``igpo_rewards.igpo_advantages`` (and the float64 loop
-oracle) on the probes and outcomes the rows carry. Three rollout runs share the trained policy:
-the legacy worker with ``IGPOAgentLoopManager``'s worker, verl's V1 ``AgentLoopWorkerTQ`` (stock,
-with the TransferQueue on Ray), and the stock ``tool_agent`` on the stock worker.
+oracle) on the probes and outcomes the rows carry. Three module-wide rollout runs share the
+trained policy: the legacy worker with ``IGPOAgentLoopManager``'s worker, IGPO's V1 worker
+(verl's ``AgentLoopWorkerTQ``, with verl's ``FullyAsyncLLMServerClient`` as in the async modes and
+the TransferQueue on Ray), and the stock ``tool_agent`` on the stock worker. Smaller runs check
+aborted probes, probes past ``max_model_len``, and the missing manager; the last section runs
+``IGPOAgentLoopManager`` through Ray as both trainers do (server actor behind verl's load balancer,
+worker actors, IGPO's replay buffer).
 """
 
 from __future__ import annotations
