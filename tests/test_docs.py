@@ -301,7 +301,7 @@ QUOTED_COUNTS = {
         (r"and its tests: (\d+) of them", ["tests/integrations/test_trl.py", "tests/integrations/test_trl_search.py"]),
     ],
     "docs/integrations/verl.md": [  # the verl-pins job's files (scripts/test_verl_pins.sh)
-        (r"and 420 s for its (\d+) tests", sorted(str(path.relative_to(ROOT)) for pattern in (
+        (r"170 s for the job's (\d+) tests", sorted(str(path.relative_to(ROOT)) for pattern in (
             "tests/integrations/test_verl*.py", "igpo_rewards/integrations/*verl*.py") for path in ROOT.glob(pattern))),
     ],
     "docs/integrations/retrieval_server.md": [
