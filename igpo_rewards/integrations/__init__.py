@@ -5,8 +5,10 @@
   ``rm_scores``, and the outcome reward function ``compute_score``. Needs ``pip install igpo-rewards[verl]``.
 - :mod:`igpo_rewards.integrations.verl_agent_loop`: verl's agent loop ``"igpo_tool_agent"`` (the
   tool agent loop plus the probe before every turn, scored by the rollout server);
-  :mod:`igpo_rewards.integrations.verl_manager` carries its turn rewards through the legacy
-  trainer; :mod:`igpo_rewards.integrations.verl_search` is a Search-R1 ``/retrieve`` search tool.
+  :mod:`igpo_rewards.integrations.verl_manager` (the agent-loop manager both trainers need) runs
+  the start-up checks of :mod:`igpo_rewards.integrations.verl_checks`, carries the turn rewards
+  through the legacy trainer and counts failed agent-loop sessions;
+  :mod:`igpo_rewards.integrations.verl_search` is a Search-R1 ``/retrieve`` search tool.
 - :mod:`igpo_rewards.integrations.trl` (a package: ``trainer``, ``tools`` and ``search``, imported
   in that order): ``IGPOTrainer``, a TRL ``GRPOTrainer`` whose advantages are IGPO's per-turn
   advantages, on TRL's own tool loop (``tools=`` / ``environment_factory=``, any generation

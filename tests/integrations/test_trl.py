@@ -341,3 +341,11 @@ def test_arguments_whose_meaning_differs_between_trl_releases_are_refused():
                         ("probe_batch_size", 8)):
         with pytest.raises(ValueError, match=rf"{name} configure the probes of TRL's tool loop; with a rollout_func"):
             IGPOTrainer(**common, **{name: value})
+
+
+def test_verls_outcome_only_opt_in_is_refused():
+    """allow_outcome_only is verl's opt-in; IGPOTrainer always scores the probes, so the setting
+    would mean nothing here and is refused rather than ignored."""
+    with pytest.raises(ValueError, match="allow_outcome_only is the verl integration's opt-in"):
+        IGPOTrainer(model="unused", reward_funcs=[run.outcome_reward], rollout_func=run.rollout_func,
+                    igpo_settings={"allow_outcome_only": True})

@@ -545,6 +545,11 @@ class IGPOTrainer(GRPOTrainer):
                              probe_batch_size=probe_batch_size)
         self._igpo_tool_mode = _check_mode(rollout_func, tool_loop, probe_options)
         self.igpo_settings = IGPOSettings.from_mapping(igpo_settings)
+        if self.igpo_settings.allow_outcome_only:
+            raise ValueError(
+                "igpo_settings.allow_outcome_only is the verl integration's opt-in (algorithm.igpo.allow_outcome_only); "
+                "IGPOTrainer always scores the probes, so it has no meaning here: leave it False"
+            )
         self.igpo_batch_inputs: list[dict[str, Any]] | None = None
         self._igpo_rollouts: list[_Rollout] = []
         self._igpo_rewards_per_func: torch.Tensor | None = None
