@@ -52,7 +52,13 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 import igpo_rewards
 from igpo_rewards.agent.probes import ProbeSuffix, _hf_model, cached_probe_forward, pad_token_ids, suffix_table
 from igpo_rewards.integrations import IGPOSettings
-from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, PROBE_MODE_KEY, igpo_token_scores
+from igpo_rewards.integrations.verl import (
+    ACTOR_PROBES_KEY,
+    ANSWER_LOGPROB_KEY,
+    PROBE_MODE_KEY,
+    PROBE_MODES,
+    igpo_token_scores,
+)
 
 __all__ = [
     "ACTOR_PROBES_KEY",
@@ -67,9 +73,6 @@ __all__ = [
     "register",
 ]
 
-ACTOR_PROBES_KEY = "igpo_actor_probes"
-"""The per-trajectory column (an ``extra_fields`` key; a top-level field in V1's TransferQueue) with the probe plan."""
-PROBE_MODES = ("actor", "server")
 SUPPORTED_VERL_VERSION = "0.9.1"
 """The verl release the engine subclass and the legacy trainer's hook are written and tested against."""
 PLUGIN_NAME = "igpo_actor"

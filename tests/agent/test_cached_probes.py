@@ -19,6 +19,7 @@ from igpo_rewards.agent.probes import (
     cached_probe_forward,
     pad_token_ids,
     suffix_table,
+    target_table,
 )
 from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
@@ -207,6 +208,9 @@ def test_bad_inputs_are_refused(model, tokenizer):
                              turn_mask, table)
     with pytest.raises(ValueError, match=r"turn_starts and turn_mask must both be \[B, T\]"):
         cached_probe_forward(model, cache, turn_starts[:, :2], turn_mask, table)
+    targets = target_table([[suffix, suffix] for suffix in suffixes])  # K = 2 targets per row
+    with pytest.raises(ValueError, match=r"takes one suffix per row \(suffix_table\), got a table of 2 targets per row"):
+        cached_probe_forward(model, cache, turn_starts, turn_mask, targets)
     with pytest.raises(ValueError, match="max_padding must be >= 0, got -0.5"):
         cached_probe_forward(model, cache, turn_starts, turn_mask, table, max_padding=-0.5)
     with pytest.raises(TypeError, match="max_padding must be a float, got bool"):
