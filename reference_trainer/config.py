@@ -233,6 +233,8 @@ class RLConfig:
     """Probes in the old-log-prob forward: a second pass of the probe copies over the trajectory pass's KV cache (the trajectory pass is then a plain causal forward; the faster one here), or the copies appended in ONE forward under a 4D mask ("packed"). Same numbers; docs/benchmarks.md."""
     eval_every: Count = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
+    eval_at_start: bool = True
+    """Evaluate the starting policy at step 0 (the experiment turns it off: its warm start's eval.json is that evaluation)."""
     checkpoint_every: Count = 10
     """Write a checkpoint every this many steps (and at the end); 0 = only at the end."""
     case_studies_per_eval: Count = 2

@@ -9,7 +9,11 @@ alias counts), and 0 for a malformed response or one without an answer. The resu
     {"step": int, "em": float, "f1": float, "n": int,
      "by_hops": {"1": {"em", "f1", "n"}, ...},              # questions with a known hop count
      "by_data_source": {"nq": {"em", "f1", "n"}, ...},
-     "format_error_fraction": float, "turns_mean": float, "searches_mean": float}
+     "format_error_fraction": float, "turns_mean": float, "searches_mean": float,
+     "questions": {"question": [str], "hops": [int], "em": [0 or 1], "f1": [float]}}
+
+``questions`` holds every question's own result, in the order of the examples (hops 0 where the
+count is unknown): what the experiment pairs across methods, question by question.
 
 ``report.paper_table`` lays out the per-data-source scores like the paper's table.
 """
@@ -50,6 +54,12 @@ def summarize(trajectories: Sequence[QATrajectory], *, step: int = 0) -> dict[st
     result["format_error_fraction"] = sum(not t.answered for t in trajectories) / len(trajectories)
     result["turns_mean"] = sum(t.num_turns for t in trajectories) / len(trajectories)
     result["searches_mean"] = sum(len(t.queries) for t in trajectories) / len(trajectories)
+    result["questions"] = {
+        "question": [t.example.question for t in trajectories],
+        "hops": [int(t.example.hops) for t in trajectories],
+        "em": [int(t.em) for t in trajectories],
+        "f1": [t.f1 for t in trajectories],
+    }
     return result
 
 

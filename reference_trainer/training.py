@@ -425,37 +425,43 @@ def train(
     """The RL run: ``config.rl.steps`` calls of ``rl_step`` from the model in ``init``.
 
     Writes into ``run_dir``: ``config.json``, ``metrics.jsonl`` (step 0 = the starting policy's
-    held-out scores, then one record per step, with held-out EM/F1 every ``eval_every`` steps),
-    ``trajectories.jsonl`` (case studies at evaluation steps), ``checkpoints/`` (every
-    ``checkpoint_every`` steps and at the end) and ``eval.json`` (the final evaluation, by hop
-    and by data source). The frozen KL reference is the model in ``init``. With
+    held-out scores, or only ``{"step": 0}`` when ``rl.eval_at_start`` is off, then one record per
+    step, with held-out EM/F1 every ``eval_every`` steps), ``evaluations.jsonl`` (each evaluation's
+    per-question ``em`` and ``f1``, in the order of ``eval_examples``), ``trajectories.jsonl``
+    (case studies at evaluation steps), ``checkpoints/`` (every ``checkpoint_every`` steps and at
+    the end) and ``eval.json`` (the final evaluation, by hop, by data source and per question). The
+    frozen KL reference is the model in ``init``. With
     ``config.resume`` the run continues from its latest checkpoint (weights, optimizer, RNG,
     step) and ends exactly where an uninterrupted run would. Returns the final evaluation.
     """
     rl, run_dir = config.rl, Path(run_dir)
     check_turn_caps(rl)  # before any model is loaded
     checkpoints, metrics_path, trajectories_path = run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "trajectories.jsonl"
+    evaluations_path = run_dir / "evaluations.jsonl"
     eval_examples = list(eval_examples)[: config.eval.max_questions or None]
 
     def evaluate_policy(step: int) -> dict[str, Any]:
-        return evaluate(
+        result = evaluate(
             policy, tokenizer, retriever, eval_examples, max_turns=config.eval.max_turns or rl.max_turns,
             max_new_tokens=rl.max_new_tokens, topk=rl.topk, batch_size=config.eval.batch_size, step=step,
         )
+        append_jsonl(evaluations_path, [{"step": step, "em": result["questions"]["em"], "f1": result["questions"]["f1"]}])
+        return result
 
     # -- seeding, then policy, frozen reference and optimizer (from the latest checkpoint when resuming)
     seed_everything(config)
     policy, reference, tokenizer, optimizer, start = _start(config, init, checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
     if start > 0:
-        truncate_jsonl(metrics_path, start)
-        truncate_jsonl(trajectories_path, start)
+        for path in (metrics_path, trajectories_path, evaluations_path):
+            truncate_jsonl(path, start)
     else:
         write_text_atomic(run_dir / "config.json", json.dumps(to_dict(config), indent=2))
-        for path in (metrics_path, trajectories_path, run_dir / "eval.json"):
+        for path in (metrics_path, trajectories_path, evaluations_path, run_dir / "eval.json"):
             path.unlink(missing_ok=True)
-        initial = evaluate_policy(0)
-        append_jsonl(metrics_path, [{"step": 0, "heldout_em": initial["em"], "heldout_f1": initial["f1"]}])
+        initial = evaluate_policy(0) if rl.eval_at_start else None
+        append_jsonl(metrics_path, [{"step": 0} if initial is None else
+                                    {"step": 0, "heldout_em": initial["em"], "heldout_f1": initial["f1"]}])
 
     # -- the loop: rollouts -> probes -> advantages -> update, then log / evaluate / checkpoint -------
     scores = None

@@ -306,9 +306,16 @@ def test_run_jobs_order_skip_and_failure(tmp_path):
     assert (logs / "first.log").read_text().startswith(f"$ python -m json.tool {tmp_path / 'input.json'}")
     assert Job("x", ("report",), logs / "x.log", tmp_path / "x").module == "igpo_rewards.reference_trainer.cli"
 
-    broken = _json_job("broken", tmp_path / "missing.json", tmp_path / "c.json", logs)
+    broken = _json_job("broken", tmp_path / "missing.json", tmp_path / "c.json", logs, usage=logs / "broken.usage.jsonl")
     with pytest.raises(JobFailed, match=r"(?s)job broken failed \(exit 2\).*can't open"):
         run_jobs([broken], progress=False, poll_seconds=0.05)
+    measured = _json_job("measured", tmp_path / "input.json", tmp_path / "m.json", logs, usage=logs / "usage" / "m.jsonl")
+    run_jobs([measured], progress=False, poll_seconds=0.05)
+    (usage,) = [json.loads(line) for line in (logs / "usage" / "m.jsonl").read_text().splitlines()]
+    assert set(usage) == {"cpu_seconds", "user_seconds", "system_seconds", "wall_seconds", "max_rss_mb", "status"}
+    assert usage["status"] is None and usage["cpu_seconds"] == usage["user_seconds"] + usage["system_seconds"] >= 0
+    (failed,) = [json.loads(line) for line in (logs / "broken.usage.jsonl").read_text().splitlines()]
+    assert failed["status"] == 2  # argparse's exit status, recorded before the child exits
     silent = Job("silent", (str(tmp_path / "input.json"),), logs / "silent.log", done=tmp_path / "never.json", module="json.tool")
     with pytest.raises(JobFailed, match=r"job silent failed \(exit 0\)"):  # exited without writing its done file
         run_jobs([silent], progress=False, poll_seconds=0.05)
