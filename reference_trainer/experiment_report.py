@@ -511,6 +511,48 @@ def _credit_table(experiment: dict) -> list[str]:
             *_table(["method", "answer", "sub-goals"], rows), ""]
 
 
+SUBGOAL_ROWS = (
+    ("bridge", "own_document_first", "that bridge's document"),
+    ("bridge", "answer_document_first", "the answer's document"),
+    ("bridge", "other_bridge_document_first", "another bridge's document"),
+    ("bridge", "nothing_new", "nothing new on the chain"),
+    ("answer", "answer_on_bridge_document", "a bridge's document"),
+)
+"""The sub-goal table's rows: (probe, ``diagnostics.SUBGOAL_GROUPS`` entry, what the turn's search newly retrieved)."""
+
+
+def _pooled(cells: Sequence[dict]) -> tuple[int, float | None]:
+    turns = sum(cell["turns"] for cell in cells)
+    return turns, (sum(cell["turns"] * cell["mean"] for cell in cells if cell["turns"]) / turns if turns else None)
+
+
+def _subgoal_table(experiment: dict) -> list[str]:
+    """The step-0 sub-goal signal (``diagnostics.measure_signal``'s ``subgoal_signal``), pooled over
+    seeds, by hop count: the gain of a bridge's probe (raw and running max) and of the answer's."""
+    signals = [row["subgoal_signal"] for row in experiment.get("step0") or [] if row.get("subgoal_signal")]
+    if not signals:
+        return []
+    hops = sorted({hop for signal in signals for group in signal.values() for hop in group["by_hops"]}, key=int)
+    rows = []
+    for probe, group, retrieved in SUBGOAL_ROWS:
+        for hop in hops:
+            cells = {potential: [signal[group]["by_hops"][hop][potential] for signal in signals
+                                 if hop in signal.get(group, {}).get("by_hops", {}) and potential in signal[group]["by_hops"][hop]]
+                     for potential in ("probe", "running_max")}
+            turns, raw = _pooled(cells["probe"])
+            if not turns:
+                continue
+            _, running = _pooled(cells["running_max"])
+            rows.append([probe, retrieved, hop, str(turns), f"{raw:+.3f}", "n/a" if running is None else f"{running:+.3f}"])
+    return ["", "Sub-goal probes at step 0 (the same rollouts, every target scored in one K-target probe forward), "
+            "pooled over the seeds: the mean change of a bridge entity's probe over a non-final turn, by what the "
+            "turn's search newly retrieved along the question's gold chain, with the raw probe as potential and with the "
+            "running max; and the answer's probe on turns that newly retrieved a bridge's document (IGPO's credit "
+            "for progress along the chain).", "",
+            *_table(["probe", "turn's search newly retrieved", "hops", "turns", "mean gain (raw probe)",
+                     "mean gain (running max)"], rows)]
+
+
 def _mark(met: bool | None, reason: str = "") -> str:
     if met is None:
         return f"**not applicable**: {reason}"
@@ -613,7 +655,7 @@ def write_experiment_report(experiment: dict, out_dir: str | Path) -> Path:
               "groups' outcomes split (columns defined below the table), and the mean information gain of non-final "
               "turns split by what the turn's search returned: the document the gold chain reads the answer from (first "
               "time, again), only other documents mentioning the answer, or nothing about it.", "",
-              *_step0_table(experiment), "",
+              *_step0_table(experiment), *_subgoal_table(experiment), "",
               "## Held-out EM over RL steps", "",
               "One panel per method: the mean over seeds (thick line), the lowest to highest seed (band), every seed "
               "(thin lines); the other methods' means in grey.", "",

@@ -356,6 +356,30 @@ def test_the_paired_plot_draws_each_interval_and_every_seed():
     assert low < 0 < 100 < high
 
 
+def _cell(turns, mean):
+    return {"turns": turns, "mean": mean, "std": 0.0, "above_threshold_fraction": 0.0}
+
+
+def test_the_step0_sub_goal_table_pools_the_seeds():
+    """Two seeds' sub-goal signal: per (group, hops) the turns add up and the means are weighted by them."""
+    from igpo_rewards.reference_trainer.experiment_report import _subgoal_table
+
+    def signal(own_turns, own_raw, own_max):
+        groups = {name: {"all": {}, "by_hops": {}} for name in ("answer_document_first", "other_bridge_document_first", "nothing_new")}
+        groups["own_document_first"] = {"all": {}, "by_hops": {"3": {"probe": _cell(own_turns, own_raw), "running_max": _cell(own_turns, own_max)}}}
+        groups["answer_on_bridge_document"] = {"all": {}, "by_hops": {"3": {"probe": _cell(own_turns, 0.01)}}}
+        return groups
+
+    experiment = json.loads(json.dumps(PAIRED))
+    experiment["step0"] = [{"seed": 0, "subgoal_signal": signal(10, 0.5, 0.6)}, {"seed": 1, "subgoal_signal": signal(30, 0.1, 0.2)},
+                           {"seed": 2, "subgoal_signal": None}]
+    lines = _subgoal_table(experiment)
+    # pooled: 40 turns, raw (10 * 0.5 + 30 * 0.1) / 40 = 0.2, running max (6 + 6) / 40 = 0.3
+    assert "| bridge | that bridge's document | 3 | 40 | +0.200 | +0.300 |" in lines
+    assert "| answer | a bridge's document | 3 | 40 | +0.010 | n/a |" in lines
+    assert _subgoal_table(PAIRED) == []  # nothing measured: no table
+
+
 def _write_run(directory, questions, em_by_step, *, warm=False):
     """A run directory as the trainer writes it: eval.json (with per-question results), metrics.jsonl,
     evaluations.jsonl (RL runs: no step-0 evaluation)."""
