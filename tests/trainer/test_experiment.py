@@ -575,9 +575,10 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     out = tmp_path / "experiment"
     command = [sys.executable, "-m", "igpo_rewards.reference_trainer.cli", "experiment", "--quick", "--seeds", "2",
                "--out", str(out), "--no-progress", "--diagnose-steps", "2"]
+    methods = DEFAULT_METHODS  # grpo, igpo, igpo_subgoals on the credit preset's quick world
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    pointers = [out / f"seed_{seed}" / method / "checkpoints" / "latest" for seed in (0, 1) for method in METHODS]
+    pointers = [out / f"seed_{seed}" / method / "checkpoints" / "latest" for seed in (0, 1) for method in methods]
     while not any(pointer.is_file() for pointer in pointers):
         assert process.poll() is None, "the experiment ended before it could be killed"
         assert time.monotonic() < deadline, "no RL checkpoint after 600 s"
@@ -597,16 +598,32 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     experiment = json.loads((out / "experiment.json").read_text())
-    steps = quick_config(preset_config("sparse")).rl.steps
+    quick = quick_config(preset_config("credit"))
+    steps = quick.rl.steps
     keys = {"method", "seed", "step", "heldout_em", "heldout_f1", "outcome_zero_variance_fraction", "turn_advantage_collapse_rate"}
+    assert experiment["methods"] == list(methods) and experiment["config"]["world"]["preset"] == "credit"
     assert {(r["method"], r["seed"], r["step"]) for r in experiment["records"]} == {
-        (method, seed, step) for method in METHODS for seed in (0, 1) for step in range(steps + 1)}
-    assert len(experiment["records"]) == len(METHODS) * 2 * (steps + 1) and all(keys <= set(r) for r in experiment["records"])
+        (method, seed, step) for method in methods for seed in (0, 1) for step in range(steps + 1)}
+    assert len(experiment["records"]) == len(methods) * 2 * (steps + 1) and all(keys <= set(r) for r in experiment["records"])
     assert all(r["heldout_em"] is not None for r in experiment["records"])  # the quick budget evaluates every step
-    assert len(experiment["final"]) == 8 and experiment["seeds"] == [0, 1]
+    assert len(experiment["final"]) == 6 and experiment["seeds"] == [0, 1]
     for seed in (0, 1):  # the same warm start (the step-0 EM) for every method of a seed
         starts = {r["heldout_em"] for r in experiment["records"] if r["seed"] == seed and r["step"] == 0}
         assert starts == {experiment["warm_start"][seed]["em"]}
+    # the RL runs did not evaluate step 0 again: their evaluations are steps 1 .. steps, question by question
+    questions = quick.eval.max_questions
+    assert len(experiment["heldout"]["question"]) == len(experiment["heldout"]["hops"]) == questions
+    assert sorted((row["method"], row["seed"], row["step"]) for row in experiment["evaluations"]) == sorted(
+        (method, seed, step) for method in methods for seed in (0, 1) for step in range(1, steps + 1))
+    for row in experiment["final"] + experiment["warm_start"]:  # per-question EM agrees with the EM
+        assert len(row["em_by_question"]) == questions and row["em"] == pytest.approx(decode_em(row["em_by_question"]).count(1) / questions)
+    # sub-goal targets: only the sub-goal method logs their gain (on steps whose questions have a bridge)
+    assert any(r["ig_subgoal_mean"] is not None for r in experiment["records"] if r["method"] == "igpo_subgoals")
+    assert all(r["ig_subgoal_mean"] is None for r in experiment["records"] if r["method"] != "igpo_subgoals")
+    # every job's CPU seconds, from the invocation that completed it (one killed from outside writes none)
+    jobs = {job["job"]: job for job in experiment["jobs"]}
+    assert set(jobs) == {f"seed_{seed}/{kind}" for seed in (0, 1) for kind in ("warm_start", *methods)}
+    assert all(job["cpu_seconds"] > 0 and job["invocations"] == 1 for job in jobs.values())
     # step 0 from each warm start: the zero-variance fraction is that of the recorded outcomes
     for row in experiment["step0"]:
         same = [len(set(group["outcomes"])) == 1 for group in row["groups"]]
@@ -623,7 +640,9 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
         assert (run_dir / "checkpoints" / "step_000001" / "model.safetensors").stat().st_mtime < killed_at  # not redone
     assert (out / "logs" / "seed_0.warm_start.log").read_text().count("$ igpo-train warm-start") == 1
     report = (out / "report.md").read_text()
-    assert "## The targets" in report and "| IGPO (F1 + IG) |" in report
+    assert "## Paired differences to GRPO" in report and "| GRPO -> | overall | 1-hop | 2-hop | 3-hop | 4-hop |" in report
+    assert "### Which differences lie outside their intervals" in report and (out / PAIRED_PLOT).is_file()
+    assert "## Warm starts" in report and "## Budget" in report and "## The targets" not in report
     assert report.splitlines()[2].startswith("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch")
     for name in ("warm_start", "igpo"):  # each child's config file holds only what its subcommand reads
         child = json.loads((out / "configs" / f"seed_0.{name}.json").read_text())
