@@ -87,7 +87,9 @@ def settings_from_config(config: Any) -> IGPOSettings:
         defaults.
 
     Raises:
-      ValueError: unknown key or bad value under ``algorithm.igpo``.
+      ValueError: unknown key or bad value under ``algorithm.igpo``, or ``subgoal_weight > 0``
+        (verl's probes score the answer alone; an :class:`IGPOSettings` with it is refused where
+        its methods get the answer's probes alone).
 
     Example:
       >>> settings_from_config({"adv_estimator": "igpo", "igpo": {"mode": "separate"}}).mode
@@ -97,9 +99,17 @@ def settings_from_config(config: Any) -> IGPOSettings:
         return IGPOSettings.from_mapping(config)
     section = config.get(CONFIG_KEY, None) if hasattr(config, "get") else getattr(config, CONFIG_KEY, None)
     try:
-        return IGPOSettings.from_mapping(section)
+        settings = IGPOSettings.from_mapping(section)
     except (ValueError, TypeError) as error:
         raise type(error)(f"algorithm.{CONFIG_KEY}: {error}") from error
+    if settings.subgoal_weight > 0:
+        raise ValueError(
+            f"algorithm.{CONFIG_KEY}.subgoal_weight = {settings.subgoal_weight}: sub-goal targets are not available in "
+            f"verl yet. Its probes are prompt log-probs of the rollout server and score one target, the answer; "
+            f"scoring the sub-goals too needs the probes on the actor (issue \"verl: score the probes on the actor\"). "
+            f"Set subgoal_weight = 0 (docs/integrations/verl.md)"
+        )
+    return settings
 
 
 def group_ids_from_uids(index: Any, *, device: torch.device | str | None = None) -> torch.Tensor:
