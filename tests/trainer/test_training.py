@@ -459,7 +459,9 @@ def test_sub_goal_advantages_by_hand(setup):
     result = compute_advantages(batch, torch.log(probs), config)
     assert result.information_gain[0].tolist() == pytest.approx([0.25, 0.65, 0.0], abs=1e-6)
     assert result.information_gain[2].tolist() == pytest.approx([0.7, 0.0, 0.0], abs=1e-6)  # 1-hop: the answer alone
-    assert result.target_gains[0].tolist() == pytest.approx([[0.0, 0.5, 0.0], [0.5, 0.0, 0.3], [0.0, 0.0, 0.0]], abs=1e-6)
+    # per turn: the answer's, bridge 1's and bridge 2's gain
+    torch.testing.assert_close(result.target_gains[0], torch.tensor([[0.0, 0.5, 0.0], [0.5, 0.0, 0.3], [0.0, 0.0, 0.0]]),
+                               rtol=0, atol=1e-6)
     expected = igpo_rewards.igpo_advantages(torch.log(probs), batch.outcome, batch.turn_mask, batch.group_ids,
                                             target_weights=[1.0, 0.5, 0.5], target_mask=batch.target_mask)
     torch.testing.assert_close(result.turn, expected.advantages)
