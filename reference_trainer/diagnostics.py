@@ -357,4 +357,17 @@ def format_signal(result: dict[str, Any]) -> str:
             continue
         lines.append(f"  {name}: {row['turns']} turns, mean {row['mean']:+.3f} (std {row['std']:.3f}), "
                      f"{100 * row['above_threshold_fraction']:.1f}% above {result['ig_threshold']}")
+    signal = result.get("subgoal_signal")
+    if signal:
+        lines.append("sub-goal probes (bridge entities): mean gain of non-final turns, raw probe / running max, by what "
+                     "the turn's search newly retrieved along the gold chain:")
+        for name in SUBGOAL_GROUPS:
+            cells = signal[name]["all"]
+            if cells["probe"]["turns"]:
+                lines.append(f"  {name}: {cells['probe']['turns']} (turn, bridge) pairs, {cells['probe']['mean']:+.3f} / "
+                             f"{cells['running_max']['mean']:+.3f}")
+        answer = signal["answer_on_bridge_document"]["all"]["probe"]
+        if answer["turns"]:
+            lines.append(f"  the answer's probe on turns that newly retrieved a bridge's document: {answer['turns']} turns, "
+                         f"{answer['mean']:+.3f}")
     return "\n".join(lines)
