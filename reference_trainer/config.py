@@ -408,6 +408,7 @@ SUBCOMMAND_READS: dict[str, Reads] = {
     "experiment": Reads(
         ("out", "seed", "device", "progress", "retriever_url", "world", "tiny", "warm_start", "rl", "eval"),
         {"rl.algorithm": "it runs the methods of --methods",
+         "rl.eval_at_start": "every run's step 0 is its seed's warm-start evaluation",
          "threads": "every job runs on one thread; --workers sets how many run at once",
          "resume": "running the same command again resumes it"},
     ),

@@ -485,12 +485,20 @@ def _budget_lines(experiment: dict) -> list[str]:
     lines = _table(["job", "jobs", "CPU s (mean)", "CPU s (min-max)", "wall s (mean)"], rows)
     lines += ["", f"Total: {total:,.0f} CPU seconds ({total / 3600:.2f} CPU hours; each job on one thread; an invocation "
                   "killed from outside is not counted)."]
-    missing = [name for name in METHODS if name not in experiment["methods"]]
-    if rl and missing:
-        lines.append(f"Not run here: {', '.join(f'`{name}`' for name in missing)}; each would add about "
-                     f"{len(experiment['seeds']) * _mean(rl):,.0f} CPU seconds ({len(experiment['seeds'])} seeds x this "
-                     "experiment's mean RL job; more for a sub-goal method, whose probes score more targets), run by the "
-                     "same command with the method added to --methods (finished jobs are kept).")
+    rl_config, seeds = experiment["config"]["rl"], len(experiment["seeds"])
+    if rl and rl_config["steps"]:
+        per_seed = sum(_mean([job["cpu_seconds"] for job in by_kind[kind]]) for kind in by_kind)
+        lines += ["", "What this budget leaves out, at this experiment's measured costs:",
+                  f"- each further seed: about {per_seed:,.0f} CPU seconds (a warm start and one run of every method);",
+                  f"- each further 10 RL steps of every run: about {10 * seeds * len(experiment['methods']) * _mean(rl) / rl_config['steps']:,.0f} "
+                  f"CPU seconds ({_mean(rl) / rl_config['steps']:.1f} per step of {rl_config['questions_per_step']} questions x "
+                  f"G = {rl_config['group_size']}, evaluations included);"]
+        missing = [name for name in METHODS if name not in experiment["methods"]]
+        if missing:
+            lines.append(f"- the methods not run ({', '.join(f'`{name}`' for name in missing)}): about "
+                         f"{seeds * _mean(rl):,.0f} CPU seconds each ({seeds} seeds x the mean RL job; more for a "
+                         "sub-goal method, whose probes score more targets); the same command with the method added to "
+                         "--methods runs only its jobs.")
     return lines
 
 

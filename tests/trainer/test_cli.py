@@ -330,6 +330,7 @@ def test_a_bad_value_names_the_users_flag_and_the_subcommands_help(capsys):
 
 @pytest.mark.parametrize("argv, flag, why", [
     (["experiment", "--rl.algorithm", "grpo"], "--rl.algorithm", "it runs the methods of --methods"),
+    (["experiment", "--rl.eval-at-start"], "--rl.eval-at-start", "every run's step 0 is its seed's warm-start evaluation"),
     (["eval", "--rl.steps", "5"], "--rl.steps", "it runs no RL step"),
     (["demo", "--rl.algorithm=grpo"], "--rl.algorithm", "it trains both IGPO and GRPO"),
     (["train", "--tiny.hidden-size", "64"], "--tiny.hidden-size", "the model is loaded from --init/--model"),

@@ -333,7 +333,11 @@ def test_the_report_gives_paired_differences_with_intervals_and_says_which_exclu
     assert "| mean | 12.5 | 25.0 | 0.0 | 0.0 |" in lines and "| std | 12.5 | 25.0 | 0.0 | 0.0 |" in lines
     assert "| warm start | 2 | 510 | 500-520 | 515 |" in lines and "| IGPO + sub-goals | 2 | 125 | 120-130 | 130 |" in lines
     assert "Total: 1,700 CPU seconds (0.47 CPU hours;" in text
-    assert "each would add about 227 CPU seconds (2 seeds x this experiment's mean RL job;" in text
+    # per seed: 510 + 105 + 110 + 125 = 850; per RL step: 113.3 / 100 steps (the credit config's)
+    assert "- each further seed: about 850 CPU seconds (a warm start and one run of every method);" in lines
+    assert ("- each further 10 RL steps of every run: about 68 CPU seconds (1.1 per step of 8 questions x G = 16, "
+            "evaluations included);") in lines
+    assert "about 227 CPU seconds each (2 seeds x the mean RL job;" in text
     assert "| IGPO + sub-goals | +0.1875 | +0.3750 |" in lines and "## The targets" not in text
     assert "| warm start | 25.0 | 0.0 | 12.5 |" in lines  # final EM by hop count: warm start, then each method
     assert "| IGPO + sub-goals | 50.0 | 100.0 | 75.0 |" in lines
