@@ -269,7 +269,8 @@ def paired_figure(experiment: dict, results: dict[str, dict[str, dict[str, Paire
     for endpoint, methods in results.items():
         cells = {method: {cell: (100 * value.estimate, 100 * value.low, 100 * value.high, [100 * v for v in value.per_seed])
                           for cell, value in by_cell.items()} for method, by_cell in methods.items()}
-        panels.append(plots.PairedPanel(cells, f"paired difference to GRPO: {ENDPOINTS[endpoint]}", "EM points"))
+        panels.append(plots.PairedPanel(cells, ENDPOINTS[endpoint].replace(" averaged over", "\naveraged over"),
+                                        f"paired difference to {_label(BASELINE)} (EM points)"))
     return plots.paired_differences_figure(panels, labels=LABELS, baseline=_label(BASELINE))
 
 
@@ -368,6 +369,11 @@ def _step0_table(experiment: dict) -> list[str]:
     return _table(header, rows) + definitions
 
 
+def _count(number: int, noun: str) -> str:
+    """``"1 seed"``, ``"5 seeds"``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
@@ -423,14 +429,14 @@ def _paired_section(experiment: dict, results: dict[str, dict[str, dict[str, Pai
         per_hop[hop] += 1
     steps = curve_steps(experiment)
     lines = [f"Every method starts from each seed's warm start and is evaluated on the same {count} held-out questions ("
-             + ", ".join(f"{per_hop[hop]} of {hop} hops" for hop in sorted(per_hop)) + "), so each (seed, question) pairs a "
+             + ", ".join(f"{per_hop[hop]} of {_count(hop, 'hop')}" for hop in sorted(per_hop)) + "), so each (seed, question) pairs a "
              "method's EM with GRPO's. A cell is the method's EM minus GRPO's in points (mean over the "
-             f"{seeds} seeds x the questions) and, in brackets, its {100 * LEVEL:.0f}% interval from a two-way bootstrap "
-             f"({REPLICATES:,} replicates, each drawing {seeds} seeds with replacement and, independently, the questions of "
+             f"{_count(seeds, 'seed')} x the questions) and, in brackets, its {100 * LEVEL:.0f}% interval from a two-way bootstrap "
+             f"({REPLICATES:,} replicates, each drawing {_count(seeds, 'seed')} with replacement and, independently, the questions of "
              "each hop count with replacement; numpy `default_rng(0)`; `paired.paired_bootstrap`). **A difference is "
              "reported as a difference when its interval excludes 0** (bold); no correction for the "
              f"{sum(len(by_cell) for by_cell in next(iter(results.values())).values())} comparisons per endpoint is made. "
-             f"With {seeds} seeds a replicate can draw only {seed_multisets(seeds)} distinct sets of seeds, so the seed "
+             f"With {_count(seeds, 'seed')} a replicate can draw only {_count(seed_multisets(seeds), 'distinct set')} of seeds, so the seed "
              "part of an interval is coarse: read the per-seed differences too.", ""]
     for endpoint, methods in results.items():
         title = _sentence(ENDPOINTS[endpoint])
@@ -496,21 +502,22 @@ def _budget_lines(experiment: dict) -> list[str]:
         missing = [name for name in METHODS if name not in experiment["methods"]]
         if missing:
             lines.append(f"- the methods not run ({', '.join(f'`{name}`' for name in missing)}): about "
-                         f"{seeds * _mean(rl):,.0f} CPU seconds each ({seeds} seeds x the mean RL job; more for a "
+                         f"{seeds * _mean(rl):,.0f} CPU seconds each ({_count(seeds, 'seed')} x the mean RL job; more for a "
                          "sub-goal method, whose probes score more targets); the same command with the method added to "
                          "--methods runs only its jobs.")
     return lines
 
 
 def _credit_table(experiment: dict) -> list[str]:
-    """Mean information gain of non-final turns per target kind (answer, sub-goals), per method."""
+    """Mean information gain of non-final turns per target kind (answer, sub-goals), per method that
+    logged it; shown when a sub-goal method ran."""
     rows = []
     for method in experiment["methods"]:
         values = {key: [r[key] for r in experiment["records"] if r["method"] == method and r.get(key) is not None]
                   for key in ("ig_answer_mean", "ig_subgoal_mean")}
-        if values["ig_subgoal_mean"]:
+        if values["ig_answer_mean"]:
             rows.append([_label(method), *[f"{_mean(v):+.4f}" if v else "n/a" for v in values.values()]])
-    if not rows:
+    if not any(r.get("ig_subgoal_mean") is not None for r in experiment["records"]):
         return []
     return ["## Where the information gain went", "",
             "Mean over RL steps (and seeds) of the per-step mean gain of non-final turns: of the answer's probe, and of the "
@@ -648,7 +655,7 @@ def write_experiment_report(experiment: dict, out_dir: str | Path) -> Path:
     plots.save(hops_figure(experiment), out_dir / HOPS_PLOT)
     plots.save(collapse_figure(experiment), out_dir / COLLAPSE_PLOT)
     methods = experiment["methods"]
-    lines = [f"# {' vs '.join(_label(method) for method in methods)}: {len(experiment['seeds'])} seeds", "",
+    lines = [f"# {' vs '.join(_label(method) for method in methods)}: {_count(len(experiment['seeds']), 'seed')}", "",
              *smoke_lines(experiment["config"]), *_setup_lines(experiment), "",
              "## Paired differences to GRPO", "", *_paired_section(experiment, results or None),
              "## Warm starts", "",

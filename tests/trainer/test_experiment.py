@@ -267,9 +267,10 @@ def _paired_experiment(final, *, middle="0000", warm=("1000", "0000")):
         for seed, em in zip(seeds, strings):
             mean = sum(map(int, em)) / 4
             records += [{"method": method, "seed": seed, "step": 0, "heldout_em": sum(map(int, warm[seed])) / 4},
-                        {"method": method, "seed": seed, "step": 5, "heldout_em": 0.0, "ig_answer_mean": 0.25,
+                        {"method": method, "seed": seed, "step": 5, "heldout_em": 0.0, "ig_answer_mean": None if method == "grpo" else 0.25,
                          "ig_subgoal_mean": 0.5 if method == "igpo_subgoals" else None},
-                        {"method": method, "seed": seed, "step": 10, "heldout_em": mean, "ig_answer_mean": 0.125,
+                        {"method": method, "seed": seed, "step": 10, "heldout_em": mean,
+                         "ig_answer_mean": None if method == "grpo" else 0.125,
                          "ig_subgoal_mean": 0.25 if method == "igpo_subgoals" else None}]
             rows.append({"method": method, "seed": seed, "step": 10, "em": mean, "f1": mean, "n": 4, "by_hops": _by_hops(em),
                          "em_by_question": em})
@@ -327,7 +328,7 @@ def test_the_report_gives_paired_differences_with_intervals_and_says_which_exclu
     assert "### Held-out EM averaged over the evaluations after step 0 (steps 5, 10)" in lines
     assert "| IGPO + sub-goals | **+25.0 [+25.0, +25.0]** | +0.0 [+0.0, +0.0] | **+50.0 [+50.0, +50.0]** |" in lines
     assert "With 2 seeds a replicate can draw only 3 distinct sets of seeds" in text
-    assert "evaluated on the same 4 held-out questions (2 of 1 hops, 2 of 2 hops)" in text
+    assert "evaluated on the same 4 held-out questions (2 of 1 hop, 2 of 2 hops)" in text
     # the warm starts' spread, the CPU budget, the credit split
     assert "| 0 | 25.0 | 50.0 | 0.0 | 0.0 |" in lines and "| range | 0.0-25.0 | 0.0-50.0 | 0.0-0.0 | 0.0-0.0 |" in lines
     assert "| mean | 12.5 | 25.0 | 0.0 | 0.0 |" in lines and "| std | 12.5 | 25.0 | 0.0 | 0.0 |" in lines
@@ -338,7 +339,9 @@ def test_the_report_gives_paired_differences_with_intervals_and_says_which_exclu
     assert ("- each further 10 RL steps of every run: about 68 CPU seconds (1.1 per step of 8 questions x G = 16, "
             "evaluations included);") in lines
     assert "about 227 CPU seconds each (2 seeds x the mean RL job;" in text
-    assert "| IGPO + sub-goals | +0.1875 | +0.3750 |" in lines and "## The targets" not in text
+    assert "| IGPO + sub-goals | +0.1875 | +0.3750 |" in lines and "| IGPO | +0.1875 | n/a |" in lines
+    assert not any(line.startswith("| GRPO | +") for line in lines)  # GRPO runs no probes
+    assert "## The targets" not in text
     assert "| warm start | 25.0 | 0.0 | 12.5 |" in lines  # final EM by hop count: warm start, then each method
     assert "| IGPO + sub-goals | 50.0 | 100.0 | 75.0 |" in lines
 
@@ -347,8 +350,9 @@ def test_the_paired_plot_draws_each_interval_and_every_seed():
     from igpo_rewards.reference_trainer.experiment_report import paired_figure
 
     figure = paired_figure(PAIRED, paired_results(PAIRED, replicates=200))
-    assert [ax.get_title() for ax in figure.axes] == ["paired difference to GRPO: final held-out EM",
-                                                      "paired difference to GRPO: held-out EM averaged over the evaluations after step 0"]
+    assert [ax.get_title() for ax in figure.axes] == ["final held-out EM",
+                                                      "held-out EM\naveraged over the evaluations after step 0"]
+    assert figure.axes[0].get_ylabel() == "paired difference to GRPO (EM points)"
     ax = figure.axes[0]
     assert [tick.get_text() for tick in ax.get_xticklabels()] == ["overall", "1-hop", "2-hop"]
     means = [line for line in ax.get_lines() if line.get_gid() == "paired:IGPO + sub-goals"]
