@@ -18,7 +18,7 @@ writes to experiment.json (so a report can be rebuilt from that one file) and wr
   the setup and the budget (CPU seconds per job), the paired differences to GRPO (``paired``:
   two-way bootstrap over seeds and questions within hop count) with a plain list of the
   differences whose interval excludes 0 and of those whose interval does not, the warm starts'
-  spread, the issue-9 targets (when its four methods ran), the step-0 sparsity
+  spread, the sparse experiment's targets (when its four methods ran), the step-0 sparsity
   (``diagnostics.outcome_groups``, each column defined) and probe signal, final EM/F1 per method
   (mean, std, every seed), EM by hop count, the ablation table in the paper's layout (when the
   ablations ran), where the information gain went (answer vs sub-goal targets) and the plots.
@@ -56,7 +56,7 @@ LABELS = {"igpo": "IGPO", "grpo": "GRPO", "igpo_no_ig": "IGPO w/o IG", "igpo_no_
 """Display names of the methods (every name of ``experiment.METHODS``)."""
 
 TARGET_METHODS = ("igpo", "grpo", "igpo_no_ig", "igpo_no_outcome")
-"""The methods the issue-9 targets compare (their section appears when all four ran)."""
+"""The methods the sparse experiment's targets compare (their section appears when all four ran)."""
 
 ABLATION_ROWS = (("igpo", "IGPO (F1 + IG)"), ("igpo_no_ig", "w/o IG (F1 only)"), ("igpo_no_outcome", "w/o F1 (IG only)"),
                  ("grpo", "GRPO (F1, outcome only)"))
