@@ -65,7 +65,7 @@ from igpo_rewards.reference_trainer.config import (
     validate_config,
 )
 from igpo_rewards.reference_trainer.evaluation import evaluate
-from igpo_rewards.reference_trainer.experiment import DEFAULT_METHODS, METHODS
+from igpo_rewards.reference_trainer.methods import DEFAULT_METHODS, METHODS
 from igpo_rewards.reference_trainer.files import append_jsonl, write_text_atomic
 from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
 from igpo_rewards.reference_trainer.modeling import load_pretrained, save_pretrained

@@ -108,3 +108,24 @@ def evaluate(
         model.train()
     summary = summarize(trajectories, step=step)
     return (summary, trajectories) if return_trajectories else summary
+
+
+def encode_em(values: Sequence[Any], *, where: str = "em") -> str:
+    """Per-question EM (0 or 1 each, ``summarize``'s ``questions["em"]``) as a string of digits, one
+    per question: how experiment.json stores it (400 questions take one line). ``decode_em``
+    reverses it.
+
+    Example:
+        >>> encode_em([1, 0, 0, 1]), decode_em("1001")
+        ('1001', [1, 0, 0, 1])
+    """
+    if any(value not in (0, 1) for value in values):
+        raise ValueError(f"{where} must hold 0 or 1 per question, got {sorted(set(values) - {0, 1})[:5]}")
+    return "".join("1" if value else "0" for value in values)
+
+
+def decode_em(text: str) -> list[int]:
+    """The per-question EM of an ``encode_em`` string."""
+    if not isinstance(text, str) or set(text) - {"0", "1"}:
+        raise ValueError(f"per-question EM must be a string of 0s and 1s, got {str(text)[:40]!r}")
+    return [int(digit) for digit in text]

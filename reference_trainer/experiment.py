@@ -5,7 +5,7 @@ and the held-out set, is the same for every seed):
 
     warm-start job:  tokenizer + tiny model + warm start, its held-out eval and the step-0
                      diagnostics (``diagnostics.measure_signal``)
-    one RL job per method of ``--methods`` (``METHODS``, default ``DEFAULT_METHODS``) from that
+    one RL job per method of ``--methods`` (``methods.METHODS``, default ``methods.DEFAULT_METHODS``) from that
     warm start, the same budget and every other setting identical, e.g.:
         grpo              GRPO (outcome only): the baseline of the paired differences
         igpo              IGPO, the paper (information gain of the answer + outcome)
@@ -48,33 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from igpo_rewards.reference_trainer.config import RunConfig, subcommand_values, to_dict, validate_config
+from igpo_rewards.reference_trainer.evaluation import encode_em
 from igpo_rewards.reference_trainer.files import read_jsonl, write_text_atomic
 from igpo_rewards.reference_trainer.jobs import Job, run_jobs
+from igpo_rewards.reference_trainer.methods import DEFAULT_METHODS, METHODS, check_methods
 from igpo_rewards.reference_trainer.report import load_eval, load_metrics
-
-METHODS: dict[str, dict[str, Any]] = {
-    "igpo": {"algorithm": "igpo"},
-    "grpo": {"algorithm": "grpo"},
-    "igpo_no_ig": {"algorithm": "igpo", "ig_weight": 0.0},
-    "igpo_no_outcome": {"algorithm": "igpo", "outcome_weight": 0.0},
-    "igpo_subgoals": {"algorithm": "igpo", "subgoal_weight": 1.0, "subgoal_potential": "running_max"},
-    "igpo_subgoals_probe": {"algorithm": "igpo", "subgoal_weight": 1.0, "subgoal_potential": "probe"},
-    "igpo_turn_index": {"algorithm": "igpo", "mode": "turn_index"},
-    "igpo_a2tgpo": {"algorithm": "igpo", "mode": "turn_index", "accumulation": "sqrt_n", "ig_advantage_scale": 0.3},
-    "igpo_subgoals_a2tgpo": {"algorithm": "igpo", "subgoal_weight": 1.0, "subgoal_potential": "running_max",
-                             "mode": "turn_index", "accumulation": "sqrt_n", "ig_advantage_scale": 0.3},
-    "igpo_positive": {"algorithm": "igpo", "gain_clip": "positive"},
-}
-"""Method name -> what defines it: ``rl.algorithm`` and the ``rl.igpo`` (``IGPOSettings``) values
-it sets; everything else is the base config's (a base ``--rl.igpo.*`` value applies to every
-method unless the method sets that field). docs/trainer.md describes each."""
-
-DEFAULT_METHODS = ("grpo", "igpo", "igpo_subgoals")
-"""The methods of ``igpo-train experiment`` without ``--methods``: the baseline, the paper, and the
-paper with sub-goal targets."""
-
-BASELINE = "grpo"
-"""The method every other one is compared with, question by question."""
 
 RECORD_KEYS = {
     "heldout_em": "heldout_em",
@@ -119,25 +97,6 @@ def method_config(base: RunConfig, out: Path, seed_index: int, method: str) -> R
     config.rl.algorithm = switches.pop("algorithm")
     config.rl.igpo = dataclasses.replace(config.rl.igpo, **switches)
     return validate_config(config)
-
-
-def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
-    """``methods`` as a tuple, checked: known (``METHODS``), no repeats, and the baseline among them.
-
-    Raises:
-        ValueError: an unknown or repeated name, or no ``BASELINE`` (the message lists the registry).
-    """
-    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
-        raise ValueError(f"methods must be a non-empty sequence of method names, got {methods!r}")
-    unknown = [method for method in methods if method not in METHODS]
-    if unknown:
-        raise ValueError(f"methods: unknown method(s) {unknown}; the methods are {', '.join(METHODS)}")
-    repeated = sorted({method for method in methods if list(methods).count(method) > 1})
-    if repeated:
-        raise ValueError(f"methods: {repeated} given more than once, got {list(methods)}")
-    if BASELINE not in methods:
-        raise ValueError(f"methods must include {BASELINE!r}, the baseline of the paired differences, got {list(methods)}")
-    return tuple(methods)
 
 
 def _job_files(out: Path, seed_index: int, name: str) -> dict[str, Path]:
@@ -192,26 +151,6 @@ def check_or_write_base(base: RunConfig, out: Path) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(current, indent=2))
-
-
-def encode_em(values: Sequence[Any], *, where: str = "em") -> str:
-    """Per-question EM (0 or 1 each) as a string of digits, one per question: how experiment.json
-    stores it (400 questions take one line). ``decode_em`` reverses it.
-
-    Example:
-        >>> encode_em([1, 0, 0, 1]), decode_em("1001")
-        ('1001', [1, 0, 0, 1])
-    """
-    if any(value not in (0, 1) for value in values):
-        raise ValueError(f"{where} must hold 0 or 1 per question, got {sorted(set(values) - {0, 1})[:5]}")
-    return "".join("1" if value else "0" for value in values)
-
-
-def decode_em(text: str) -> list[int]:
-    """The per-question EM of an ``encode_em`` string."""
-    if not isinstance(text, str) or set(text) - {"0", "1"}:
-        raise ValueError(f"per-question EM must be a string of 0s and 1s, got {str(text)[:40]!r}")
-    return [int(digit) for digit in text]
 
 
 def method_records(run_dir: Path, *, method: str, seed: int) -> list[dict[str, Any]]:

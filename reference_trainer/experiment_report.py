@@ -39,7 +39,8 @@ import numpy as np
 
 from igpo_rewards.reference_trainer import plots
 from igpo_rewards.reference_trainer.config import budget_note
-from igpo_rewards.reference_trainer.experiment import BASELINE, METHODS, decode_em
+from igpo_rewards.reference_trainer.evaluation import decode_em
+from igpo_rewards.reference_trainer.methods import BASELINE, METHODS
 from igpo_rewards.reference_trainer.paired import LEVEL, REPLICATES, PairedInterval, paired_differences, seed_multisets
 from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS, outcome_groups
 from igpo_rewards.reference_trainer.report import _table
@@ -53,7 +54,7 @@ LABELS = {"igpo": "IGPO", "grpo": "GRPO", "igpo_no_ig": "IGPO w/o IG", "igpo_no_
           "igpo_subgoals": "IGPO + sub-goals", "igpo_subgoals_probe": "IGPO + sub-goals (raw probe)",
           "igpo_turn_index": "IGPO, turn-index pools", "igpo_a2tgpo": "IGPO, A2TGPO normalization",
           "igpo_subgoals_a2tgpo": "IGPO + sub-goals, A2TGPO normalization", "igpo_positive": "IGPO, positive IG"}
-"""Display names of the methods (every name of ``experiment.METHODS``)."""
+"""Display names of the methods (every name of ``methods.METHODS``)."""
 
 TARGET_METHODS = ("igpo", "grpo", "igpo_no_ig", "igpo_no_outcome")
 """The methods the sparse experiment's targets compare (their section appears when all four ran)."""

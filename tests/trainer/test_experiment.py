@@ -15,17 +15,8 @@ import pytest
 
 from igpo_rewards.reference_trainer.config import preset_config, quick_config, to_dict
 from igpo_rewards.reference_trainer.diagnostics import IG_GROUPS, outcome_groups
-from igpo_rewards.reference_trainer.experiment import (
-    DEFAULT_METHODS,
-    METHODS,
-    check_methods,
-    check_or_write_base,
-    collect,
-    decode_em,
-    encode_em,
-    method_config,
-    plan_jobs,
-)
+from igpo_rewards.reference_trainer.evaluation import decode_em, encode_em
+from igpo_rewards.reference_trainer.experiment import check_or_write_base, collect, method_config, plan_jobs
 from igpo_rewards.reference_trainer.experiment_report import (
     COLLAPSE_PLOT,
     EM_PLOT,
@@ -40,6 +31,7 @@ from igpo_rewards.reference_trainer.experiment_report import (
 )
 from igpo_rewards.reference_trainer.paired import paired_bootstrap
 from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
+from igpo_rewards.reference_trainer.methods import DEFAULT_METHODS, METHODS, check_methods
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
