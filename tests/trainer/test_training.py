@@ -500,7 +500,9 @@ def test_rl_step_with_sub_goals_runs_and_is_deterministic(setup):
     assert first.answer_logprob.dim() == 3 and first.answer_logprob.shape[2] == 1 + max(len(e.subgoals) for e in chains)
     assert torch.equal(first.advantages.turn, again.advantages.turn)
     assert first.metrics["ig_subgoal_mean"] is None or math.isfinite(first.metrics["ig_subgoal_mean"])
-    for study in case_studies(first.batch, first.advantages, first.answer_logprob, setup[1], count=2, step=1):
+    studies = case_studies(first.batch, first.advantages, first.answer_logprob, setup[1], count=2, step=1)
+    assert len(studies) == 2
+    for study in studies:
         example = next(example for example in chains if example.question == study["question"])
         for turn in study["turns"]:  # each sub-goal's probability before the turn
             assert set(turn["subgoal_probs"]) == set(example.subgoals) and all(0 < p <= 1 for p in turn["subgoal_probs"].values())
