@@ -71,6 +71,9 @@ class SearchArguments:
                                                        "process on one)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Held-out questions per generate batch (the greedy "
                                                                 "evaluation before and after training)."})
+    probe_layout: str = field(default="packed", metadata={"help": (
+        "How the probes are laid out in their forward: packed (copies after each trajectory) or kv_cache (a second "
+        "pass over the trajectory's KV cache, what examples/trl_tools_igpo.py uses); same values up to float rounding.")})
 
 
 # GRPOConfig values of the reference trainer's IGPO run (RLConfig defaults), for a CPU.
@@ -166,27 +169,35 @@ def _summary(scores: dict) -> str:
     return f"EM {100 * scores['em']:.1f} ({hops}; n = {scores['n']})"
 
 
-def _own_help() -> str:
+def _own_help(arguments: type, prog: str, description: str, defaults: dict) -> str:
     """``--help``: the example's flags, the GRPOConfig values it changes, and how to see TRL's."""
-    own = HfArgumentParser(SearchArguments, prog="python examples/trl_search_igpo.py", description=__doc__.split("\n\n")[0])
-    changed = "\n".join(f"  --{name} {value}" for name, value in RUN_DEFAULTS.items())
+    own = HfArgumentParser(arguments, prog=prog, description=description)
+    changed = "\n".join(f"  --{name} {value}" for name, value in defaults.items())
     return (own.format_help() + "\nGRPOConfig values this example sets (the reference trainer's IGPO run; override them "
             f"with the same flags):\n{changed}\n\nEvery other GRPOConfig field (TRL's) is a flag too: "
             "--help_trl lists all of them.\n")
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[SearchArguments, GRPOConfig]:
-    """The example's flags and TRL's ``GRPOConfig`` (with ``RUN_DEFAULTS``); ``--help`` shows the
-    example's own flags first and alone, ``--help_trl`` every flag, a misspelled flag gets the
-    nearest ones as suggestions (exit status 2)."""
+def parse_arguments(
+    argv: list[str] | None = None,
+    *,
+    arguments: type = SearchArguments,
+    prog: str = "python examples/trl_search_igpo.py",
+    description: str = __doc__.split("\n\n")[0],
+    defaults: dict | None = None,
+) -> tuple[SearchArguments, GRPOConfig]:
+    """The example's flags (``arguments``) and TRL's ``GRPOConfig`` (with ``defaults``, by default
+    ``RUN_DEFAULTS``); ``--help`` shows the example's own flags first and alone, ``--help_trl``
+    every flag, a misspelled flag gets the nearest ones as suggestions (exit status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((SearchArguments, GRPOConfig), prog="python examples/trl_search_igpo.py")
-    parser.set_defaults(**RUN_DEFAULTS)
+    defaults = RUN_DEFAULTS if defaults is None else defaults
+    parser = HfArgumentParser((arguments, GRPOConfig), prog=prog)
+    parser.set_defaults(**defaults)
     if "--help_trl" in argv or "--help-trl" in argv:
         parser.print_help()
         sys.exit(0)
     if "-h" in argv or "--help" in argv:
-        print(_own_help())
+        print(_own_help(arguments, prog, description, defaults))
         sys.exit(0)
     args, config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
             processing_class=tokenizer,
             rollout_func=make_search_rollout_func(
                 url, answers_column="answers", max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                topk=args.topk,
+                topk=args.topk, probe_layout=args.probe_layout,
             ),
         )
         started = time.perf_counter()
@@ -238,20 +249,28 @@ def main(argv: list[str] | None = None) -> dict:
         after = heldout_em(trainer.model, tokenizer, retriever, heldout, args)
         print(f"after {trainer.state.global_step} steps: {_summary(after)}")
 
+    return write_result(trainer, config, "examples/trl_search_igpo.py", argv, seconds=seconds, before=before, after=after)
+
+
+def write_result(trainer, config: GRPOConfig, script: str, argv: list[str] | None, *, seconds: float, before: dict,
+                 after: dict) -> dict:
+    """Writes ``--output_dir/heldout_em.json``: the command, steps, rollouts, the held-out scores before
+    and after, and TRL's log history (per logged step: loss, rewards, ``igpo/*``, ``step_time``)."""
     rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * trainer.accelerator.num_processes
     result = {
-        "command": " ".join(["python", "examples/trl_search_igpo.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+        "seed": config.seed,
         "optimizer_steps": trainer.state.global_step,
         "rollouts": trainer.state.global_step * rows_per_step // config.num_iterations,
         "train_seconds": seconds,
         "warm_start": before,
         "trained": after,
+        "log_history": trainer.state.log_history,
     }
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "heldout_em.json").write_text(json.dumps(result, indent=2))
     return result
-
 
 if __name__ == "__main__":
     main()

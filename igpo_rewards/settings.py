@@ -2,9 +2,9 @@
 
 :class:`IGPOSettings` carries every option of :func:`igpo_rewards.igpo_advantages` and
 :func:`igpo_rewards.grpo_advantages` under the library's own names (plus ``max_turns``, the
-number of turn slots the token-level adapters use, and ``subgoal_weight``, the weight its
-methods give each sub-goal target). Its methods run those functions with all of
-them, so a caller never maps option by option. The reference trainer's ``RLConfig`` holds one
+number of turn slots the token-level adapters use, and ``allow_outcome_only``, the verl
+integration's opt-in). Its methods run those functions with all of them, so a caller never maps
+option by option. The reference trainer's ``RLConfig`` holds one
 (``--rl.igpo.gamma``, ``[rl.igpo]`` in a config file), verl reads it from ``algorithm.igpo.*``,
 and TRL's ``IGPOTrainer`` takes it as ``igpo_settings``.
 """
@@ -66,10 +66,6 @@ class IGPOSettings:
     """w_out, the weight of the outcome reward."""
     log_prob_floor: float = -20.0
     """Floor on log-probs for kind="log_prob" (keeps -inf finite)."""
-    max_turns: int | None = None
-    """The most turns a rollout may have (searches plus the answer): a rollout with more is an error
-    in every method; the token path and TRL also take it as T, the number of turn slots. None: no
-    cap, T counted from the batch (a host sync on GPUs for the token path)."""
     accumulation: str = "discounted"
     """Turn advantages from the normalized rewards: "discounted" (the paper's) or "sqrt_n" (the IG part
     divided by the square root of its term count, after A2TGPO)."""
@@ -81,8 +77,17 @@ class IGPOSettings:
     subgoal_potential: str = "running_max"
     """The potential of the sub-goal targets k >= 1: "running_max" (reached stays reached) or "probe"."""
     subgoal_weight: float = 0.0
-    """w of every sub-goal target (the answer weighs 1); 0.0: the paper's IGPO, the answer alone. With
-    [B, T, K] probes the methods build ``target_weights(K)`` from it."""
+    """w of every sub-goal target (the answer weighs 1); 0.0: the paper's IGPO, the answer alone. No
+    function takes it: with [B, T, K] probes the methods build ``target_weights(K)`` from it."""
+    max_turns: int | None = None
+    """The most turns a rollout may have (searches plus the answer): a rollout with more is an error
+    in every method; the token path and TRL also take it as T, the number of turn slots. None: no
+    cap, T counted from the batch (a host sync on GPUs for the token path)."""
+    allow_outcome_only: bool = False
+    """Read by the verl integration only (``algorithm.igpo.allow_outcome_only``): True lets a run go on
+    when per-turn rewards cannot reach the estimator (a stock agent loop, a single-turn agent, a
+    colocated reward model) or a multi-turn batch carries none, with a warning instead of an error.
+    IGPO then trains on the outcome only."""
 
     def __post_init__(self) -> None:
         # The library's own checks, so a bad value fails here exactly as it would in the call
@@ -100,6 +105,7 @@ class IGPOSettings:
         _checks.check_count("igpo settings: ddof", self.ddof)
         if self.max_turns is not None:
             _checks.check_positive_count("igpo settings: max_turns", self.max_turns)
+        _checks.check_flag("igpo settings: allow_outcome_only", self.allow_outcome_only)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> IGPOSettings:
