@@ -222,6 +222,15 @@ def _group_outcomes(trajectories: Sequence[QATrajectory], offset: int) -> dict[i
     return groups
 
 
+def _record_answer_gains(gains: dict[str, dict[int, list[float]]], trajectories: Sequence[QATrajectory],
+                         information_gain: torch.Tensor, retriever: Any, topk: int) -> None:
+    """Append each non-final turn's information gain ([B, T]) to ``gains[turn_group][hops]``."""
+    for row, trajectory in enumerate(trajectories):
+        labels = observation_labels(trajectory, retriever, topk)
+        for turn in range(trajectory.num_turns - 1):
+            gains[turn_group(labels, turn)][trajectory.example.hops].append(float(information_gain[row, turn]))
+
+
 def measure_signal(
     policy: Any,
     tokenizer: Any,
@@ -282,11 +291,7 @@ def measure_signal(
             answer_logprob = score_batch(policy, batch, igpo_config, probes=True).answer_logprob
             advantages = compute_advantages(batch, answer_logprob, igpo_config)
             collapse.append(zero_advantage_group_fraction(advantages.turn, batch.group_ids))
-            for row, trajectory in enumerate(trajectories):
-                labels = observation_labels(trajectory, retriever, config.topk)
-                for turn in range(trajectory.num_turns - 1):
-                    gain = float(advantages.information_gain[row, turn])
-                    gains[turn_group(labels, turn)][trajectory.example.hops].append(gain)
+            _record_answer_gains(gains, trajectories, advantages.information_gain, retriever, config.topk)
             if any(trajectory.example.subgoals for trajectory in trajectories):
                 _, subgoal_gains = _subgoal_gains(policy, tokenizer, trajectories, igpo_config)
                 _record_subgoal_gains(subgoal_values, trajectories, subgoal_gains, retriever, config.topk)
