@@ -12,4 +12,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 exec .venv/bin/python -m pytest -n "${IGPO_TEST_WORKERS:-auto}" --dist loadfile --durations=25 \
-  --ignore-glob='*/tests/integrations/test_verl*.py' --ignore-glob='*/igpo_rewards/integrations/*verl*.py' "$@"
+  --ignore-glob='tests/integrations/test_verl*.py' --ignore-glob='igpo_rewards/integrations/*verl*.py' "$@"
