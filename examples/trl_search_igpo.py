@@ -130,7 +130,8 @@ def serve_corpus(corpus: Path, *, timeout_s: float = 300.0) -> Iterator[str]:
     """``igpo-retrieve serve`` on ``corpus`` (a loopback port) for the ``with`` block; yields its URL."""
     command = shutil.which("igpo-retrieve", path=str(Path(sys.executable).parent)) or shutil.which("igpo-retrieve")
     if command is None:
-        raise FileNotFoundError("igpo-retrieve is not installed: pip install 'igpo-rewards[server]'")
+        raise FileNotFoundError('igpo-retrieve is not installed: install the "server" extra (in this clone: '
+                                'pip install ".[server]"; README, "Install")')
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([command, "serve", "--corpus", str(corpus), "--port", str(port), "--log-level", "warning"])

@@ -79,6 +79,7 @@ def test_python_blocks_of_the_user_docs_run_cold_in_a_fresh_process(tmp_path):
         for number, block in enumerate(python_blocks(page)):
             done = run_cold(block, cwd=tmp_path)
             assert done.returncode == 0, f"{page} python block {number} failed cold:\n{done.stderr[-3000:]}"
+            assert "Warning" not in done.stderr, f"{page} python block {number} warns cold:\n{done.stderr[-3000:]}"
             ran += 1
     assert ran >= 6, ran
     token_level = [b for b in python_blocks("docs/api.md") if "advantages_from_token_rewards(" in b]
@@ -411,6 +412,41 @@ def test_every_install_line_uses_the_git_form_or_the_clone_and_existing_extras()
             problems += [f"{page}: {command!r}: no extra {extra!r} in pyproject" for extra in named if extra not in extras]
     assert seen >= 6, seen
     assert not problems, "\n".join(problems)
+
+
+# The code's own messages and docstrings name the same form: a bare `pip install 'igpo-rewards[x]'`
+# fails for every user (no registry has the package).
+CODE_FILES = ("igpo_rewards/**/*.py", "backends/*.py", "reference_trainer/*.py", "examples/*.py", "scripts/*.sh", ".ci/run",
+              "pyproject.toml")
+PIP_INSTALL = re.compile(r"pip install ([^\n]*)")
+
+
+def bare_installs(text: str) -> list[str]:
+    """The `pip install ...` lines of ``text`` that name igpo-rewards without the git-URL form."""
+    return [match.group(0) for match in PIP_INSTALL.finditer(text)
+            if "igpo-rewards" in match.group(1) and "igpo-rewards" in match.group(1).split("@ git+$IGPO_GIT")[-1]]
+
+
+def test_the_code_names_no_bare_install_of_the_package():
+    offenders, checked = [], 0
+    for pattern in CODE_FILES:
+        for path in sorted(ROOT.glob(pattern)):
+            checked += 1
+            offenders += [f"{path.relative_to(ROOT)}: {line}" for line in bare_installs(path.read_text(encoding="utf-8"))]
+    assert checked > 50, checked
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("line, bare", [
+    ("install it with: pip install 'igpo-rewards[trainer]'", True),
+    ("Needs ``pip install igpo-rewards[verl]``.", True),
+    ('(``pip install "igpo-rewards[server]"``; also', True),
+    ('pip install "igpo-rewards[hf] @ git+$IGPO_GIT" (README)', False),
+    ("f'pip install \"igpo-rewards[{extra}] @ git+$IGPO_GIT\"'", False),
+    ('pip install ".[server]" in a clone', False), ("pip install hypothesis", False),
+])
+def test_what_counts_as_a_bare_install(line, bare):
+    assert bool(bare_installs(line)) is bare
 
 
 def _imports(code: str) -> set[str]:
