@@ -77,6 +77,10 @@ class Backend(abc.ABC):
     def cumsum(self, x: Array, axis: int) -> Array: ...
 
     @abc.abstractmethod
+    def cummax(self, x: Array, axis: int) -> Array:
+        """Running maximum along ``axis`` (out[..., j, ...] = max of x[..., :j + 1, ...]); keeps the dtype."""
+
+    @abc.abstractmethod
     def concat(self, arrays: Sequence[Array], axis: int) -> Array: ...
 
     @abc.abstractmethod

@@ -61,6 +61,9 @@ class JaxBackend(Backend):
     def cumsum(self, x, axis):
         return jnp.cumsum(x, axis=axis)
 
+    def cummax(self, x, axis):
+        return jax.lax.cummax(x, axis=axis)
+
     def concat(self, arrays, axis):
         return jnp.concatenate(arrays, axis=axis)
 

@@ -59,6 +59,9 @@ class NumpyBackend(Backend):
     def cumsum(self, x, axis):
         return np.cumsum(x, axis=axis)
 
+    def cummax(self, x, axis):
+        return np.maximum.accumulate(x, axis=axis)
+
     def concat(self, arrays, axis):
         return np.concatenate(arrays, axis=axis)
 

@@ -79,6 +79,9 @@ class TorchBackend(Backend):
     def cumsum(self, x, axis):
         return torch.cumsum(x, dim=axis)
 
+    def cummax(self, x, axis):
+        return torch.cummax(x, dim=axis).values
+
     def concat(self, arrays, axis):
         return torch.cat(list(arrays), dim=axis)
 

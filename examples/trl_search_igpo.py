@@ -27,7 +27,7 @@ rollouts) says so at the start and at the end: a smoke run, whose held-out EM is
 move; its pipeline check is what tells a working set-up from a broken one.
 
 Its own flags (``--demo_dir``, ``--budget``, ``--max_turns``, ``--max_new_tokens``, ``--topk``,
-``--threads``, ``--eval_batch_size``) are listed by ``--help``; every ``GRPOConfig`` field is a flag too
+``--threads``, ``--eval_batch_size``, ``--probe_layout``) are listed by ``--help``; every ``GRPOConfig`` field is a flag too
 (``--learning_rate``, ``--max_steps``, ``--logging_steps``, ``--save_steps``, ...; ``--help_trl``
 lists them all). The defaults below mirror the reference trainer's IGPO run
 (``igpo-train demo``): 30 rounds of 8 questions x 8 rollouts (1,920 rollouts), each round two
@@ -87,6 +87,9 @@ class SearchArguments:
                                                        "process on one)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Held-out questions per generate batch (the greedy "
                                                                 "evaluation before and after training)."})
+    probe_layout: str = field(default="packed", metadata={"help": (
+        "How the probes are laid out in their forward: packed (copies after each trajectory) or kv_cache (a second "
+        "pass over the trajectory's KV cache, what examples/trl_tools_igpo.py uses); same values up to float rounding.")})
 
 
 # GRPOConfig values of the reference trainer's IGPO run (RLConfig defaults), for a CPU.
@@ -191,10 +194,10 @@ def _summary(scores: dict) -> str:
     return f"EM {100 * scores['em']:.1f} ({hops}; n = {scores['n']})"
 
 
-def _own_help() -> str:
+def _own_help(arguments: type, prog: str, description: str, defaults: dict) -> str:
     """``--help``: the example's flags, the GRPOConfig values it changes, and how to see TRL's."""
-    own = HfArgumentParser(SearchArguments, prog="python examples/trl_search_igpo.py", description=__doc__.split("\n\n")[0])
-    changed = "\n".join(f"  --{name} {value}" for name, value in RUN_DEFAULTS.items())
+    own = HfArgumentParser(arguments, prog=prog, description=description)
+    changed = "\n".join(f"  --{name} {value}" for name, value in defaults.items())
     budgets = "\n".join(f"  --budget {name}: " + (" ".join(f"--{key} {value}" for key, value in values.items()) or "(the values above)")
                          for name, values in BUDGETS.items())
     return (own.format_help() + "\nGRPOConfig values this example sets (the reference trainer's IGPO run; override them "
@@ -202,18 +205,27 @@ def _own_help() -> str:
             "field (TRL's) is a flag too: --help_trl lists all of them.\n")
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[SearchArguments, GRPOConfig]:
-    """The example's flags and TRL's ``GRPOConfig`` (``RUN_DEFAULTS``, then the ``--budget``'s values,
-    then the flags given); ``--help`` shows the example's own flags first and alone, ``--help_trl``
+def parse_arguments(
+    argv: list[str] | None = None,
+    *,
+    arguments: type = SearchArguments,
+    prog: str = "python examples/trl_search_igpo.py",
+    description: str = __doc__.split("\n\n")[0],
+    defaults: dict | None = None,
+) -> tuple[SearchArguments, GRPOConfig]:
+    """The example's flags (``arguments``) and TRL's ``GRPOConfig`` (``defaults``, by default
+    ``RUN_DEFAULTS``, then the ``--budget``'s values, then the flags given); ``--help`` shows the
+    example's own flags first and alone, ``--help_trl``
     every flag, a misspelled flag gets the nearest ones as suggestions (exit status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((SearchArguments, GRPOConfig), prog="python examples/trl_search_igpo.py")
-    parser.set_defaults(**RUN_DEFAULTS)
+    defaults = RUN_DEFAULTS if defaults is None else defaults
+    parser = HfArgumentParser((arguments, GRPOConfig), prog=prog)
+    parser.set_defaults(**defaults)
     if "--help_trl" in argv or "--help-trl" in argv:
         parser.print_help()
         sys.exit(0)
     if "-h" in argv or "--help" in argv:
-        print(_own_help())
+        print(_own_help(arguments, prog, description, defaults))
         sys.exit(0)
     args, config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
@@ -227,7 +239,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[SearchArguments, GRP
               "(--help lists this example's flags, --help_trl TRL's too)", file=sys.stderr)
         sys.exit(2)
     if BUDGETS[args.budget]:  # the budget's values as defaults, so that explicit flags still win
-        parser.set_defaults(**{**RUN_DEFAULTS, **BUDGETS[args.budget]})
+        parser.set_defaults(**{**defaults, **BUDGETS[args.budget]})
         args, config, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     return args, config
 
@@ -345,6 +357,7 @@ def train(model, tokenizer, url: str, args: SearchArguments, config: GRPOConfig,
     reward. Returns the trainer, the recorder, the training seconds and the largest weight change."""
     recorder = RolloutRecorder(make_search_rollout_func(
         url, answers_column="answers", max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, topk=args.topk,
+        probe_layout=args.probe_layout,
     ))
     start = {name: value.detach().clone() for name, value in model.named_parameters()}
     trainer = IGPOTrainer(
@@ -391,17 +404,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_check(check))
     if smoke:
         print(smoke_notice(smoke))
+    return write_result(trainer, config, "examples/trl_search_igpo.py", argv, seconds=seconds, before=before, after=after,
+                        extra={"budget": args.budget, "smoke_run": smoke, "pipeline_check": check})
+
+
+def write_result(trainer, config: GRPOConfig, script: str, argv: list[str] | None, *, seconds: float, before: dict,
+                 after: dict, extra: dict | None = None) -> dict:
+    """Writes ``--output_dir/heldout_em.json``: the command, steps, rollouts, the held-out scores before
+    and after, TRL's log history (per logged step: loss, rewards, ``igpo/*``, ``step_time``) and
+    ``extra`` (this example's budget, smoke-run reasons and pipeline check)."""
     rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * trainer.accelerator.num_processes
     result = {
-        "command": " ".join(["python", "examples/trl_search_igpo.py", *(sys.argv[1:] if argv is None else argv)]),
-        "budget": args.budget,
-        "smoke_run": smoke,
+        "command": " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+        "seed": config.seed,
         "optimizer_steps": trainer.state.global_step,
         "rollouts": trainer.state.global_step * rows_per_step // config.num_iterations,
         "train_seconds": seconds,
         "warm_start": before,
         "trained": after,
-        "pipeline_check": check,
+        "log_history": trainer.state.log_history,
+        **(extra or {}),
     }
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

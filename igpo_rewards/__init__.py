@@ -6,7 +6,8 @@ the final turn by its outcome, then group-normalizes and discounts those rewards
 advantages. Every function is pure and takes NumPy arrays, torch Tensors or JAX arrays; the
 result keeps the input's library, device and floating dtype.
 
-Shapes: B rollouts, G rollouts per group, T turns (padded), L answer tokens, S response tokens.
+Shapes: B rollouts, G rollouts per group, T turns (padded), L answer tokens, S response tokens,
+K probe targets (the answer and sub-goals, :mod:`igpo_rewards.targets`).
 See docs/algorithm.md for each equation next to the function that computes it.
 """
 
@@ -20,9 +21,10 @@ del _install_if_checkout
 from igpo_rewards._warnings import SingleRolloutGroupWarning
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.normalization import group_normalize, grpo_advantages, zero_variance_group_fraction
-from igpo_rewards.returns import discounted_returns
+from igpo_rewards.returns import discounted_returns, variance_rescaled_returns
 from igpo_rewards.settings import IGPOSettings
 from igpo_rewards.rewards import answer_logprob, information_gain, turn_rewards
+from igpo_rewards.targets import target_information_gain
 from igpo_rewards.scoring import (
     answer_f1,
     exact_match,
@@ -54,6 +56,9 @@ __all__ = [
     "information_gain",
     "turn_rewards",
     "zero_variance_group_fraction",
+    # several probe targets and the normalization variants (docs/algorithm.md, "Variants")
+    "target_information_gain",
+    "variance_rescaled_returns",
     # turn bookkeeping: ragged lists to [B, T], turns of a response mask, the final turn
     "PaddedTurns",
     "final_turn_mask",

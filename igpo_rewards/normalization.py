@@ -14,7 +14,7 @@ from igpo_rewards.backends import Backend, get_backend
 
 Array = Any
 
-MODES = ("joint", "separate")
+MODES = ("joint", "separate", "turn_index")
 WEIGHTINGS = ("turn", "trajectory")
 SCALES = ("std", "none")
 
@@ -52,7 +52,11 @@ def group_normalize(
 
     Pools p: ``mode="joint"`` (the paper's) pools every valid turn reward of every rollout of
     the group, IG and outcome entries together; ``mode="separate"`` gives each group two
-    pools, its final-turn (outcome) entries and its earlier (IG) entries.
+    pools, its final-turn (outcome) entries and its earlier (IG) entries; ``mode="turn_index"``
+    (after A2TGPO, arXiv 2605.06200) gives each group one pool per turn index j of the IG entries
+    (every rollout's turn j < n_i - 1) and one of its outcome entries, so a turn is compared only
+    with the turns at its depth and a rollout's turn count moves no other rollout's IG entries at
+    other depths (an entry alone at its depth gets 0).
     Weights w: ``weighting="turn"`` (the paper's) counts every entry once, so rollouts with
     more turns weigh more in the baseline; ``weighting="trajectory"`` gives each entry
     1 / (number of entries its rollout has in the pool), so every rollout weighs the same.
@@ -79,7 +83,8 @@ def group_normalize(
       group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per group
         (verl's and TRL's layout; B a multiple of G). The pools are then reductions over a
         [B / G, G, T] view: no factorization, no sort, no scatter, static shapes.
-      mode: "joint" or "separate".  weighting: "turn" or "trajectory".  scale: "std" or "none".
+      mode: "joint", "separate" or "turn_index".  weighting: "turn" or "trajectory" (the same for
+        "turn_index": a rollout has one entry per pool).  scale: "std" or "none".
       eps: added to sigma, a finite number >= 0.  ddof: delta degrees of freedom of sigma (0 =
         population std), an int >= 0.
       validate: value checks (prefix mask, NaN/inf in rewards).
@@ -168,11 +173,19 @@ def _normalize_dense(
     """Pools of G contiguous rollouts: reductions over a [P, Q, G, T] view (P pools per group).
 
     ``member[p, q, g, t]`` says whether entry (q * G + g, t) is in pool p of group q: P = 1 for
-    mode "joint" (every valid turn), P = 2 for "separate" (the non-final turns, the final turn).
+    mode "joint" (every valid turn), P = 2 for "separate" (the non-final turns, the final turn),
+    P = T for "turn_index" (the non-final turns at index j = 0 .. T - 2, the final turn).
     Per-pool values keep their reduced axes as size 1, so they broadcast back onto the entries.
     """
     is_final = _turns.final_turn_mask(backend, turn_mask)
-    pools = [turn_mask] if mode == "joint" else [turn_mask & ~is_final, is_final]
+    if mode == "joint":
+        pools = [turn_mask]
+    elif mode == "separate":
+        pools = [turn_mask & ~is_final, is_final]
+    else:
+        position = backend.arange(turn_mask.shape[1], like=turn_mask)[None, :]
+        information = turn_mask & ~is_final
+        pools = [information & (position == j) for j in range(turn_mask.shape[1] - 1)] + [is_final]
     member = backend.stack([einops.rearrange(p, "(q g) t -> q g t", g=group_size) for p in pools], axis=0)
     weight = backend.astype(member, values.dtype)
     if weighting == "trajectory":  # 1 / (the rollout's number of entries in the pool)
@@ -236,11 +249,18 @@ def _pools(
         num_pools = groups.num_segments
         pool = backend.where(turn_mask, dense_groups[:, None], num_pools)
         entries_of_rollout_in_pool = turns
-    else:
+    elif mode == "separate":
         num_pools = 2 * groups.num_segments
         final_flag = backend.astype(is_final, dense_groups.dtype)
         pool = backend.where(turn_mask, 2 * dense_groups[:, None] + final_flag, num_pools)
         entries_of_rollout_in_pool = backend.where(is_final, 1, turns - 1)
+    else:  # T pools per group: the IG entries at index j = 0 .. T - 2, then the outcome entries (index T - 1)
+        num_turns = turn_mask.shape[1]
+        num_pools = num_turns * groups.num_segments
+        position = backend.astype(backend.arange(num_turns, like=turn_mask), dense_groups.dtype)[None, :]
+        index = backend.where(is_final, num_turns - 1, position)
+        pool = backend.where(turn_mask, num_turns * dense_groups[:, None] + index, num_pools)
+        entries_of_rollout_in_pool = turns * 0 + 1
     if weighting == "turn":
         weight = backend.astype(turn_mask, dtype)
     else:

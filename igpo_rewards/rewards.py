@@ -7,21 +7,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from igpo_rewards import _checks, _turns
+from igpo_rewards import _checks, _turns, targets
 from igpo_rewards.backends import Backend, get_backend
+from igpo_rewards.targets import gain_options
 
 Array = Any
 
-INFORMATION_GAIN_KINDS = ("prob", "log_prob")
-
-
-def reward_options(*, kind: Any, ig_weight: Any, outcome_weight: Any, log_prob_floor: Any) -> dict[str, Any]:
+def reward_options(
+    *, kind: Any, ig_weight: Any, outcome_weight: Any, log_prob_floor: Any, subgoal_potential: Any = "running_max",
+    gain_clip: Any = "none",
+) -> dict[str, Any]:
     """The checked hyperparameters of :func:`turn_rewards` (floats as Python floats)."""
     return dict(
-        kind=_checks.check_choice("kind", kind, INFORMATION_GAIN_KINDS),
+        **gain_options(kind=kind, log_prob_floor=log_prob_floor, subgoal_potential=subgoal_potential, gain_clip=gain_clip),
         ig_weight=_checks.check_weight("ig_weight", ig_weight),
         outcome_weight=_checks.check_weight("outcome_weight", outcome_weight),
-        log_prob_floor=_checks.check_weight("log_prob_floor", log_prob_floor),
     )
 
 
@@ -42,12 +42,16 @@ def answer_logprob(
     (so only an empty slot *before* a probe with tokens is caught: pass ``turn_mask`` to have
     every valid turn checked, the final one included).
 
+    K targets (:mod:`igpo_rewards.targets`): ``token_logprobs`` [B, T, K, L] gives m [B, T, K],
+    each target averaged over its own tokens. A target with no token in any slot of row i is
+    absent from that row (0.0 placeholders everywhere, never an error; ``target_mask`` marks it).
+
     Args:
-      token_logprobs: [B, T, L] log pi of each answer token at probe j of rollout i, <= 0
+      token_logprobs: [B, T, L] (or [B, T, K, L]) log pi of each answer token at probe j of rollout i, <= 0
         (a positive value is refused: probabilities passed instead of log-probabilities).
         -inf (probability 0) is legitimate and makes m = -inf. Values where ``token_mask``
         is 0 are ignored (they may hold anything, NaN included).
-      token_mask: [B, T, L] bool or 0/1, which answer tokens are real (not padding).
+      token_mask: [B, T, L] (or [B, T, K, L]) bool or 0/1, which answer tokens are real (not padding).
       turn_mask: optional [B, T] prefix mask of the valid turns (probes).
       validate: check for NaN/+inf and positive values at masked-in positions and for valid
         turns without answer tokens (a host sync on accelerators). Without the check (``validate=False``, or under
@@ -55,7 +59,8 @@ def answer_logprob(
         refuse at valid turns and which otherwise shows in every advantage of its group.
 
     Returns:
-      [B, T] floating array, dtype of ``token_logprobs`` (ints promoted to the default float).
+      [B, T] (or [B, T, K]) floating array, dtype of ``token_logprobs`` (ints promoted to the
+      default float).
 
     Raises:
       ValueError: shapes differ, the mask holds values other than 0/1, NaN/+inf or a positive
@@ -76,7 +81,9 @@ def answer_logprob(
     backend = get_backend(token_logprobs=token_logprobs, token_mask=token_mask, turn_mask=turn_mask)
     token_logprobs = backend.asarray(token_logprobs)
     token_mask = backend.asarray(token_mask, like=token_logprobs)
-    _checks.check_ndim("token_logprobs", token_logprobs, 3, "B, T, L")
+    targets_axis = len(token_logprobs.shape) == 4
+    if not targets_axis:
+        _checks.check_ndim("token_logprobs", token_logprobs, 3, "B, T, L")
     _checks.check_same_shape("token_mask", token_mask, "token_logprobs", token_logprobs)
     _checks.check_numeric(backend, "token_logprobs", token_logprobs)
     token_mask = _checks.as_mask(backend, "token_mask", token_mask, validate=validate)
@@ -84,19 +91,24 @@ def answer_logprob(
     if validate:
         _checks.check_no_nan(backend, "token_logprobs", token_logprobs, token_mask, allow_neg_inf=True)
         _turns.check_log_probabilities(backend, "token_logprobs", token_logprobs, token_mask)
-    count = backend.sum(backend.astype(token_mask, backend.index_dtype()), axis=2)
+    tokens_axis = len(token_logprobs.shape) - 1
+    count = backend.sum(backend.astype(token_mask, backend.index_dtype()), axis=tokens_axis)
     has_answer = count > 0
     valid = _valid_probes(backend, has_answer, turn_mask, validate=validate, shape=token_logprobs.shape)
+    if targets_axis and turn_mask is not None:  # a target with no token in any slot is absent from the row
+        present = backend.sum(backend.astype(has_answer, backend.index_dtype()), axis=1) > 0
+        valid = valid[:, :, None] & present[:, None, :]
     missing = valid & ~has_answer
     if validate and backend.is_concrete(missing) and backend.any(missing):
         import numpy as np
 
         cells = np.argwhere(backend.to_numpy(missing))[:5].tolist()
+        where = "(row, turn, target)" if targets_axis else "(row, turn)"
         raise ValueError(
-            f"token_mask has no answer token at valid turns (row, turn) {cells}: a probe without answer tokens has "
+            f"token_mask has no answer token at valid turns {where} {cells}: a probe without answer tokens has "
             f"no log-prob (score the answer's tokens at every probe, or mark the turn invalid in turn_mask)"
         )
-    total = backend.sum(backend.where(token_mask, token_logprobs, 0.0), axis=2)
+    total = backend.sum(backend.where(token_mask, token_logprobs, 0.0), axis=tokens_axis)
     mean = total / backend.maximum(backend.astype(count, total.dtype), 1.0)
     return backend.where(missing, float("nan"), backend.where(has_answer, mean, 0.0))
 
@@ -120,36 +132,31 @@ def _valid_probes(backend: Backend, has_answer: Array, turn_mask: Array | None, 
     return turn_mask
 
 
-def gain_from_beliefs(backend: Backend, beliefs: Array, turn_mask: Array, *, kind: str, log_prob_floor: float) -> Array:
-    """IG [B, T] from checked probe log-probs and a bool turn mask (see :func:`information_gain`)."""
-    beliefs = backend.where(turn_mask, beliefs, 0.0)
-    if kind == "prob":
-        beliefs = backend.exp(beliefs)
-    else:
-        beliefs = backend.maximum(beliefs, log_prob_floor)
-    num_rollouts, num_turns = beliefs.shape
-    if num_turns == 0:
-        return beliefs
-    # Turn j has a successor probe exactly when turn j+1 is valid (j < n_i - 1).
-    gain = backend.where(turn_mask[:, 1:], beliefs[:, 1:] - beliefs[:, :-1], 0.0)
-    return backend.concat([gain, backend.zeros((num_rollouts, 1), gain.dtype, like=gain)], axis=1)
-
-
 def information_gain(
     answer_logprob: Array,
     turn_mask: Array,
     *,
+    target_weights: Array | None = None,
+    target_mask: Array | None = None,
     kind: str = "prob",
     log_prob_floor: float = -20.0,
+    subgoal_potential: str = "running_max",
+    gain_clip: str = "none",
     validate: bool = True,
 ) -> Array:
-    r"""Information gain of each turn: how much it moved the belief in the answer.
+    r"""Information gain of each turn: how much it moved the belief in the answer (and sub-goals).
 
     .. math::
         IG_{i,j} = p_{i,j+1} - p_{i,j} \quad (\text{kind="prob"}, p = e^{m}),
         \qquad IG_{i,j} = m_{i,j+1} - m_{i,j} \quad (\text{kind="log_prob"})
 
-    for j < n_i - 1; IG = 0 at the final turn j = n_i - 1 and at padded turns.
+    for j < n_i - 1; IG = 0 at the final turn j = n_i - 1 and at padded turns. With K targets
+    (``answer_logprob`` [B, T, K], target 0 the answer):
+
+    .. math:: IG_{i,j} = \sum_k \tau_{i,k} \, w_{i,k} \, g_{i,j,k}
+
+    where g is the change of target k's potential over turn j (:func:`target_information_gain`).
+    ``gain_clip="positive"`` clips each target's gain at 0 first (for one target: IG := max(IG, 0)).
 
     -inf log-probs: with kind="prob" they are probability 0 (exp(-inf) = 0), so a turn that
     takes the answer from impossible to p gains p. With kind="log_prob" each m is first
@@ -157,12 +164,22 @@ def information_gain(
     m counts as m - floor.
 
     Args:
-      answer_logprob: [B, T] m_{i,j}, probe j taken before turn j (see :func:`answer_logprob`).
-        Values at padded turns are ignored; NaN at a valid turn (a probe without answer
-        tokens) is refused, and so is a positive value (a probability is not a log-probability).
+      answer_logprob: [B, T] m_{i,j}, probe j taken before turn j (see :func:`answer_logprob`),
+        or [B, T, K] with one probe per target. Values at padded turns (and absent targets) are
+        ignored; NaN at a valid turn (a probe without answer tokens) is refused, and so is a
+        positive value (a probability is not a log-probability). [B, T] input runs the paper's
+        computation unchanged; [B, T, 1] with weight 1 gives the same bits.
       turn_mask: [B, T] prefix mask of valid turns (bool or 0/1); n_i = its row sum.
+      target_weights: [K] or [B, K] finite weights w of the targets' gains ([B, T, K] input only;
+        required when K > 1, [1.0] for K = 1). Python or NumPy values are read in float64 and cast
+        to the gains' dtype.
+      target_mask: optional [B, K] bool or 0/1, tau: which targets each row has (default: all);
+        target 0 must be present on rows with a valid turn.
       kind: "prob" (the paper's) or "log_prob" (the authors' later option).
       log_prob_floor: lower clamp of m for kind="log_prob" (a finite number); unused for "prob".
+      subgoal_potential: the potential of targets k >= 1, "running_max" (default) or "probe"
+        (see :func:`target_information_gain`).
+      gain_clip: "none" (default, the paper's) or "positive" (an ablation: docs/algorithm.md).
       validate: check the prefix mask, and NaN/+inf and positive values at valid turns.
 
     Returns:
@@ -174,16 +191,18 @@ def information_gain(
       >>> m = np.log([[0.1, 0.6, 0.5]])            # beliefs before turns 0, 1, 2
       >>> np.round(information_gain(m, [[1, 1, 1]]), 4)   # 0.6 - 0.1, 0.5 - 0.6, final turn
       array([[ 0.5, -0.1,  0. ]])
+      >>> both = np.log([[[0.1, 0.2], [0.1, 0.9], [0.8, 0.3]]])   # the answer and one bridge entity
+      >>> np.round(information_gain(both, [[1, 1, 1]], target_weights=[1.0, 0.5]), 4)
+      array([[0.35, 0.7 , 0.  ]])
     """
-    kind = _checks.check_choice("kind", kind, INFORMATION_GAIN_KINDS)
-    log_prob_floor = _checks.check_weight("log_prob_floor", log_prob_floor)
+    options = gain_options(kind=kind, log_prob_floor=log_prob_floor, subgoal_potential=subgoal_potential,
+                           gain_clip=gain_clip)
     validate = _checks.check_flag("validate", validate)
-    backend = get_backend(answer_logprob=answer_logprob, turn_mask=turn_mask)
-    beliefs, turn_mask = _turns.turn_values_and_mask(
-        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True,
-        log_probabilities=True,
-    )
-    return gain_from_beliefs(backend, beliefs, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
+    backend = get_backend(answer_logprob=answer_logprob, turn_mask=turn_mask,
+                          **targets.dispatch(target_weights, target_mask))
+    probes = targets.check_probes(backend, answer_logprob, turn_mask, target_weights=target_weights,
+                                  target_mask=target_mask, validate=validate)
+    return targets.information_gain_of(backend, probes, **options)
 
 
 def turn_rewards(
@@ -191,10 +210,14 @@ def turn_rewards(
     outcome: Array,
     turn_mask: Array,
     *,
+    target_weights: Array | None = None,
+    target_mask: Array | None = None,
     kind: str = "prob",
     ig_weight: float = 1.0,
     outcome_weight: float = 1.0,
     log_prob_floor: float = -20.0,
+    subgoal_potential: str = "running_max",
+    gain_clip: str = "none",
     validate: bool = True,
 ) -> Array:
     r"""Dense turn rewards: information gain on every turn but the last, the outcome on the last.
@@ -204,10 +227,12 @@ def turn_rewards(
         r_{i,n_i-1} = w_{out} \, R_i, \qquad r_{i,j} = 0 \ (j \ge n_i)
 
     Args:
-      answer_logprob: [B, T] probe log-probs m_{i,j} (see :func:`information_gain`).
+      answer_logprob: [B, T] probe log-probs m_{i,j}, or [B, T, K] with one probe per target
+        (see :func:`information_gain`).
       outcome: [B] outcome reward R_i (answer F1, or the format penalty). Int/bool promote.
       turn_mask: [B, T] prefix mask of valid turns.
-      kind, log_prob_floor: as in :func:`information_gain`.
+      target_weights, target_mask, kind, log_prob_floor, subgoal_potential, gain_clip: as in
+        :func:`information_gain`.
       ig_weight, outcome_weight: w_ig and w_out (1.0 in the paper), finite numbers.
       validate: value checks (prefix mask, NaN/inf).
 
@@ -223,15 +248,17 @@ def turn_rewards(
       array([[ 0.5, -0.1,  0. ],
              [ 1. ,  0. ,  0. ]])
     """
-    options = reward_options(kind=kind, ig_weight=ig_weight, outcome_weight=outcome_weight, log_prob_floor=log_prob_floor)
+    options = reward_options(kind=kind, ig_weight=ig_weight, outcome_weight=outcome_weight,
+                             log_prob_floor=log_prob_floor, subgoal_potential=subgoal_potential, gain_clip=gain_clip)
     validate = _checks.check_flag("validate", validate)
-    backend = get_backend(answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask)
-    beliefs, turn_mask = _turns.turn_values_and_mask(
-        backend, "answer_logprob", answer_logprob, turn_mask, validate=validate, allow_neg_inf=True,
-        log_probabilities=True, num_rollouts=_turns.leading_length(outcome), rollouts_from="outcome",
+    backend = get_backend(answer_logprob=answer_logprob, outcome=outcome, turn_mask=turn_mask,
+                          **targets.dispatch(target_weights, target_mask))
+    probes = targets.check_probes(
+        backend, answer_logprob, turn_mask, target_weights=target_weights, target_mask=target_mask,
+        validate=validate, num_rollouts=_turns.leading_length(outcome), rollouts_from="outcome",
     )
-    outcome = outcome_array(backend, outcome, beliefs, validate=validate)
-    _, rewards = rewards_from_beliefs(backend, beliefs, outcome, turn_mask, **options)
+    outcome = outcome_array(backend, outcome, probes.logprob, validate=validate)
+    _, rewards = rewards_from_probes(backend, probes, outcome, **options)
     return rewards
 
 
@@ -246,19 +273,22 @@ def outcome_array(backend: Backend, outcome: Array, beliefs: Array, *, validate:
     return outcome
 
 
-def rewards_from_beliefs(
+def rewards_from_probes(
     backend: Backend,
-    beliefs: Array,
+    probes: targets.Probes,
     outcome: Array,
-    turn_mask: Array,
     *,
     kind: str,
     ig_weight: float,
     outcome_weight: float,
     log_prob_floor: float,
+    subgoal_potential: str,
+    gain_clip: str,
 ) -> tuple[Array, Array]:
-    """(IG, turn rewards), each [B, T], from checked arrays and hyperparameters (:func:`turn_rewards`)."""
-    gain = gain_from_beliefs(backend, beliefs, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
+    """(IG, turn rewards), each [B, T], from checked probes and outcome (:func:`turn_rewards`)."""
+    gain = targets.information_gain_of(backend, probes, kind=kind, log_prob_floor=log_prob_floor,
+                                       subgoal_potential=subgoal_potential, gain_clip=gain_clip)
+    turn_mask = probes.turn_mask
     dtype = backend.float_dtype(gain, outcome)
     gain, outcome = backend.astype(gain, dtype), backend.astype(outcome, dtype)
     is_final = _turns.final_turn_mask(backend, turn_mask)

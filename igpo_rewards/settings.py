@@ -2,8 +2,9 @@
 
 :class:`IGPOSettings` carries every option of :func:`igpo_rewards.igpo_advantages` and
 :func:`igpo_rewards.grpo_advantages` under the library's own names (plus ``max_turns``, the
-number of turn slots the token-level adapters use). Its methods run those functions with all of
-them, so a caller never maps option by option. The reference trainer's ``RLConfig`` holds one
+number of turn slots the token-level adapters use, and ``allow_outcome_only``, the verl
+integration's opt-in). Its methods run those functions with all of them, so a caller never maps
+option by option. The reference trainer's ``RLConfig`` holds one
 (``--rl.igpo.gamma``, ``[rl.igpo]`` in a config file), verl reads it from ``algorithm.igpo.*``,
 and TRL's ``IGPOTrainer`` takes it as ``igpo_settings``.
 """
@@ -14,11 +15,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from igpo_rewards import _checks, _turns
 from igpo_rewards.advantages import IGPOAdvantages, igpo_advantages
 from igpo_rewards.backends import get_backend
 from igpo_rewards.normalization import MODES, SCALES, WEIGHTINGS, grpo_advantages
-from igpo_rewards.rewards import INFORMATION_GAIN_KINDS, information_gain, turn_rewards
+from igpo_rewards.returns import ACCUMULATIONS
+from igpo_rewards.rewards import information_gain, turn_rewards
+from igpo_rewards.targets import GAIN_CLIPS, INFORMATION_GAIN_KINDS, SUBGOAL_POTENTIALS
 from igpo_rewards.tokens import advantages_from_token_rewards
 
 __all__ = ["IGPOSettings"]
@@ -45,7 +50,8 @@ class IGPOSettings:
     kind: str = "prob"
     """Information gain on probabilities ("prob", the paper's) or log-probs ("log_prob")."""
     mode: str = "joint"
-    """Group pool: "joint" (IG and outcome rewards together, the paper's) or "separate"."""
+    """Group pool: "joint" (IG and outcome rewards together, the paper's), "separate" (IG and outcome
+    apart) or "turn_index" (one IG pool per turn index, after A2TGPO)."""
     weighting: str = "turn"
     """Pool weights: "turn" (every entry 1, the paper's) or "trajectory" (every rollout 1 in total)."""
     scale: str = "std"
@@ -60,23 +66,46 @@ class IGPOSettings:
     """w_out, the weight of the outcome reward."""
     log_prob_floor: float = -20.0
     """Floor on log-probs for kind="log_prob" (keeps -inf finite)."""
+    accumulation: str = "discounted"
+    """Turn advantages from the normalized rewards: "discounted" (the paper's) or "sqrt_n" (the IG part
+    divided by the square root of its term count, after A2TGPO)."""
+    ig_advantage_scale: float = 1.0
+    """alpha, the factor of the normalized IG entries in the accumulation (A2TGPO's recipe: 0.3 with
+    "sqrt_n")."""
+    gain_clip: str = "none"
+    """"none" (the paper's) or "positive": each target's gain clipped at 0 (an ablation)."""
+    subgoal_potential: str = "running_max"
+    """The potential of the sub-goal targets k >= 1: "running_max" (reached stays reached) or "probe"."""
+    subgoal_weight: float = 0.0
+    """w of every sub-goal target (the answer weighs 1); 0.0: the paper's IGPO, the answer alone. No
+    function takes it: with [B, T, K] probes the methods build ``target_weights(K)`` from it."""
     max_turns: int | None = None
     """The most turns a rollout may have (searches plus the answer): a rollout with more is an error
     in every method; the token path and TRL also take it as T, the number of turn slots. None: no
     cap, T counted from the batch (a host sync on GPUs for the token path)."""
+    allow_outcome_only: bool = False
+    """Read by the verl integration only (``algorithm.igpo.allow_outcome_only``): True lets a run go on
+    when per-turn rewards cannot reach the estimator (a stock agent loop, a single-turn agent, a
+    colocated reward model) or a multi-turn batch carries none, with a warning instead of an error.
+    IGPO then trains on the outcome only."""
 
     def __post_init__(self) -> None:
         # The library's own checks, so a bad value fails here exactly as it would in the call
         # (TypeError for a wrong type, ValueError for a wrong value), named as the field.
-        for name, allowed in {"kind": INFORMATION_GAIN_KINDS, "mode": MODES, "weighting": WEIGHTINGS, "scale": SCALES}.items():
+        choices = {"kind": INFORMATION_GAIN_KINDS, "mode": MODES, "weighting": WEIGHTINGS, "scale": SCALES,
+                   "accumulation": ACCUMULATIONS, "gain_clip": GAIN_CLIPS, "subgoal_potential": SUBGOAL_POTENTIALS}
+        for name, allowed in choices.items():
             _checks.check_choice(f"igpo settings: {name}", getattr(self, name), allowed)
         _checks.check_gamma(self.gamma)
         _checks.check_eps(self.eps)
-        for name in ("ig_weight", "outcome_weight", "log_prob_floor"):
+        for name in ("ig_weight", "outcome_weight", "log_prob_floor", "ig_advantage_scale"):
             _checks.check_weight(f"igpo settings: {name}", getattr(self, name))
+        # A negative sub-goal weight would penalize reaching a bridge entity.
+        _checks.check_real("igpo settings: subgoal_weight", self.subgoal_weight, low=0.0)
         _checks.check_count("igpo settings: ddof", self.ddof)
         if self.max_turns is not None:
             _checks.check_positive_count("igpo settings: max_turns", self.max_turns)
+        _checks.check_flag("igpo settings: allow_outcome_only", self.allow_outcome_only)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> IGPOSettings:
@@ -105,13 +134,55 @@ class IGPOSettings:
         return {"mode": self.mode, "weighting": self.weighting, "scale": self.scale, "eps": self.eps, "ddof": self.ddof}
 
     def reward_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`igpo_rewards.turn_rewards` (kind, weights, floor)."""
+        """Keyword arguments of :func:`igpo_rewards.turn_rewards` (kind, weights, floor, sub-goal potential,
+        gain clip)."""
         return {
             "kind": self.kind,
             "ig_weight": self.ig_weight,
             "outcome_weight": self.outcome_weight,
             "log_prob_floor": self.log_prob_floor,
+            "subgoal_potential": self.subgoal_potential,
+            "gain_clip": self.gain_clip,
         }
+
+    def accumulation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the accumulation step of :func:`igpo_rewards.igpo_advantages` and
+        :func:`igpo_rewards.advantages_from_token_rewards` (accumulation, ig_advantage_scale; ``gamma``
+        is passed on its own)."""
+        return {"accumulation": self.accumulation, "ig_advantage_scale": self.ig_advantage_scale}
+
+    def target_weights(self, num_targets: int) -> list[float]:
+        """[K] weights of K targets: 1.0 for target 0 (the answer), ``subgoal_weight`` for each sub-goal.
+
+        Example:
+          >>> IGPOSettings(subgoal_weight=0.5).target_weights(3)
+          [1.0, 0.5, 0.5]
+        """
+        num_targets = _checks.check_positive_count("num_targets", num_targets)
+        return [1.0] + [self.subgoal_weight] * (num_targets - 1)
+
+    def _weights_for(self, answer_logprob: Array, target_weights: Array | None) -> Array | None:
+        """The target weights to pass: explicit ones, or ``target_weights(K)`` for [B, T, K] probes.
+
+        Refuses the two silent slips: sub-goal probes that ``subgoal_weight = 0`` would ignore, and
+        ``subgoal_weight > 0`` with probes of the answer alone ([B, T])."""
+        shape = tuple(getattr(answer_logprob, "shape", None) or np.shape(answer_logprob))
+        if len(shape) != 3:
+            if self.subgoal_weight > 0:
+                raise ValueError(
+                    f"igpo settings: subgoal_weight = {self.subgoal_weight} but answer_logprob has shape {shape}, the "
+                    f"answer's probes alone: pass [B, T, K] probes of the answer and the sub-goal targets, or set "
+                    f"subgoal_weight = 0 (the paper's IGPO)"
+                )
+            return target_weights
+        if target_weights is not None:
+            return target_weights
+        if shape[2] > 1 and self.subgoal_weight == 0:
+            raise ValueError(
+                f"igpo settings: answer_logprob holds K = {shape[2]} targets but subgoal_weight is 0: the sub-goal "
+                f"probes would be ignored; set subgoal_weight or pass target_weights"
+            )
+        return self.target_weights(shape[2])
 
     def igpo_advantages(
         self,
@@ -121,10 +192,18 @@ class IGPOSettings:
         group_ids: Array | None = None,
         *,
         group_size: int | None = None,
+        target_weights: Array | None = None,
+        target_mask: Array | None = None,
         validate: bool = True,
     ) -> IGPOAdvantages:
         """:func:`igpo_rewards.igpo_advantages` with every one of these settings (shapes there);
         pass ``group_ids`` or, for G contiguous rollouts per group, ``group_size=G``.
+
+        [B, T, K] probes (target 0 the answer, then the sub-goals) are weighted by
+        ``target_weights(K)`` (the answer 1, each sub-goal ``subgoal_weight``) unless
+        ``target_weights`` is given; ``target_mask`` [B, K] marks the targets each row has. A
+        ValueError for K > 1 with ``subgoal_weight = 0`` and no weights (the sub-goals would be
+        ignored), and for ``subgoal_weight > 0`` with [B, T] probes (there are no sub-goals).
 
         Example:
           >>> import numpy as np
@@ -143,9 +222,12 @@ class IGPOSettings:
             turn_mask,
             group_ids,
             group_size=group_size,
+            target_weights=self._weights_for(answer_logprob, target_weights),
+            target_mask=target_mask,
             gamma=self.gamma,
             **self.reward_kwargs(),
             **self.normalization_kwargs(),
+            **self.accumulation_kwargs(),
             max_turns=self.max_turns,
             validate=validate,
         )
@@ -160,9 +242,9 @@ class IGPOSettings:
         validate: bool = True,
     ) -> Array:
         """:func:`igpo_rewards.advantages_from_token_rewards` (verl's token layout: [B, S] rewards
-        and response mask -> [B, S] advantages) with ``gamma``, the normalization settings and
-        ``max_turns`` (the turn slots T). ``kind`` and the reward weights shaped the rewards
-        already, where they were placed (:meth:`turn_rewards`).
+        and response mask -> [B, S] advantages) with ``gamma``, the normalization and accumulation
+        settings and ``max_turns`` (the turn slots T). ``kind``, the reward weights, the targets and
+        the gain clip shaped the rewards already, where they were placed (:meth:`turn_rewards`).
 
         Example:
           >>> import numpy as np
@@ -179,6 +261,7 @@ class IGPOSettings:
             group_size=group_size,
             gamma=self.gamma,
             **self.normalization_kwargs(),
+            **self.accumulation_kwargs(),
             max_turns=self.max_turns,
             validate=validate,
         )
@@ -198,10 +281,19 @@ class IGPOSettings:
             outcome, group_ids, group_size=group_size, scale=self.scale, eps=self.eps, ddof=self.ddof, validate=validate
         )
 
-    def turn_rewards(self, answer_logprob: Array, outcome: Array, turn_mask: Array, *, validate: bool = True) -> Array:
+    def turn_rewards(
+        self,
+        answer_logprob: Array,
+        outcome: Array,
+        turn_mask: Array,
+        *,
+        target_weights: Array | None = None,
+        target_mask: Array | None = None,
+        validate: bool = True,
+    ) -> Array:
         """:func:`igpo_rewards.turn_rewards` ([B, T] rewards r, what a verl reward manager places at
-        the turns' last tokens) with ``kind``, the reward weights and ``log_prob_floor``; checks
-        ``max_turns``.
+        the turns' last tokens) with ``kind``, the reward weights, ``log_prob_floor``, the sub-goal
+        potential and the gain clip (targets as in :meth:`igpo_advantages`); checks ``max_turns``.
 
         Example:
           >>> import numpy as np
@@ -209,11 +301,23 @@ class IGPOSettings:
           array([[1., 1.]])
         """
         self._check_max_turns(turn_mask, validate=validate)
-        return turn_rewards(answer_logprob, outcome, turn_mask, **self.reward_kwargs(), validate=validate)
+        return turn_rewards(
+            answer_logprob, outcome, turn_mask, target_weights=self._weights_for(answer_logprob, target_weights),
+            target_mask=target_mask, **self.reward_kwargs(), validate=validate,
+        )
 
-    def information_gain(self, answer_logprob: Array, turn_mask: Array, *, validate: bool = True) -> Array:
-        """:func:`igpo_rewards.information_gain` ([B, T] IG) with ``kind`` and ``log_prob_floor``;
-        checks ``max_turns`` (e.g. the IG metrics of a GRPO run that also probes).
+    def information_gain(
+        self,
+        answer_logprob: Array,
+        turn_mask: Array,
+        *,
+        target_weights: Array | None = None,
+        target_mask: Array | None = None,
+        validate: bool = True,
+    ) -> Array:
+        """:func:`igpo_rewards.information_gain` ([B, T] IG) with ``kind``, ``log_prob_floor``, the
+        sub-goal potential and the gain clip (targets as in :meth:`igpo_advantages`); checks
+        ``max_turns`` (e.g. the IG metrics of a GRPO run that also probes).
 
         Example:
           >>> import numpy as np
@@ -222,7 +326,9 @@ class IGPOSettings:
         """
         self._check_max_turns(turn_mask, validate=validate)
         return information_gain(
-            answer_logprob, turn_mask, kind=self.kind, log_prob_floor=self.log_prob_floor, validate=validate
+            answer_logprob, turn_mask, target_weights=self._weights_for(answer_logprob, target_weights),
+            target_mask=target_mask, kind=self.kind, log_prob_floor=self.log_prob_floor,
+            subgoal_potential=self.subgoal_potential, gain_clip=self.gain_clip, validate=validate,
         )
 
     def _check_max_turns(self, turn_mask: Array, *, validate: bool) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from igpo_rewards import _checks, _groups, _turns
 from igpo_rewards.backends import Backend, get_backend
 from igpo_rewards.normalization import normalization_options, normalize
-from igpo_rewards.returns import discount
+from igpo_rewards.returns import accumulate, accumulation_options
 
 Array = Any
 
@@ -309,6 +309,8 @@ def advantages_from_token_rewards(
     scale: str = "std",
     eps: float = 1e-6,
     ddof: int = 0,
+    accumulation: str = "discounted",
+    ig_advantage_scale: float = 1.0,
     max_turns: int | None = None,
     validate: bool = True,
 ) -> Array:
@@ -336,6 +338,8 @@ def advantages_from_token_rewards(
       group_size: G, instead of ``group_ids``, when the rows are G contiguous rollouts per
         question (verl repeats each prompt ``rollout.n`` times in a row); B a multiple of G.
       gamma, mode, weighting, scale, eps, ddof: as in :func:`igpo_advantages`.
+      accumulation, ig_advantage_scale: as in :func:`igpo_advantages` ("sqrt_n" takes the
+        rewards of every turn but the final one as the IG entries).
       max_turns: the most turns a rollout may have (the same meaning as everywhere,
         :class:`IGPOSettings`), also T, the number of turn slots of the turn arrays: a row with
         more runs is an error (under ``validate``). None counts the runs (a host sync, so pass
@@ -358,7 +362,7 @@ def advantages_from_token_rewards(
              [-1.2247,  0.    ,  0.    ,  0.    ,  0.    ]])
     """
     options = normalization_options(mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof)
-    gamma = _checks.check_gamma(gamma)
+    returns_options = accumulation_options(gamma=gamma, accumulation=accumulation, ig_advantage_scale=ig_advantage_scale)
     validate = _checks.check_flag("validate", validate)
     if max_turns is not None:
         max_turns = _checks.check_count("max_turns", max_turns)
@@ -392,7 +396,7 @@ def advantages_from_token_rewards(
     turn_mask = backend.arange(max_turns, like=rewards)[None, :] < runs[:, None]
 
     normalized = normalize(backend, turn_rewards, turn_mask, groups, **options)
-    advantages = discount(backend, normalized, turn_mask, gamma=gamma)
+    advantages = accumulate(backend, normalized, turn_mask, **returns_options)
     if host is not None:
         runs_of_mask, generated, turn = layout
         run_values = np.zeros(len(turn), dtype=host[0].dtype)

@@ -239,10 +239,16 @@ class RLConfig:
     """Trajectories (with per-turn IG and advantage) written to trajectories.jsonl at each evaluation step."""
 
     def check_relations(self, prefix: str) -> None:
-        """Minibatches hold whole groups: at most one minibatch per question of the step."""
+        """Minibatches hold whole groups: at most one minibatch per question of the step. The verl
+        integration's opt-in ``igpo.allow_outcome_only`` has no meaning here (the trainer always
+        scores the probes), so it is refused rather than ignored."""
         if self.minibatches > self.questions_per_step:
             raise FieldValueError(f"{prefix}minibatches", f"{prefix}minibatches ({self.minibatches}) must be <= "
                                   f"{prefix}questions_per_step ({self.questions_per_step}): minibatches hold whole groups")
+        if self.igpo.allow_outcome_only:
+            raise FieldValueError(f"{prefix}igpo.allow_outcome_only", f"{prefix}igpo.allow_outcome_only is the verl "
+                                  f"integration's opt-in (algorithm.igpo.allow_outcome_only); igpo-train always scores the "
+                                  f"probes, so it has no meaning here")
 
 
 @dataclass

@@ -26,13 +26,16 @@ options = st.fixed_dictionaries(
     {
         "gamma": st.sampled_from([1.0, 0.0, 0.5, 0.9]),
         "kind": st.sampled_from(["prob", "log_prob"]),
-        "mode": st.sampled_from(["joint", "separate"]),
+        "mode": st.sampled_from(["joint", "separate", "turn_index"]),
         "weighting": st.sampled_from(["turn", "trajectory"]),
         "scale": st.sampled_from(["std", "none"]),
         "ddof": st.sampled_from([0, 1]),
         "eps": st.sampled_from([1e-6, 1e-3]),
         "ig_weight": st.sampled_from([1.0, 0.5]),
         "outcome_weight": st.sampled_from([1.0, 2.0]),
+        "accumulation": st.sampled_from(["discounted", "sqrt_n"]),
+        "ig_advantage_scale": st.sampled_from([1.0, 0.3]),
+        "gain_clip": st.sampled_from(["none", "positive"]),
     }
 )
 
@@ -45,11 +48,14 @@ def test_igpo_advantages_match_the_oracle(backend, batch, options):
         np.testing.assert_allclose(getattr(got, field), getattr(want, field), err_msg=field, **TOLERANCE)
 
 
-@given_on_each_backend(batch=turn_batches(), kind=st.sampled_from(["prob", "log_prob"]), floor=st.sampled_from([-20.0, -5.0]))
-def test_information_gain_and_turn_rewards_match_the_oracle(backend, batch, kind, floor):
-    gain = run(igpo.information_gain, backend, batch.answer_logprob, batch.turn_mask, kind=kind, log_prob_floor=floor)
+@given_on_each_backend(batch=turn_batches(), kind=st.sampled_from(["prob", "log_prob"]), floor=st.sampled_from([-20.0, -5.0]),
+                       clip=st.sampled_from(["none", "positive"]))
+def test_information_gain_and_turn_rewards_match_the_oracle(backend, batch, kind, floor, clip):
+    gain = run(igpo.information_gain, backend, batch.answer_logprob, batch.turn_mask, kind=kind, log_prob_floor=floor,
+               gain_clip=clip)
     np.testing.assert_allclose(
-        gain, reference.information_gain(batch.answer_logprob, batch.turn_mask, kind=kind, log_prob_floor=floor),
+        gain, reference.information_gain(batch.answer_logprob, batch.turn_mask, kind=kind, log_prob_floor=floor,
+                                         gain_clip=clip),
         **TOLERANCE,
     )
     rewards = run(igpo.turn_rewards, backend, batch.answer_logprob, batch.outcome, batch.turn_mask, kind=kind)
@@ -97,7 +103,8 @@ def test_grpo_and_collapse_rate_match_the_oracle(backend, batch, scale, ddof):
 
 @given_on_each_backend(
     batch=token_batches(final_reward_after_last_run=True),
-    options=options.map(lambda o: {k: o[k] for k in ("gamma", "mode", "weighting", "scale", "ddof", "eps")}),
+    options=options.map(lambda o: {k: o[k] for k in ("gamma", "mode", "weighting", "scale", "ddof", "eps", "accumulation",
+                                                     "ig_advantage_scale")}),
 )
 def test_token_level_advantages_match_the_oracle(backend, batch, options):
     got = run(igpo.advantages_from_token_rewards, backend, batch.token_level_rewards, batch.response_mask,

@@ -29,7 +29,7 @@ TOLERANCE = dict(rtol=1e-9, atol=1e-9)
 
 normalization = st.fixed_dictionaries(
     {
-        "mode": st.sampled_from(["joint", "separate"]),
+        "mode": st.sampled_from(["joint", "separate", "turn_index"]),
         "weighting": st.sampled_from(["turn", "trajectory"]),
         "scale": st.sampled_from(["std", "none"]),
         "ddof": st.sampled_from([0, 1]),

@@ -36,7 +36,7 @@ def conv(backend, array):
          r"gamma must be in \[0, 1\], got 1.5"),
         (lambda c: igpo.discounted_returns(c(LOGPROB), c(MASK), gamma=-0.1), ValueError, r"gamma must be in \[0, 1\]"),
         (lambda c: igpo.igpo_advantages(c(LOGPROB), c(OUTCOME), c(MASK), c(GROUPS), mode="pooled"), ValueError,
-         r"mode must be one of \['joint', 'separate'\], got 'pooled'"),
+         r"mode must be one of \['joint', 'separate', 'turn_index'\], got 'pooled'"),
         (lambda c: igpo.group_normalize(c(LOGPROB), c(MASK), c(GROUPS), weighting="rollout"), ValueError,
          r"weighting must be one of"),
         (lambda c: igpo.group_normalize(c(LOGPROB), c(MASK), c(GROUPS), scale="mad"), ValueError, r"scale must be one of"),
@@ -127,7 +127,7 @@ WRONG_VALUES = [
     ("log_prob_floor", float("-inf"), r"log_prob_floor must be finite, got -inf"),
     ("ddof", -1, r"ddof must be >= 0, got -1"),
     ("max_turns", -2, r"max_turns must be >= 0, got -2"),
-    ("mode", "pooled", r"mode must be one of \['joint', 'separate'\], got 'pooled'"),
+    ("mode", "pooled", r"mode must be one of \['joint', 'separate', 'turn_index'\], got 'pooled'"),
 ]
 
 WRONG_TYPES = [
@@ -139,7 +139,7 @@ WRONG_TYPES = [
     ("ddof", 1.0, r"ddof must be an int, got float 1.0"),
     ("ddof", True, r"ddof must be an int, got bool True"),
     ("max_turns", 2.5, r"max_turns must be an int, got float 2.5"),
-    ("mode", 1, r"mode must be a str, one of \['joint', 'separate'\], got int 1"),
+    ("mode", 1, r"mode must be a str, one of \['joint', 'separate', 'turn_index'\], got int 1"),
     ("validate", "yes", r"validate must be a bool, got str 'yes'"),
 ]
 

@@ -351,6 +351,11 @@ def test_a_stale_name_does_not_resolve(name):
 QUOTED_COUNTS = {
     "docs/integrations/trl.md": [
         (r"and its tests: (\d+) of them", ["tests/integrations/test_trl.py", "tests/integrations/test_trl_search.py"]),
+        (r"the tool-loop floor job's tests: (\d+) of them", ["tests/integrations/test_trl_tools.py"]),
+    ],
+    "docs/integrations/verl.md": [  # the verl-pins job's files (scripts/test_verl_pins.sh)
+        (r"170 s for the job's (\d+) tests", sorted(str(path.relative_to(ROOT)) for pattern in (
+            "tests/integrations/test_verl*.py", "igpo_rewards/integrations/*verl*.py") for path in ROOT.glob(pattern))),
     ],
     "docs/integrations/retrieval_server.md": [
         (r"bad requests \((\d+) cases\)", ["tests/integrations/test_retrieval_server.py",

@@ -245,3 +245,20 @@ def test_the_server_extra_holds_what_igpo_retrieve_imports():
                    if name not in sys.stdlib_module_names and name not in ("igpo_rewards", "__future__")}
     assert {"bm25s", "fastapi", "uvicorn", "pydantic"} <= third_party, third_party
     assert third_party <= declared, third_party - declared
+
+
+def _script_globs(script: str, pattern: str) -> set[str]:
+    return set(__import__("re").findall(pattern, (ROOT / "scripts" / script).read_text(encoding="utf-8")))
+
+
+def test_the_verl_tests_the_main_suite_skips_run_in_the_verl_pins_job():
+    """scripts/test.sh leaves every verl test file and verl module (doctests) to
+    scripts/test_verl_pins.sh, which runs exactly those on verl's own pins."""
+    skipped = _script_globs("test.sh", r"--ignore-glob='\*/([^']+)'")
+    run = _script_globs("test_verl_pins.sh", r"(?<=\s)((?:tests|igpo_rewards)/[\w/*]+\.py)")
+    assert skipped == run == {"tests/integrations/test_verl*.py", "igpo_rewards/integrations/*verl*.py"}
+    files = {path.relative_to(ROOT).as_posix() for glob in run for path in ROOT.glob(glob)}
+    assert {"tests/integrations/test_verl.py", "tests/integrations/test_verl_agent_loop.py",
+            "igpo_rewards/integrations/verl.py", "igpo_rewards/integrations/_verl_v1.py"} <= files
+    assert ".venv-verl-pins/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip().endswith("bash scripts/test_verl_pins.sh")

@@ -12,7 +12,7 @@ from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
 from igpo_rewards.testing import strategies as igst
-from igpo_rewards.testing.strategies import TokenBatch, TurnBatch
+from igpo_rewards.testing.strategies import TargetBatch, TokenBatch, TurnBatch
 
 
 def reaches(strategy, condition) -> None:
@@ -408,6 +408,54 @@ def test_to_backend_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------------------------------
+# target_batches
+
+
+def check_target_batch(batch: TargetBatch, *, max_targets: int) -> None:
+    assert isinstance(batch, TargetBatch)
+    num_rollouts, num_turns, num_targets = batch.answer_logprob.shape
+    assert 1 <= num_targets <= max_targets
+    answer = TurnBatch(batch.answer_logprob[:, :, 0], batch.outcome, batch.turn_mask, batch.group_ids)
+    check_turn_batch(answer, max_groups=4, max_group_size=6, max_turns=6, allow_neg_inf=True, allow_empty_rows=True)
+    assert batch.target_mask.dtype == np.bool_ and batch.target_mask.shape == (num_rollouts, num_targets)
+    assert batch.target_mask[:, 0].all()
+    assert batch.target_weights.dtype == np.float64 and batch.target_weights.shape == (num_rollouts, num_targets)
+    assert np.isfinite(batch.target_weights).all()
+    present = batch.turn_mask[:, :, None] & batch.target_mask[:, None, :]
+    valid = batch.answer_logprob[present]
+    assert not np.isnan(valid).any() and (valid <= 0).all()
+    padded = ~batch.turn_mask[:, :, None] & batch.target_mask[:, None, :]
+    assert np.isfinite(batch.answer_logprob[padded]).all()
+    absent = ~batch.target_mask[:, None, :] & np.ones((1, num_turns, 1), dtype=bool)
+    assert np.isnan(batch.answer_logprob[absent]).all()
+
+
+@given(igst.target_batches())
+def test_target_batches_default_are_valid(batch):
+    check_target_batch(batch, max_targets=4)
+
+
+def test_target_batches_reach_the_edge_cases():
+    strategy = igst.target_batches()
+    reaches(strategy, lambda b: b.answer_logprob.shape[2] == 1)
+    reaches(strategy, lambda b: b.answer_logprob.shape[2] == 4 and (~b.target_mask).any() and b.target_mask[:, 1:].any())
+    reaches(strategy, lambda b: len(b.target_weights) > 1 and np.all(b.target_weights == b.target_weights[:1]))
+    reaches(strategy, lambda b: len(b.target_weights) > 1 and not np.all(b.target_weights == b.target_weights[:1]))
+
+    def falls_after_rising(batch):  # a sub-goal's probe that rises, then falls (what running max is for)
+        for i, n in enumerate(batch.turn_mask.sum(axis=1)):
+            for k in np.flatnonzero(batch.target_mask[i, 1:]) + 1:
+                steps = np.diff(batch.answer_logprob[i, :n, k])
+                if (steps > 0).any() and (steps < 0).any() and np.argmax(steps > 0) < len(steps) - 1:
+                    return True
+        return False
+
+    reaches(strategy, falls_after_rising)
+    with pytest.raises(ValueError, match="max_targets"):
+        igst.target_batches(max_targets=0)
+
+
+# --------------------------------------------------------------------------------------------
 # import behaviour
 
 
@@ -433,6 +481,8 @@ def test_strategies_are_exposed_lazily():
 
     assert testing.turn_batches is igst.turn_batches
     assert testing.to_backend is igst.to_backend
-    assert set(testing.__all__) >= {"reference", "turn_batches", "token_batches", "turn_masks", "group_ids", "to_backend"}
+    assert set(testing.__all__) >= {"reference", "turn_batches", "target_batches", "token_batches", "turn_masks",
+                                    "group_ids", "to_backend"}
+    assert testing.target_batches is igst.target_batches
     with pytest.raises(AttributeError):
         testing.not_a_name  # noqa: B018

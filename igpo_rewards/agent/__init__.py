@@ -8,6 +8,11 @@ Submodules (import them directly; this package imports none of them, and
   text and template, the parser of one generated turn, the observation block. Pure Python.
 - :mod:`igpo_rewards.agent.retrieval`: the ``Retriever`` interface, ``Document``, the Search-R1
   ``/retrieve`` HTTP client, ``format_observation`` and the corpus jsonl files. Pure Python.
+- :mod:`igpo_rewards.agent.tool_calls`: the Search-R1 protocol as tool calls: the ``search`` tool
+  function and a search environment for tool-calling trainers (TRL's ``tools=`` /
+  ``environment_factory=``), the chat template that renders a ``search`` call as
+  ``<search> q </search>`` and a tool result as the observation block, and the response
+  template that parses it back. Pure Python.
 - :mod:`igpo_rewards.agent.bm25`: ``BM25Retriever``, an in-process BM25 index (bm25s) over a list
   of documents. Needs the ``server`` (or ``trainer``) extra.
 - :mod:`igpo_rewards.agent.retrieval_server`: the ``igpo-retrieve`` command, a Search-R1

@@ -1,13 +1,20 @@
 """IGPO's ground-truth probe before every turn, all probes of a batch scored in one forward.
 
 ``score_probes(model, tokenizer, token_ids, turn_starts, answers) -> [B, T]`` is the entry point
-for integrations. Under it, everything works on one padded batch of tensors that a trainer builds
+for integrations ([B, T, K] when ``answers`` holds lists of targets). Under it, everything works on one padded batch of tensors that a trainer builds
 once per step (``pad_token_ids``, ``suffix_table``):
 
 - ``probe_forward``: the log-probs of chosen trajectory tokens (the PPO "old" log-probs) and the
   answer log-probs of every probe, from one forward;
 - ``token_logprobs``: the log-probs of chosen tokens from a plain causal forward (no probes), for
   the update's new log-probs, a reference model, or language-model training.
+
+Several targets (docs/algorithm.md, section 7.1): a probe may score K targets per turn, the
+answer and sub-goals such as a multi-hop question's bridge entities. ``target_table`` builds a
+``SuffixTable`` with a target axis (row b: the answer's suffix, then its sub-goals'); both layouts
+then run K suffixes per turn slot in the same forward, and the outputs gain a K axis
+(``answer_logprob`` [B, T, K]). ``score_probes`` takes a list of targets per trajectory. With one
+target every index reduces to the one-target layout, so the tensors are the same.
 
 IGPO measures the policy's belief in the ground-truth answer a before each turn j
 (docs/algorithm.md, section 1): teacher-force the fixed probe text after the context so far and score
@@ -91,6 +98,7 @@ __all__ = [
     "probe_forward",
     "score_probes",
     "suffix_table",
+    "target_table",
     "token_logprobs",
 ]
 
@@ -184,10 +192,13 @@ def build_probe_suffix(
 class SuffixTable(NamedTuple):
     """The probe suffix of every row of a batch, as tensors (P = the longest suffix).
 
+    One target per row (``suffix_table``), or K (``target_table``: an extra target axis; target
+    0 the answer, absent targets have length 0).
+
     Attributes:
-        token_ids: [B, P] long, row b's suffix ids then 0.
-        lengths: [B] long, P_b.
-        answer_start, answer_end: [B] long, the answer tokens of row b's suffix.
+        token_ids: [B, P] (or [B, K, P]) long, row b's suffix ids then 0.
+        lengths: [B] (or [B, K]) long, P_b (0: row b has no target k).
+        answer_start, answer_end: [B] (or [B, K]) long, the answer tokens of row b's suffix.
     """
 
     token_ids: torch.Tensor
@@ -198,6 +209,17 @@ class SuffixTable(NamedTuple):
     def rows(self, index: torch.Tensor) -> SuffixTable:
         """The table of rows ``index`` (a micro batch)."""
         return SuffixTable(*(part[index] for part in self))
+
+    @property
+    def num_targets(self) -> int:
+        """K: 1 for a table of one suffix per row, else the size of the target axis."""
+        return 1 if self.lengths.dim() == 1 else int(self.lengths.shape[1])
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """[B, K] bool, which targets each row has (``igpo_rewards``' ``target_mask``); [B, 1] all
+        True for one suffix per row."""
+        return (self.lengths if self.lengths.dim() == 2 else self.lengths[:, None]) > 0
 
 
 def _padded(rows: Sequence[Sequence[int]], *, pad: int, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,6 +259,51 @@ def suffix_table(suffixes: Sequence[ProbeSuffix], *, device: torch.device | str 
     return SuffixTable(token_ids, lengths, bounds[:, 0], bounds[:, 1])
 
 
+def target_table(
+    targets: Sequence[Sequence[ProbeSuffix]], *, device: torch.device | str | None = None
+) -> SuffixTable:
+    """The ``SuffixTable`` of K targets per row: row b's list is [answer, sub-goal 1, ...].
+
+    Rows may have different numbers of targets (K = the longest list); a row's missing targets
+    have length 0 and are absent from ``target_mask``. P = the longest suffix of the batch.
+
+    Raises:
+        TypeError: a row that is not a sequence of ``ProbeSuffix``.
+        ValueError: an empty row (every row has the answer), or no row.
+
+    Example:
+        >>> table = target_table([[ProbeSuffix("", (5, 6, 7), 1, 3)], [ProbeSuffix("", (5, 8), 1, 2), ProbeSuffix("", (9,), 0, 1)]])
+        >>> table.token_ids.tolist(), table.target_mask.tolist()
+        ([[[5, 6, 7], [0, 0, 0]], [[5, 8, 0], [9, 0, 0]]], [[True, False], [True, True]])
+    """
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or not len(targets):
+        raise ValueError(f"targets must be a non-empty sequence of rows (lists of ProbeSuffix), got {targets!r:.80}")
+    for b, row in enumerate(targets):
+        if isinstance(row, ProbeSuffix) or not isinstance(row, Sequence):
+            raise TypeError(f"targets[{b}] must be a list of ProbeSuffix (the answer first), got {row!r:.80}")
+        if not row:
+            raise ValueError(f"targets[{b}] is empty: every row needs its answer as target 0")
+        for k, suffix in enumerate(row):
+            if not isinstance(suffix, ProbeSuffix):
+                raise TypeError(f"targets[{b}][{k}] must be a ProbeSuffix, got {suffix!r:.80}")
+    num_targets = max(len(row) for row in targets)
+    width = max(len(suffix.token_ids) for row in targets for suffix in row)
+    token_ids = torch.zeros((len(targets), num_targets, width), dtype=torch.long)
+    fields = torch.zeros((3, len(targets), num_targets), dtype=torch.long)
+    for b, row in enumerate(targets):
+        for k, suffix in enumerate(row):
+            token_ids[b, k, : len(suffix.token_ids)] = torch.tensor(suffix.token_ids, dtype=torch.long)
+            fields[:, b, k] = torch.tensor([len(suffix.token_ids), suffix.answer_start, suffix.answer_end])
+    return SuffixTable(token_ids.to(device), *(field.to(device) for field in fields))
+
+
+def _with_target_axis(suffixes: SuffixTable) -> SuffixTable:
+    """The table with a target axis ([B, K, P], [B, K] fields): a one-suffix table gets K = 1."""
+    if suffixes.lengths.dim() == 2:
+        return suffixes
+    return SuffixTable(suffixes.token_ids[:, None, :], *(part[:, None] for part in suffixes[1:]))
+
+
 def _check_probes(lengths: torch.Tensor, turn_starts: torch.Tensor, turn_mask: torch.Tensor, suffixes: SuffixTable) -> None:
     batch = lengths.shape[0]
     if turn_starts.shape != turn_mask.shape or turn_starts.dim() != 2 or turn_starts.shape[0] != batch:
@@ -244,7 +311,7 @@ def _check_probes(lengths: torch.Tensor, turn_starts: torch.Tensor, turn_mask: t
             f"turn_starts and turn_mask must both be [B, T] with B = {batch}, got {tuple(turn_starts.shape)} "
             f"and {tuple(turn_mask.shape)}"
         )
-    if suffixes.lengths.shape != (batch,):
+    if suffixes.lengths.dim() not in (1, 2) or suffixes.lengths.shape[0] != batch:
         raise ValueError(f"suffixes must have one row per trajectory ({batch}), got {suffixes.lengths.shape[0]}")
     outside = turn_mask & ((turn_starts < 1) | (turn_starts > lengths[:, None]))
     if bool(outside.any()):
@@ -275,18 +342,27 @@ def _slots(offset: torch.Tensor, size: torch.Tensor, count: torch.Tensor) -> _Sl
 
 
 def _answer_targets(
-    turn_starts: torch.Tensor, turn_mask: torch.Tensor, suffixes: SuffixTable, copy_start: torch.Tensor
+    turn_starts: torch.Tensor, turn_mask: torch.Tensor, table: SuffixTable, copy_start: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sources, tokens, mask)`` [B, T, L]: answer token l of probe j is scored at the hidden
-    state ``sources`` (the prefix's last token for suffix token 0, else the copy's previous token,
-    ``copy_start[b, j] + k - 1``) and is the id ``tokens``."""
-    width = int((suffixes.answer_end - suffixes.answer_start).max()) if turn_mask.numel() else 0
-    k = suffixes.answer_start[:, None, None] + torch.arange(width, device=turn_starts.device)
-    mask = turn_mask[:, :, None] & (k < suffixes.answer_end[:, None, None])
-    k = torch.minimum(k, suffixes.lengths[:, None, None] - 1).expand(-1, turn_mask.shape[1], -1)
-    sources = torch.where(k == 0, turn_starts[:, :, None] - 1, copy_start[:, :, None] + k - 1)
-    tokens = suffixes.token_ids.gather(1, k.reshape(k.shape[0], -1)).reshape(k.shape)
+    """``(sources, tokens, mask)`` [B, T, K, L] of a table with a target axis: answer token l of
+    target k at probe j is scored at the hidden state ``sources`` (the prefix's last token for
+    suffix token 0, else the copy's previous token, ``copy_start[b, j, k] + t - 1``) and is the id
+    ``tokens``."""
+    width = int((table.answer_end - table.answer_start).max()) if turn_mask.numel() else 0
+    num_targets, suffix_width = table.token_ids.shape[1:]
+    t = table.answer_start[:, None, :, None] + torch.arange(width, device=turn_starts.device)
+    mask = turn_mask[:, :, None, None] & (t < table.answer_end[:, None, :, None])
+    t = torch.minimum(t, (table.lengths[:, None, :, None] - 1).clamp(min=0)).expand(-1, turn_mask.shape[1], -1, -1)
+    sources = torch.where(t == 0, turn_starts[:, :, None, None] - 1, copy_start[:, :, :, None] + t - 1)
+    flat = t + torch.arange(num_targets, device=t.device)[:, None] * suffix_width  # target k's token t
+    ids = table.token_ids.reshape(t.shape[0], -1)
+    tokens = ids.gather(1, flat.reshape(t.shape[0], -1)).reshape(t.shape)
     return sources.clamp(min=0), tokens, mask
+
+
+def _without_target_axis(suffixes: SuffixTable, *targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The [B, T, K, L] answer targets as [B, T, L] for a one-suffix table (K = 1), as they are otherwise."""
+    return targets if suffixes.lengths.dim() == 2 else tuple(part[:, :, 0] for part in targets)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -298,7 +374,8 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class PackedInputs(NamedTuple):
     """Model inputs of the "packed" layout (module docstring) and where each probe is read.
 
-    Shapes: B trajectories, N packed length, T probes, L answer tokens.
+    Shapes: B trajectories, N packed length, T probes, L answer tokens; the probe fields are
+    [B, T, K, L] for a table of K targets (``target_table``).
     """
 
     input_ids: torch.Tensor  # [B, N] long
@@ -325,43 +402,53 @@ def build_packed_inputs(
         input_ids: [B, S] right-padded trajectories; lengths: [B] their lengths S_b.
         turn_starts: [B, T] where probe j's context ends (each in [1, S_b] where ``turn_mask``).
         turn_mask: [B, T] bool, the real probes (a prefix of each row).
-        suffixes: the probe suffix of each row.
+        suffixes: the probe suffix of each row (``suffix_table``), or its K targets
+            (``target_table``): then every probe has K copies, copy (j, k) the (j * K + k)-th, each
+            P_b = the row's longest target suffix wide (an absent target's copy is unused).
         pad_token_id: id at padded positions; dtype: dtype of the additive mask (the model's).
 
     Returns:
-        ``PackedInputs``; row b has length S_b + n_b * P_b before right padding to N, on the
+        ``PackedInputs``; row b has length S_b + n_b * K * P_b before right padding to N, on the
         device of ``input_ids``.
     """
     _check_probes(lengths, turn_starts, turn_mask, suffixes)
     device = input_ids.device
-    copies = turn_mask.sum(1)
-    width = int((lengths + copies * suffixes.lengths).max())
+    table = _with_target_axis(suffixes)
+    num_probes, num_targets = turn_mask.shape[1], table.token_ids.shape[1]
+    size = table.lengths.max(dim=1).values  # P_b: every copy of row b as wide as its longest target suffix
+    copies = turn_mask.sum(1) * num_targets
+    width = int((lengths + copies * size).max())
     position = torch.arange(width, device=device)[None, :]
     in_trajectory = position < lengths[:, None]
-    slots = _slots(position - lengths[:, None], suffixes.lengths[:, None], copies[:, None])
-    start = turn_starts.gather(1, slots.copy.clamp(max=max(turn_starts.shape[1] - 1, 0)))
+    slots = _slots(position - lengths[:, None], size[:, None], copies[:, None])
+    probe = torch.div(slots.copy, num_targets, rounding_mode="floor")  # copy c = (probe j, target k)
+    target = slots.copy - probe * num_targets
+    used = slots.used & (slots.token < table.lengths.gather(1, target))
+    start = turn_starts.gather(1, probe.clamp(max=max(num_probes - 1, 0)))
     trajectory_ids = torch.nn.functional.pad(input_ids, (0, width - input_ids.shape[1]), value=pad_token_id)
-    ids = torch.where(slots.used, suffixes.token_ids.gather(1, slots.token), pad_token_id)
-    ids = torch.where(in_trajectory, trajectory_ids, ids)
-    positions = torch.where(in_trajectory, position, torch.where(slots.used, start + slots.token, 0))
-    segment = torch.where(in_trajectory, -1, torch.where(slots.used, slots.copy, -2))
-    visible = torch.where(in_trajectory, position, torch.where(slots.used, start - 1, -1))
+    suffix_ids = table.token_ids.reshape(len(lengths), -1).gather(1, target * table.token_ids.shape[2] + slots.token)
+    ids = torch.where(in_trajectory, trajectory_ids, torch.where(used, suffix_ids, pad_token_id))
+    positions = torch.where(in_trajectory, position, torch.where(used, start + slots.token, 0))
+    segment = torch.where(in_trajectory, -1, torch.where(used, slots.copy, -2))
+    visible = torch.where(in_trajectory, position, torch.where(used, start - 1, -1))
     key, query = position[:, None, :], position[:, :, None]
     allowed = (
         ((segment[:, None, :] == -1) & (key <= visible[:, :, None]))
         | ((segment[:, :, None] >= 0) & (segment[:, None, :] == segment[:, :, None]) & (key <= query))
         | (key == query)
     )
-    copy_start = lengths[:, None] + torch.arange(turn_mask.shape[1], device=device) * suffixes.lengths[:, None]
-    sources, tokens, mask = _answer_targets(turn_starts, turn_mask, suffixes, copy_start)
-    return PackedInputs(ids, positions, _additive(allowed, dtype), sources, tokens, mask)
+    copy_index = torch.arange(num_probes * num_targets, device=device).reshape(num_probes, num_targets)
+    copy_start = lengths[:, None, None] + copy_index * size[:, None, None]
+    targets = _answer_targets(turn_starts, turn_mask, table, copy_start)
+    return PackedInputs(ids, positions, _additive(allowed, dtype), *_without_target_axis(suffixes, *targets))
 
 
 class ProbeInputs(NamedTuple):
     """Inputs of the "kv_cache" layout's probe pass, after a trajectory pass of width N.
 
-    Shapes: Q = T * P probe slots (P = the longest suffix). Sources index the two passes' hidden
-    states concatenated along the sequence: [0, N) the trajectory pass, N + q probe slot q.
+    Shapes: Q = T * K * P probe slots (P = the longest suffix, K targets; K = 1 for one suffix per
+    row). Sources index the two passes' hidden states concatenated along the sequence: [0, N) the
+    trajectory pass, N + q probe slot q. The probe fields are [B, T, K, L] for a table of K targets.
     """
 
     input_ids: torch.Tensor  # [B, Q] long
@@ -388,20 +475,29 @@ def build_probe_inputs(
     to its own copy causally. Unused slots hold ``pad_token_id`` and attend only to themselves.
     Answer token k of copy j is scored at the cached position ``start_j - 1`` for k = 0, else at
     slot ``j * P + k - 1``. ``cached_length`` is N, the first pass's padded width.
+
+    With K targets (``target_table``) every turn slot holds K copies: copy c = j * K + k (probe j,
+    target k) fills slots [c * P, c * P + P_{b,k}) with target k's suffix, the same rules otherwise
+    (an absent target's slots are unused). With K = 1 every index is the one above.
     """
     device = turn_starts.device
-    num_probes, width = turn_mask.shape[1], suffixes.token_ids.shape[1]
-    slot = torch.arange(num_probes * width, device=device)[None, :]
-    copy = torch.div(slot, width, rounding_mode="floor")
+    table = _with_target_axis(suffixes)
+    num_rows, num_probes = turn_mask.shape
+    num_targets, width = table.token_ids.shape[1:]
+    slot = torch.arange(num_probes * num_targets * width, device=device)[None, :]
+    copy = torch.div(slot, width, rounding_mode="floor")  # copy c = (probe j, target k): c = j * K + k
     token = slot - copy * width
-    used = turn_mask.gather(1, copy.expand(turn_mask.shape[0], -1)) & (token < suffixes.lengths[:, None])
-    start = turn_starts.gather(1, copy.expand(turn_mask.shape[0], -1))
-    ids = torch.where(used, suffixes.token_ids.gather(1, token.expand(turn_mask.shape[0], -1)), pad_token_id)
+    probe = torch.div(copy, num_targets, rounding_mode="floor").expand(num_rows, -1)
+    target = (copy - probe * num_targets).expand(num_rows, -1)
+    used = turn_mask.gather(1, probe) & (token < table.lengths.gather(1, target))
+    start = turn_starts.gather(1, probe)
+    ids = torch.where(used, table.token_ids.reshape(num_rows, -1).gather(1, target * width + token), pad_token_id)
     sees_cache = used[:, :, None] & (torch.arange(cached_length, device=device)[None, None, :] < start[:, :, None])
     same_copy = (copy[:, :, None] == copy[:, None, :]) & (slot[:, None, :] <= slot[:, :, None])
     sees_slots = (used[:, :, None] & same_copy) | (slot[:, :, None] == slot[:, None, :])
-    copy_start = cached_length + torch.arange(num_probes, device=device)[None, :] * width
-    sources, tokens, mask = _answer_targets(turn_starts, turn_mask, suffixes, copy_start.expand(turn_mask.shape[0], -1))
+    copy_index = torch.arange(num_probes * num_targets, device=device).reshape(1, num_probes, num_targets)
+    copy_start = (cached_length + copy_index * width).expand(num_rows, -1, -1)
+    sources, tokens, mask = _without_target_axis(suffixes, *_answer_targets(turn_starts, turn_mask, table, copy_start))
     allowed = torch.cat([sees_cache, sees_slots], dim=2)
     return ProbeInputs(ids, torch.where(used, start + token, 0), _additive(allowed, dtype), sources, tokens, mask)
 
@@ -421,6 +517,10 @@ class ProbeForward(NamedTuple):
         probe_mask: [B, T, L] bool, True at real answer tokens of real probes.
         answer_logprob: [B, T] float32, ``igpo_rewards.answer_logprob(probe_logprobs, probe_mask)``
             (length-normalized mean; 0.0 at padded probes), the input of ``igpo_advantages``.
+
+    For a table of K targets (``target_table``) the probe fields have a target axis:
+    ``probe_logprobs`` and ``probe_mask`` [B, T, K, L], ``answer_logprob`` [B, T, K] (0.0 for a
+    target a row does not have: ``SuffixTable.target_mask`` marks them).
     """
 
     token_logprobs: torch.Tensor
@@ -486,7 +586,8 @@ def _trajectory_scores(
 def _probe_scores(
     model: PreTrainedModel, hidden: torch.Tensor, inputs: PackedInputs | ProbeInputs, *, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None, None].expand_as(inputs.probe_mask)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    rows = rows.reshape(-1, *[1] * (inputs.probe_mask.dim() - 1)).expand_as(inputs.probe_mask)
     where = inputs.probe_mask
     values, _ = _score(
         model, hidden[rows[where], inputs.probe_sources[where]], inputs.probe_tokens[where], chunk_size=chunk_size, entropy=False
@@ -550,7 +651,8 @@ def probe_forward(
         input_ids: [B, S] right-padded trajectories; lengths: [B] their lengths.
         turn_starts, turn_mask: [B, T]: probe j of row b (where ``turn_mask``) scores the answer
             after ``input_ids[b, :turn_starts[b, j]]``; each start in [1, lengths[b]].
-        suffixes: the probe suffix of each row (``suffix_table``).
+        suffixes: the probe suffix of each row (``suffix_table``), or K targets per row
+            (``target_table``: the probe outputs gain a target axis, ``ProbeForward``).
         token_mask: [B, S] bool, the trajectory tokens to score (e.g. the generated ones);
             ``None`` scores none (probes only).
         probe_layout: "packed" or "kv_cache" (module docstring).
@@ -576,8 +678,9 @@ def probe_forward(
     _check_probes(lengths, turn_starts, turn_mask, suffixes)
     if not bool(turn_mask.any()):  # no probe at all: the plain causal forward
         logprobs, entropy = token_logprobs(model, input_ids, token_mask, return_entropy=return_entropy, chunk_size=chunk_size)
-        empty = logprobs.new_zeros((*turn_mask.shape, 0))
-        return ProbeForward(logprobs, entropy, empty, empty.bool(), logprobs.new_zeros(turn_mask.shape))
+        target_axis = (suffixes.num_targets,) if suffixes.lengths.dim() == 2 else ()
+        empty = logprobs.new_zeros((*turn_mask.shape, *target_axis, 0))
+        return ProbeForward(logprobs, entropy, empty, empty.bool(), logprobs.new_zeros((*turn_mask.shape, *target_axis)))
     if probe_layout == "packed":
         inputs = build_packed_inputs(input_ids, lengths, turn_starts, turn_mask, suffixes, pad_token_id=pad_token_id, dtype=model.dtype)
         hidden = model.base_model(
@@ -603,7 +706,7 @@ def score_probes(
     tokenizer: PreTrainedTokenizerBase,
     token_ids: Sequence[Sequence[int]],
     turn_starts: Sequence[Sequence[int]],
-    answers: Sequence[str],
+    answers: Sequence[str | Sequence[str]],
     *,
     template: str = PROBE_TEMPLATE,
     probe_layout: str = "packed",
@@ -615,6 +718,12 @@ def score_probes(
     (``igpo_rewards.answer_logprob``, the input of ``igpo_rewards.igpo_advantages``). Each
     distinct answer's suffix is tokenized once (``build_probe_suffix``).
 
+    Several targets: when some ``answers[b]`` is a list of strings (the answer first, then the
+    sub-goals, e.g. a multi-hop question's bridge entities), every turn is probed for each target
+    of its row, all in the same forward (``target_table``), and the result is [B, T, K] with
+    K = the longest list; target k of row b is present when k < len(answers[b]) (a plain string
+    counts as a list of one), and absent targets read 0.0.
+
     Runs under the caller's autograd mode: wrap it in ``torch.no_grad()`` to compute rewards.
 
     Args:
@@ -623,16 +732,19 @@ def score_probes(
         token_ids: B trajectories: prompt, turns and observations, exactly as the model saw them.
         turn_starts: per trajectory, where each turn starts (the prompt's length for turn 0);
             each in [1, len(token_ids[b])]. T = the most turns in the batch.
-        answers: per trajectory, the ground-truth answer probed (e.g. the first alias).
+        answers: per trajectory, the ground-truth answer probed (e.g. the first alias), or a
+            non-empty list of targets, the answer first.
         template: the probe text with one ``{answer}``.
         probe_layout: "packed" (one forward) or "kv_cache" (see ``probe_forward``).
 
     Returns:
-        [B, T] float32 on the model's device; 0.0 at padded turns (t >= len(turn_starts[b])).
+        [B, T] float32 on the model's device when every answer is a string, [B, T, K] when some
+        is a list; 0.0 at padded turns (t >= len(turn_starts[b])) and absent targets.
 
     Raises:
-        ValueError / TypeError: mismatched lengths, an empty trajectory or answer, a start
-        outside its trajectory, and what ``probe_forward`` raises.
+        ValueError / TypeError: mismatched lengths, an empty trajectory, answer or target list,
+        a target that is not a string, a start outside its trajectory, and what
+        ``probe_forward`` raises.
     """
     if len(answers) != len(token_ids) or len(turn_starts) != len(token_ids):
         raise ValueError(
@@ -643,8 +755,30 @@ def score_probes(
     input_ids, lengths = pad_token_ids(token_ids, pad_token_id=tokenizer.pad_token_id or 0, device=device)
     starts, turn_counts = _padded(turn_starts, pad=0, device=device)
     turn_mask = torch.arange(starts.shape[1], device=device)[None, :] < turn_counts[:, None]
-    distinct = {answer: build_probe_suffix(tokenizer, answer, template=template) for answer in dict.fromkeys(answers)}
-    suffixes = suffix_table([distinct[answer] for answer in answers], device=device)
+    if all(isinstance(answer, str) for answer in answers):
+        distinct = {answer: build_probe_suffix(tokenizer, answer, template=template) for answer in dict.fromkeys(answers)}
+        suffixes = suffix_table([distinct[answer] for answer in answers], device=device)
+    else:
+        suffixes = _target_suffixes(tokenizer, answers, template=template, device=device)
     return probe_forward(
         model, input_ids, lengths, starts, turn_mask, suffixes, probe_layout=probe_layout, pad_token_id=tokenizer.pad_token_id
     ).answer_logprob
+
+
+def _target_suffixes(
+    tokenizer: PreTrainedTokenizerBase, answers: Sequence[str | Sequence[str]], *, template: str, device: torch.device
+) -> SuffixTable:
+    """The ``target_table`` of per-row target lists (a string is a list of one), each distinct
+    target tokenized once."""
+    rows = []
+    for b, targets in enumerate(answers):
+        targets = [targets] if isinstance(targets, str) else targets
+        if not isinstance(targets, Sequence) or not targets:
+            raise ValueError(f"answers[{b}] must be a str or a non-empty list of str (the answer first), got {targets!r:.80}")
+        for k, target in enumerate(targets):
+            if not isinstance(target, str):
+                raise TypeError(f"answers[{b}][{k}] must be a str, got {type(target).__name__}")
+        rows.append(list(targets))
+    distinct = {text: build_probe_suffix(tokenizer, text, template=template)
+                for text in dict.fromkeys(text for row in rows for text in row)}
+    return target_table([[distinct[text] for text in row] for row in rows], device=device)

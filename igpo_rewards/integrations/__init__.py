@@ -6,13 +6,18 @@
   (``pip install "igpo-rewards[verl] @ git+$IGPO_GIT"``, README "Install").
 - :mod:`igpo_rewards.integrations.verl_agent_loop`: verl's agent loop ``"igpo_tool_agent"`` (the
   tool agent loop plus the probe before every turn, scored by the rollout server);
-  :mod:`igpo_rewards.integrations.verl_manager` carries its turn rewards through the legacy
-  trainer; :mod:`igpo_rewards.integrations.verl_search` is a Search-R1 ``/retrieve`` search tool.
-- :mod:`igpo_rewards.integrations.trl` (a package: ``trainer`` and ``search``, imported in that
-  order): ``IGPOTrainer``, a TRL ``GRPOTrainer`` whose advantages are IGPO's per-turn advantages,
-  the Search-R1 ``rollout_func`` with retrieval and probes, ``make_search_rollout_func``, and its
-  reward function ``make_outcome_reward_func``. Needs the ``trl`` extra
-  (``pip install "igpo-rewards[trl] @ git+$IGPO_GIT"``).
+  :mod:`igpo_rewards.integrations.verl_manager` (the agent-loop manager both trainers need) runs
+  the start-up checks of :mod:`igpo_rewards.integrations.verl_checks`, carries the turn rewards
+  through the legacy trainer and counts failed agent-loop sessions;
+  :mod:`igpo_rewards.integrations.verl_search` is a Search-R1 ``/retrieve`` search tool.
+- :mod:`igpo_rewards.integrations.trl` (a package: ``trainer``, ``tools`` and ``search``, imported
+  in that order): ``IGPOTrainer``, a TRL ``GRPOTrainer`` whose advantages are IGPO's per-turn
+  advantages, on TRL's own tool loop (``tools=`` / ``environment_factory=``, any generation
+  backend; ``use_search_r1_tool_protocol`` and the search tool of :mod:`igpo_rewards.agent.tool_calls`)
+  or on a rollout function: the Search-R1 ``rollout_func`` with retrieval and probes,
+  ``make_search_rollout_func``. ``make_outcome_reward_func`` is the reward function of both.
+  Needs the ``trl`` extra (``pip install "igpo-rewards[trl] @ git+$IGPO_GIT"``; the tool loop:
+  ``pip install "igpo-rewards[trl-tools] @ git+$IGPO_GIT"``).
 
 This package imports neither torch, verl nor trl; each adapter module imports its engine when it
 is imported itself. :class:`IGPOSettings` (defined in :mod:`igpo_rewards.settings`, also

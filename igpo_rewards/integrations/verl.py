@@ -15,9 +15,12 @@ observation token, where verl's reward managers put it). :func:`igpo_token_score
 
 The estimator refuses what would silently turn IGPO into something else: token-level rejection
 sampling (``algorithm.rollout_correction.rollout_rs`` = token_k1/k2/k3 outside bypass mode) cuts
-turns apart in ``response_mask`` before the advantage step, so it is an error; a batch whose
-rollouts have rewards only on their last turn (the stock ``tool_agent``, or a reward path that
-dropped the per-turn rewards) gets a loud warning, once per process.
+turns apart in ``response_mask`` before the advantage step, ``algorithm.use_kl_in_reward`` puts
+rewards where IGPO does not read them, and a multi-turn batch whose rollouts have rewards only
+on their last turn (the stock ``tool_agent``, or a reward path that dropped the per-turn rewards)
+would train on the outcome only: each is an :class:`IGPOConfigError`, the last one a warning
+(once per process) under the opt-in ``algorithm.igpo.allow_outcome_only=True``. The start-up
+checks of the same kind (before any rollout) are in ``igpo_rewards.integrations.verl_checks``.
 
 verl logs a plugin that fails to load only at debug level; so this module logs its own failure
 at ERROR level, and :func:`check_registered` (also ``python -m igpo_rewards.integrations.verl``)
@@ -46,7 +49,9 @@ from igpo_rewards.integrations import IGPOSettings
 __all__ = [
     "ANSWER_LOGPROB_KEY",
     "ESTIMATOR_NAME",
+    "IGPOConfigError",
     "OutcomeOnlyWarning",
+    "algorithm_config_problems",
     "assemble_igpo_rm_scores",
     "check_agent_loop_registered",
     "check_registered",
@@ -69,6 +74,8 @@ ENTRY_POINT_GROUP = "verl.plugins"
 MODULE_NAME = "igpo_rewards.integrations.verl"
 AGENT_LOOP_NAME = "igpo_tool_agent"
 AGENT_LOOP_MODULE = "igpo_rewards.integrations.verl_agent_loop"
+MANAGER_CLASS = "igpo_rewards.integrations.verl_manager.IGPOAgentLoopManager"
+"""What ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class`` names."""
 TOKEN_LEVEL_REJECTION = ("token_k1", "token_k2", "token_k3")
 """verl's token-level ``rollout_rs`` modes (``rollout_corr_helper.TOKEN_LEVEL_ROLLOUT_RS_OPTIONS``)."""
 
@@ -76,8 +83,13 @@ logger = logging.getLogger(MODULE_NAME)
 _warned_outcome_only = False
 
 
+class IGPOConfigError(ValueError):
+    """A verl configuration (or the data it reads) under which IGPO would train something else,
+    typically on the outcome only: the message names the setting and the fix."""
+
+
 class OutcomeOnlyWarning(UserWarning):
-    """IGPO ran on a batch whose rollouts carry rewards only on their last turn."""
+    """IGPO trains on the outcome only, as the user allowed with ``algorithm.igpo.allow_outcome_only=True``."""
 
 
 def settings_from_config(config: Any) -> IGPOSettings:
@@ -89,7 +101,9 @@ def settings_from_config(config: Any) -> IGPOSettings:
         defaults.
 
     Raises:
-      ValueError: unknown key or bad value under ``algorithm.igpo``.
+      ValueError: unknown key or bad value under ``algorithm.igpo``, or ``subgoal_weight > 0``
+        (verl's probes score the answer alone; an :class:`IGPOSettings` with it is refused where
+        its methods get the answer's probes alone).
 
     Example:
       >>> settings_from_config({"adv_estimator": "igpo", "igpo": {"mode": "separate"}}).mode
@@ -99,9 +113,17 @@ def settings_from_config(config: Any) -> IGPOSettings:
         return IGPOSettings.from_mapping(config)
     section = config.get(CONFIG_KEY, None) if hasattr(config, "get") else getattr(config, CONFIG_KEY, None)
     try:
-        return IGPOSettings.from_mapping(section)
+        settings = IGPOSettings.from_mapping(section)
     except (ValueError, TypeError) as error:
         raise type(error)(f"algorithm.{CONFIG_KEY}: {error}") from error
+    if settings.subgoal_weight > 0:
+        raise ValueError(
+            f"algorithm.{CONFIG_KEY}.subgoal_weight = {settings.subgoal_weight}: sub-goal targets are not available in "
+            f"verl yet. Its probes are prompt log-probs of the rollout server and score one target, the answer; "
+            f"scoring the sub-goals too needs the probes on the actor (issue \"verl: score the probes on the actor\"). "
+            f"Set subgoal_weight = 0 (docs/integrations/verl.md)"
+        )
+    return settings
 
 
 def group_ids_from_uids(index: Any, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -170,13 +192,16 @@ def compute_igpo_advantage(
       device; 0 on every 0-mask token.
 
     Warns:
-      OutcomeOnlyWarning: once per process, when some rollout has several turns but no rollout
-        has a nonzero reward at the end of any turn but its last (see :func:`_warn_if_outcome_only`).
+      OutcomeOnlyWarning: once per process, for an outcome-only batch (below) under
+        ``algorithm.igpo.allow_outcome_only=True``.
 
     Raises:
+      IGPOConfigError: ``use_kl_in_reward``, token-level rejection sampling in
+        ``algorithm.rollout_correction.rollout_rs``, and (unless ``allow_outcome_only``) a batch in
+        which some rollout has several turns but no rollout has a nonzero reward at the end of any
+        turn but its last (:func:`_check_outcome_only`).
       ValueError: no ``index``, shapes that disagree, a reward that would be lost (on observation
-        tokens between turns, inside a turn, in a row without a turn), ``use_kl_in_reward``,
-        token-level rejection sampling in ``algorithm.rollout_correction.rollout_rs``.
+        tokens between turns, inside a turn, in a row without a turn).
     """
     if index is None:
         raise ValueError(
@@ -184,7 +209,7 @@ def compute_igpo_advantage(
         )
     settings = settings_from_config(config)
     _check_algorithm_config(config)
-    _warn_if_outcome_only(token_level_rewards, response_mask)
+    _check_outcome_only(token_level_rewards, response_mask, settings)
     group_ids = group_ids_from_uids(index)  # on the host; _groups_of moves them if needed
     if group_ids.shape[0] != token_level_rewards.shape[0]:
         raise ValueError(
@@ -217,49 +242,71 @@ def _config_value(config: Any, key: str) -> Any:
     return getattr(config, key, None)
 
 
-def _check_algorithm_config(config: Any) -> None:
-    """Refuses token-level rejection sampling and ``use_kl_in_reward``.
+def algorithm_config_problems(config: Any) -> list[tuple[str, str, str]]:
+    """What in verl's ``algorithm`` config IGPO refuses in every case (no opt-in): one
+    (setting, why, fix) triple per problem. Empty when the config is fine.
 
-    verl's ``rollout_correction`` with ``rollout_rs`` in token_k1/k2/k3 (decoupled mode, the
-    default: ``bypass_mode=False``) zeroes single tokens of ``response_mask`` before the advantage
-    step. A hole inside a turn splits it into two runs (two turns, which changes the group's pool
-    and every other rollout's advantages); a hole on a turn's last token moves its reward onto a
-    0-mask token. In bypass mode the rejection only masks the actor's loss, after the advantages.
+    * ``rollout_correction.rollout_rs`` in token_k1/k2/k3 (decoupled mode, the default:
+      ``bypass_mode=False``) zeroes single tokens of ``response_mask`` before the advantage step.
+      A hole inside a turn splits it into two runs (two turns, which changes the group's pool and
+      every other rollout's advantages); a hole on a turn's last token moves its reward onto a
+      0-mask token. In bypass mode the rejection only masks the actor's loss, after the advantages.
+    * ``use_kl_in_reward`` puts a KL penalty on every generated token; IGPO reads a turn's reward at
+      the turn's last token only.
+
+    Example:
+      >>> algorithm_config_problems({"use_kl_in_reward": False, "rollout_correction": {"rollout_rs": "seq_mean_k3"}})
+      []
+      >>> algorithm_config_problems({"use_kl_in_reward": True})[0][0]
+      'algorithm.use_kl_in_reward'
     """
+    problems = []
     correction = _config_value(config, "rollout_correction")
     rejection = _config_value(correction, "rollout_rs")
     if isinstance(rejection, str) and not _config_value(correction, "bypass_mode"):
         modes = [mode.strip() for mode in rejection.split(",")]
         cutting = [mode for mode in modes if mode in TOKEN_LEVEL_REJECTION]
         if cutting:
-            raise ValueError(
-                f"algorithm.rollout_correction.rollout_rs={rejection!r} with adv_estimator=igpo: token-level rejection "
-                f"sampling ({', '.join(cutting)}) zeroes single tokens of response_mask before the advantage step, which "
-                f"cuts IGPO's turns (a hole inside a turn makes it two turns and changes the whole group's advantages). "
-                f"Use a sequence-level mode (e.g. seq_mean_k3), or algorithm.rollout_correction.bypass_mode=True "
-                f"(rejection then masks only the loss)."
-            )
+            problems.append((
+                "algorithm.rollout_correction.rollout_rs",
+                f"is {rejection!r}: token-level rejection sampling ({', '.join(cutting)}) zeroes single tokens of "
+                f"response_mask before the advantage step, which cuts IGPO's turns (a hole inside a turn makes it two "
+                f"turns and changes the whole group's advantages).",
+                "a sequence-level mode (e.g. seq_mean_k3), or algorithm.rollout_correction.bypass_mode=True "
+                "(rejection then masks only the loss)",
+            ))
     if _config_value(config, "use_kl_in_reward"):
-        raise ValueError(
-            "algorithm.use_kl_in_reward=True with adv_estimator=igpo: verl puts a KL penalty on every generated "
-            "token, but IGPO reads each turn's reward at the turn's last token, so the penalty on the other tokens "
-            "would be dropped. Set algorithm.use_kl_in_reward=False and actor_rollout_ref.actor.use_kl_loss=True "
-            "(the KL as a loss term, the paper's choice)."
-        )
+        problems.append((
+            "algorithm.use_kl_in_reward",
+            "is True: verl puts a KL penalty on every generated token, but IGPO reads each turn's reward at the "
+            "turn's last token, so the penalty on the other tokens would be dropped.",
+            "algorithm.use_kl_in_reward=False and actor_rollout_ref.actor.use_kl_loss=True (the KL as a loss term, "
+            "the paper's choice)",
+        ))
+    return problems
 
 
-def _warn_if_outcome_only(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> None:
-    """Warns (OutcomeOnlyWarning, once per process) when some rollout has two or more turns but no
-    rollout has a nonzero reward at the last token of any turn other than its final one.
+def _check_algorithm_config(config: Any) -> None:
+    """Raises IGPOConfigError naming every problem of :func:`algorithm_config_problems`."""
+    problems = algorithm_config_problems(config)
+    if problems:
+        messages = [f"adv_estimator=igpo: {setting} {why} Fix: {fix}." for setting, why, fix in problems]
+        raise IGPOConfigError(" ".join(messages))
 
-    That is what verl's stock layout looks like (the outcome at the last token, nothing else):
-    the stock ``tool_agent`` computes no probes, and the legacy trainer without
-    ``verl_manager.IGPOAgentLoopManager`` (or a colocated reward model) drops the per-turn
-    rewards. IGPO then degrades into a turn-pooled outcome-only baseline; the estimator cannot
-    tell it from information gains that are all exactly 0, hence a warning, not an error.
+
+def _check_outcome_only(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, settings: IGPOSettings) -> None:
+    """Refuses (IGPOConfigError) a batch in which some rollout has two or more turns but no rollout
+    has a nonzero reward at the last token of any turn other than its final one; under
+    ``settings.allow_outcome_only`` warns instead (OutcomeOnlyWarning, once per process).
+
+    That is verl's stock layout (the outcome at the last token, nothing else): per-turn rewards did
+    not reach the estimator (see ``igpo_rewards.integrations.verl_checks`` for the configurations
+    refused at start-up), and IGPO would train a turn-pooled outcome-only baseline. With
+    ``ig_weight == 0`` (the paper's ablation) the earlier turns' rewards are 0 by design: no check.
     """
     global _warned_outcome_only
-    if _warned_outcome_only or token_level_rewards.numel() == 0:
+    already_warned = settings.allow_outcome_only and _warned_outcome_only
+    if token_level_rewards.numel() == 0 or settings.ig_weight == 0 or already_warned:
         return
     mask = response_mask.bool()
     turn_end = mask & ~torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
@@ -267,19 +314,22 @@ def _warn_if_outcome_only(token_level_rewards: torch.Tensor, response_mask: torc
     earlier_turn_end = turn_end & (later_ends > 0)  # a turn end followed by another turn
     if not bool(earlier_turn_end.any()) or bool((token_level_rewards[earlier_turn_end] != 0).any()):
         return
-    _warned_outcome_only = True
     multi_turn = int(earlier_turn_end.any(dim=1).sum())
-    warnings.warn(
+    message = (
         f"adv_estimator=igpo got a batch in which {multi_turn} of {mask.shape[0]} rollouts have several turns but no "
-        f"rollout has a nonzero reward on any turn but its last: IGPO degrades into an outcome-only baseline "
-        f"pooled over turns. Likely cause: the agent loop is the stock tool_agent (set "
-        f"actor_rollout_ref.rollout.agent.default_agent_loop={AGENT_LOOP_NAME}), or the reward path dropped the "
-        f"per-turn rewards (legacy trainer without +actor_rollout_ref.rollout.agent.agent_loop_manager_class="
-        f"igpo_rewards.integrations.verl_manager.IGPOAgentLoopManager, or a colocated reward model rewriting "
-        f"rm_scores). This warning is shown once per process.",
-        OutcomeOnlyWarning,
-        stacklevel=3,
+        f"rollout has a nonzero reward on any turn but its last: the per-turn rewards did not reach the estimator, "
+        f"and IGPO would train an outcome-only baseline pooled over turns. Likely causes: rows run verl's stock "
+        f"tool_agent (actor_rollout_ref.rollout.agent.default_agent_loop must be {AGENT_LOOP_NAME}, and a dataset "
+        f"column agent_name overrides it), the legacy trainer without +actor_rollout_ref.rollout.agent."
+        f"agent_loop_manager_class={MANAGER_CLASS}, a colocated reward model rewriting rm_scores "
+        f"(reward.reward_model.enable=True without enable_resource_pool), or every probe past the rollout "
+        f"server's max_model_len. Set algorithm.igpo.allow_outcome_only=True to train on the outcome only."
     )
+    if not settings.allow_outcome_only:
+        raise IGPOConfigError(message)
+    _warned_outcome_only = True
+    warnings.warn(message + " (allowed by algorithm.igpo.allow_outcome_only=True; shown once per process)",
+                  OutcomeOnlyWarning, stacklevel=3)
 
 
 def igpo_token_scores(

@@ -18,7 +18,21 @@ A trajectory stays ONE output row (as ``tool_agent`` makes it): one run of 1s in
 ``response_mask`` per assistant turn, one probe per run. The output's ``extra_fields`` carry
 
 * ``igpo_answer_logprob``: the n probe log-probs, one per turn in the (truncated) response;
-* ``igpo_probe_prefill_tokens``: how many tokens the probe requests made the server prefill.
+* ``igpo_probe_prefill_tokens``: how many tokens the probe requests made the server prefill;
+* ``igpo_probes_skipped``: how many of those n probes did not fit the server's context (below).
+
+**Probes longer than the server's context.** verl's vLLM and SGLang servers refuse a request of
+more than ``max_model_len - 1`` tokens (``actor_rollout_ref.rollout.max_model_len``, else the
+model's ``max_position_embeddings``, as the servers resolve it). A probe whose context plus suffix
+is longer is not sent: its value repeats the last probe that fitted (``-inf`` when none did), so
+the information gain of that turn and of every later one is exactly 0 (contexts only grow) and
+the final turn keeps its outcome reward. The rollout goes on; the skipped probes are counted.
+
+**Async trainers.** Under V1's ``colocate_async`` / ``separate_async`` modes the client is verl's
+``FullyAsyncLLMServerClient``, whose ``generate`` rebuilds the server's answer without its prompt
+log-probs; the probe goes through the base ``LLMServerClient.generate`` of the same client (same
+load balancer, same server), and a request the server aborted for a weight sync is sent again
+(every second, at most ``PROBE_ABORT_RETRIES`` times, then an error).
 
 The loop returns an :class:`IGPOAgentLoopOutput`, whose ``as_dict()`` (what verl 0.9's default
 V1 trainer writes to the TransferQueue, after the streaming reward put the outcome into
@@ -35,6 +49,8 @@ probe values are added only after the loop ends); the weight versions the probes
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,32 +61,73 @@ import torch
 from pydantic import PrivateAttr
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, register
 from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, ToolAgentLoop
+from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServerClient
 
 import igpo_rewards
 from igpo_rewards.agent.probes import ProbeSuffix, build_probe_suffix
 from igpo_rewards.agent.protocol import PROBE_TEMPLATE
 from igpo_rewards.integrations import IGPOSettings
-from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, igpo_token_scores, settings_from_config
+from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, IGPOConfigError, igpo_token_scores, settings_from_config
 
 __all__ = [
     "AGENT_LOOP_NAME",
+    "PROBE_ABORT_RETRIES",
+    "PROBES_SKIPPED_KEY",
     "PROBE_SAMPLING_PARAMS",
     "PROBE_TOKENS_KEY",
     "IGPOAgentLoopOutput",
     "IGPOToolAgentLoop",
     "probe_answer",
     "probe_logprob_from_server_output",
+    "probe_token_limit",
 ]
 
 AGENT_LOOP_NAME = "igpo_tool_agent"
 """The name ``actor_rollout_ref.rollout.agent.default_agent_loop`` takes."""
 PROBE_TOKENS_KEY = "igpo_probe_prefill_tokens"
 """``extra_fields`` key of the number of tokens the trajectory's probe requests prefilled."""
+PROBES_SKIPPED_KEY = "igpo_probes_skipped"
+"""``extra_fields`` key of the number of the trajectory's probes that did not fit the server's context."""
 PROBE_SAMPLING_PARAMS: dict[str, Any] = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
 """A probe request: one output token, the log-prob of every prompt token (vLLM's ``prompt_logprobs``;
 verl's SGLang server maps it to ``logprob_start_len=0``). Temperature does not enter prompt log-probs."""
+PROBE_ABORT_RETRIES = 600
+"""How many times a probe the server aborted (a weight sync in the async trainers) is sent again, one second apart."""
+ABORTED = ("aborted", "abort")
+"""The ``stop_reason`` of a request verl's servers aborted (``FullyAsyncLLMServerClient`` retries on these)."""
 
 logger = logging.getLogger(__name__)
+_warned = set()
+
+
+def _warn_once(key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+    """Logs ``message`` once per process (per ``key``)."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.log(level, message, *args)
+
+
+def probe_token_limit(max_model_len: int | None, max_position_embeddings: int) -> int:
+    """The longest probe request verl's servers accept: ``max_model_len - 1`` tokens (one token of
+    room to generate), with ``max_model_len`` defaulting to the model's ``max_position_embeddings``
+    as verl's vLLM and SGLang servers resolve it.
+
+    Example:
+      >>> probe_token_limit(None, 32768), probe_token_limit(4096, 32768)
+      (32767, 4095)
+    """
+    return int(max_model_len if max_model_len else max_position_embeddings) - 1
+
+
+@functools.lru_cache(maxsize=8)
+def _max_position_embeddings(config_path: str, trust_remote_code: bool) -> int:
+    """The model's ``max_position_embeddings`` (its HF config read once per process, as verl's servers read it)."""
+    from transformers import AutoConfig
+    from verl.utils.fs import copy_to_local
+    from verl.workers.rollout.utils import get_max_position_embeddings
+
+    hf_config = AutoConfig.from_pretrained(copy_to_local(config_path), trust_remote_code=trust_remote_code)
+    return get_max_position_embeddings(hf_config)
 
 
 def probe_answer(reward_model: Any, extra_info: Any = None) -> str:
@@ -116,12 +173,12 @@ def probe_logprob_from_server_output(
       suffix: the probe suffix; its answer tokens are scored.
 
     Raises:
-      ValueError: no prompt log-probs (a server that ignores ``prompt_logprobs``), a length
-        other than N, or scored ids other than the ones sent (each names the field).
+      IGPOConfigError: no prompt log-probs (a server that ignores ``prompt_logprobs``).
+      ValueError: a length other than N, or scored ids other than the ones sent (each names the field).
     """
     logprobs = extra_fields.get("prompt_logprobs")
     if logprobs is None:
-        raise ValueError(
+        raise IGPOConfigError(
             "the rollout server returned no extra_fields['prompt_logprobs'] for an igpo_tool_agent probe request; "
             "the probes need a rollout server that honours prompt_logprobs (verl's vllm or sglang server)"
         )
@@ -190,11 +247,13 @@ class IGPOAgentLoopOutput(AgentLoopOutput):
 
 @dataclass
 class _Probes:
-    """One trajectory's probes: the suffix, and per assistant turn where it starts in the response."""
+    """One trajectory's probes: the suffix, and per assistant turn where it starts in the response
+    and whether its probe was skipped (longer than the server's context)."""
 
     suffix: ProbeSuffix
     values: list[float] = field(default_factory=list)
     turn_starts: list[int] = field(default_factory=list)
+    skipped: list[bool] = field(default_factory=list)
     prefill_tokens: int = 0
     global_steps: list[int] = field(default_factory=list)
 
@@ -213,8 +272,43 @@ class IGPOToolAgentLoop(ToolAgentLoop):
         super().__init__(*args, **kwargs)
         self.igpo_settings = settings_from_config(self.config.get("algorithm"))
         self._probes: _Probes | None = None  # verl builds one agent loop per trajectory
+        self.probe_token_limit = self._probe_token_limit()
+
+    def _check_manager(self) -> None:
+        """Refuses the legacy trainer without ``IGPOAgentLoopManager`` (its workers drop the per-turn
+        rewards): verl's legacy worker awaits every trajectory, so the first rollout stops the run.
+        Under V1 the rewards reach the estimator without it (``IGPOAgentLoopOutput.as_dict``), and
+        a refusal would only make verl's async modes evict and refill the group forever: an error
+        in the log, once per process, says what is lost (the start-up checks, the failure metric
+        and limit)."""
+        # verl_checks imports this module's siblings: imported here, not at the top, so that importing
+        # it first never finds this module half-initialized through verl's plugin loading.
+        from igpo_rewards.integrations.verl_checks import enforce, in_igpo_worker, manager_refusal, uses_v1_trainer
+
+        if in_igpo_worker():
+            return
+        if uses_v1_trainer(self.config):
+            refusal = manager_refusal()
+            _warn_once("no-manager", "igpo_tool_agent runs without IGPO's agent-loop manager: the start-up checks "
+                       "(docs/integrations/verl.md) and the failed-session metric and limit are off. Set %s",
+                       refusal.fix, level=logging.ERROR)
+            return
+        if "legacy-allowed" not in _warned:
+            enforce([manager_refusal()], self.igpo_settings, when="igpo_tool_agent under the legacy trainer")
+            _warned.add("legacy-allowed")  # allowed by the opt-in: warned once
+
+    def _probe_token_limit(self) -> int:
+        """The longest probe request the rollout server takes (:func:`probe_token_limit`)."""
+        rollout, model = self.config.actor_rollout_ref.rollout, self.config.actor_rollout_ref.model
+        max_model_len = rollout.get("max_model_len")
+        if max_model_len:
+            return probe_token_limit(max_model_len, 0)
+        config_path = model.get("hf_config_path") or model.path
+        positions = _max_position_embeddings(config_path, bool(model.get("trust_remote_code", False)))
+        return probe_token_limit(None, positions)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> IGPOAgentLoopOutput:
+        self._check_manager()  # here, not in __init__: hydra would wrap the error in its own
         answer = probe_answer(kwargs.get("reward_model"), kwargs.get("extra_info"))
         self._probes = _Probes(build_probe_suffix(self.tokenizer, answer, template=self.probe_template))
         output = await super().run(sampling_params, **kwargs)
@@ -228,24 +322,52 @@ class IGPOToolAgentLoop(ToolAgentLoop):
         return await super()._handle_generating_state(agent_data, sampling_params, ignore_termination)
 
     async def _probe(self, agent_data: AgentData) -> None:
-        """m_{i,j} for the next turn j: the probe suffix after the current context, scored by the server."""
-        suffix = self._probes.suffix
+        """m_{i,j} for the next turn j: the probe suffix after the current context, scored by the
+        server; a probe longer than the server's context repeats the last value (IG 0, see the module)."""
+        probes = self._probes
         context = list(agent_data.prompt_ids)
-        sequence = context + list(suffix.token_ids)
-        output = await self.server_manager.generate(
-            request_id=agent_data.request_id,
-            prompt_ids=sequence,
-            sampling_params=dict(PROBE_SAMPLING_PARAMS),
-            image_data=agent_data.image_data,
-            video_data=agent_data.video_data,
-            mm_processor_output=agent_data.mm_processor_output,
-            audio_data=agent_data.audio_data,
-            mm_processor_kwargs=agent_data.mm_processor_kwargs,
-        )
-        self._probes.values.append(probe_logprob_from_server_output(output.extra_fields, sequence, len(context), suffix))
+        sequence = context + list(probes.suffix.token_ids)
+        if len(sequence) > self.probe_token_limit:
+            _warn_once("skipped", "igpo_tool_agent: a probe of %d tokens does not fit the rollout server's context "
+                       "(at most %d tokens); it is skipped and its turn's information gain is 0 (counted in "
+                       "extra_fields[%r]; shown once per process)", len(sequence), self.probe_token_limit,
+                       PROBES_SKIPPED_KEY)
+            probes.values.append(probes.values[-1] if probes.values else float("-inf"))
+            probes.skipped.append(True)
+            return
+        probes.values.append(await self._score_probe_on_server(agent_data, sequence, len(context)))
+        probes.skipped.append(False)
+
+    async def _score_probe_on_server(self, agent_data: AgentData, sequence: list[int], context_length: int) -> float:
+        """One probe request (``PROBE_SAMPLING_PARAMS``) for ``sequence`` = context + suffix; returns
+        the mean prompt log-prob of the suffix's answer tokens. Under ``FullyAsyncLLMServerClient``
+        it takes the base ``LLMServerClient.generate`` (the async client's own drops the prompt
+        log-probs), and a request the server aborted is sent again."""
+        client = self.server_manager
+        generate = client.generate
+        if isinstance(client, FullyAsyncLLMServerClient):
+            generate = functools.partial(LLMServerClient.generate, client)
+        for _ in range(PROBE_ABORT_RETRIES):
+            output = await generate(
+                request_id=agent_data.request_id,
+                prompt_ids=sequence,
+                sampling_params=dict(PROBE_SAMPLING_PARAMS),
+                image_data=agent_data.image_data,
+                video_data=agent_data.video_data,
+                mm_processor_output=agent_data.mm_processor_output,
+                audio_data=agent_data.audio_data,
+                mm_processor_kwargs=agent_data.mm_processor_kwargs,
+            )
+            if output.stop_reason not in ABORTED:
+                break
+            await asyncio.sleep(1.0)
+        else:
+            raise RuntimeError(f"igpo_tool_agent: the rollout server aborted a probe request {PROBE_ABORT_RETRIES} "
+                               f"times in a row (one retry per second)")
         self._probes.prefill_tokens += len(sequence)
         if output.extra_fields.get("global_steps") is not None:
             self._probes.global_steps.append(output.extra_fields["global_steps"])
+        return probe_logprob_from_server_output(output.extra_fields, sequence, context_length, self._probes.suffix)
 
     def _finish(self, output: AgentLoopOutput) -> IGPOAgentLoopOutput:
         """Keeps the probes of the turns in the (truncated) response, one per run of 1s."""
@@ -259,6 +381,7 @@ class IGPOToolAgentLoop(ToolAgentLoop):
             )
         output.extra_fields[ANSWER_LOGPROB_KEY] = [probes.values[turn] for turn in kept]
         output.extra_fields[PROBE_TOKENS_KEY] = probes.prefill_tokens
+        output.extra_fields[PROBES_SKIPPED_KEY] = sum(probes.skipped[turn] for turn in kept)
         _widen_weight_versions(output.extra_fields, probes.global_steps)
         return IGPOAgentLoopOutput.from_output(output, self.igpo_settings)
 

@@ -33,15 +33,19 @@ from .reference import (
     igpo_advantages,
     information_gain,
     place_turn_rewards,
+    target_information_gain,
     turn_index_from_response_mask,
     turn_rewards,
+    variance_rescaled_returns,
     zero_variance_group_fraction,
 )
 
 _STRATEGY_NAMES = (
+    "TargetBatch",
     "TokenBatch",
     "TurnBatch",
     "group_ids",
+    "target_batches",
     "to_backend",
     "token_batches",
     "turn_batches",
@@ -62,8 +66,10 @@ __all__ = [
     "igpo_advantages",
     "information_gain",
     "place_turn_rewards",
+    "target_information_gain",
     "turn_index_from_response_mask",
     "turn_rewards",
+    "variance_rescaled_returns",
     "zero_variance_group_fraction",
     *_STRATEGY_NAMES,
 ]

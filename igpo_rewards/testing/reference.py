@@ -7,7 +7,8 @@ in the benchmarks. Readability wins over speed everywhere in this module.
 
 Conventions (the same names and argument meanings as the public API of ``igpo_rewards``):
 
-* Shapes: B rollouts, T turns (padded), L answer tokens (padded), S response tokens.
+* Shapes: B rollouts, T turns (padded), L answer tokens (padded), S response tokens, K probe
+  targets (target 0 the answer, 1 .. K-1 sub-goals).
 * Inputs: anything ``np.asarray`` accepts (Torch tensors on any device and dtype are accepted
   too). Values are converted to float64, masks to bool (nonzero = True), indices to int64.
 * ``turn_mask[B, T]`` is a prefix mask; rollout i has ``n_i = turn_mask[i].sum()`` turns,
@@ -21,6 +22,7 @@ Conventions (the same names and argument meanings as the public API of ``igpo_re
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Hashable, NamedTuple
 
@@ -30,9 +32,11 @@ __all__ = [
     "IGPOAdvantages",
     "answer_logprob",
     "information_gain",
+    "target_information_gain",
     "turn_rewards",
     "group_normalize",
     "discounted_returns",
+    "variance_rescaled_returns",
     "igpo_advantages",
     "grpo_advantages",
     "turn_index_from_response_mask",
@@ -43,7 +47,10 @@ __all__ = [
 ]
 
 _KINDS = ("prob", "log_prob")
-_MODES = ("joint", "separate")
+_MODES = ("joint", "separate", "turn_index")
+_POTENTIALS = ("running_max", "probe")
+_CLIPS = ("none", "positive")
+_ACCUMULATIONS = ("discounted", "sqrt_n")
 _WEIGHTINGS = ("turn", "trajectory")
 _SCALES = ("std", "none")
 
@@ -163,19 +170,35 @@ def answer_logprob(token_logprobs: Any, token_mask: Any, *, turn_mask: Any = Non
     placeholder) at a padded one. The valid turns are ``turn_mask`` when given, else the slots
     of row i up to the last one with an answer token.
 
+    K targets: ``[B, T, K, L]`` gives ``[B, T, K]``, m_{i,j,k} over target k's own tokens. A
+    target with no token in any slot of row i is absent: 0.0 everywhere in that row, never NaN.
+
     Args:
-      token_logprobs: ``[B, T, L]`` log-probabilities of the answer tokens.
-      token_mask: ``[B, T, L]``, nonzero where a token belongs to the answer.
+      token_logprobs: ``[B, T, L]`` (or ``[B, T, K, L]``) log-probabilities of the answer tokens.
+      token_mask: same shape, nonzero where a token belongs to the answer.
       turn_mask: optional ``[B, T]`` mask of valid turns.
 
     Returns:
-      ``[B, T]`` float64. A ``-inf`` token log-prob gives ``-inf`` (probability 0). Values
-      under mask 0 are ignored.
+      ``[B, T]`` (or ``[B, T, K]``) float64. A ``-inf`` token log-prob gives ``-inf`` (probability
+      0). Values under mask 0 are ignored.
     """
     logprobs = _float64(token_logprobs)
     mask = _bool(token_mask)
+    if logprobs.ndim == 4:
+        _check_same_shape(mask, "token_mask", logprobs, "token_logprobs")
+        per_target = [
+            _answer_logprob_of_target(logprobs[:, :, k], mask[:, :, k], turn_mask) for k in range(logprobs.shape[2])
+        ]
+        return np.stack(per_target, axis=2) if per_target else np.zeros(logprobs.shape[:3])
     _check_ndim(logprobs, "token_logprobs", 3, "[B, T, L]")
     _check_same_shape(mask, "token_mask", logprobs, "token_logprobs")
+    return _answer_logprob_of_target(logprobs, mask, turn_mask, absent_when_empty=False)
+
+
+def _answer_logprob_of_target(
+    logprobs: np.ndarray, mask: np.ndarray, turn_mask: Any, *, absent_when_empty: bool = True
+) -> np.ndarray:
+    """m [B, T] of one target; with ``absent_when_empty`` a row without any token of the target gets 0.0."""
     num_rollouts, num_turns, num_tokens = logprobs.shape
     if turn_mask is not None:
         valid = _bool(turn_mask)
@@ -183,6 +206,7 @@ def answer_logprob(token_logprobs: Any, token_mask: Any, *, turn_mask: Any = Non
     out = np.zeros((num_rollouts, num_turns), dtype=np.float64)
     for i in range(num_rollouts):
         last_with_answer = max((j for j in range(num_turns) if mask[i, j].any()), default=-1)
+        present = last_with_answer >= 0 or not absent_when_empty
         for j in range(num_turns):
             total = 0.0
             count = 0
@@ -193,7 +217,7 @@ def answer_logprob(token_logprobs: Any, token_mask: Any, *, turn_mask: Any = Non
             is_valid = bool(valid[i, j]) if turn_mask is not None else j <= last_with_answer
             if count > 0:
                 out[i, j] = total / count
-            elif is_valid:
+            elif is_valid and present:
                 out[i, j] = math.nan
     return out
 
@@ -208,42 +232,122 @@ def _belief(logprob: float, kind: str, log_prob_floor: float) -> float:
     return max(logprob, log_prob_floor)
 
 
+def _targets(
+    answer_logprob: Any, turn_mask: Any, target_weights: Any, target_mask: Any, *, weights_required: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(m [B, T, K], turn mask [B, T], w [B, K], tau [B, K]); [B, T] input is K = 1 with weight 1."""
+    logprob = _float64(answer_logprob)
+    mask = _bool(turn_mask)
+    if logprob.ndim == 2:
+        logprob = logprob[:, :, None]
+    _check_ndim(logprob, "answer_logprob", 3, "[B, T] or [B, T, K]")
+    _check_same_shape(mask, "turn_mask", logprob[:, :, 0], "answer_logprob[:, :, 0]")
+    num_rollouts, _, num_targets = logprob.shape
+    if target_weights is None:
+        if num_targets != 1 and weights_required:
+            raise ValueError(f"target_weights is required for K = {num_targets} targets")
+        weights = np.ones((num_rollouts, num_targets))
+    else:
+        weights = _float64(target_weights)
+        if weights.ndim == 1:
+            weights = np.tile(weights[None, :], (num_rollouts, 1))
+        _check_same_shape(weights, "target_weights", logprob[:, 0, :], "answer_logprob[:, 0, :]")
+    present = np.ones((num_rollouts, num_targets), dtype=bool) if target_mask is None else _bool(target_mask)
+    _check_same_shape(present, "target_mask", logprob[:, 0, :], "answer_logprob[:, 0, :]")
+    return logprob, mask, weights, present
+
+
+def target_information_gain(
+    answer_logprob: Any,
+    turn_mask: Any,
+    *,
+    target_mask: Any = None,
+    kind: str = "prob",
+    log_prob_floor: float = -20.0,
+    subgoal_potential: str = "running_max",
+    gain_clip: str = "none",
+) -> np.ndarray:
+    """The gain of every target on every turn, before weighting.
+
+    b_{i,j,k}   = exp(m_{i,j,k})  (prob)   or   max(m_{i,j,k}, floor)  (log_prob)
+    phi_{i,j,k} = b_{i,j,k}                         k = 0, or subgoal_potential = "probe"
+                = max(b_{i,0,k}, ..., b_{i,j,k})    k >= 1 and "running_max"
+    g_{i,j,k}   = phi_{i,j+1,k} - phi_{i,j,k}        j < n_i - 1, target k present
+    g_{i,j,k}   = max(g_{i,j,k}, 0)                 gain_clip = "positive"
+
+    0 elsewhere (final turn, padded turns, absent targets).
+
+    Args:
+      answer_logprob: ``[B, T, K]`` probe log-probs (``[B, T]``: K = 1).
+      turn_mask: ``[B, T]`` prefix mask of valid turns.
+      target_mask: optional ``[B, K]``, nonzero where row i has target k (default: all).
+
+    Returns:
+      ``[B, T, K]`` float64.
+    """
+    logprob, mask, _, present = _targets(answer_logprob, turn_mask, None, target_mask, weights_required=False)
+    _check_choice(kind, "kind", _KINDS)
+    _check_choice(subgoal_potential, "subgoal_potential", _POTENTIALS)
+    _check_choice(gain_clip, "gain_clip", _CLIPS)
+    num_rollouts, num_turns, num_targets = logprob.shape
+    out = np.zeros(logprob.shape, dtype=np.float64)
+    for i, n in enumerate(_num_turns(mask)):
+        for k in range(num_targets):
+            if not present[i, k]:
+                continue
+            beliefs = [_belief(float(logprob[i, j, k]), kind, log_prob_floor) for j in range(n)]
+            if k >= 1 and subgoal_potential == "running_max":
+                potential = list(itertools.accumulate(beliefs, max))
+            else:
+                potential = beliefs
+            for j in range(n - 1):
+                gain = potential[j + 1] - potential[j]
+                out[i, j, k] = max(gain, 0.0) if gain_clip == "positive" else gain
+    return out
+
+
 def information_gain(
     answer_logprob: Any,
     turn_mask: Any,
     *,
+    target_weights: Any = None,
+    target_mask: Any = None,
     kind: str = "prob",
     log_prob_floor: float = -20.0,
+    subgoal_potential: str = "running_max",
+    gain_clip: str = "none",
 ) -> np.ndarray:
     """Information gain of every non-final turn.
 
     prob:      IG_{i,j} = exp(m_{i,j+1}) - exp(m_{i,j})                          j < n_i - 1
     log_prob:  IG_{i,j} = max(m_{i,j+1}, floor) - max(m_{i,j}, floor)            j < n_i - 1
+    K targets: IG_{i,j} = sum_k tau_{i,k} w_{i,k} g_{i,j,k}      (g: :func:`target_information_gain`)
 
     ``exp(-inf) = 0``; the floor makes ``-inf`` finite for the log_prob kind. The final turn
-    ``j = n_i - 1`` and padded turns get 0. Values of ``answer_logprob`` at padded turns are
-    ignored.
+    ``j = n_i - 1`` and padded turns get 0. Values of ``answer_logprob`` at padded turns (and
+    absent targets) are ignored. ``gain_clip="positive"`` clips each target's gain at 0.
 
     Args:
-      answer_logprob: ``[B, T]`` probe log-probs m (probe j is taken right before turn j).
+      answer_logprob: ``[B, T]`` probe log-probs m (probe j is taken right before turn j), or
+        ``[B, T, K]`` with target 0 the answer.
       turn_mask: ``[B, T]`` prefix mask of valid turns.
+      target_weights: ``[K]`` or ``[B, K]`` weights w (``[B, T, K]`` input; default 1 for K = 1).
+      target_mask: optional ``[B, K]`` presence tau of the targets (default: all present).
       kind: ``"prob"`` (the paper's) or ``"log_prob"``.
       log_prob_floor: lower clamp of m for ``kind="log_prob"``.
 
     Returns:
       ``[B, T]`` float64.
     """
-    logprob = _float64(answer_logprob)
-    mask = _bool(turn_mask)
-    _check_ndim(logprob, "answer_logprob", 2, "[B, T]")
-    _check_same_shape(mask, "turn_mask", logprob, "answer_logprob")
-    _check_choice(kind, "kind", _KINDS)
-    out = np.zeros(logprob.shape, dtype=np.float64)
-    for i, n in enumerate(_num_turns(mask)):
-        for j in range(n - 1):
-            before = _belief(float(logprob[i, j]), kind, log_prob_floor)
-            after = _belief(float(logprob[i, j + 1]), kind, log_prob_floor)
-            out[i, j] = after - before
+    logprob, mask, weights, present = _targets(answer_logprob, turn_mask, target_weights, target_mask)
+    gains = target_information_gain(
+        logprob, mask, target_mask=present, kind=kind, log_prob_floor=log_prob_floor,
+        subgoal_potential=subgoal_potential, gain_clip=gain_clip,
+    )
+    out = np.zeros(mask.shape, dtype=np.float64)
+    for i in range(mask.shape[0]):
+        for j in range(mask.shape[1]):
+            out[i, j] = sum(weights[i, k] * gains[i, j, k] for k in range(logprob.shape[2]) if present[i, k])
     return out
 
 
@@ -252,10 +356,14 @@ def turn_rewards(
     outcome: Any,
     turn_mask: Any,
     *,
+    target_weights: Any = None,
+    target_mask: Any = None,
     kind: str = "prob",
     ig_weight: float = 1.0,
     outcome_weight: float = 1.0,
     log_prob_floor: float = -20.0,
+    subgoal_potential: str = "running_max",
+    gain_clip: str = "none",
 ) -> np.ndarray:
     """Per-turn reward: information gain on non-final turns, outcome on the final turn.
 
@@ -264,14 +372,18 @@ def turn_rewards(
     r_{i,j} = 0                         for j >= n_i
 
     Args:
-      answer_logprob: ``[B, T]`` probe log-probs.
+      answer_logprob: ``[B, T]`` (or ``[B, T, K]``) probe log-probs.
       outcome: ``[B]`` outcome rewards R_i.
       turn_mask: ``[B, T]`` prefix mask of valid turns.
+      target_weights, target_mask, subgoal_potential, gain_clip: as in :func:`information_gain`.
 
     Returns:
       ``[B, T]`` float64. A one-turn rollout gets only ``outcome_weight * R_i``.
     """
-    gains = information_gain(answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
+    gains = information_gain(
+        answer_logprob, turn_mask, target_weights=target_weights, target_mask=target_mask, kind=kind,
+        log_prob_floor=log_prob_floor, subgoal_potential=subgoal_potential, gain_clip=gain_clip,
+    )
     outcome = _float64(outcome)
     mask = _bool(turn_mask)
     _check_rollouts(outcome, "outcome", mask.shape[0])
@@ -338,8 +450,9 @@ def group_normalize(
       std  = sqrt(var);   std := 1 when N == 1, N - ddof <= 0 or var == 0
 
     Pools: ``"joint"`` = all valid entries of a group; ``"separate"`` = per group, the final-turn
-    entries (j = n_i - 1) and the non-final entries (j < n_i - 1) apart. A pool whose entries
-    are all equal gives exactly 0. Padded entries get 0.
+    entries (j = n_i - 1) and the non-final entries (j < n_i - 1) apart; ``"turn_index"`` = per
+    group, the non-final entries at each turn index j in a pool of their own, and the final-turn
+    entries. A pool whose entries are all equal gives exactly 0. Padded entries get 0.
 
     Args:
       rewards: ``[B, T]`` turn rewards.
@@ -365,8 +478,12 @@ def group_normalize(
         for j in range(n):
             if mode == "joint":
                 pool = "all"
+            elif j == n - 1:
+                pool = "final"
+            elif mode == "separate":
+                pool = "information_gain"
             else:
-                pool = "final" if j == n - 1 else "information_gain"
+                pool = f"information_gain at turn {j}"
             pools.setdefault((keys[i], pool), []).append((i, j))
 
     out = np.zeros(values.shape, dtype=np.float64)
@@ -416,6 +533,52 @@ def discounted_returns(rewards: Any, turn_mask: Any, *, gamma: float = 1.0) -> n
     return out
 
 
+def variance_rescaled_returns(
+    rewards: Any, turn_mask: Any, *, gamma: float = 1.0, ig_advantage_scale: float = 1.0
+) -> np.ndarray:
+    """The IG part of the return divided by the square root of its number of terms (after A2TGPO).
+
+    A_{i,j} = alpha * (sum_{k=j}^{n_i-2} gamma^(k-j) A^_{i,k}) / sqrt(n_i - 1 - j)
+              + gamma^(n_i-1-j) * A^_{i,n_i-1}                                   for j < n_i - 1
+    A_{i,n_i-1} = A^_{i,n_i-1}
+
+    alpha = ``ig_advantage_scale``. Padded turns get 0.
+
+    Returns:
+      ``[B, T]`` float64.
+    """
+    values = _float64(rewards)
+    mask = _bool(turn_mask)
+    _check_ndim(values, "rewards", 2, "[B, T]")
+    _check_same_shape(mask, "turn_mask", values, "rewards")
+    gamma = float(gamma)
+    out = np.zeros(values.shape, dtype=np.float64)
+    for i, n in enumerate(_num_turns(mask)):
+        if n == 0:
+            continue
+        final = float(values[i, n - 1])
+        for j in range(n - 1):
+            information = sum(gamma ** (k - j) * float(values[i, k]) for k in range(j, n - 1))
+            terms = n - 1 - j
+            out[i, j] = ig_advantage_scale * information / math.sqrt(terms) + gamma ** (n - 1 - j) * final
+        out[i, n - 1] = final
+    return out
+
+
+def _accumulate(
+    normalized: np.ndarray, turn_mask: np.ndarray, *, gamma: float, accumulation: str, ig_advantage_scale: float
+) -> np.ndarray:
+    """Section 4 with its two variants: "discounted" scales the IG entries by alpha first."""
+    _check_choice(accumulation, "accumulation", _ACCUMULATIONS)
+    if accumulation == "sqrt_n":
+        return variance_rescaled_returns(normalized, turn_mask, gamma=gamma, ig_advantage_scale=ig_advantage_scale)
+    scaled = normalized.copy()
+    for i, n in enumerate(_num_turns(turn_mask)):
+        for j in range(n - 1):
+            scaled[i, j] = ig_advantage_scale * normalized[i, j]
+    return discounted_returns(scaled, turn_mask, gamma=gamma)
+
+
 def igpo_advantages(
     answer_logprob: Any,
     outcome: Any,
@@ -423,6 +586,8 @@ def igpo_advantages(
     group_ids: Any = None,
     *,
     group_size: int | None = None,
+    target_weights: Any = None,
+    target_mask: Any = None,
     gamma: float = 1.0,
     kind: str = "prob",
     mode: str = "joint",
@@ -433,11 +598,18 @@ def igpo_advantages(
     ig_weight: float = 1.0,
     outcome_weight: float = 1.0,
     log_prob_floor: float = -20.0,
+    subgoal_potential: str = "running_max",
+    gain_clip: str = "none",
+    accumulation: str = "discounted",
+    ig_advantage_scale: float = 1.0,
 ) -> IGPOAdvantages:
-    """IGPO turn advantages: information_gain -> turn_rewards -> group_normalize -> discounted_returns.
+    """IGPO turn advantages: information_gain -> turn_rewards -> group_normalize -> accumulation.
+
+    The accumulation is :func:`discounted_returns` of the normalized rewards with the IG entries
+    scaled by ``ig_advantage_scale`` ("discounted"), or :func:`variance_rescaled_returns` ("sqrt_n").
 
     Args:
-      answer_logprob: ``[B, T]`` probe log-probs.
+      answer_logprob: ``[B, T]`` (or ``[B, T, K]``) probe log-probs.
       outcome: ``[B]`` outcome rewards.
       turn_mask: ``[B, T]`` prefix mask of valid turns.
       group_ids: ``[B]`` hashable group ids (or ``group_size``, see :func:`group_normalize`).
@@ -446,21 +618,17 @@ def igpo_advantages(
       :class:`IGPOAdvantages` ``(advantages, normalized_rewards, rewards, information_gain)``,
       each ``[B, T]`` float64.
     """
-    gains = information_gain(answer_logprob, turn_mask, kind=kind, log_prob_floor=log_prob_floor)
-    rewards = turn_rewards(
-        answer_logprob,
-        outcome,
-        turn_mask,
-        kind=kind,
-        ig_weight=ig_weight,
-        outcome_weight=outcome_weight,
-        log_prob_floor=log_prob_floor,
-    )
+    targets = dict(target_weights=target_weights, target_mask=target_mask, kind=kind, log_prob_floor=log_prob_floor,
+                   subgoal_potential=subgoal_potential, gain_clip=gain_clip)
+    gains = information_gain(answer_logprob, turn_mask, **targets)
+    rewards = turn_rewards(answer_logprob, outcome, turn_mask, ig_weight=ig_weight, outcome_weight=outcome_weight,
+                           **targets)
     normalized = group_normalize(
         rewards, turn_mask, group_ids, group_size=group_size, mode=mode, weighting=weighting, scale=scale,
         eps=eps, ddof=ddof,
     )
-    advantages = discounted_returns(normalized, turn_mask, gamma=gamma)
+    advantages = _accumulate(normalized, _bool(turn_mask), gamma=gamma, accumulation=accumulation,
+                             ig_advantage_scale=ig_advantage_scale)
     return IGPOAdvantages(advantages, normalized, rewards, gains)
 
 
@@ -642,13 +810,16 @@ def advantages_from_token_rewards(
     scale: str = "std",
     eps: float = 1e-6,
     ddof: int = 0,
+    accumulation: str = "discounted",
+    ig_advantage_scale: float = 1.0,
     max_turns: int | None = None,
 ) -> np.ndarray:
     """IGPO token advantages from verl/SkyRL token-level rewards.
 
     r_{i,j} = token_level_rewards[i, last token of run j]
     r_{i,n_i-1} += sum of token_level_rewards[i, s] for the tokens s after the last run
-    A^ = group_normalize(r);  A = discounted_returns(A^, gamma);  out_{i,s} = A_{i, turn of s}
+    A^ = group_normalize(r);  A = discounted_returns(A^, gamma) (or the accumulation variant of
+    :func:`igpo_advantages`);  out_{i,s} = A_{i, turn of s}
 
     Turns are the maximal runs of 1s of ``response_mask`` (never found by reward != 0). Rewards
     on other tokens (not the last of a run, not after the last run) are ignored. Observation,
@@ -689,7 +860,8 @@ def advantages_from_token_rewards(
     normalized = group_normalize(
         turn_reward, turn_mask, keys, mode=mode, weighting=weighting, scale=scale, eps=eps, ddof=ddof
     )
-    advantages = discounted_returns(normalized, turn_mask, gamma=gamma)
+    advantages = _accumulate(normalized, turn_mask, gamma=gamma, accumulation=accumulation,
+                             ig_advantage_scale=ig_advantage_scale)
     return broadcast_to_tokens(advantages, turn_index_from_response_mask(mask))
 
 

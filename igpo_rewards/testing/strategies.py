@@ -4,7 +4,7 @@ Every strategy draws NumPy arrays (float64 values, bool masks, int64 ids and tok
 :func:`to_backend` converts a drawn batch (or one array) to the library under test. Default
 sizes are small so that a hundred examples run in about a second.
 
-Shapes: B rollouts, T turns (padded), S response tokens.
+Shapes: B rollouts, T turns (padded), S response tokens, K probe targets.
 
 Example::
 
@@ -37,10 +37,12 @@ except ImportError as error:  # hypothesis is an optional dependency of igpo_rew
 
 __all__ = [
     "TurnBatch",
+    "TargetBatch",
     "TokenBatch",
     "turn_masks",
     "group_ids",
     "turn_batches",
+    "target_batches",
     "token_batches",
     "to_backend",
 ]
@@ -66,6 +68,30 @@ class TurnBatch(NamedTuple):
     outcome: np.ndarray
     turn_mask: np.ndarray
     group_ids: np.ndarray
+
+
+class TargetBatch(NamedTuple):
+    """A turn-level batch whose probes score K targets (the inputs of ``igpo_advantages`` with
+    ``target_weights`` and ``target_mask``).
+
+    Attributes:
+      answer_logprob: ``[B, T, K]`` float64; column 0 is the answer (a :class:`TurnBatch`'s
+        ``answer_logprob``), columns 1 .. K-1 sub-goals. Valid slots of present targets are <= 0
+        and may be ``-inf``; padded slots hold finite junk; every slot of an absent target is NaN
+        (all of which must be ignored).
+      outcome: ``[B]`` float64 outcome rewards (as in :class:`TurnBatch`).
+      turn_mask: ``[B, T]`` bool prefix mask.
+      group_ids: ``[B]`` int64 group ids.
+      target_mask: ``[B, K]`` bool, which targets each row has; column 0 (the answer) is all True.
+      target_weights: ``[B, K]`` float64 finite weights (0 and negative ones included).
+    """
+
+    answer_logprob: np.ndarray
+    outcome: np.ndarray
+    turn_mask: np.ndarray
+    group_ids: np.ndarray
+    target_mask: np.ndarray
+    target_weights: np.ndarray
 
 
 class TokenBatch(NamedTuple):
@@ -290,6 +316,80 @@ def turn_batches(
     max_turns = _check_int(max_turns, "max_turns", 1)
     return _turn_batches(
         max_groups, max_group_size, max_turns, allow_neg_inf, allow_empty_rows, ties, contiguous_groups
+    )
+
+
+_TARGET_WEIGHTS = st.sampled_from([1.0, 0.5, 2.0, 0.0, 0.25, -0.5])
+_SUBGOAL_PATTERNS = st.sampled_from(["drawn", "drawn", "constant", "rise_and_fall"])
+
+
+def _subgoal_column(draw: Any, num_valid: int, num_turns: int, logprobs: Any) -> list[float]:
+    """One sub-goal's probes of one row: drawn values, one constant value, or a rise then a fall
+    (what a bridge entity's probe does once the next hop is found), then junk on padded turns."""
+    pattern = draw(_SUBGOAL_PATTERNS)
+    if pattern == "constant":
+        valid = [draw(logprobs)] * num_valid
+    elif pattern == "rise_and_fall":
+        peak = draw(st.integers(0, max(num_valid - 1, 0)))
+        valid = [-0.1 if j == peak else -3.0 for j in range(num_valid)]
+    else:
+        valid = draw(st.lists(logprobs, min_size=num_valid, max_size=num_valid))
+    return valid + draw(st.lists(_JUNK, min_size=num_turns - num_valid, max_size=num_turns - num_valid))
+
+
+@st.composite
+def _target_batches(draw: Any, max_targets: int, allow_neg_inf: bool, turn_batch: Any) -> TargetBatch:
+    batch = draw(turn_batch)
+    num_rollouts, num_turns = batch.turn_mask.shape
+    num_targets = draw(st.integers(1, max_targets))
+    logprobs = _LOGPROBS if allow_neg_inf else _FINITE_LOGPROBS
+    answer_logprob = np.full((num_rollouts, num_turns, num_targets), np.nan)
+    answer_logprob[:, :, 0] = batch.answer_logprob
+    target_mask = np.zeros((num_rollouts, num_targets), dtype=bool)
+    target_mask[:, 0] = True
+    for i in range(num_rollouts):
+        num_valid = int(batch.turn_mask[i].sum())
+        for k in range(1, num_targets):
+            target_mask[i, k] = draw(st.booleans())
+            if target_mask[i, k]:
+                answer_logprob[i, :, k] = _subgoal_column(draw, num_valid, num_turns, logprobs)
+    shared = draw(st.booleans())
+    if shared:
+        weights = np.tile(np.asarray(draw(st.lists(_TARGET_WEIGHTS, min_size=num_targets, max_size=num_targets)),
+                                     dtype=np.float64), (num_rollouts, 1))
+    else:
+        weights = np.asarray(
+            draw(st.lists(_TARGET_WEIGHTS, min_size=num_rollouts * num_targets, max_size=num_rollouts * num_targets)),
+            dtype=np.float64,
+        ).reshape(num_rollouts, num_targets)
+    return TargetBatch(answer_logprob, batch.outcome, batch.turn_mask, batch.group_ids, target_mask, weights)
+
+
+def target_batches(
+    *,
+    max_targets: int = 4,
+    max_groups: int = 4,
+    max_group_size: int = 6,
+    max_turns: int = 6,
+    allow_neg_inf: bool = True,
+    allow_empty_rows: bool = True,
+    ties: bool = True,
+    contiguous_groups: bool = False,
+) -> st.SearchStrategy[TargetBatch]:
+    """Valid turn-level batches with K = 1 .. max_targets probe targets (:class:`TargetBatch`).
+
+    The answer column and the rest of the batch are a :func:`turn_batches` draw (same arguments);
+    each row has each sub-goal target k >= 1 or not (``target_mask``), whose probes are drawn
+    values, a constant, or a rise then a fall; absent targets are NaN everywhere. The weights are
+    one ``[K]`` row shared by every rollout or drawn per rollout.
+    """
+    max_targets = _check_int(max_targets, "max_targets", 1)
+    return _target_batches(
+        max_targets,
+        allow_neg_inf,
+        turn_batches(max_groups=max_groups, max_group_size=max_group_size, max_turns=max_turns,
+                     allow_neg_inf=allow_neg_inf, allow_empty_rows=allow_empty_rows, ties=ties,
+                     contiguous_groups=contiguous_groups),
     )
 
 

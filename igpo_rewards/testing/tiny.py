@@ -4,7 +4,8 @@
 (so every string round-trips through encode/decode), adds the Search-R1 tags
 (``igpo_rewards.agent.protocol.TAGS``) as ordinary (non-special, so they decode) tokens, and
 gives it a ChatML chat template so ``tokenizer.apply_chat_template`` works exactly as it does for
-Qwen2.5-Instruct. ``build_model`` builds a small ``LlamaForCausalLM`` from a config with
+Qwen2.5-Instruct, and renders Search-R1 tool calls for TRL's tool loop (``CHAT_TEMPLATE``).
+``build_model`` builds a small ``LlamaForCausalLM`` from a config with
 ``attn_implementation="sdpa"`` (or ``"eager"``), both of which take the custom 4D additive
 attention masks that ``igpo_rewards.agent.probes`` uses to pack all probes of a trajectory into
 one forward. (Llama rather than Qwen2: transformers 5 loads the tokenizer of any ``qwen2``
@@ -31,6 +32,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from igpo_rewards.agent.protocol import TAGS
+from igpo_rewards.agent.tool_calls import SEARCH_R1_CHAT_TEMPLATE
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -52,16 +54,14 @@ PAD_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
 _SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, IM_START_TOKEN, EOS_TOKEN)
 
-#: ChatML (the Qwen2.5-Instruct layout) preceded by the bos token:
+#: ChatML (the Qwen2.5-Instruct layout) preceded by the bos token, with Search-R1 tool calls:
 #: ``<|startoftext|><|im_start|>system\n...<|im_end|>\n<|im_start|>user\n...<|im_end|>\n``
-#: and, with ``add_generation_prompt=True``, ``<|im_start|>assistant\n``.
-CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+#: and, with ``add_generation_prompt=True``, ``<|im_start|>assistant\n``. A ``search`` tool call
+#: renders as ``<search> query </search>`` and a tool result as the observation block, so TRL's
+#: tool loop (``tools=`` / ``environment_factory=``) accepts these tokenizers and writes the
+#: Search-R1 token layout: ``igpo_rewards.agent.tool_calls.SEARCH_R1_CHAT_TEMPLATE`` (its docstring
+#: says what differs from plain ChatML: after a final assistant message there is no newline).
+CHAT_TEMPLATE = SEARCH_R1_CHAT_TEMPLATE
 
 #: Attention implementations that apply a custom 4D additive float mask as given
 #: (transformers passes a 4D mask through unchanged; both add it to the attention scores).

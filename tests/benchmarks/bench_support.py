@@ -325,6 +325,15 @@ def markdown(summary: dict[str, Any]) -> str:
                     f"\n{e['workload']}: {e['way']} costs {100 * e['extra_time_fraction']:.1f}% more than the old-log-prob "
                     f"forward alone; the ideal extra tokens (T x P, P = {e['probe_length']}) are "
                     f"{100 * e['ideal_extra_token_fraction']:.1f}% of its tokens: {e['ratio_to_ideal']:.2f}x the ideal.")
+    targets = [r for r in summary["rows"] if r["suite"] == "probe_targets"]
+    if targets:
+        lines += ["", "## Probes of several targets per turn (interleaved rounds)", "",
+                  "| turns | way | K | extra over the forward alone, K targets | the same, one target "
+                  "| extra over one target |", "|---|---|---:|---:|---:|---:|"]
+        for r in targets:
+            lines.append(f"| {r['workload']} | {r['name'].split()[0]} | {r['num_targets']} | "
+                         f"{100 * r['extra_over_alone']:.1f}% | {100 * r['one_target_extra_over_alone']:.1f}% | "
+                         f"{100 * r['extra_over_one_target']:.1f}% |")
     loops = [r for r in summary["rows"] if r["backend"] == "python"]
     if loops:
         lines += ["", "Loop style (the float64 oracle) on one group, scaled by B / rows:", ""]

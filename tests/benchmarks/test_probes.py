@@ -17,6 +17,11 @@ For a batch of finished trajectories with 4 and with 10 turns, every probe's ans
 
 The old log-probs are those of the generated tokens (the turns), as the trainer scores them.
 
+K = 4 targets per turn (the answer and three sub-goals, ``target_table``): (c) and (d) with every
+turn probed for four targets in the same forward, timed in interleaved rounds against the same
+way with one target and the forward alone (``test_four_targets_per_turn_in_interleaved_rounds``),
+checked against one plain forward per (turn, target).
+
 The summary reports tokens processed (real and padded: attention runs on the padded packed
 layout) and wall time, and the extra cost of (c) and (d) over the old-log-prob forward next to the
 ideal extra tokens T x P (probe suffix length P) relative to the forward's tokens. All
@@ -45,6 +50,7 @@ from igpo_rewards.agent.probes import (  # noqa: E402
     pad_token_ids,
     probe_forward,
     suffix_table,
+    target_table,
     token_logprobs,
 )
 from igpo_rewards.agent.protocol import TAGS  # noqa: E402
@@ -315,3 +321,74 @@ def test_probe_overhead_in_interleaved_rounds(benchmark, probe_batch, recorder):
         extra = statistics.median(t / alone - 1.0 for t, alone in zip(seconds[name], seconds["alone"]))
         recorder.record(benchmark, suite="probes_paired", workload=f"T={num_turns}", backend="torch", name=name,
                         paired_extra_fraction=extra, **counts)
+
+
+NUM_TARGETS = 4
+
+
+def _targets(num_turns: int, batch: ProbeBatch) -> list[list]:
+    """Per trajectory: its answer's suffix, then three other entities of the world as sub-goals."""
+    _, tokenizer = _model_and_tokenizer()
+    world = _world()
+    rng = random.Random(100 + num_turns)
+    entities = sorted({example.answers[0] for example in world.train})
+    return [[suffix] + [build_probe_suffix(tokenizer, name) for name in rng.sample(entities, NUM_TARGETS - 1)]
+            for suffix in batch.suffixes]
+
+
+@functools.lru_cache(maxsize=2)
+def _naive_targets(num_turns: int):
+    """[B, T, K, L] from one plain forward per (turn, target)."""
+    model, _ = _model_and_tokenizer()
+    batch = _trajectory_batch(num_turns)
+    targets = _targets(num_turns, batch)
+    per_target = []
+    with torch.no_grad():
+        for k in range(NUM_TARGETS):
+            per_target.append(naive_probe_logprobs(model, batch.token_ids, batch.starts, [row[k] for row in targets]))
+    width = max(values.shape[2] for values, _ in per_target)
+    pad = [torch.nn.functional.pad(values, (0, width - values.shape[2])) for values, _ in per_target]
+    masks = [torch.nn.functional.pad(mask, (0, width - mask.shape[2])) for _, mask in per_target]
+    return torch.stack(pad, dim=2), torch.stack(masks, dim=2)
+
+
+@pytest.mark.parametrize("layout", ["packed", "kv_cache"])
+def test_four_targets_per_turn_in_interleaved_rounds(benchmark, probe_batch, recorder, layout):
+    """The cost of probing K = 4 targets per turn in the same forward, against one target and against
+    the old-log-prob forward alone, from rounds that time all three in a shuffled order (as above)."""
+    num_turns, batch = probe_batch
+    model, _ = _model_and_tokenizer()
+    tensors = _tensors(batch)
+    with_targets = tensors._replace(suffixes=target_table(_targets(num_turns, batch)))
+    ways = {
+        "alone": lambda: alone(model, tensors),
+        "one target": lambda: folded(model, tensors, layout),
+        "four targets": lambda: folded(model, with_targets, layout),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    results = {}
+    shuffle = random.Random(num_turns)
+
+    def one_round():
+        order = list(ways)
+        shuffle.shuffle(order)
+        with torch.no_grad():
+            for name in order:
+                started = time.perf_counter()
+                results[name] = ways[name]()
+                seconds[name].append(time.perf_counter() - started)
+
+    benchmark.group = f"probes, {num_turns} turns: {NUM_TARGETS} targets per turn ({layout})"
+    benchmark.pedantic(one_round, rounds=rounds("probe_paired"), warmup_rounds=0, iterations=1)
+    want, want_mask = _naive_targets(num_turns)
+    got = results["four targets"]
+    assert got.probe_logprobs.shape == want.shape and torch.equal(got.probe_mask, want_mask)
+    torch.testing.assert_close(got.probe_logprobs, want, rtol=0.0, atol=TOLERANCE)
+    torch.testing.assert_close(got.token_logprobs, results["alone"], rtol=0.0, atol=TOLERANCE)
+    over_alone = statistics.median(t / a - 1.0 for t, a in zip(seconds["four targets"], seconds["alone"]))
+    over_one = statistics.median(t / o - 1.0 for t, o in zip(seconds["four targets"], seconds["one target"]))
+    one_over_alone = statistics.median(o / a - 1.0 for o, a in zip(seconds["one target"], seconds["alone"]))
+    recorder.record(benchmark, suite="probe_targets", workload=f"T={num_turns}", backend="torch",
+                    name=WAY_C if layout == "packed" else WAY_D, num_targets=NUM_TARGETS,
+                    extra_over_alone=over_alone, extra_over_one_target=over_one,
+                    one_target_extra_over_alone=one_over_alone, **_token_counts(batch))

@@ -129,13 +129,19 @@ def test_token_reward_errors_are_the_same(backend, formulation, case):
 
 
 @pytest.mark.backends("numpy", "torch")
-def test_nan_inside_a_turn_and_rewards_of_empty_rows_are_ignored(backend, formulation):
-    """Only a run's last token is read: NaN elsewhere in it is not an error; a row without
-    generated tokens has nothing to read, whatever its rewards."""
+def test_values_off_the_read_positions_are_refused_or_ignored(backend, formulation):
+    """Only a run's last token is read. Under validate=True a value elsewhere in a turn (NaN
+    too) or in a row without generated tokens would be lost, so both formulations refuse it with
+    the same message; with validate=False they ignore it and read the same advantages."""
     mask = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]])
-    rewards = np.array([[np.nan, 1.0, 0.0, 3.0, 0.0], [5.0, 0.0, 0.0, 0.0, 2.0]])
-    got = run(igpo.advantages_from_token_rewards, backend, rewards, mask, np.array([0, 0]), scale="none")
-    np.testing.assert_allclose(got, [[0.0, 0.0, 0.0, 1.0, 0.0], [0.0] * 5])
+    inside_a_turn = np.array([[np.nan, 1.0, 0.0, 3.0, 0.0], [0.0] * 5])
+    empty_row = np.array([[0.0, 1.0, 0.0, 3.0, 0.0], [5.0, 0.0, 0.0, 0.0, 2.0]])
+    for rewards in (inside_a_turn, empty_row):
+        with pytest.raises(ValueError, match="token_level_rewards"):
+            run(igpo.advantages_from_token_rewards, backend, rewards, mask, np.array([0, 0]), scale="none")
+        got = run(igpo.advantages_from_token_rewards, backend, rewards, mask, np.array([0, 0]), scale="none",
+                  validate=False)
+        np.testing.assert_allclose(got, [[0.0, 0.0, 0.0, 1.0, 0.0], [0.0] * 5])
 
 
 @pytest.mark.backends("numpy", "torch")

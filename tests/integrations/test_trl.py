@@ -288,7 +288,8 @@ def test_bad_rollouts_fail_loudly(model_dir, tmp_path):
     trainer = run.make_trainer(model_dir, tmp_path / "b", per_device_batch=run.GLOBAL_ROWS, rollout=one_probe_short)
     with pytest.raises(ValueError, match="one probe log-prob per turn"):
         run.score_local_slice(trainer)
-    with pytest.raises(ValueError, match="needs a rollout_func"):
+    with pytest.raises(ValueError, match=r"needs TRL's tool loop \(tools=\[...\] or environment_factory=...\) or a "
+                                         r"rollout_func .*; got neither"):
         IGPOTrainer(model=trainer.model, reward_funcs=[run.outcome_reward], args=trainer.args,
                     train_dataset=trainer.train_dataset, processing_class=trainer.processing_class)
 
@@ -321,7 +322,7 @@ def test_trl_versions_in_the_range_pass(version):
     check_trl_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.29.1", "1.0.0rc1", "1.17.0.dev0", "1.17.0", "2.0.0"])
+@pytest.mark.parametrize("version", ["0.29.1", "1.0.0rc1", "1.16.0rc1", "1.17.0.dev0", "1.17.0", "2.0.0"])
 def test_other_trl_versions_are_refused_at_construction(version, monkeypatch):
     message = rf"supports trl>=1\.0,<1\.17 \(tested: 1\.0\.0 and 1\.16\.0\); found trl {re.escape(version)}\."
     with pytest.raises(RuntimeError, match=message):
@@ -335,7 +336,19 @@ def test_arguments_whose_meaning_differs_between_trl_releases_are_refused():
     common = dict(model="unused", reward_funcs=[run.outcome_reward], rollout_func=run.rollout_func)
     with pytest.raises(TypeError, match="at most 9 positional arguments .* got 10"):
         IGPOTrainer("unused", *[None] * 9, rollout_func=run.rollout_func)
-    with pytest.raises(ValueError, match=r"TRL's tool loop \(tools=...\)"):
+    with pytest.raises(ValueError, match=r"either a rollout_func or TRL's tool loop, not both: TRL's tool loop \(tools=...\)"):
         IGPOTrainer(tools=[len], **common)
-    with pytest.raises(ValueError, match=r"TRL's tool loop \(environment_factory=...\)"):
+    with pytest.raises(ValueError, match=r"not both: TRL's tool loop \(environment_factory=...\)"):
         IGPOTrainer(environment_factory=object, **common)
+    for name, value in (("answers_column", "answers"), ("subgoals_column", "subgoals"), ("probe_template", "{answer}"),
+                        ("probe_batch_size", 8)):
+        with pytest.raises(ValueError, match=rf"{name} configure the probes of TRL's tool loop; with a rollout_func"):
+            IGPOTrainer(**common, **{name: value})
+
+
+def test_verls_outcome_only_opt_in_is_refused():
+    """allow_outcome_only is verl's opt-in; IGPOTrainer always scores the probes, so the setting
+    would mean nothing here and is refused rather than ignored."""
+    with pytest.raises(ValueError, match="allow_outcome_only is the verl integration's opt-in"):
+        IGPOTrainer(model="unused", reward_funcs=[run.outcome_reward], rollout_func=run.rollout_func,
+                    igpo_settings={"allow_outcome_only": True})

@@ -13,6 +13,8 @@ import os
 import re
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +123,28 @@ def run_verl(data, config):
     )
 
 
+def test_the_verl_pins_job_installs_verls_own_requirements():
+    """constraints-verl-pins.txt pins verl and a transformers verl's metadata allows; the verl-pins
+    job (scripts/test_verl_pins.sh, which sets IGPO_EXPECT_*) imports exactly those."""
+    import importlib.metadata
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    import verl
+
+    text = (Path(__file__).resolve().parents[2] / "constraints-verl-pins.txt").read_text(encoding="utf-8")
+    pins = dict(re.findall(r"^([\w-]+)==([\w.]+)$", text, flags=re.M))
+    assert set(pins) == {"verl", "transformers"} and pins["verl"] == importlib.metadata.version("verl")
+    (allowed,) = [Requirement(line) for line in importlib.metadata.requires("verl")
+                  if Requirement(line).name == "transformers" and Requirement(line).marker is None]
+    assert pins["transformers"] in allowed.specifier, (pins["transformers"], str(allowed.specifier))
+    expected_verl, expected_transformers = os.environ.get("IGPO_EXPECT_VERL"), os.environ.get("IGPO_EXPECT_TRANSFORMERS")
+    if expected_verl is not None:  # the verl-pins job
+        assert verl.__version__ == expected_verl == pins["verl"]
+        assert transformers.__version__ == expected_transformers == pins["transformers"]
+
+
 def test_import_verl_registers_igpo_through_the_entry_point():
     code = (
         "import sys, verl\n"
@@ -139,6 +163,21 @@ def test_import_verl_registers_igpo_through_the_entry_point():
         "igpo_rewards.integrations.verl", "compute_igpo_advantage", "True",
         "igpo_rewards.integrations.verl_agent_loop.IGPOToolAgentLoop",
     ]
+
+
+def test_any_verl_module_of_igpo_rewards_imported_first_leaves_both_plugins_registered():
+    """Importing one of these modules first makes verl load its plugins (import verl), which import
+    the others: no import cycle may leave a plugin half-loaded (verl would log it at debug level)."""
+    modules = ["verl_checks", "verl_manager", "verl_agent_loop", "_verl_v1", "verl_search"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VERL_USE_EXTERNAL")}
+    code = ("import importlib, sys; importlib.import_module('igpo_rewards.integrations.' + sys.argv[1]); "
+            "from igpo_rewards.integrations.verl import check_agent_loop_registered, check_registered; "
+            "check_registered(); check_agent_loop_registered()")
+    processes = {module: subprocess.Popen([sys.executable, "-W", "ignore", "-c", code, module], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for module in modules}
+    failed = {module: process.communicate(timeout=600)[1][-1500:] for module, process in processes.items()}
+    assert all(processes[module].returncode == 0 for module in modules), {
+        module: error for module, error in failed.items() if processes[module].returncode}
 
 
 def test_start_up_check_says_why_igpo_is_missing_when_plugins_are_disabled():
@@ -184,6 +223,29 @@ def test_verl_compute_advantage_matches_igpo_rewards(igpo):
     assert torch.count_nonzero(advantages[response_mask == 0]) == 0
 
 
+def test_the_pool_and_accumulation_variants_reach_verls_estimator():
+    """algorithm.igpo.mode=turn_index, accumulation=sqrt_n and ig_advantage_scale go through verl's own
+    compute_advantage to igpo_rewards.advantages_from_token_rewards (checked against the float64 oracle)."""
+    uids, response_mask, scores, _, _, _ = build_batch()
+    igpo = {"mode": "turn_index", "accumulation": "sqrt_n", "ig_advantage_scale": 0.3, "gamma": 0.9}
+    data = run_verl(make_data(uids, response_mask, scores.clone()), algorithm_config(igpo))
+    expected = reference.advantages_from_token_rewards(scores.numpy(), response_mask.numpy(), list(uids), **igpo)
+    np.testing.assert_allclose(data.batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    paper = run_verl(make_data(uids, response_mask, scores.clone()), algorithm_config())
+    assert not torch.allclose(paper.batch["advantages"], data.batch["advantages"])
+
+
+def test_sub_goal_targets_are_refused_until_the_probes_run_on_the_actor():
+    with pytest.raises(ValueError, match=r"algorithm.igpo.subgoal_weight = 0.5: sub-goal targets are not available in "
+                                         r"verl yet.*probes on the actor"):
+        igpo_verl.settings_from_config(algorithm_config({"subgoal_weight": 0.5}))
+    uids, response_mask, scores, _, _, _ = build_batch()
+    with pytest.raises(ValueError, match="subgoal_weight"):
+        run_verl(make_data(uids, response_mask, scores.clone()), algorithm_config({"subgoal_weight": 1.0}))
+    with pytest.raises(ValueError, match="subgoal_weight"):
+        igpo_verl.igpo_token_scores(np.log([[0.2, 0.5]]), [1.0], [[1, 0, 1]], config=IGPOSettings(subgoal_weight=1.0))
+
+
 def test_kl_in_reward_is_refused_instead_of_dropped():
     """verl's use_kl_in_reward puts a KL penalty on every generated token; IGPO reads a turn's reward
     at its last token, so the rest would be lost: refused by config, and by the token layout itself."""
@@ -203,7 +265,7 @@ def test_kl_in_reward_is_refused_instead_of_dropped():
     data, _ = apply_kl_penalty(data, core_algos.FixedKLController(0.05), kl_penalty="kl")
     rewards = data.batch["token_level_rewards"]
     assert torch.all(rewards[response_mask == 1] != 0)  # every generated token carries a reward
-    with pytest.raises(ValueError, match=r"algorithm.use_kl_in_reward=True with adv_estimator=igpo.*use_kl_loss=True"):
+    with pytest.raises(ValueError, match=r"algorithm\.use_kl_in_reward is True: .*use_kl_loss=True"):
         run_verl(data, algorithm_config(use_kl_in_reward=True))
     with pytest.raises(ValueError, match=r"nonzero rewards on generated tokens before the last token of their turn.*"
                                          r"use_kl_in_reward"):
@@ -329,7 +391,7 @@ def test_doc_search_tool_config_builds_the_search_tool(tmp_path):
 
     from igpo_rewards.integrations.verl_search import SearchTool
 
-    (config,) = doc_blocks("yaml")
+    config = doc_blocks("yaml")[0]
     path = tmp_path / "search_tool.yaml"
     path.write_text(config)
     (tool,) = initialize_tools_from_config(str(path))  # what verl's agent-loop workers call
@@ -338,21 +400,118 @@ def test_doc_search_tool_config_builds_the_search_tool(tmp_path):
     assert tool.tool_schema.function.parameters.required == ["query"]
 
 
-def test_doc_command_composes_with_verls_config_and_names_loadable_pieces(tmp_path):
-    """The page's main_ppo command, composed by Hydra with verl 0.9.1's own ppo_trainer config:
-    every override is a valid key, and every class, module and setting it names loads."""
+def compose_verl_config(arguments):
+    """verl's ppo_trainer config composed by Hydra from verl's own config directory, as
+    ``verl.trainer.main_ppo`` (``@hydra.main(config_path="config", config_name="ppo_trainer")``) does."""
     from hydra import compose, initialize_config_dir
+
+    import verl
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=list(arguments))
+
+
+def main_ppo_commands():
+    """Every ``python -m verl.trainer.main_ppo`` command in the page's bash blocks, as its overrides,
+    once per trainer: as written (V1 unless it sets trainer.use_v1), then with trainer.use_v1=False;
+    the V1 commands also in the async modes the page says they run in (trainer.v1.trainer_mode)."""
+    commands = []
+    for number, command in enumerate(command for block in doc_blocks("bash")
+                                     for command in re.split(r"\n(?=\S)", block.replace("\\\n", " "))
+                                     if "verl.trainer.main_ppo" in command):
+        arguments = command.split("verl.trainer.main_ppo", 1)[1].split()
+        if not any(argument.startswith("trainer.use_v1=") for argument in arguments):
+            commands.append(pytest.param(arguments, id=f"command{number}-v1"))
+            for mode in ("colocate_async", "separate_async"):
+                commands.append(pytest.param([*arguments, f"trainer.v1.trainer_mode={mode}"], id=f"command{number}-{mode}"))
+            arguments = [*arguments, "trainer.use_v1=False"]
+        commands.append(pytest.param(arguments, id=f"command{number}-legacy"))
+    return commands
+
+
+def validate_as_main_ppo(config):
+    """What ``verl.trainer.main_ppo.main`` runs before it starts Ray (its lines after @hydra.main)."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    auto_set_device(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
+def test_the_page_has_main_ppo_commands_for_both_trainers():
+    ids = [param.id for param in main_ppo_commands()]
+    assert ids and any(i.endswith("-v1") for i in ids) and any(i.endswith("-legacy") for i in ids), ids
+
+
+@pytest.mark.parametrize("arguments", main_ppo_commands())
+def test_every_main_ppo_command_on_the_page_passes_verls_validate_config(arguments):
+    """The page's commands, composed with verl 0.9.1's own Hydra config and validated exactly as
+    main_ppo does before any rollout (verl's validate_config, called with main_ppo's arguments);
+    then IGPO's own start-up checks, which IGPOAgentLoopManager.create runs in the trainer."""
+    from igpo_rewards.integrations.verl_checks import check_config
+
+    config = compose_verl_config(arguments)
+    validate_as_main_ppo(config)
+    assert check_config(config) == []
+
+
+def test_the_commands_without_micro_batch_settings_fail_verls_validate_config():
+    """What the page's command lacked: the check above is verl's, not a formality."""
+    (arguments, *_), *_ = [param.values for param in main_ppo_commands()]
+    arguments = [argument for argument in arguments if "use_dynamic_bsz" not in argument]
+    with pytest.raises(Exception, match="ppo_micro_batch_size"):
+        validate_as_main_ppo(compose_verl_config(arguments))
+
+
+def test_every_yaml_block_on_the_page_is_a_tool_config_verl_builds(tmp_path):
+    """The page's YAML blocks are tool configs (what actor_rollout_ref.rollout.multi_turn.tool_config_path
+    names); verl's initialize_tools_from_config builds each (a trainer config in YAML would need
+    validate_config like the commands above)."""
+    from verl.tools.tool_registry import initialize_tools_from_config
+
+    blocks = doc_blocks("yaml")
+    assert blocks
+    for index, block in enumerate(blocks):
+        assert OmegaConf.create(block).keys() == {"tools"}, f"YAML block {index} is not a tool config"
+        path = tmp_path / f"tools{index}.yaml"
+        path.write_text(block)
+        assert initialize_tools_from_config(str(path))
+
+
+def test_main_ppo_itself_validates_the_pages_command(tmp_path):
+    """verl.trainer.main_ppo.main as shipped (hydra.main, auto_set_device, validate_config) on the
+    page's first command, in a fresh process, stopped where it would start Ray (run_ppo); for
+    both trainers."""
+    by_id = {param.id: param.values[0] for param in main_ppo_commands()}
+    v1, legacy = by_id["command0-v1"], by_id["command0-legacy"]
+    script = (
+        "import sys\n"
+        "import verl.trainer.main_ppo as main_ppo\n"
+        "main_ppo.run_ppo = lambda config, task_runner_class: print('VALIDATED', config.trainer.use_v1, "
+        "task_runner_class.__name__ if hasattr(task_runner_class, '__name__') else type(task_runner_class).__name__)\n"
+        "sys.argv = ['main_ppo', *sys.argv[1:]]\n"
+        "main_ppo.main()\n"
+    )
+    for arguments, expected in ((v1, "VALIDATED True"), (legacy, "VALIDATED False")):
+        result = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", script, *arguments, f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert expected in result.stdout, result.stdout[-2000:]
+
+
+def test_doc_command_names_loadable_pieces(tmp_path):
+    """Every class, module and setting the page's command names loads, and composes to what the page says."""
     from verl.utils.config import omega_conf_to_dataclass
     from verl.utils.import_utils import load_class_from_fqn, load_extern_object
 
-    import verl
-    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager, IGPOReplayBuffer
 
-    (command,) = [block for block in doc_blocks("bash") if "main_ppo" in block]
-    arguments = command.replace("\\\n", " ").split("verl.trainer.main_ppo", 1)[1].split()
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        config = compose(config_name="ppo_trainer", overrides=arguments)
+    arguments = main_ppo_commands()[0].values[0]
+    config = compose_verl_config(arguments)
     rollout = config.actor_rollout_ref.rollout
     assert config.trainer.use_v1 is True  # verl 0.9's default trainer, not overridden
     assert config.algorithm.adv_estimator == "igpo" and config.algorithm.use_kl_in_reward is False
@@ -361,11 +520,12 @@ def test_doc_command_composes_with_verls_config_and_names_loadable_pieces(tmp_pa
     assert core_algos.get_adv_estimator_fn(config.algorithm.adv_estimator) is igpo_verl.compute_igpo_advantage
     assert load_class_from_fqn(rollout.agent.agent_loop_manager_class, "AgentLoopManager") is IGPOAgentLoopManager
     assert omega_conf_to_dataclass(rollout).agent.agent_loop_manager_class == rollout.agent.agent_loop_manager_class
+    sampler = config.trainer.v1.sampler.custom_sampler
+    assert load_extern_object(sampler.path, sampler.name) is IGPOReplayBuffer
     reward = config.reward.custom_reward_function
     assert load_extern_object(reward.path, reward.name) is igpo_verl.compute_score
     assert rollout.multi_turn.tool_config_path == "search_tool.yaml" and rollout.multi_turn.format == "hermes"
     igpo_verl._check_algorithm_config(config.algorithm)  # verl's default rollout_correction is accepted
-
 
 
 def test_contiguous_uids_take_the_group_size_path_with_the_same_advantages(monkeypatch):
@@ -395,3 +555,265 @@ def test_contiguous_uids_take_the_group_size_path_with_the_same_advantages(monke
     uids_interleaved, *_ = build_batch()
     run_verl(make_data(uids_interleaved, response_mask, scores.clone()), algorithm_config())
     assert set(seen[-1]) == {"group_ids"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcome-only batches, start-up refusals, the data's agent_name column
+# ---------------------------------------------------------------------------------------------
+
+MULTI_TURN_MASK = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 0, 0, 0]])
+OUTCOME_ONLY = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0], [0.0, -2.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    ("rewards", "mask", "refused"),
+    [
+        (OUTCOME_ONLY, MULTI_TURN_MASK, True),
+        (torch.tensor([[0.0, 0.3, 0.0, 1.0, 0.0], [0.0, -2.0, 0.0, 0.0, 0.0]]), MULTI_TURN_MASK, False),
+        (torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]),
+         torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]), False),  # single-turn rows: nothing to miss
+    ],
+    ids=["outcome-only", "with-a-turn-reward", "single-turn"],
+)
+def test_outcome_only_multi_turn_batch_is_refused(rewards, mask, refused, monkeypatch):
+    index = np.array(["q", "q"], dtype=object)
+    monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
+    if not refused:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", igpo_verl.OutcomeOnlyWarning)
+            igpo_verl.compute_igpo_advantage(rewards, mask, index=index, config=algorithm_config())
+        return
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"1 of 2 rollouts have several turns.*allow_outcome_only=True"):
+        igpo_verl.compute_igpo_advantage(rewards, mask, index=index, config=algorithm_config())
+
+
+def test_the_opt_in_turns_the_outcome_only_error_into_one_warning(monkeypatch):
+    index = np.array(["q", "q"], dtype=object)
+    config = algorithm_config({"allow_outcome_only": True})
+    monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
+    with pytest.warns(igpo_verl.OutcomeOnlyWarning, match="allowed by algorithm.igpo.allow_outcome_only=True"):
+        advantages, _ = igpo_verl.compute_igpo_advantage(OUTCOME_ONLY, MULTI_TURN_MASK, index=index, config=config)
+    expected = IGPOSettings().advantages_from_token_rewards(OUTCOME_ONLY, MULTI_TURN_MASK, group_size=2)
+    assert torch.equal(advantages, expected)
+    with warnings.catch_warnings():  # once per process
+        warnings.simplefilter("error")
+        igpo_verl.compute_igpo_advantage(OUTCOME_ONLY, MULTI_TURN_MASK, index=index, config=config)
+
+
+def test_without_information_gain_weight_earlier_turns_are_zero_by_design(monkeypatch):
+    """ig_weight=0 (the paper's ablation) puts 0 at every earlier turn end: not an outcome-only slip."""
+    monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        igpo_verl.compute_igpo_advantage(OUTCOME_ONLY, MULTI_TURN_MASK, index=np.array(["q", "q"], dtype=object),
+                                         config=algorithm_config({"ig_weight": 0.0}))
+
+
+def page_command(*extra):
+    """The page's first main_ppo command (V1) with ``extra`` overrides, composed by Hydra."""
+    return compose_verl_config([*main_ppo_commands()[0].values[0], *extra])
+
+
+@pytest.fixture
+def no_worker_actors(monkeypatch):
+    """IGPOAgentLoopManager.create as both trainers call it, with the worker actors not started."""
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
+
+    async def no_actors(self):
+        self.agent_loop_workers = []
+
+    monkeypatch.setattr(AgentLoopManager, "_init_agent_loop_workers", no_actors)
+
+
+def create_manager(config):
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
+    return IGPOAgentLoopManager.create(config=config, llm_client=None, teacher_client=None, reward_loop_worker_handles=None)
+
+
+REFUSED = [  # (overrides, the setting the error names, words of the fix, outcome-only: the opt-in allows it)
+    (["actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent"],
+     "actor_rollout_ref.rollout.agent.default_agent_loop", "default_agent_loop=igpo_tool_agent", True),
+    (["reward.reward_model.enable=True"], "reward.reward_model.enable", "enable_resource_pool=True", True),
+    (["actor_rollout_ref.rollout.multi_turn.tool_config_path=null"],
+     "actor_rollout_ref.rollout.multi_turn.tool_config_path", "tool_config_path=<your tool config>", True),
+    (["actor_rollout_ref.rollout.multi_turn.max_assistant_turns=1"],
+     "actor_rollout_ref.rollout.multi_turn.max_assistant_turns", "max_assistant_turns=<the most turns", True),
+    (["algorithm.use_kl_in_reward=True"], "algorithm.use_kl_in_reward", "actor_rollout_ref.actor.use_kl_loss=True", False),
+    (["algorithm.rollout_correction.rollout_rs=token_k1"], "algorithm.rollout_correction.rollout_rs",
+     "bypass_mode=True", False),
+    (["algorithm.adv_estimator=grpo"], "algorithm.adv_estimator", "algorithm.adv_estimator=igpo", False),
+    (["actor_rollout_ref.rollout.name=trtllm"], "actor_rollout_ref.rollout.name", "rollout.name=vllm", False),
+    (["trainer.v1.sampler.custom_sampler.path=null"], "trainer.v1.sampler.custom_sampler",
+     "custom_sampler.name=IGPOReplayBuffer", False),
+    (["algorithm.filter_groups.enable=True", "algorithm.filter_groups.metric=acc"], "algorithm.filter_groups.enable",
+     "filter_groups.enable=False", False),
+    (["trainer.v1.sampler.sync_refill_failed_groups=True"], "trainer.v1.sampler.sync_refill_failed_groups",
+     "sync_refill_failed_groups=False", False),
+]
+
+
+@pytest.mark.parametrize(("overrides", "setting", "fix", "outcome_only"), REFUSED,
+                         ids=[case[1].rsplit(".", 1)[-1] for case in REFUSED])
+def test_start_up_refuses_what_keeps_turn_rewards_from_the_estimator(overrides, setting, fix, outcome_only,
+                                                                      no_worker_actors):
+    """IGPOAgentLoopManager.create (both trainers call it before any rollout) refuses each setting
+    by name, with the fix; the opt-in allow_outcome_only turns only the outcome-only ones into a warning."""
+    config = page_command(*overrides)
+    with pytest.raises(igpo_verl.IGPOConfigError, match=re.escape(setting) + r" .*Fix: .*" + re.escape(fix)):
+        create_manager(config)
+    allowed = page_command(*overrides, "+algorithm.igpo.allow_outcome_only=True")
+    if outcome_only:
+        with pytest.warns(igpo_verl.OutcomeOnlyWarning, match=re.escape(setting)):
+            create_manager(allowed)
+    else:
+        with pytest.raises(igpo_verl.IGPOConfigError, match=re.escape(setting)):
+            create_manager(allowed)
+
+
+def test_the_legacy_trainer_takes_no_sampler_settings(no_worker_actors):
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
+    config = page_command("trainer.use_v1=False", "trainer.v1.sampler.custom_sampler.path=null")
+    assert type(create_manager(config)) is IGPOAgentLoopManager
+
+
+def test_an_agent_loop_file_that_renames_igpo_tool_agent_is_refused(tmp_path, no_worker_actors):
+    path = tmp_path / "agent_loops.yaml"
+    path.write_text("- name: igpo_tool_agent\n  _target_: verl.experimental.agent_loop.tool_agent_loop.ToolAgentLoop\n")
+    config = page_command(f"actor_rollout_ref.rollout.agent.agent_loop_config_path={path}")
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"agent_loop_config_path .*registers the name 'igpo_tool_agent'"):
+        create_manager(config)
+    path.write_text("- name: igpo_tool_agent\n  _target_: igpo_rewards.integrations.verl_agent_loop.IGPOToolAgentLoop\n"
+                    "- name: mine\n  _target_: verl.experimental.agent_loop.tool_agent_loop.ToolAgentLoop\n")
+    create_manager(config)
+
+
+def write_rows(path, agent_names):
+    """Rows as verl's tool-agent preprocessing scripts write them (examples/data_preprocess/*_tool_agent_loop.py)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"data_source": ["nq"] * len(agent_names),
+            "prompt": [[{"role": "user", "content": f"question {i}?"}] for i in range(len(agent_names))],
+            "reward_model": [{"ground_truth": "Kaleno", "style": "rule"}] * len(agent_names)}
+    if agent_names[0] is not None:
+        rows["agent_name"] = list(agent_names)
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("use_v1", [True, False])
+def test_training_data_naming_another_agent_loop_is_refused_at_start_up(tmp_path, use_v1, no_worker_actors):
+    """verl runs the agent loop a row names: rows with agent_name=tool_agent would score no probes."""
+    trainer = [] if use_v1 else ["trainer.use_v1=False"]
+    tool_rows = write_rows(tmp_path / "tool.parquet", ["tool_agent", "igpo_tool_agent", "tool_agent"])
+    config = page_command(*trainer, f"data.train_files={tool_rows}")
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"agent_name in data.train_files .*tool.parquet.* \(2 of 3 rows: "
+                                                       r"\['tool_agent'\]\).*Fix: write agent_name='igpo_tool_agent' "
+                                                       r"into those rows, or drop the agent_name column"):
+        create_manager(config)
+    for name, names in (("igpo.parquet", ["igpo_tool_agent"] * 3), ("plain.parquet", [None])):
+        create_manager(page_command(*trainer, f"data.train_files=[{write_rows(tmp_path / name, names)}]"))
+
+
+def test_a_batch_naming_another_agent_loop_is_refused_before_dispatch(no_worker_actors):
+    """The manager checks every training batch in the trainer process before its workers see it
+    (the data may not be a local parquet file); validation batches are not checked."""
+    from verl.utils import tensordict_utils
+
+    from igpo_rewards.integrations._verl_v1 import agent_names
+
+    names = np.array(["igpo_tool_agent", "tool_agent"], dtype=object)
+    legacy = create_manager(page_command("trainer.use_v1=False"))
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"agent_name in a training batch .*1 of 2 rows"):
+        legacy.generate_sequences(DataProto.from_dict(non_tensors={"agent_name": names, "uid": names}))
+    v1 = create_manager(page_command())
+    batch = tensordict_utils.get_tensordict({"agent_name": names, "uid": np.array(["a", "b"], dtype=object)})
+    assert agent_names(batch) == ["igpo_tool_agent", "tool_agent"]
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"agent_name in a training batch .*1 of 2 rows"):
+        v1.generate_sequences(batch)
+    shared = tensordict_utils.get_tensordict({"uid": np.array(["a", "b"], dtype=object)})
+    tensordict_utils.assign_non_tensor_data(shared, "agent_name", "tool_agent")  # one value for the whole batch
+    assert agent_names(shared) == ["tool_agent", "tool_agent"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed agent-loop sessions and IGPO's replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_session_ledger_counts_and_stops_past_the_limit():
+    from igpo_rewards.integrations.verl_manager import FAILED_SESSIONS_LIMIT, FAILURE_WINDOW, SessionFailureError, SessionLedger
+
+    assert (FAILED_SESSIONS_LIMIT, FAILURE_WINDOW) == (12, 256)  # the limit docs/integrations/verl.md states
+    ledger = SessionLedger()
+    ledger.add({"failed": [True] * 12 + [False] * 200, "errors": ["ValueError: a"], "probes_skipped": 3})
+    assert ledger.metrics() == {"training/igpo/sessions": 212, "training/igpo/failed_sessions": 12,
+                                "training/igpo/probes_skipped": 3}
+    assert ledger.metrics()["training/igpo/sessions"] == 0  # counted since the last report
+    ledger.add({"failed": [False] * 56})  # the 12 failures leave the window of the last 256 sessions
+    ledger.add({"failed": [True] * 12 + [False] * 232, "errors": ["ValueError: b"]})  # 12 of the last 256: allowed
+    assert ledger.metrics()["training/igpo/failed_sessions"] == 12
+    with pytest.raises(SessionFailureError, match=r"13 of the last 256 agent-loop sessions failed \(IGPO allows at most "
+                                                  r"12 of the last 256\); the last errors: \['ValueError: a', "
+                                                  r"'ValueError: b', 'ValueError: c'\]"):
+        ledger.add({"failed": [True], "errors": ["ValueError: c"]})
+    with pytest.raises(igpo_verl.IGPOConfigError, match="refused for its configuration.*no prompt_logprobs"):
+        SessionLedger().add({"failed": [True], "config_errors": ["the server returned no prompt_logprobs"]})
+
+
+def test_igpo_replay_buffer_is_verls_own_for_each_trainer_mode():
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    from igpo_rewards.integrations.verl_manager import IGPOReplayBuffer
+
+    common = {"trainer_config": OmegaConf.create({}), "max_off_policy_threshold": None, "max_off_policy_strategy": "drop",
+              "sampler_kwargs": OmegaConf.create({}), "refill_fn": None}
+    sync = IGPOReplayBuffer(trainer_mode="sync", **common)
+    assert isinstance(sync, ReplayBuffer) and not isinstance(sync, ReplayBufferAsync)
+    for mode in ("colocate_async", "separate_async"):
+        assert isinstance(IGPOReplayBuffer(trainer_mode=mode, **common), ReplayBufferAsync)
+
+
+# ---------------------------------------------------------------------------------------------
+# verl's own prompt log-prob extractors (vLLM, SGLang) on synthetic engine outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "sglang"])
+def test_verls_prompt_logprob_extractors_feed_the_probe_reading(flavor):
+    """verl's extract_prompt_logprobs (vLLM) and _extract_prompt_logprobs_sglang, compiled from
+    verl's installed source, on each engine's output layout: the layout probe_logprob_from_server_output
+    reads, and the probe value is the mean of the answer tokens' log-probs (hand-computed)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from igpo_rewards.agent.probes import build_probe_suffix
+    from igpo_rewards.integrations.verl_agent_loop import probe_logprob_from_server_output
+    from igpo_rewards.testing.tiny import train_tokenizer
+
+    from .verl_harness import VERL_EXTRACTORS, engine_prompt_logprobs, verl_function
+
+    relative_path, name, namespace = VERL_EXTRACTORS[flavor]
+    extract = verl_function(relative_path, name, namespace)
+    assert extract.__code__.co_filename.endswith(relative_path)  # verl's own file, not a copy
+    tokenizer = train_tokenizer(["Now there's enough information to answer <answer> Kaleno City </answer>"] * 4,
+                                vocab_size=300, min_frequency=1)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    suffix = build_probe_suffix(tokenizer, "Kaleno City")
+    context = [5, 6, 7]
+    sequence = context + list(suffix.token_ids)
+    values = [-0.125 * position for position in range(1, len(sequence))]  # log pi(token p | < p) = -p/8
+    fields = engine_prompt_logprobs(flavor, sequence, values)
+    assert fields["prompt_ids"] == [[token] for token in sequence[1:]] + [[0]]
+    assert fields["prompt_logprobs"] == [[value] for value in values] + [[0.0]]
+    answer = range(len(context) + suffix.answer_start, len(context) + suffix.answer_end)
+    expected = sum(-0.125 * position for position in answer) / len(answer)
+    assert probe_logprob_from_server_output(fields, sequence, len(context), suffix) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_server_without_prompt_logprobs_is_a_configuration_error():
+    from igpo_rewards.integrations.verl_agent_loop import probe_logprob_from_server_output
+
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"no extra_fields\['prompt_logprobs'\].*vllm or sglang"):
+        probe_logprob_from_server_output({"global_steps": 3}, [1, 2, 3], 1, None)

@@ -8,9 +8,13 @@ HF model trained on hermes tool calls; the search tool calls ``igpo-retrieve`` o
 Expected values never come from the code under test: turns are read off ``response_mask`` with a
 loop written here, probe values come from the reference trainer's packed probe forward on the same
 model and tokens, and advantages from ``igpo_rewards.igpo_advantages`` (and the float64 loop
-oracle) on the probes and outcomes the rows carry. Three rollout runs share the trained policy:
-the legacy worker with ``IGPOAgentLoopManager``'s worker, verl's V1 ``AgentLoopWorkerTQ`` (stock,
-with the TransferQueue on Ray), and the stock ``tool_agent`` on the stock worker.
+oracle) on the probes and outcomes the rows carry. Three module-wide rollout runs share the
+trained policy: the legacy worker with ``IGPOAgentLoopManager``'s worker, IGPO's V1 worker
+(verl's ``AgentLoopWorkerTQ``, with verl's ``FullyAsyncLLMServerClient`` as in the async modes and
+the TransferQueue on Ray), and the stock ``tool_agent`` on the stock worker. Smaller runs check
+aborted probes, probes past ``max_model_len``, and the missing manager; the last section runs
+``IGPOAgentLoopManager`` through Ray as both trainers do (server actor behind verl's load balancer,
+worker actors, IGPO's replay buffer).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import igpo_rewards
 from igpo_rewards.integrations import verl as igpo_verl
@@ -89,28 +94,30 @@ def setup(tmp_path_factory, event_loop_for_verl):
         command.stop()
 
 
-def make_server(policy):
-    return harness.CPURolloutServer(policy.model, eos_token_id=policy.tokenizer.eos_token_id, max_model_len=1024)
+def make_server(policy, *, max_model_len=1024, flavor="vllm", server_class=None):
+    return (server_class or harness.CPURolloutServer)(policy.model, eos_token_id=policy.tokenizer.eos_token_id,
+                                                      max_model_len=max_model_len, flavor=flavor)
 
 
-def legacy_input(policy) -> DataProto:
-    """The rows a legacy AgentLoopWorker gets: each question repeated GROUP_SIZE times (interleaved)."""
-    rows = harness.dataset_rows(policy.examples)
+def legacy_input(policy, questions=None) -> DataProto:
+    """The rows a legacy AgentLoopWorker gets: each question (the first ``questions``) repeated GROUP_SIZE times."""
+    rows = harness.dataset_rows(policy.examples)[:questions]
     columns = {key: np.array([row[key] for row in rows for _ in range(GROUP_SIZE)], dtype=object) for key in rows[0]}
     batch = DataProto.from_dict(non_tensors=columns)
     batch.meta_info["global_steps"] = 1
     return batch
 
 
-def run_legacy(setup, loop, *, agent_loop: str, worker_class):
+def run_legacy(setup, loop, *, agent_loop: str, worker_class, server=None, extra=(), client_class=None, questions=None):
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    config = harness.verl_config(setup.policy, setup.tool_config, agent_loop=agent_loop, use_v1=False, n=GROUP_SIZE)
-    server = make_server(setup.policy)
-    client = harness.local_server_client(config, server)
+    config = harness.verl_config(setup.policy, setup.tool_config, agent_loop=agent_loop, use_v1=False, n=GROUP_SIZE,
+                                 extra=list(extra))
+    server = server or make_server(setup.policy)
+    client = harness.local_server_client(config, server, client_class)
     rewards = harness.InProcessActor(RewardLoopWorker(config))
     worker = worker_class(config, client, None, [rewards])
-    batch = legacy_input(setup.policy)
+    batch = legacy_input(setup.policy, questions)
     output = loop.run_until_complete(worker.generate_sequences(batch))
     for key, column in batch.non_tensor_batch.items():  # what RayPPOTrainer's batch.union(gen_batch_output) adds
         output.non_tensor_batch.setdefault(key, column)
@@ -125,22 +132,32 @@ def legacy(setup, event_loop_for_verl):
 
 @pytest.fixture(scope="module")
 def v1(setup, event_loop_for_verl):
-    """igpo_tool_agent through verl's stock V1 AgentLoopWorkerTQ, rows in a real TransferQueue."""
+    """igpo_tool_agent through IGPOAgentLoopManager's V1 worker (verl's AgentLoopWorkerTQ) in the
+    colocate_async mode: verl's FullyAsyncLLMServerClient, rows in a real TransferQueue."""
     ray = pytest.importorskip("ray")
     tq = pytest.importorskip("transfer_queue")
     from omegaconf import OmegaConf
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
-    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
     from verl.utils import tensordict_utils
+    from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
 
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopWorkerTQ
+
+    # Ray's worker processes inherit the environment ray.init starts them with: the harness (the
+    # rollout server actor of the Ray tests below) must import there.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    environment = pytest.MonkeyPatch()
+    environment.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    environment.undo()
     tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
     try:
         config = harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=True,
-                                     n=GROUP_SIZE)
-        client = harness.local_server_client(config, make_server(setup.policy))
+                                     n=GROUP_SIZE, extra=["trainer.v1.trainer_mode=colocate_async"])
+        server = make_server(setup.policy)
+        client = harness.local_server_client(config, server, FullyAsyncLLMServerClient)
         rewards = harness.InProcessActor(RewardLoopWorker(config))
-        worker = AgentLoopWorkerTQ.__ray_actor_class__(config, client, None, [rewards])
+        worker = IGPOAgentLoopWorkerTQ(config, client, None, [rewards])
         rows = harness.dataset_rows(setup.policy.examples)
         prompts = tensordict_utils.get_tensordict({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
         tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
@@ -152,7 +169,9 @@ def v1(setup, event_loop_for_verl):
 
         event_loop_for_verl.run_until_complete(generate())
         keys = [f"{row['uid']}_{session}_0" for row in rows for session in range(GROUP_SIZE)]
-        yield SimpleNamespace(config=config, keys=keys, tq=tq, worker=worker, examples=setup.policy.examples)
+        yield SimpleNamespace(config=config, keys=keys, tq=tq, worker=worker, examples=setup.policy.examples,
+                              probe_requests=server.log.requests["prompt_logprobs"],
+                              report=event_loop_for_verl.run_until_complete(worker.igpo_session_report()))
     finally:
         tq.close()
         ray.shutdown()
@@ -391,22 +410,25 @@ def test_v1_validation_rows_keep_verls_layout(v1, event_loop_for_verl):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_stock_tool_agent_path_triggers_the_outcome_only_warning(stock, monkeypatch):
+def test_stock_tool_agent_path_is_refused_by_the_estimator(stock, monkeypatch):
+    """verl's stock tool_agent: multi-turn rollouts with the outcome only. The estimator refuses the
+    batch (naming the causes); under the opt-in it warns once and trains on the outcome."""
     out = stock.output
     assert igpo_verl.ANSWER_LOGPROB_KEY not in out.non_tensor_batch
     masks = out.batch["response_mask"]
     assert max(len(runs_of_ones(row)) for row in masks) >= 2  # multi-turn rollouts, yet only the outcome
     reward_tensor, _ = extract_reward(out)
-    algorithm = stock.config.algorithm
     data = DataProto.from_dict(tensors={"response_mask": masks, "token_level_rewards": reward_tensor},
                                non_tensors={"uid": out.non_tensor_batch["uid"]})
     monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
-    with pytest.warns(igpo_verl.OutcomeOnlyWarning, match="default_agent_loop=igpo_tool_agent") as caught:
-        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=algorithm)
-    assert "agent_loop_manager_class" in str(caught[0].message)
+    with pytest.raises(igpo_verl.IGPOConfigError, match="default_agent_loop must be igpo_tool_agent.*agent_loop_manager_class"):
+        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=stock.config.algorithm)
+    allowed = OmegaConf.create({**OmegaConf.to_container(stock.config.algorithm), "igpo": {"allow_outcome_only": True}})
+    with pytest.warns(igpo_verl.OutcomeOnlyWarning, match="allowed by algorithm.igpo.allow_outcome_only=True"):
+        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=allowed)
     with warnings.catch_warnings():  # once per process
         warnings.simplefilter("error")
-        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=algorithm)
+        compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=allowed)
 
 
 def test_igpo_rows_do_not_warn(legacy, monkeypatch):
@@ -438,7 +460,7 @@ def test_token_level_rejection_sampling_is_refused(legacy, mode):
     data, _ = compute_rollout_correction_and_add_to_batch(data, correction)
     assert len(runs_of_ones(data.batch["response_mask"][row])) == len(probes[row]) + 1  # the turn was cut in two
     algorithm = OmegaConf.merge(legacy.config.algorithm, {"rollout_correction": correction})
-    with pytest.raises(ValueError, match=rf"algorithm\.rollout_correction\.rollout_rs='{mode}'.*cuts IGPO's turns"):
+    with pytest.raises(ValueError, match=rf"algorithm\.rollout_correction\.rollout_rs is '{mode}'.*cuts IGPO's turns"):
         compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=algorithm)
 
 
@@ -454,24 +476,367 @@ def test_rejection_settings_that_keep_turns_are_accepted():
         igpo_verl.compute_igpo_advantage(rewards, mask, index=np.array(["q"], dtype=object), config=config)
 
 
-def test_outcome_only_warning_conditions(monkeypatch):
-    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 0, 0, 0]])
-    index = np.array(["q", "q"], dtype=object)
-    single_turn = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
-    cases = [  # (token rewards, mask, warns)
-        (torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0], [0.0, -2.0, 0.0, 0.0, 0.0]]), mask, True),
-        (torch.tensor([[0.0, 0.3, 0.0, 1.0, 0.0], [0.0, -2.0, 0.0, 0.0, 0.0]]), mask, False),
-        (torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]), single_turn, False),
-    ]
-    for rewards, row_mask, warns in cases:
-        monkeypatch.setattr(igpo_verl, "_warned_outcome_only", False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            igpo_verl.compute_igpo_advantage(rewards, row_mask, index=index, config=None)
-        flagged = [w for w in caught if issubclass(w.category, igpo_verl.OutcomeOnlyWarning)]
-        assert bool(flagged) == warns, (rewards, flagged)
-        if warns:
-            assert "1 of 2 rollouts have several turns" in str(flagged[0].message)
+# ---------------------------------------------------------------------------------------------
+# Issue 19: V1's async client, aborted probes, probes past max_model_len, the manager, agent_name data
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_probes(policy, paths):
+    """[B, T] probe log-probs of the library's packed probe forward on the rows' own tokens."""
+    with torch.no_grad():
+        return score_probes(policy.model, policy.tokenizer, [p.token_ids for p in paths], [p.turn_starts for p in paths],
+                            [p.answer for p in paths])
+
+
+def v1_trajectories(v1):
+    """The V1 rows the worker stored in the TransferQueue, read like ``trajectory`` reads a legacy row."""
+    data = v1.tq.kv_batch_get(keys=v1.keys, partition_id="train",
+                              select_fields=["prompts", "responses", "response_mask", "extra_fields", "reward_model"])
+    paths = []
+    for prompt, response, mask, reward_model in zip(data["prompts"].unbind(), data["responses"].unbind(),
+                                                    data["response_mask"].unbind(), list(data["reward_model"])):
+        prompt = prompt.tolist()
+        starts = [len(prompt) + start for start, _ in runs_of_ones(mask)]
+        answer = reward_model["ground_truth"].split("<|answer_split|>")[0]
+        paths.append(SimpleNamespace(token_ids=prompt + response.tolist(), turn_starts=starts, answer=answer))
+    probes = [list(item[igpo_verl.ANSWER_LOGPROB_KEY]) for item in list(data["extra_fields"])]
+    return paths, probes
+
+
+def test_v1_async_client_probes_equal_the_reference_probe_forward(v1, setup):
+    """Under V1's async modes the agent loop gets verl's FullyAsyncLLMServerClient: the probes still
+    reach the server's prompt log-probs and equal the library's probe forward on the same tokens."""
+    from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
+
+    assert isinstance(v1.worker.llm_client, FullyAsyncLLMServerClient)
+    paths, probes = v1_trajectories(v1)
+    expected = reference_probes(setup.policy, paths)
+    for row, values in enumerate(probes):
+        np.testing.assert_allclose(values, expected[row, : len(values)].numpy(), rtol=0, atol=PROBE_TOLERANCE)
+    assert max(len(values) for values in probes) >= 2
+    assert v1.probe_requests == sum(len(values) for values in probes)
+    assert v1.report == {"failed": [False] * len(paths), "errors": [], "config_errors": [], "probes_skipped": 0}
+
+
+def test_fully_async_clients_own_generate_drops_the_prompt_logprobs(setup, legacy, event_loop_for_verl):
+    """Why the probe takes the base LLMServerClient.generate under the async client: verl's
+    FullyAsyncLLMServerClient.generate rebuilds the answer without them (verl 0.9.1)."""
+    from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServerClient
+
+    from igpo_rewards.integrations.verl_agent_loop import PROBE_SAMPLING_PARAMS
+
+    client = harness.local_server_client(legacy.config, make_server(setup.policy), FullyAsyncLLMServerClient)
+    ids = setup.policy.tokenizer.encode(setup.policy.examples[0].question)
+    own = event_loop_for_verl.run_until_complete(
+        client.generate("probe", prompt_ids=ids, sampling_params=dict(PROBE_SAMPLING_PARAMS)))
+    base = event_loop_for_verl.run_until_complete(
+        LLMServerClient.generate(client, "probe", prompt_ids=ids, sampling_params=dict(PROBE_SAMPLING_PARAMS)))
+    assert "prompt_logprobs" not in own.extra_fields
+    assert len(base.extra_fields["prompt_logprobs"]) == len(ids)
+
+
+class AbortingServer(harness.CPURolloutServer):
+    """Answers the first ``aborts`` probe requests as verl's vLLM server does while the async trainer
+    syncs weights: no token, no prompt log-probs, ``stop_reason="aborted"``."""
+
+    aborts = 3
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aborted = 0
+
+    async def generate(self, prompt_ids, sampling_params, request_id, **kwargs):
+        from verl.workers.rollout.replica import TokenOutput
+
+        if sampling_params.get("prompt_logprobs") is not None and self.aborted < self.aborts:
+            self.aborted += 1
+            return TokenOutput(token_ids=[], log_probs=None, stop_reason="aborted",
+                               extra_fields={"global_steps": self.global_steps})
+        return await super().generate(prompt_ids, sampling_params, request_id, **kwargs)
+
+
+def test_probes_aborted_by_a_weight_sync_are_sent_again(setup, event_loop_for_verl):
+    from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
+
+    server = make_server(setup.policy, server_class=AbortingServer)
+    run = run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker,
+                     server=server, client_class=FullyAsyncLLMServerClient, questions=1)
+    out, probes, _ = legacy_rows(run)
+    expected = reference_probes(setup.policy, [trajectory(out, row) for row in range(len(out))])
+    for row, values in enumerate(probes):
+        np.testing.assert_allclose(values, expected[row, : len(values)].numpy(), rtol=0, atol=PROBE_TOLERANCE)
+    assert server.aborted == AbortingServer.aborts
+    assert server.log.requests["prompt_logprobs"] == sum(len(values) for values in probes)
+
+
+def test_a_probe_aborted_again_and_again_fails_its_session(setup, event_loop_for_verl, monkeypatch):
+    from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
+
+    from igpo_rewards.integrations import verl_agent_loop
+
+    monkeypatch.setattr(verl_agent_loop, "PROBE_ABORT_RETRIES", 2)
+    monkeypatch.setattr(AbortingServer, "aborts", 10**6)
+    with pytest.raises(RuntimeError, match="aborted a probe request 2 times in a row"):
+        run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker,
+                   server=make_server(setup.policy, server_class=AbortingServer),
+                   client_class=FullyAsyncLLMServerClient, questions=1)
+
+
+def test_probes_past_max_model_len_are_skipped_with_zero_information_gain(legacy, setup, event_loop_for_verl):
+    """max_model_len (config and server) one token short of the longest probe request of the legacy
+    run (context + suffix): that probe no longer fits, every generation still does. No session
+    fails; each probe that does not fit repeats the last value (IG 0 there and after), is counted,
+    and the batch's advantages are IGPO's on those values. The server here writes SGLang's layout."""
+    tokenizer = setup.policy.tokenizer
+    old_paths = [trajectory(legacy.output, row) for row in range(len(legacy.output))]
+    longest = max(start + len(build_probe_suffix(tokenizer, path.answer).token_ids)
+                  for path in old_paths for start in path.turn_starts)
+    limit = longest - 1  # max_model_len - 1: the longest request verl's servers take
+    server = make_server(setup.policy, max_model_len=limit + 1, flavor="sglang")
+    run = run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker,
+                     server=server, extra=[f"actor_rollout_ref.rollout.max_model_len={limit + 1}"])
+    out, probes, outcomes = legacy_rows(run)
+    assert len(out) == len(old_paths)  # every session finished
+    paths = [trajectory(out, row) for row in range(len(out))]
+    reference = reference_probes(setup.policy, paths)
+    skipped_total = 0
+    for row, path in enumerate(paths):
+        probe_length = len(build_probe_suffix(tokenizer, path.answer).token_ids)
+        skipped = [start + probe_length > limit for start in path.turn_starts]
+        expected = []
+        for turn, skip in enumerate(skipped):
+            expected.append((expected[-1] if expected else -np.inf) if skip else float(reference[row, turn]))
+        np.testing.assert_allclose(probes[row], expected, rtol=0, atol=PROBE_TOLERANCE)
+        assert out.non_tensor_batch["igpo_probes_skipped"][row] == sum(skipped)
+        skipped_total += sum(skipped)
+    assert skipped_total >= 1
+    assert any(len(values) >= 2 and values[1] != values[0] for values in probes)  # gains left elsewhere
+    data = DataProto(batch=out.batch.clone(), non_tensor_batch=dict(out.non_tensor_batch), meta_info=dict(out.meta_info))
+    reward_tensor, _ = extract_reward(data)
+    data.batch["token_level_rewards"] = reward_tensor
+    algorithm = run.config.algorithm
+    data = compute_advantage(data, adv_estimator="igpo", num_repeat=GROUP_SIZE, config=algorithm)
+    expected_tokens, _ = expected_advantages(probes, outcomes, out.non_tensor_batch["uid"], out.batch["response_mask"].numpy())
+    np.testing.assert_allclose(data.batch["advantages"].numpy(), expected_tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_the_legacy_trainer_without_igpos_manager_is_refused_at_the_first_rollout(setup, event_loop_for_verl, monkeypatch):
+    """verl's stock legacy worker drops the per-turn rewards; igpo_tool_agent refuses to run in it
+    (the first rollout of the run fails, before any request)."""
+    from igpo_rewards.integrations import verl_checks
+
+    monkeypatch.setattr(verl_checks, "_in_igpo_worker", False)
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"agent_loop_manager_class is not IGPO's: the legacy trainer's "
+                                                       r".*Fix: \+actor_rollout_ref\.rollout\.agent\.agent_loop_manager_class="
+                                                       r"igpo_rewards\.integrations\.verl_manager\.IGPOAgentLoopManager"):
+        run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=AgentLoopWorker, questions=1)
+
+
+def test_rows_of_verls_dataset_naming_tool_agent_are_refused(setup, tmp_path, monkeypatch, event_loop_for_verl):
+    """Rows as verl's tool-agent preprocessing scripts write them (agent_name: tool_agent), read by
+    verl's RLHFDataset and collate_fn into each trainer's batch: refused at start-up (the parquet
+    file) and before dispatch (the batch), naming the column and the fix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
+    from verl.utils import tensordict_utils
+    from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
+
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
+    async def no_actors(self):
+        self.agent_loop_workers = []
+
+    monkeypatch.setattr(AgentLoopManager, "_init_agent_loop_workers", no_actors)
+    rows = harness.dataset_rows(setup.policy.examples)
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"data_source": [row["data_source"] for row in rows],
+                             "prompt": [row["raw_prompt"] for row in rows],
+                             "reward_model": [row["reward_model"] for row in rows],
+                             "extra_info": [row["extra_info"] for row in rows],
+                             "agent_name": ["tool_agent"] * len(rows)}), path)
+    message = (r"agent_name in {} names agent loops other than 'igpo_tool_agent' \(3 of 3 rows: \['tool_agent'\]\).*"
+               r"Fix: write agent_name='igpo_tool_agent' into those rows, or drop the agent_name column")
+    for use_v1 in (False, True):
+        config = harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=use_v1,
+                                     n=GROUP_SIZE, extra=[f"data.train_files={path}"])
+        with pytest.raises(igpo_verl.IGPOConfigError, match=message.format(r"data.train_files '.*train.parquet'")):
+            IGPOAgentLoopManager.create(config=config, llm_client=None, teacher_client=None, reward_loop_worker_handles=None)
+        asyncio.set_event_loop(event_loop_for_verl)
+        dataset = RLHFDataset(data_files=[str(path)], tokenizer=setup.policy.tokenizer, config=config.data)
+        batch = collate_fn([dataset[index] for index in range(len(dataset))])
+        config = harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=use_v1,
+                                     n=GROUP_SIZE)
+        manager = IGPOAgentLoopManager.create(config=config, llm_client=None, teacher_client=None,
+                                              reward_loop_worker_handles=None)
+        asyncio.set_event_loop(event_loop_for_verl)  # verl's auto_await ran create with asyncio.run
+        if use_v1:  # what the V1 trainer's _fetch_one_gen_batch makes of a dataloader batch
+            batch["uid"] = np.array([f"u{index}" for index in range(len(rows))], dtype=object)
+            prompts = tensordict_utils.get_tensordict(batch)
+        else:  # the legacy trainer's DataProto
+            prompts = DataProto.from_single_dict(batch)
+        with pytest.raises(igpo_verl.IGPOConfigError, match=message.format("a training batch")):
+            manager.generate_sequences(prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# IGPOAgentLoopManager as both trainers run it: Ray actors, verl's load balancer, the replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_server(v1, setup):
+    """The rollout server as a Ray actor behind verl's real GlobalRequestLoadBalancer, and verl's
+    reward loop worker as a Ray actor (what the trainers hand the manager), in the V1 fixture's Ray session."""
+    import ray
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.workers.rollout.router import GlobalRequestLoadBalancer
+
+    server = ray.remote(harness.CPURolloutServer).remote(setup.policy.model, eos_token_id=setup.policy.tokenizer.eos_token_id,
+                                                         max_model_len=1024)
+    balancer = ray.remote(GlobalRequestLoadBalancer).remote(servers={"cpu-0": server})
+    rewards = ray.remote(RewardLoopWorker).remote(v1.config)
+    return SimpleNamespace(server=server, balancer=balancer, rewards=[rewards])
+
+
+def manager_config(setup, *, use_v1, extra=()):
+    return harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=use_v1, n=GROUP_SIZE,
+                               extra=["actor_rollout_ref.rollout.agent.num_workers=1", *extra])
+
+
+def test_v1_manager_replay_buffer_and_advantages_through_ray(v1, setup, ray_server, event_loop_for_verl):
+    """V1 in colocate_async mode as TaskRunnerV1 and the trainer run it, minus the actor:
+    IGPOAgentLoopManager.create starts IGPO's worker actor; prompts registered and dispatched as
+    _submit_batch_to_rollout does; IGPO's replay buffer (verl's ReplayBufferAsync) samples the
+    finished groups and reports the sessions, including one prompt whose 4 sessions fail (no ground
+    truth to probe); verl's _compute_advantage gives IGPO's advantages; failures past the limit stop
+    the run at the next dispatch, in the trainer's process."""
+    from tensordict import TensorDict
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils import tensordict_utils
+    from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
+
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopManagerTQ
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager, IGPOReplayBuffer, SessionFailureError
+
+    tq = v1.tq
+    config = manager_config(setup, use_v1=True, extra=["trainer.v1.trainer_mode=colocate_async"])
+    client = FullyAsyncLLMServerClient(config, load_balancer_handle=ray_server.balancer)
+    manager = IGPOAgentLoopManager.create(config=config, llm_client=client, teacher_client=None,
+                                          reward_loop_worker_handles=ray_server.rewards)
+    asyncio.set_event_loop(event_loop_for_verl)
+    assert type(manager) is IGPOAgentLoopManagerTQ and len(manager.agent_loop_workers) == 1
+    buffer = IGPOReplayBuffer(trainer_mode="colocate_async", trainer_config=config.trainer.v1.colocate_async,
+                              max_off_policy_threshold=None, max_off_policy_strategy="drop",
+                              sampler_kwargs=config.trainer.v1.sampler.sampler_kwargs, refill_fn=None)
+
+    def dispatch(rows):
+        tq.kv_batch_put(keys=[row["uid"] for row in rows], partition_id="train",
+                        tags=[{"is_prompt": True, "status": "pending", "global_steps": 1} for _ in rows])
+        prompts = tensordict_utils.get_tensordict({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
+        tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+        manager.generate_sequences(prompts)
+
+    rows = harness.dataset_rows(setup.policy.examples)
+    for row in rows:
+        row["uid"] = f"ray{row['uid']}"
+    unprobeable = dict(rows[0], uid="raybroken", reward_model={"style": "rule"})  # no ground truth: the probe cannot run
+    dispatch(rows + [unprobeable])
+    batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=len(rows))
+    assert metrics["training/igpo/sessions"] == GROUP_SIZE * (len(rows) + 1)
+    assert metrics["training/igpo/failed_sessions"] == GROUP_SIZE and metrics["training/igpo/probes_skipped"] == 0
+    assert metrics["training/rollout_failure/evicted_samples"] == 1  # verl evicts the failed group (async modes)
+    assert sorted(batch.keys) == sorted(f"{row['uid']}_{session}_0" for row in rows for session in range(GROUP_SIZE))
+
+    stored = tq.kv_batch_get(keys=batch.keys, partition_id="train", select_fields=["rollout_log_probs"])
+    tq.kv_batch_put(keys=batch.keys, partition_id="train",
+                    fields=TensorDict({"old_log_probs": stored["rollout_log_probs"]}, batch_size=len(batch.keys)))
+    PPOTrainer._compute_advantage(SimpleNamespace(config=config), batch, {})
+    data = tq.kv_batch_get(keys=batch.keys, partition_id="train",
+                           select_fields=["advantages", "response_mask", "extra_fields", "uid"])
+    masks = data["response_mask"].to_padded_tensor(0).numpy()
+    extra = list(data["extra_fields"])
+    probes = [list(item[igpo_verl.ANSWER_LOGPROB_KEY]) for item in extra]
+    outcomes = [float(item["reward_extra_info"]["acc"]) for item in extra]
+    expected, _ = expected_advantages(probes, outcomes, list(data["uid"]), masks)
+    np.testing.assert_allclose(data["advantages"].to_padded_tensor(0.0).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert max(len(values) for values in probes) >= 2
+
+    manager.sessions.limit = GROUP_SIZE + 1  # a low limit: the next GROUP_SIZE failures pass it
+    dispatch([dict(unprobeable, uid="raybroken2")])
+    deadline = time.monotonic() + 300
+    with pytest.raises(SessionFailureError, match=r"8 of the last 20 agent-loop sessions failed .*ValueError: "
+                                                  r"igpo_tool_agent needs each row's ground truth"):
+        while time.monotonic() < deadline:  # the failures reach the trainer with the next report
+            manager.collect_session_reports()
+            time.sleep(1.0)
+
+
+class NoPromptLogprobsServer(harness.CPURolloutServer):
+    """A server that ignores ``prompt_logprobs`` (as verl's TRT-LLM server does)."""
+
+    async def generate(self, prompt_ids, sampling_params, request_id, **kwargs):
+        output = await super().generate(prompt_ids, sampling_params, request_id, **kwargs)
+        output.extra_fields.pop("prompt_logprobs", None)
+        return output
+
+
+def test_a_session_refused_for_its_configuration_stops_the_run(v1, setup, event_loop_for_verl):
+    """IGPO's V1 worker reports a session that failed with IGPOConfigError (here: a server without
+    prompt log-probs); the trainer-side ledger stops at once, since every session would fail alike."""
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.utils import tensordict_utils
+
+    from igpo_rewards.integrations._verl_v1 import IGPOAgentLoopWorkerTQ
+    from igpo_rewards.integrations.verl_manager import SessionLedger
+
+    client = harness.local_server_client(v1.config, make_server(setup.policy, server_class=NoPromptLogprobsServer))
+    worker = IGPOAgentLoopWorkerTQ(v1.config, client, None, [harness.InProcessActor(RewardLoopWorker(v1.config))])
+    row = dict(harness.dataset_rows(setup.policy.examples)[0], uid="noprobes")
+    prompts = tensordict_utils.get_tensordict({key: np.array([value], dtype=object) for key, value in row.items()})
+    tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+
+    async def generate():
+        await worker.generate_sequences(prompts)
+        while worker.background_tasks:
+            await asyncio.gather(*list(worker.background_tasks))
+
+    event_loop_for_verl.run_until_complete(generate())
+    report = event_loop_for_verl.run_until_complete(worker.igpo_session_report())
+    assert report["failed"] == [True] * GROUP_SIZE and len(report["config_errors"]) == GROUP_SIZE
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"refused for its configuration.*no extra_fields\['prompt_logprobs'\]"):
+        SessionLedger().add(report)
+
+
+def test_legacy_manager_reward_path_through_ray(setup, ray_server, event_loop_for_verl):
+    """The legacy trainer's path with IGPOAgentLoopManager as RayPPOTrainer runs it: create (worker
+    actor), generate_sequences on the repeated prompts, batch.union, extract_reward, compute_advantage:
+    IGPO's advantages on the rows' probes and outcomes."""
+    from verl.workers.rollout.llm_server import LLMServerClient
+
+    from igpo_rewards.integrations.verl_manager import IGPOAgentLoopManager
+
+    config = manager_config(setup, use_v1=False)
+    manager = IGPOAgentLoopManager.create(config=config, llm_client=LLMServerClient(config, load_balancer_handle=ray_server.balancer),
+                                          teacher_client=None, reward_loop_worker_handles=ray_server.rewards)
+    asyncio.set_event_loop(event_loop_for_verl)
+    assert type(manager) is IGPOAgentLoopManager and len(manager.agent_loop_workers) == 1
+    batch = legacy_input(setup.policy)
+    data = manager.generate_sequences(batch)
+    for key, column in batch.non_tensor_batch.items():  # what RayPPOTrainer's batch.union(gen_batch_output) adds
+        data.non_tensor_batch.setdefault(key, column)
+    reward_tensor, _ = extract_reward(data)
+    data.batch["token_level_scores"] = reward_tensor
+    data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+    algorithm = config.algorithm
+    data = compute_advantage(data, adv_estimator=algorithm.adv_estimator, gamma=algorithm.gamma, lam=algorithm.lam,
+                             num_repeat=GROUP_SIZE, config=algorithm)
+    probes = [list(values) for values in data.non_tensor_batch[igpo_verl.ANSWER_LOGPROB_KEY]]
+    outcomes = [float(value) for value in data.non_tensor_batch["acc"]]
+    expected, result = expected_advantages(probes, outcomes, data.non_tensor_batch["uid"], data.batch["response_mask"].numpy())
+    np.testing.assert_allclose(data.batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(result.information_gain).max() > 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +879,7 @@ def _finished(turn_starts, response_mask, values, steps=()):
     loop = IGPOToolAgentLoop.__new__(IGPOToolAgentLoop)
     loop.igpo_settings = igpo_verl.IGPOSettings()
     loop._probes = _Probes(suffix=None, values=list(values), turn_starts=list(turn_starts), prefill_tokens=42,
-                           global_steps=list(steps))
+                           global_steps=list(steps), skipped=[False] * len(values))
     output = AgentLoopOutput(prompt_ids=[1, 2], response_ids=list(range(len(response_mask))),
                              response_mask=list(response_mask), metrics=AgentLoopMetrics(), num_turns=3,
                              extra_fields={"min_global_steps": 3, "max_global_steps": 3})
@@ -580,6 +945,34 @@ def test_manager_builds_the_workers_of_the_trainer_in_use(legacy, event_loop_for
         asyncio.set_event_loop(event_loop_for_verl)  # verl's auto_await ran it with asyncio.run
         assert type(manager) is manager_class
         assert manager.agent_loop_workers_class.__ray_actor_class__ is worker_class
+
+
+def test_without_igpos_manager_v1_logs_once_and_the_legacy_opt_in_warns(legacy, monkeypatch, caplog):
+    """Outside IGPO's worker: under V1 (rewards reach the estimator through as_dict; a refusal would
+    make verl's async modes refill the group forever) one error line per process names the key;
+    under the legacy trainer the refusal becomes one warning with the opt-in."""
+    import logging
+
+    from igpo_rewards.integrations import verl_agent_loop, verl_checks
+
+    monkeypatch.setattr(verl_checks, "_in_igpo_worker", False)
+    monkeypatch.setattr(verl_agent_loop, "_warned", set())
+    loop = IGPOToolAgentLoop.__new__(IGPOToolAgentLoop)
+    loop.config = OmegaConf.merge(legacy.config, {"trainer": {"use_v1": True}})
+    loop.igpo_settings = igpo_verl.IGPOSettings()
+    with caplog.at_level(logging.WARNING, logger=verl_agent_loop.__name__):
+        loop._check_manager()
+        loop._check_manager()
+    lines = [record.getMessage() for record in caplog.records
+             if record.name == verl_agent_loop.__name__ and record.levelno == logging.ERROR]
+    assert len(lines) == 1 and "agent_loop_manager_class=igpo_rewards.integrations.verl_manager.IGPOAgentLoopManager" in lines[0]
+    loop.config = legacy.config
+    loop.igpo_settings = igpo_verl.IGPOSettings(allow_outcome_only=True)
+    with pytest.warns(igpo_verl.OutcomeOnlyWarning, match="agent_loop_manager_class is not IGPO's"):
+        loop._check_manager()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop._check_manager()  # once per process
 
 
 def test_compute_score_reads_hermes_transcripts():
@@ -682,3 +1075,4 @@ def test_probe_cost_server_side_versus_actor_side(legacy, setup):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "verl_probe_cost.json"), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)
+

@@ -1,9 +1,10 @@
 """Synthetic multi-turn rollouts for IGPOTrainer, shared by test_trl.py and its torchrun workers.
 
-Run under ``torchrun --nproc_per_node N trl_igpo_run.py MODEL_DIR OUT_DIR``: every process builds
+Run under ``torchrun --nproc_per_node N trl_igpo_run.py MODEL_DIR OUT_DIR [targets]``: every process builds
 an IGPOTrainer on the tiny model in MODEL_DIR, scores its slice of the same global batch
 (GLOBAL_ROWS completions, groups of NUM_GENERATIONS spread over the processes) and writes
-its rows' advantages to OUT_DIR/rank{r}.pt.
+its rows' advantages to OUT_DIR/rank{r}.pt. With ``targets`` the rollouts also carry sub-goal
+targets (``target_rollout_func``) and the trainer weighs them (``TARGET_SETTINGS``).
 
 Completion k of the global batch is a deterministic function of k (turn count, token ids,
 observation lengths, probe log-probs, outcome), so one process and N processes see the same
@@ -68,6 +69,28 @@ def rollout_func(prompts: list, trainer) -> dict:
     }
 
 
+TARGET_SETTINGS = {"subgoal_weight": 0.5}
+
+
+def synthetic_targets(k: int, answer_logprob: list[float]) -> list[list[float]]:
+    """Completion k's probes of its K_k targets per turn, the answer first. K_k = 1 on the first half of
+    the global batch, 2 or 3 on the second: with two processes each has a different K."""
+    rng = np.random.default_rng(2000 + k)
+    count = 1 if k < GLOBAL_ROWS // 2 else 2 + k % 2
+    subgoals = np.log(rng.uniform(0.05, 0.95, size=(len(answer_logprob), count - 1)))
+    return [[answer, *row.tolist()] for answer, row in zip(answer_logprob, subgoals)]
+
+
+def target_rollout_func(prompts: list, trainer) -> dict:
+    """``rollout_func`` plus ``igpo_target_logprob``: each turn's probes of the completion's targets."""
+    output = rollout_func(prompts, trainer)
+    start = trainer.accelerator.process_index * len(prompts)
+    output["igpo_target_logprob"] = [
+        synthetic_targets(start + i, probes) for i, probes in enumerate(output["igpo_answer_logprob"])
+    ]
+    return output
+
+
 def outcome_reward(prompts, completions, outcome, **kwargs):
     """Reward function: the synthetic outcome the rollout_func attached to each completion."""
     return list(outcome)
@@ -122,9 +145,10 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    model_dir, out_dir = argv
+    model_dir, out_dir, *mode = argv
     world = int(os.environ["WORLD_SIZE"])
-    trainer = make_trainer(model_dir, Path(out_dir) / "trainer", per_device_batch=GLOBAL_ROWS // world)
+    options = dict(igpo_settings=TARGET_SETTINGS, rollout=target_rollout_func) if mode == ["targets"] else {}
+    trainer = make_trainer(model_dir, Path(out_dir) / "trainer", per_device_batch=GLOBAL_ROWS // world, **options)
     if trainer.accelerator.num_processes != world:
         raise RuntimeError(f"accelerate sees {trainer.accelerator.num_processes} processes, torchrun started {world}")
     result = score_local_slice(trainer)

@@ -7,12 +7,16 @@ hermes tool parser, padding and streaming-reward path; verl's ``LLMServerClient.
 byte-level BPE chat tokenizer built with ``igpo_rewards.testing.tiny``; the search
 tool calling ``igpo-retrieve`` over loopback; verl's TransferQueue (Ray actors on CPU).
 
-What stands in: :class:`CPURolloutServer` implements the contract of verl's vLLM server
+What stands in: :class:`CPURolloutServer` implements the contract of verl's vLLM / SGLang server
 ``generate`` (token ids in, ``TokenOutput`` out: sampled tokens with log-probs, and
 ``extra_fields["prompt_ids"/"prompt_logprobs"]`` for ``prompt_logprobs=0``) on the HF model,
-re-prefilling every request as vLLM does for requests with prompt log-probs. The load balancer
-and Ray's actor hop are replaced by :class:`InProcessActor` (Ray's ``handle.method.remote(...)``
-call syntax, executed in this process).
+re-prefilling every request as vLLM does for requests with prompt log-probs. The prompt log-probs
+are handed to verl's own extractor of the flavor it serves (vLLM's ``extract_prompt_logprobs``
+or ``_extract_prompt_logprobs_sglang``, compiled from verl's installed source by
+:func:`verl_function`: their modules import vLLM / SGLang, which a CPU machine lacks) in the
+engine's own output layout. In the in-process runs the load balancer and Ray's actor hop are
+replaced by :class:`InProcessActor` (Ray's ``handle.method.remote(...)`` call syntax, executed in
+this process); the Ray tests run the server as a Ray actor behind verl's real load balancer.
 
 The tiny model is trained for a few seconds on scripted hermes conversations (search, then
 answer; or answer at once), so that sampling at temperature 1 produces real tool calls and
@@ -23,11 +27,13 @@ the order in which the asyncio tasks reach the server.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
 import os
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +45,7 @@ import torch
 
 from igpo_rewards.integrations.verl_search import SEARCH_TOOL_SCHEMA
 from igpo_rewards.agent.bm25 import BM25Retriever
+from igpo_rewards.agent.probes import _cache_argument
 from igpo_rewards.agent.retrieval import format_observation, write_corpus_jsonl
 from igpo_rewards.reference_trainer.modeling import save_pretrained
 from igpo_rewards.reference_trainer.world import QAExample, build_world
@@ -202,8 +209,60 @@ class ServerLog:
     requests: Counter = field(default_factory=Counter)
 
 
+@dataclass
+class Logprob:
+    """vLLM's ``Logprob`` (``vllm.logprobs``): what ``RequestOutput.prompt_logprobs`` maps each token id to."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+VERL_EXTRACTORS = {
+    "vllm": ("workers/rollout/vllm_rollout/utils.py", "extract_prompt_logprobs",
+             {"Optional": typing.Optional, "RequestOutput": object}),
+    "sglang": ("workers/rollout/sglang_rollout/async_sglang_server.py", "_extract_prompt_logprobs_sglang", {}),
+}
+"""verl's prompt log-prob extractors: (file in the verl package, function, the names its signature reads)."""
+
+
+def verl_function(relative_path: str, name: str, namespace: dict[str, Any]) -> Any:
+    """The top-level function ``name`` of the installed verl's ``relative_path``, compiled from that
+    file's own source (same file name and line numbers in tracebacks) in ``namespace``; its module
+    cannot be imported here (it imports vLLM or SGLang at the top)."""
+    import verl
+
+    path = Path(verl.__file__).parent / relative_path
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    if not found:
+        raise RuntimeError(f"verl {verl.__version__} has no function {name} in {path}: verl moved it, update VERL_EXTRACTORS")
+    scope = dict(namespace)
+    exec(compile(ast.Module(body=found, type_ignores=[]), str(path), "exec"), scope)
+    return scope[name]
+
+
+def engine_prompt_logprobs(flavor: str, prompt_ids: list[int], logprobs: list[float]) -> dict[str, list]:
+    """``extra_fields`` from verl's own extractor of ``flavor`` for prompt log-probs in that engine's
+    output layout: vLLM's ``RequestOutput.prompt_logprobs`` ([None, {token: Logprob}, ...]) or
+    SGLang's ``meta_info["input_token_logprobs"]`` ([(logprob or None, token, text), ...]).
+    ``logprobs[p - 1]`` is log pi(prompt_ids[p] | prompt_ids[:p]) for p >= 1."""
+    relative_path, name, namespace = VERL_EXTRACTORS[flavor]
+    extract = verl_function(relative_path, name, namespace)
+    result: dict[str, list] = {}
+    if flavor == "vllm":
+        output = SimpleNamespace(prompt_logprobs=[None] + [
+            {token: Logprob(value, rank=1)} for token, value in zip(prompt_ids[1:], logprobs)])
+        extract(output=output, num_prompt_logprobs=0, result_dict=result)
+    else:
+        meta_info = {"input_token_logprobs": [(None, prompt_ids[0], None)] + [
+            (value, token, None) for token, value in zip(prompt_ids[1:], logprobs)]}
+        extract(meta_info=meta_info, num_prompt_logprobs=0, sequence_length=len(prompt_ids), result_dict=result)
+    return result
+
+
 class CPURolloutServer:
-    """verl's vLLM server ``generate`` contract on an HF causal LM, on CPU (see the module docstring).
+    """verl's vLLM (or SGLang) server ``generate`` contract on an HF causal LM, on CPU (see the module docstring).
 
     Sampling params read as vLLM does: ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``,
     ``top_k`` (-1 = off), ``logprobs`` (bool: return the sampled tokens' log-probs, from the raw
@@ -212,8 +271,12 @@ class CPURolloutServer:
     ``ignore_eos``, ``detokenize``; any other key is refused, as ``SamplingParams`` would.
     """
 
-    def __init__(self, model: Any, *, eos_token_id: int, max_model_len: int, global_steps: int = 0, seed: int = 0):
+    def __init__(self, model: Any, *, eos_token_id: int, max_model_len: int, global_steps: int = 0, seed: int = 0,
+                 flavor: str = "vllm"):
+        if flavor not in VERL_EXTRACTORS:
+            raise ValueError(f"flavor must be one of {sorted(VERL_EXTRACTORS)}, got {flavor!r}")
         self.model = model.eval()
+        self.flavor = flavor
         self.eos_token_id = int(eos_token_id)
         self.max_model_len = int(max_model_len)
         self.global_steps = global_steps
@@ -243,7 +306,9 @@ class CPURolloutServer:
         with torch.no_grad():
             output = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
             if prompt_logprobs is not None:
-                _write_prompt_logprobs(output.logits[0], prompt_ids, extra_fields)
+                log_softmax = torch.log_softmax(output.logits[0, :-1].float(), dim=-1)
+                values = log_softmax.gather(-1, torch.tensor(prompt_ids[1:])[:, None])[:, 0].tolist()
+                extra_fields.update(engine_prompt_logprobs(self.flavor, prompt_ids, values))
             tokens, logprobs = sampler.sample(self.model, output, max_tokens, self._generator(prompt_ids))
         kind = "prompt_logprobs" if prompt_logprobs is not None else "generate"
         self.log.tokens[kind] += len(prompt_ids)
@@ -257,16 +322,6 @@ class CPURolloutServer:
         key = digest[:8]
         self._seen[key] += 1
         return torch.Generator().manual_seed((int.from_bytes(key, "little") + 7919 * self._seen[key] + self.seed) % 2**63)
-
-
-def _write_prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], extra_fields: dict[str, Any]) -> None:
-    """vLLM's layout (``extract_prompt_logprobs`` with 0 top tokens): row p - 1 holds token p and
-    its log-prob given tokens < p; one padding row at the end."""
-    log_softmax = torch.log_softmax(logits[:-1].float(), dim=-1)
-    targets = torch.tensor(prompt_ids[1:])
-    values = log_softmax.gather(-1, targets[:, None])[:, 0].tolist()
-    extra_fields["prompt_ids"] = [[token] for token in prompt_ids[1:]] + [[0]]
-    extra_fields["prompt_logprobs"] = [[value] for value in values] + [[0.0]]
 
 
 class _Sampler:
@@ -286,7 +341,6 @@ class _Sampler:
     def sample(self, model: Any, output: Any, max_tokens: int, generator: torch.Generator) -> tuple[list[int], list[float]]:
         tokens, logprobs = [], []
         logits = output.logits[0, -1].float()
-        cache = getattr(output, "cache", None) or output.past_key_values
         for _ in range(max_tokens):
             log_softmax = torch.log_softmax(logits, dim=-1)
             token = self._pick(logits, generator)
@@ -294,8 +348,11 @@ class _Sampler:
             logprobs.append(float(log_softmax[token]))
             if token in self.stop or len(tokens) == max_tokens:
                 break
-            step = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
-            logits, cache = step.logits[0, -1].float(), getattr(step, "cache", None) or step.past_key_values
+            # The KV cache under the keyword this transformers' forward takes (``cache`` in the newest,
+            # ``past_key_values`` in the 5.10 that verl 0.9.1 allows): an unknown keyword would land in
+            # **kwargs and every step would be decoded without its context.
+            output = model(input_ids=torch.tensor([[token]]), use_cache=True, **_cache_argument(model, output))
+            logits = output.logits[0, -1].float()
         return tokens, logprobs
 
     def _pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
@@ -335,11 +392,12 @@ class InProcessActor:
         return SimpleNamespace(remote=remote)
 
 
-def local_server_client(config: Any, server: CPURolloutServer) -> Any:
-    """verl's ``LLMServerClient`` (its ``generate`` runs as is) routed to ``server`` in this process."""
+def local_server_client(config: Any, server: CPURolloutServer, client_class: type | None = None) -> Any:
+    """verl's ``LLMServerClient`` (or ``client_class``, e.g. ``FullyAsyncLLMServerClient``; its
+    ``generate`` runs as is) routed to ``server`` in this process."""
     from verl.workers.rollout.llm_server import LLMServerClient
 
-    class LocalServerClient(LLMServerClient):
+    class LocalServerClient(client_class or LLMServerClient):
         async def _acquire_server(self, request_id: str, **extra: Any) -> tuple[str, Any]:
             return "cpu-0", InProcessActor(server)
 
@@ -371,6 +429,9 @@ def verl_config(policy: Policy, tool_config: Path, *, agent_loop: str, use_v1: b
         "actor_rollout_ref.rollout.multi_turn.max_tool_response_length=2048",
         f"actor_rollout_ref.rollout.multi_turn.tool_config_path={tool_config}",
         f"actor_rollout_ref.rollout.agent.default_agent_loop={agent_loop}",
+        "+actor_rollout_ref.rollout.agent.agent_loop_manager_class=igpo_rewards.integrations.verl_manager.IGPOAgentLoopManager",
+        "trainer.v1.sampler.custom_sampler.path=pkg://igpo_rewards.integrations.verl_manager",
+        "trainer.v1.sampler.custom_sampler.name=IGPOReplayBuffer",
         "algorithm.adv_estimator=igpo",
         "algorithm.use_kl_in_reward=False",
         f"trainer.use_v1={use_v1}",

@@ -148,7 +148,7 @@ def test_every_igpo_option_is_a_flag_and_a_config_key(tmp_path):
     under the library's name, from a flag (--rl.igpo.NAME) or a config file ([rl.igpo])."""
     settings = IGPOSettings(gamma=0.5, kind="log_prob", mode="separate", weighting="trajectory", scale="none", eps=0.25,
                             ddof=1, ig_weight=0.5, outcome_weight=3.0, log_prob_floor=-7.0)
-    flags = [item for field in dataclasses.fields(IGPOSettings) if field.name != "max_turns"
+    flags = [item for field in dataclasses.fields(IGPOSettings) if field.name not in ("max_turns", "allow_outcome_only")
              for item in (f"--rl.igpo.{field.name.replace('_', '-')}", str(getattr(settings, field.name)))]
     assert parse(["train", *flags]).rl.igpo == settings
     toml = tmp_path / "igpo.toml"
@@ -208,6 +208,10 @@ def test_validate_config_and_quick():
     with pytest.raises(FieldValueError, match=r"rl.minibatches \(9\) must be <= rl.questions_per_step \(8\)"):
         config = RunConfig()
         config.rl.minibatches = 9
+        validate_config(config)
+    with pytest.raises(FieldValueError, match=r"rl.igpo.allow_outcome_only is the verl integration's opt-in"):
+        config = RunConfig()
+        config.rl.igpo = IGPOSettings(allow_outcome_only=True)
         validate_config(config)
     quick = quick_config(RunConfig())
     assert quick.rl.steps < RunConfig().rl.steps and quick.warm_start.steps < RunConfig().warm_start.steps

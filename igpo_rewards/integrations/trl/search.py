@@ -17,11 +17,21 @@ reverse).
    format penalty;
 3. ``igpo_rewards.agent.probes.score_probes`` scores the probe before every turn (the
    ground-truth answer after "Now there's enough information to answer"), ``probe_batch_size``
-   rollouts per packed forward;
+   rollouts per forward (``probe_layout``), through the helper IGPOTrainer's tool loop uses too;
 4. the output holds TRL's ``prompt_ids``, ``completion_ids`` (the turns and the observations
    between them) and ``logprobs`` (``None``: with HF generate TRL recomputes what it needs), and
    what ``IGPOTrainer`` reads: ``env_mask`` (1 on generated tokens, 0 on observation tokens: one
    run of 1s per turn) and ``igpo_answer_logprob`` (one probe per turn).
+
+Sub-goal targets (``subgoals_column``, docs/algorithm.md section 7.1): each row may also list
+intermediate answers of its question (a multi-hop question's bridge entities: MuSiQue's
+decomposition answers, 2Wiki's evidence objects). Every turn is then probed for the answer and
+each of them in the same forward (``score_probes`` with a list of targets per trajectory), and the
+output also holds ``igpo_target_logprob``: per completion, per turn, the probe log-probs of its
+targets, the answer first. ``IGPOTrainer`` weighs the sub-goals with
+``igpo_settings.subgoal_weight``. The targets are built and checked, and the probes split into
+the two keys, by the trainer module's helpers that ``IGPOTrainer(subgoals_column=...)`` uses on
+TRL's tool loop, so both paths probe the same targets.
 
 The ground-truth answers: TRL passes a ``rollout_func`` the prompts only. ``IGPOTrainer`` keeps
 the batch's dataset rows in ``trainer.igpo_batch_inputs`` while it scores the batch (row i is the
@@ -37,27 +47,32 @@ settings the loop does not apply (``temperature`` other than 1, ``top_p``, ``top
 ``mask_truncated_completions`` (a Search-R1 completion ends at ``</answer>``, not at an
 end-of-sequence token, so TRL would mask every one of them).
 
-``make_outcome_reward_func(answers_column)`` is the matching TRL reward function:
-``igpo_rewards.outcome_reward`` of each completion's text against its row's aliases (answer F1,
-the format penalty -2.0 for a malformed response or one without an answer).
+``make_outcome_reward_func(answers_column, tokenizer=...)`` is the matching TRL reward function,
+for this rollout function and for TRL's tool loop alike: ``igpo_rewards.outcome_reward`` of each
+completion's text (with ``tokenizer``, the decoded ``completion_ids``) against its row's aliases
+(answer F1, the format penalty -2.0 for a malformed response or one without an answer).
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
-from trl.models.utils import unwrap_model_for_generation
-
 from igpo_rewards import _checks
-from igpo_rewards.agent.probes import PROBE_LAYOUTS, score_probes
-from igpo_rewards.agent.retrieval import Document, HTTPRetriever, Retriever
+from igpo_rewards.agent.probes import PROBE_LAYOUTS
+from igpo_rewards.agent.retrieval import Retriever
 from igpo_rewards.agent.rollout import Trajectory, generate_rollouts
-from igpo_rewards.integrations.trl.trainer import ANSWER_LOGPROB_KEY, IGPOTrainer
-from igpo_rewards.scoring import outcome_reward, split_ground_truth
+from igpo_rewards.agent.tool_calls import as_retriever
+from igpo_rewards.integrations.trl._probes import generation_model, probe_log_probs
+from igpo_rewards.integrations.trl.trainer import (
+    PROBE_SECONDS_KEY,
+    IGPOTrainer,
+    _probe_outputs,
+    _row_answers,
+    _row_targets,
+)
+from igpo_rewards.scoring import outcome_reward
 
 __all__ = ["make_outcome_reward_func", "make_search_rollout_func"]
 
@@ -70,52 +85,6 @@ _NEUTRAL_SAMPLING = {
     "min_p": (0.0, None),
     "repetition_penalty": (1.0,),
 }
-
-
-class _CallableRetriever:
-    """A ``Retriever`` around ``search(queries, topk) -> [[Document or Search-R1 contents str, ...], ...]``."""
-
-    def __init__(self, function: Callable[[list[str], int], Sequence[Sequence[Any]]]):
-        self.function = function
-
-    def search(self, queries: list[str], topk: int = 3) -> list[list[Document]]:
-        results = self.function(list(queries), topk)
-        if not isinstance(results, (list, tuple)) or len(results) != len(queries):
-            raise ValueError(
-                f"the search callable must return one list of documents per query: {len(queries)} queries, "
-                f"got {results!r:.120}"
-            )
-        return [[_document(hit, query, rank) for rank, hit in enumerate(hits)] for query, hits in enumerate(results)]
-
-
-def _document(hit: Any, query: int, rank: int) -> Document:
-    if isinstance(hit, Document):
-        return hit
-    if isinstance(hit, str):
-        return Document.from_contents("", hit)
-    raise TypeError(
-        f"the search callable's result [{query}][{rank}] must be a Document or a Search-R1 contents str "
-        f"('\"Title\"\\ntext'), got {type(hit).__name__}"
-    )
-
-
-def _as_retriever(retriever: Any) -> Retriever:
-    """A ``/retrieve`` URL (``HTTPRetriever``), an object with ``search``, or a search callable, as a ``Retriever``.
-
-    Raises:
-        TypeError: none of these.
-        ValueError: a string that is not an http(s) URL.
-    """
-    if isinstance(retriever, str):
-        return HTTPRetriever(retriever)
-    if callable(getattr(retriever, "search", None)):
-        return retriever
-    if callable(retriever):
-        return _CallableRetriever(retriever)
-    raise TypeError(
-        f"retriever must be a Search-R1 /retrieve URL, an object with search(queries, topk) or a callable "
-        f"(queries, topk) -> one list of documents per query; got {type(retriever).__name__}"
-    )
 
 
 def _check_trainer(trainer: Any) -> None:
@@ -163,22 +132,12 @@ def _batch_answers(trainer: IGPOTrainer, prompts: Sequence[Any], column: str) ->
             f"prompts has {len(prompts)} entries but trainer.igpo_batch_inputs holds {len(rows)} dataset rows; "
             f"rollout_func must get the prompts of the batch's rows, in order"
         )
-    answers = []
     for index, (row, prompt) in enumerate(zip(rows, prompts)):
         if row.get("prompt") != prompt:
             raise ValueError(
                 f"prompts[{index}] is not the 'prompt' of trainer.igpo_batch_inputs[{index}]: {prompt!r:.120}"
             )
-        if column not in row:
-            raise ValueError(
-                f"the dataset has no column {column!r} (the ground-truth answers, answers_column=); "
-                f"its columns: {sorted(row)}"
-            )
-        try:
-            answers.append(split_ground_truth(row[column]))
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"dataset row of prompts[{index}], column {column!r}: {error}") from None
-    return answers
+    return _row_answers(rows, column)
 
 
 def _prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
@@ -203,37 +162,6 @@ def _prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
     return result
 
 
-@contextlib.contextmanager
-def _generation_model(trainer: IGPOTrainer) -> Iterator[Any]:
-    """The trainer's model unwrapped as TRL unwraps it for generation, in eval mode, without gradients."""
-    kwargs = {"gather_deepspeed3_params": trainer.args.ds3_gather_for_generation}
-    if "gradient_checkpointing_kwargs" in inspect.signature(unwrap_model_for_generation).parameters:  # TRL >= 1.16
-        kwargs["gradient_checkpointing_kwargs"] = trainer.args.gradient_checkpointing_kwargs
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, **kwargs) as model:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                yield model
-        finally:
-            model.train(was_training)
-
-
-def _probes(
-    model: Any, tokenizer: Any, trajectories: Sequence[Trajectory], answers: Sequence[str], *, batch_size: int, layout: str
-) -> list[list[float]]:
-    """The n_i probe log-probs of every trajectory, ``batch_size`` trajectories per packed forward."""
-    values: list[list[float]] = []
-    for first in range(0, len(trajectories), batch_size):
-        part = trajectories[first : first + batch_size]
-        scores = score_probes(
-            model, tokenizer, [t.token_ids for t in part], [t.turn_starts for t in part],
-            answers[first : first + batch_size], probe_layout=layout,
-        ).cpu()
-        values += [scores[row, : t.num_turns].tolist() for row, t in enumerate(part)]
-    return values
-
-
 def _completion(trajectory: Trajectory) -> tuple[list[int], list[int], list[int]]:
     """``(prompt_ids, completion_ids, env_mask)`` of a trajectory: the completion runs from the end of
     the prompt to the end of the last turn; env_mask is 1 on turn tokens, 0 on observation tokens."""
@@ -255,6 +183,7 @@ def make_search_rollout_func(
     generation_batch_size: int = 64,
     probe_batch_size: int = 32,
     probe_layout: str = "packed",
+    subgoals_column: str | None = None,
 ) -> Callable[[list[Any], IGPOTrainer], dict[str, Any]]:
     """A TRL ``rollout_func`` running the Search-R1 multi-turn loop with IGPO's probes (module docstring).
 
@@ -274,6 +203,11 @@ def make_search_rollout_func(
         probe_batch_size: rollouts per probe forward.
         probe_layout: "packed" (probe copies in one forward) or "kv_cache"
             (``igpo_rewards.agent.probes.probe_forward``).
+        subgoals_column: the dataset column of each row's sub-goal targets (a list of strings,
+            possibly empty, or None: the question's intermediate answers, not the answer itself),
+            probed before every turn with the answer in the same forward (module docstring).
+            None (default): the paper's IGPO, the answer alone. Needs
+            ``igpo_settings.subgoal_weight > 0``.
 
     Returns:
         ``rollout_func(prompts, trainer) -> dict`` for ``IGPOTrainer(..., rollout_func=...)``,
@@ -283,37 +217,46 @@ def make_search_rollout_func(
         TypeError: a retriever or setting of the wrong type, here; at each call, a trainer that
         is not an ``IGPOTrainer``.
         ValueError: a bad setting, here; at each call, ``use_vllm``, ``mask_truncated_completions``
-        or sampling settings the loop does not apply, a missing answers column, or prompts that
-        are not the batch's (each names the field).
+        or sampling settings the loop does not apply, a missing answers or sub-goals column, a
+        sub-goal that is empty, repeated or the answer itself, ``subgoals_column`` with
+        ``igpo_settings.subgoal_weight == 0``, or prompts that are not the batch's (each names the
+        field).
     """
-    search = _as_retriever(retriever)
+    search = as_retriever(retriever)
     for name, count in dict(max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
                             generation_batch_size=generation_batch_size, probe_batch_size=probe_batch_size).items():
         _checks.check_positive_count(name, count)
     _checks.check_optional_positive_count("max_context_tokens", max_context_tokens)
     _checks.check_choice("probe_layout", probe_layout, PROBE_LAYOUTS)
     _checks.check_str("answers_column", answers_column, what="a str (a dataset column)")
+    if subgoals_column is not None:
+        _checks.check_str("subgoals_column", subgoals_column, what="a str (a dataset column) or None")
 
     def search_rollout_func(prompts: list[Any], trainer: IGPOTrainer) -> dict[str, Any]:
         _check_trainer(trainer)
         if not prompts:
             raise ValueError("rollout_func got no prompts")
         answers = _batch_answers(trainer, prompts, answers_column)
+        targets = ([aliases[0] for aliases in answers] if subgoals_column is None
+                   else _row_targets(trainer.igpo_batch_inputs, answers, subgoals_column, trainer.igpo_settings))
         tokenizer = trainer.processing_class
         prompt_ids = _prompt_ids(tokenizer, prompts)
         mode = "train" if trainer.model.training else "eval"
-        with _generation_model(trainer) as model:
+        with generation_model(trainer) as model:
             result = generate_rollouts(
                 model, tokenizer, search, prompt_ids, max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
                 max_context_tokens=max_context_tokens, batch_size=generation_batch_size,
             )
-            probes = _probes(
-                model, tokenizer, result.trajectories, [aliases[0] for aliases in answers],
-                batch_size=probe_batch_size, layout=probe_layout,
+            trajectories = result.trajectories
+            started = time.perf_counter()
+            probes = probe_log_probs(
+                model, tokenizer, [t.token_ids for t in trajectories], [t.turn_starts for t in trajectories],
+                targets, batch_size=probe_batch_size, layout=probe_layout,
             )
-        trajectories = result.trajectories
+            probe_seconds = time.perf_counter() - started
         prompt_part, completion_ids, env_mask = zip(*(_completion(t) for t in trajectories))
         metrics = trainer._metrics[mode]
+        metrics[PROBE_SECONDS_KEY].append(probe_seconds)
         metrics["igpo/searches_mean"].append(sum(len(t.queries) for t in trajectories) / len(trajectories))
         metrics["igpo/answered_fraction"].append(sum(t.answered for t in trajectories) / len(trajectories))
         return {
@@ -321,49 +264,75 @@ def make_search_rollout_func(
             "completion_ids": list(completion_ids),
             "logprobs": None,
             "env_mask": list(env_mask),
-            ANSWER_LOGPROB_KEY: probes,
+            **_probe_outputs(probes, targets),
         }
 
     return search_rollout_func
 
 
-def _completion_text(completion: Any) -> str:
-    """The text of a TRL completion: a string, or (conversational prompts) a list of messages."""
+def _completion_text(completion: Any, index: int) -> str:
+    """The text of a TRL completion: a string, or (conversational prompts) a list of messages
+    without tool calls (their content joined)."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and all(isinstance(message, Mapping) for message in completion):
+        if any(message.get("tool_calls") or message.get("role") == "tool" for message in completion):
+            raise ValueError(
+                f"completions[{index}] holds tool calls or tool results (TRL's tool loop parsed them out of the "
+                f"text, so its content alone lacks the <search> turns and would get the format penalty): pass "
+                f"make_outcome_reward_func(..., tokenizer=tokenizer) to score the decoded completion_ids"
+            )
         return "".join(str(message.get("content") or "") for message in completion)
     raise TypeError(f"a completion must be a str or a list of messages, got {completion!r:.120}")
 
 
 def make_outcome_reward_func(
-    answers_column: str = "answers", *, metric: str = "f1", format_penalty: float = -2.0, style: str = "paper"
+    answers_column: str = "answers",
+    *,
+    tokenizer: Any = None,
+    metric: str = "f1",
+    format_penalty: float = -2.0,
+    style: str = "paper",
 ) -> Callable[..., list[float]]:
     """A TRL reward function: ``igpo_rewards.outcome_reward`` of each completion against its row's answers.
 
-    The returned ``reward(prompts, completions, **columns)`` reads the aliases from the dataset
-    column ``answers_column`` (TRL passes every column as a keyword argument) and scores the
-    completion's whole text (turns and observation blocks, as TRL decodes it): ``metric`` ("f1"
-    or "em") of the answer against the best alias, or ``format_penalty`` when the response is
-    malformed or has no answer. Its ``__name__`` is ``outcome_<metric>`` (TRL logs
-    ``rewards/outcome_f1/mean``).
+    The returned ``reward(prompts, completions, completion_ids, **columns)`` reads the aliases from
+    the dataset column ``answers_column`` (TRL passes every column as a keyword argument) and
+    scores the completion's whole text (turns and observation blocks): ``metric`` ("f1" or "em")
+    of the answer against the best alias, or ``format_penalty`` when the response is malformed or
+    has no answer. Its ``__name__`` is ``outcome_<metric>`` (TRL logs ``rewards/outcome_f1/mean``).
+
+    The text: with ``tokenizer``, ``tokenizer.decode(completion_ids, skip_special_tokens=True)``
+    (what TRL decodes for a ``rollout_func``'s completions, and the only faithful text in TRL's
+    tool loop, where the ``<search>`` turns become ``tool_calls``); without it, the completion as
+    TRL hands it over (a string, or the content of its messages), and a completion holding tool
+    calls is an error rather than a silent format penalty.
 
     Raises:
-        TypeError / ValueError: bad settings (here); at each call, a missing column or a ground
-        truth that ``igpo_rewards.split_ground_truth`` cannot read.
+        TypeError / ValueError: bad settings (here); at each call, a missing column, a ground
+        truth that ``igpo_rewards.split_ground_truth`` cannot read, or (without ``tokenizer``) a
+        completion with tool calls.
     """
     _checks.check_str("answers_column", answers_column, what="a str (a dataset column)")
     outcome_reward("", "checked", metric=metric, format_penalty=format_penalty, style=style)  # validates the settings
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(f"tokenizer must be a tokenizer with decode(ids), got {type(tokenizer).__name__}")
 
-    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
+    def reward(prompts: list[Any], completions: list[Any], completion_ids: list[Any] | None = None, **columns: Any) -> list[float]:
         if answers_column not in columns:
             raise ValueError(
                 f"the dataset has no column {answers_column!r} (the ground-truth answers); the reward function got "
                 f"{sorted(columns)}"
             )
+        if tokenizer is not None:
+            if completion_ids is None:
+                raise ValueError("the reward function scores the decoded completion_ids, but TRL passed none")
+            texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in completion_ids]
+        else:
+            texts = [_completion_text(completion, index) for index, completion in enumerate(completions)]
         return [
-            outcome_reward(_completion_text(completion), truth, metric=metric, format_penalty=format_penalty, style=style)
-            for completion, truth in zip(completions, columns[answers_column], strict=True)
+            outcome_reward(text, truth, metric=metric, format_penalty=format_penalty, style=style)
+            for text, truth in zip(texts, columns[answers_column], strict=True)
         ]
 
     reward.__name__ = reward.__qualname__ = f"outcome_{metric}"
