@@ -26,6 +26,11 @@ Readable top to bottom like cleanrl, one module per job. The data flow of one RL
 
 Around the step: ``warm_start`` (SFT on imperfect demonstrations, the start of every RL run),
 ``checkpoint`` (atomic safetensors checkpoints, exact resume), ``evaluation`` (greedy EM/F1 by
-hop count or per data source), ``report`` (report.md with plots), ``config`` and ``cli``
-(the ``igpo-train`` console script: ``demo``, ``train``, ``eval``, ``report``).
+hop count or per data source; per question for the experiment's pairs), ``report`` (report.md
+with plots), ``config`` and ``cli`` (the ``igpo-train`` console script: ``demo``, ``train``,
+``eval``, ``warm-start``, ``diagnose``, ``experiment``, ``report``).
+
+Around the runs: ``experiment`` (``igpo-train experiment``: the methods of ``methods`` from each
+seed's shared warm start, run as child processes by ``jobs``), ``paired`` (paired differences
+with two-way bootstrap intervals) and ``experiment_report`` (its report.md and plots).
 """

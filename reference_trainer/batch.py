@@ -3,11 +3,15 @@
 ``build_batch`` turns the scored ``rollout.QATrajectory`` objects of a step into a
 ``RolloutBatch``: the right-padded token ids, the turn of every generated token (read from the
 turn spans, so it is the loss mask too), each turn's start (where its probe cuts the context),
-the turn mask, the group ids, the outcomes and each row's probe suffix. The probe forward, the
-reference forward and every micro batch of the update take slices of it (``RolloutBatch.select``);
-nothing is re-packed from the trajectories afterwards, and everything lives on the model's device.
+the turn mask, the group ids, the outcomes and each row's probe suffixes: the answer's, and with
+``subgoals`` also one per sub-goal target of the question (``QAExample.subgoals``: the gold
+chain's bridge entities), so that the probe forward scores all K targets of every turn at once.
+The probe forward, the reference forward and every micro batch of the update take slices of it
+(``RolloutBatch.select``); nothing is re-packed from the trajectories afterwards, and everything
+lives on the model's device.
 
-Shapes: B rollouts, S the longest trajectory, T the most turns.
+Shapes: B rollouts, S the longest trajectory, T the most turns, K the most targets of a row
+(the answer + its sub-goals).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from igpo_rewards.agent.probes import SuffixTable, build_probe_suffix, suffix_table
+from igpo_rewards.agent.probes import SuffixTable, build_probe_suffix, suffix_table, target_table
 from igpo_rewards.agent.rollout import token_layout
 from igpo_rewards.reference_trainer.rollout import QATrajectory
 
@@ -37,7 +41,9 @@ class RolloutBatch:
         turn_mask: [B, T] bool.
         group_ids: [B] long, the question of each rollout.
         outcome: [B] float32, the outcome reward.
-        suffixes: each row's probe suffix (the first answer alias), or ``None`` without probes.
+        suffixes: each row's probe suffix (the first answer alias), or with sub-goals a table of
+            K targets per row (``agent.probes.target_table``: the answer, then the sub-goals), or
+            ``None`` without probes.
     """
 
     trajectories: list[QATrajectory]
@@ -49,6 +55,14 @@ class RolloutBatch:
     group_ids: torch.Tensor
     outcome: torch.Tensor
     suffixes: SuffixTable | None = None
+
+    @property
+    def target_mask(self) -> torch.Tensor | None:
+        """[B, K] bool: which targets each row has (column 0, the answer, always), or None when the
+        probes score the answer alone (no sub-goals, or no probes)."""
+        if self.suffixes is None or self.suffixes.token_ids.dim() != 3:
+            return None
+        return self.suffixes.target_mask
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -78,29 +92,52 @@ class Advantages:
     Attributes:
         turn: [B, T] advantage of each turn (0 on padded turns).
         token: [B, S] float32, turn j's advantage on turn j's generated tokens, 0 elsewhere.
-        information_gain: [B, T] IG of each turn (None without probes).
+        information_gain: [B, T] IG of each turn (None without probes); with sub-goal targets the
+            weighted sum of the targets' gains.
         rewards: [B, T] turn rewards fed to the normalization (None for GRPO).
+        target_gains: [B, T, K] each target's own (unweighted) gain, target 0 the answer, with
+            sub-goal targets only (else None).
     """
 
     turn: torch.Tensor
     token: torch.Tensor
     information_gain: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    target_gains: torch.Tensor | None = None
+
+
+def probe_targets(examples: Sequence[Any], *, subgoals: bool) -> list[list[str]]:
+    """Each question's probe targets: its first answer alias, then (with ``subgoals``) its sub-goal
+    targets (``QAExample.subgoals``: the gold chain's bridge entities, in chain order).
+
+    Example:
+        >>> from igpo_rewards.reference_trainer.world import QAExample
+        >>> example = QAExample("q", ("Oslo",), 3, "world", gold_bridge_answers=("Kelm", "Tovia", "Oslo"))
+        >>> probe_targets([example], subgoals=True), probe_targets([example], subgoals=False)
+        ([['Oslo', 'Kelm', 'Tovia']], [['Oslo']])
+    """
+    return [[example.answers[0], *(example.subgoals if subgoals else ())] for example in examples]
 
 
 def build_batch(
-    trajectories: Sequence[QATrajectory], tokenizer: Any, *, probes: bool, device: torch.device | str | None = None
+    trajectories: Sequence[QATrajectory], tokenizer: Any, *, probes: bool, subgoals: bool = False,
+    device: torch.device | str | None = None,
 ) -> RolloutBatch:
-    """The ``RolloutBatch`` of a step's rollouts; with ``probes`` each row gets the probe suffix of
-    its question's first answer alias (tokenized once per distinct answer)."""
+    """The ``RolloutBatch`` of a step's rollouts. With ``probes`` each row gets the probe suffix of
+    its question's first answer alias; with ``subgoals`` too, a ``target_table`` of every row's
+    ``probe_targets`` (K = the most targets of a row; a row with fewer has them marked absent).
+    Each distinct target string is tokenized once."""
     if not trajectories:
         raise ValueError("trajectories is empty: no rollouts to train on")
     layout = token_layout(trajectories, pad_token_id=tokenizer.pad_token_id or 0, device=device)
     suffixes = None
     if probes:
-        answers = [trajectory.example.answers[0] for trajectory in trajectories]
-        distinct = {answer: build_probe_suffix(tokenizer, answer) for answer in dict.fromkeys(answers)}
-        suffixes = suffix_table([distinct[answer] for answer in answers], device=device)
+        targets = probe_targets([trajectory.example for trajectory in trajectories], subgoals=subgoals)
+        distinct = {text: build_probe_suffix(tokenizer, text) for row in targets for text in dict.fromkeys(row)}
+        if subgoals:
+            suffixes = target_table([[distinct[text] for text in row] for row in targets], device=device)
+        else:
+            suffixes = suffix_table([distinct[row[0]] for row in targets], device=device)
     return RolloutBatch(
         trajectories=list(trajectories),
         input_ids=layout.input_ids,

@@ -7,9 +7,10 @@
     igpo-train eval --init DIR --out DIR          greedy EM/F1 (by hop, per data source)
     igpo-train warm-start --out DIR               tokenizer + tiny model + warm start only
     igpo-train diagnose --init DIR --out DIR      outcome sparsity and probe signal at RL step 0
-    igpo-train experiment --out DIR [--seeds 3] [--quick]
-                                                  per seed: warm start -> IGPO, GRPO and the two
-                                                  ablations -> DIR/experiment.json, DIR/report.md
+    igpo-train experiment --out DIR [--seeds 5] [--methods grpo igpo igpo_subgoals] [--quick]
+                                                  per seed: warm start -> every method from it
+                                                  -> DIR/experiment.json, DIR/report.md (paired
+                                                  differences to GRPO with bootstrap intervals)
     igpo-train report --out DIR [--runs IGPO=RUN ...]   (or --experiment DIR/experiment.json)
 
 Every subcommand but report takes the fields of ``config.RunConfig`` that it reads
@@ -65,6 +66,7 @@ from igpo_rewards.reference_trainer.config import (
     validate_config,
 )
 from igpo_rewards.reference_trainer.evaluation import evaluate
+from igpo_rewards.reference_trainer.methods import DEFAULT_METHODS, METHODS
 from igpo_rewards.reference_trainer.files import append_jsonl, write_text_atomic
 from igpo_rewards.reference_trainer.jobs import Job, JobFailed, run_jobs
 from igpo_rewards.reference_trainer.modeling import load_pretrained, save_pretrained
@@ -75,7 +77,7 @@ from igpo_rewards.testing.tiny import build_model, train_tokenizer
 
 # --- subcommands ------------------------------------------------------------------------------------
 
-EXPERIMENT_PRESET = "sparse"
+EXPERIMENT_PRESET = "credit"
 """The world preset of ``igpo-train experiment`` unless ``--world.preset`` or the config file names one."""
 
 
@@ -131,11 +133,13 @@ class DiagnoseCommand(RunConfig):
 
 @dataclass
 class ExperimentCommand(RunConfig):
-    """IGPO, GRPO and the two ablations (ig_weight = 0, outcome_weight = 0) from one warm start per seed; DIR/experiment.json and DIR/report.md. Runs on the sparse preset unless --world.preset (or the config file) names another: questions of 1-4 hops (balanced), twice the default world's name sharing, a warm start that demonstrates only questions of at most 2 hops, and 6 turns per rollout; the defaults below are the preset's."""
+    """Methods compared in pairs (--methods; default GRPO, IGPO and IGPO with sub-goal targets): per seed one warm start, then every method from it, all evaluated on the same held-out questions; DIR/experiment.json and DIR/report.md with each method's paired difference to GRPO (overall and per hop count, 95% bootstrap intervals). Runs on the credit preset unless --world.preset (or the config file) names another: questions of 1-4 hops (balanced), twice the default world's name sharing, 400 held-out questions (100 per hop count), a warm start that demonstrates questions of at most 3 hops (1000 SFT steps), 6 turns per rollout, 100 RL steps of 8 questions x G = 16; the defaults below are the preset's. A --rl.igpo.* flag applies to every method unless the method sets that field."""
 
     config: str | None = None
     """TOML/YAML/JSON file of config values; flags override it."""
-    seeds: PositiveCount = 3
+    methods: tuple[Literal[tuple(METHODS)], ...] = DEFAULT_METHODS
+    """Methods to run from every warm start (grpo, the baseline of the paired differences, among them): igpo (the paper), grpo, igpo_subgoals (IGPO whose probes also score the gold chain's bridge entities, running-max potential), igpo_subgoals_probe (the same with the raw probe as potential), igpo_turn_index (per-turn-index pools), igpo_a2tgpo (turn-index pools, sqrt(n) accumulation, IG scale 0.3), igpo_subgoals_a2tgpo (both), igpo_positive (positive-clipped IG), igpo_no_ig and igpo_no_outcome (the paper's ablations). A re-run with more methods runs only the new ones."""
+    seeds: PositiveCount = 5
     """S: warm starts, each followed by one run of every method (training seeds --seed .. --seed + S - 1)."""
     quick: bool = False
     """Tiny budget (the CI smoke test): same pipeline, a few steps of everything."""
@@ -431,7 +435,7 @@ def run_experiment(command: ExperimentCommand) -> Path:
     from igpo_rewards.reference_trainer.experiment import run_experiment as experiment
 
     config = _budgeted_config(command)
-    report = experiment(config, Path(config.out), seeds=command.seeds, workers=command.workers,
+    report = experiment(config, Path(config.out), seeds=command.seeds, methods=command.methods, workers=command.workers,
                         diagnose_steps=command.diagnose_steps, progress=config.progress)
     print(f"experiment report -> {report}")
     return report

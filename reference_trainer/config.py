@@ -109,8 +109,8 @@ OptionalText = Annotated[Union[str, None], NonEmpty()]
 class WorldConfig:
     """The embedded synthetic world (``igpo_rewards.reference_trainer.world.build_world``)."""
 
-    preset: Literal["default", "sparse"] = "default"
-    """default: the demo's world. sparse: 1-4 hop questions, more name collisions, demonstrations only up to 2 hops, 6 turns (the defaults of every section it changes: see PRESETS)."""
+    preset: Literal["default", "sparse", "credit"] = "default"
+    """default: the demo's world. sparse: 1-4 hop questions, more name collisions, demonstrations only up to 2 hops, 6 turns. credit: the sparse world with 400 held-out questions, demonstrations up to 3 hops (1000 SFT steps) and the experiment's RL budget (G = 16). The defaults of every section a preset changes: see PRESETS."""
     seed: Seed = 0
     """Seed of the world generator (entities, corpus, questions)."""
     num_train: PositiveCount = 1000
@@ -233,6 +233,8 @@ class RLConfig:
     """Probes in the old-log-prob forward: a second pass of the probe copies over the trajectory pass's KV cache (the trajectory pass is then a plain causal forward; the faster one here), or the copies appended in ONE forward under a 4D mask ("packed"). Same numbers; docs/benchmarks.md."""
     eval_every: Count = 5
     """Evaluate on held-out questions every this many steps (and at the end); 0 = only at the end."""
+    eval_at_start: bool = True
+    """Evaluate the starting policy at step 0 (the experiment turns it off: its warm start's eval.json is that evaluation)."""
     checkpoint_every: Count = 10
     """Write a checkpoint every this many steps (and at the end); 0 = only at the end."""
     case_studies_per_eval: Count = 2
@@ -309,13 +311,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "warm_start": dict(max_hops=2),
         "rl": dict(max_turns=6),
     },
+    "credit": {
+        "world": dict(max_hops=4, num_heldout=400, cities_per_country=4, people_per_first_name=5.0, people_per_surname=6.0),
+        "warm_start": dict(max_hops=3, steps=1000),
+        "rl": dict(max_turns=6, steps=100, questions_per_step=8, group_size=16, eval_every=20, checkpoint_every=20),
+    },
 }
 """``--world.preset`` name -> the defaults it changes, by section. ``sparse`` is the sparse-reward
 regime of docs/trainer.md: 4-hop questions, twice the name sharing, a warm start that never sees
-a question of more than 2 hops, and room for a 4-hop chain plus one retry (6 turns)."""
+a question of more than 2 hops, and room for a 4-hop chain plus one retry (6 turns). ``credit``
+is the world of the credit-assignment experiment (``igpo-train experiment``'s default): the
+sparse world with 400 held-out questions (100 per hop count), a warm start that demonstrates up
+to 3 hops with 1000 SFT steps (so it finishes some 3-hop questions, and credit for progress on
+a chain has something to act on) and the RL budget that fits 5 seeds x 3 methods into about two
+hours on 2 CPU cores: 100 steps of 8 questions x G = 16 rollouts, held-out evaluation every 20."""
 
 
-_QUICK_WORLD = {"sparse": dict(cities_per_country=3, num_organisations=6)}
+_QUICK_WORLD = {"sparse": dict(cities_per_country=3, num_organisations=6), "credit": dict(cities_per_country=3, num_organisations=6)}
 """World sizes of the quick budget per preset where the default ones are too small (4-hop
 questions need people whose employer is based outside a capital)."""
 
@@ -437,7 +449,8 @@ SUBCOMMAND_READS: dict[str, Reads] = {
     "diagnose": Reads(_RUN + _DATA + ("init",) + _STEP0),
     "experiment": Reads(
         ("out", "seed", "device", "progress", "retriever_url", "world", "tiny", "warm_start", "rl", "eval"),
-        {"rl.algorithm": "it runs every method: igpo, grpo and the two ablations",
+        {"rl.algorithm": "it runs the methods of --methods",
+         "rl.eval_at_start": "every run's step 0 is its seed's warm-start evaluation",
          "threads": "every job runs on one thread; --workers sets how many run at once",
          "resume": "running the same command again resumes it"},
     ),
@@ -466,7 +479,7 @@ def refused_path(subcommand: str, path: str) -> str | None:
 
     Example:
         >>> refused_path("experiment", "rl.algorithm")
-        'experiment does not read rl.algorithm (it runs every method: igpo, grpo and the two ablations); train reads it'
+        'experiment does not read rl.algorithm (it runs the methods of --methods); train reads it'
         >>> refused_path("train", "rl.algorithm") is None
         True
     """

@@ -9,14 +9,21 @@ each, temperature 1), runs the probes and reports:
 - ``outcome_zero_variance_fraction``: ``igpo_rewards.zero_variance_group_fraction`` of the
   outcomes (overall and by hop count), split by ``outcome_groups`` into all wrong / all right /
   equal partial F1, and the groups where every rollout failed but not in the same way;
-- ``information_gain``: the probes' information gain of the non-final turns, split by what the
+- ``information_gain``: the answer probe's information gain of the non-final turns, split by what the
   turn's search returned (``observation_labels``): ``answer_document_first`` (for the first
   time, the document the gold chain reads the answer from), ``answer_document_again`` (that
   document once more), ``answer_mentioned_elsewhere`` (only other documents that happen to
   mention an answer alias, e.g. a person born in the answer city) and ``answer_not_retrieved``;
   count, mean, std and share above ``ig_threshold`` of each, overall and by hop count. If the
   probes carry signal, the first group's mean is clearly positive and the last one's near 0;
-- ``turn_advantage_collapse_rate``: groups whose IGPO turn advantages are all exactly zero.
+- ``turn_advantage_collapse_rate``: groups whose IGPO turn advantages are all exactly zero;
+- ``subgoal_signal`` (when the questions have gold chains of 2 hops or more): the probes of the
+  sub-goal targets (``QAExample.subgoals``, the bridge entities), scored in one K-target probe
+  forward, and the gain of each bridge's probe on the non-final turns split by what the turn's
+  search newly retrieved along the gold chain (``SUBGOAL_GROUPS``: that bridge's own document,
+  the answer's document, another bridge's document, nothing new), with the raw probe and with
+  the running-max potential; plus the answer probe's gain on turns that newly retrieved a bridge
+  document (what IGPO's answer-only probe pays for progress along a chain).
 
 Nothing here changes the policy or the global RNGs' use by training: it runs under its own
 ``torch`` seed and restores the previous RNG state when it returns.
@@ -25,6 +32,7 @@ Nothing here changes the policy or the global RNGs' use by training: it runs und
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -34,6 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import igpo_rewards
 from igpo_rewards.reference_trainer.batch import build_batch
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.metrics import zero_advantage_group_fraction
@@ -42,6 +51,12 @@ from igpo_rewards.reference_trainer.training import compute_advantages, examples
 
 IG_GROUPS = ("answer_document_first", "answer_document_again", "answer_mentioned_elsewhere", "answer_not_retrieved")
 """How ``measure_signal`` splits the non-final turns by what their search returned."""
+
+SUBGOAL_GROUPS = ("own_document_first", "answer_document_first", "other_bridge_document_first", "nothing_new")
+"""How ``measure_signal`` splits a bridge probe's gains by what the turn's search newly retrieved (``chain_group``)."""
+
+POTENTIALS = ("probe", "running_max")
+"""The sub-goal potentials ``measure_signal`` compares."""
 
 
 def _mentions(text: str, aliases: Sequence[str]) -> bool:
@@ -85,6 +100,80 @@ def turn_group(labels: Sequence[str], turn: int) -> str:
     if label == "answer_document":
         return "answer_document_again" if "answer_document" in labels[:turn] else "answer_document_first"
     return "answer_mentioned_elsewhere" if label == "answer_mentioned" else "answer_not_retrieved"
+
+
+def new_chain_documents(trajectory: QATrajectory, retriever: Any, topk: int) -> list[set[int]]:
+    """For each observation j of ``trajectory``, the hops h of its question's gold chain whose
+    document (titled ``gold_queries[h]``) the search of turn j retrieved for the first time in the
+    rollout (hop ``hops - 1``'s document holds the answer, the others a bridge entity)."""
+    results = retriever.search(list(trajectory.queries), topk) if trajectory.queries else []
+    titles = {title: hop for hop, title in enumerate(trajectory.example.gold_queries)}
+    seen: set[int] = set()
+    new = []
+    for documents in results:
+        hops = {titles[document.title] for document in documents if document.title in titles} - seen
+        seen |= hops
+        new.append(hops)
+    return new
+
+
+def chain_group(new: Sequence[set[int]], turn: int, *, bridge: int, answer_hop: int) -> str:
+    """The ``SUBGOAL_GROUPS`` entry of non-final turn ``turn`` for the probe of bridge ``bridge``
+    (the hop whose document reveals it), given ``new_chain_documents``.
+
+    Example:
+        >>> new = [{0}, set(), {1, 2}]
+        >>> [chain_group(new, turn, bridge=1, answer_hop=2) for turn in range(3)]
+        ['other_bridge_document_first', 'nothing_new', 'own_document_first']
+    """
+    retrieved = new[turn] if turn < len(new) else set()
+    if bridge in retrieved:
+        return "own_document_first"
+    if answer_hop in retrieved:
+        return "answer_document_first"
+    return "other_bridge_document_first" if retrieved else "nothing_new"
+
+
+def _subgoal_gains(policy: Any, tokenizer: Any, trajectories: Sequence[QATrajectory], config: RLConfig) -> tuple[Any, dict[str, Any]]:
+    """The K-target probes of ``trajectories`` (answer + sub-goals, one forward) and each target's
+    gain under each of ``POTENTIALS``: ``(batch, {potential: [B, T, K]})``."""
+    batch = build_batch(trajectories, tokenizer, probes=True, subgoals=True, device=next(policy.parameters()).device)
+    logprob = score_batch(policy, batch, config, probes=True).answer_logprob
+    settings = config.igpo
+    return batch, {potential: igpo_rewards.target_information_gain(
+        logprob, batch.turn_mask, target_mask=batch.target_mask, kind=settings.kind, log_prob_floor=settings.log_prob_floor,
+        subgoal_potential=potential) for potential in POTENTIALS}
+
+
+def _record_subgoal_gains(values: dict, trajectories: Sequence[QATrajectory], gains: dict[str, Any], retriever: Any,
+                          topk: int) -> None:
+    """Append each bridge probe's gains to ``values[group][hops][potential]``, and the answer probe's
+    on turns that newly retrieved a bridge document to ``values["answer_on_bridge_document"]``."""
+    for row, trajectory in enumerate(trajectories):
+        example = trajectory.example
+        if not example.subgoals:
+            continue
+        new = new_chain_documents(trajectory, retriever, topk)
+        for turn in range(trajectory.num_turns - 1):
+            for bridge in range(len(example.subgoals)):
+                group = chain_group(new, turn, bridge=bridge, answer_hop=example.hops - 1)
+                for potential in POTENTIALS:
+                    values[group][example.hops][potential].append(float(gains[potential][row, turn, bridge + 1]))
+            retrieved = new[turn] if turn < len(new) else set()
+            if retrieved - {example.hops - 1}:
+                values["answer_on_bridge_document"][example.hops]["probe"].append(float(gains["probe"][row, turn, 0]))
+
+
+def _subgoal_summary(values: dict, threshold: float) -> dict[str, Any]:
+    """group -> {"all": {potential: summary}, "by_hops": {hops: {potential: summary}}}."""
+    result = {}
+    for group, per_hop in values.items():
+        potentials = POTENTIALS if group != "answer_on_bridge_document" else ("probe",)
+        result[group] = {
+            "all": {p: _summary([v for hop in per_hop.values() for v in hop[p]], threshold) for p in potentials},
+            "by_hops": {str(hops): {p: _summary(per_hop[hops][p], threshold) for p in potentials} for hops in sorted(per_hop)},
+        }
+    return result
 
 
 def _summary(values: Sequence[float], threshold: float) -> dict[str, Any]:
@@ -133,6 +222,15 @@ def _group_outcomes(trajectories: Sequence[QATrajectory], offset: int) -> dict[i
     return groups
 
 
+def _record_answer_gains(gains: dict[str, dict[int, list[float]]], trajectories: Sequence[QATrajectory],
+                         information_gain: torch.Tensor, retriever: Any, topk: int) -> None:
+    """Append each non-final turn's information gain ([B, T]) to ``gains[turn_group][hops]``."""
+    for row, trajectory in enumerate(trajectories):
+        labels = observation_labels(trajectory, retriever, topk)
+        for turn in range(trajectory.num_turns - 1):
+            gains[turn_group(labels, turn)][trajectory.example.hops].append(float(information_gain[row, turn]))
+
+
 def measure_signal(
     policy: Any,
     tokenizer: Any,
@@ -165,13 +263,19 @@ def measure_signal(
         information_gain}),
         ``groups`` (every group's hop count and G outcomes),
         ``information_gain`` ({group: turns, mean, std, above_threshold_fraction}), ``ig_kind``,
-        ``ig_threshold``.
+        ``ig_threshold``, ``subgoal_signal`` ({group of ``SUBGOAL_GROUPS`` or
+        "answer_on_bridge_document": {"all": {potential: summary}, "by_hops": {hops: {...}}}},
+        or None when no sampled question has a sub-goal).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     igpo_config = copy.deepcopy(config)
     igpo_config.algorithm = "igpo"
+    igpo_config.igpo = dataclasses.replace(config.igpo, subgoal_weight=0.0)  # the answer's IG (sub-goals: subgoal_signal)
     gains: dict[str, dict[int, list[float]]] = {name: defaultdict(list) for name in IG_GROUPS}
+    subgoal_values: dict[str, dict[int, dict[str, list[float]]]] = {
+        name: defaultdict(lambda: defaultdict(list)) for name in (*SUBGOAL_GROUPS, "answer_on_bridge_document")}
+    measured_subgoals = False
     groups: dict[int, list[QATrajectory]] = {}
     collapse = []
     rng_state = torch.get_rng_state()
@@ -187,11 +291,11 @@ def measure_signal(
             answer_logprob = score_batch(policy, batch, igpo_config, probes=True).answer_logprob
             advantages = compute_advantages(batch, answer_logprob, igpo_config)
             collapse.append(zero_advantage_group_fraction(advantages.turn, batch.group_ids))
-            for row, trajectory in enumerate(trajectories):
-                labels = observation_labels(trajectory, retriever, config.topk)
-                for turn in range(trajectory.num_turns - 1):
-                    gain = float(advantages.information_gain[row, turn])
-                    gains[turn_group(labels, turn)][trajectory.example.hops].append(gain)
+            _record_answer_gains(gains, trajectories, advantages.information_gain, retriever, config.topk)
+            if any(trajectory.example.subgoals for trajectory in trajectories):
+                _, subgoal_gains = _subgoal_gains(policy, tokenizer, trajectories, igpo_config)
+                _record_subgoal_gains(subgoal_values, trajectories, subgoal_gains, retriever, config.topk)
+                measured_subgoals = True
             groups.update(_group_outcomes(trajectories, offset=len(groups)))
     finally:
         torch.set_rng_state(rng_state)
@@ -207,6 +311,7 @@ def measure_signal(
                              for name, per_hop in gains.items()},
         "ig_kind": config.igpo.kind,
         "ig_threshold": ig_threshold,
+        "subgoal_signal": _subgoal_summary(subgoal_values, ig_threshold) if measured_subgoals else None,
     }
 
 
@@ -257,4 +362,17 @@ def format_signal(result: dict[str, Any]) -> str:
             continue
         lines.append(f"  {name}: {row['turns']} turns, mean {row['mean']:+.3f} (std {row['std']:.3f}), "
                      f"{100 * row['above_threshold_fraction']:.1f}% above {result['ig_threshold']}")
+    signal = result.get("subgoal_signal")
+    if signal:
+        lines.append("sub-goal probes (bridge entities): mean gain of non-final turns, raw probe / running max, by what "
+                     "the turn's search newly retrieved along the gold chain:")
+        for name in SUBGOAL_GROUPS:
+            cells = signal[name]["all"]
+            if cells["probe"]["turns"]:
+                lines.append(f"  {name}: {cells['probe']['turns']} (turn, bridge) pairs, {cells['probe']['mean']:+.3f} / "
+                             f"{cells['running_max']['mean']:+.3f}")
+        answer = signal["answer_on_bridge_document"]["all"]["probe"]
+        if answer["turns"]:
+            lines.append(f"  the answer's probe on turns that newly retrieved a bridge's document: {answer['turns']} turns, "
+                         f"{answer['mean']:+.3f}")
     return "\n".join(lines)

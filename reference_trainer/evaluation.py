@@ -9,7 +9,11 @@ alias counts), and 0 for a malformed response or one without an answer. The resu
     {"step": int, "em": float, "f1": float, "n": int,
      "by_hops": {"1": {"em", "f1", "n"}, ...},              # questions with a known hop count
      "by_data_source": {"nq": {"em", "f1", "n"}, ...},
-     "format_error_fraction": float, "turns_mean": float, "searches_mean": float}
+     "format_error_fraction": float, "turns_mean": float, "searches_mean": float,
+     "questions": {"question": [str], "hops": [int], "em": [0 or 1], "f1": [float]}}
+
+``questions`` holds every question's own result, in the order of the examples (hops 0 where the
+count is unknown): what the experiment pairs across methods, question by question.
 
 ``report.paper_table`` lays out the per-data-source scores like the paper's table.
 """
@@ -50,6 +54,12 @@ def summarize(trajectories: Sequence[QATrajectory], *, step: int = 0) -> dict[st
     result["format_error_fraction"] = sum(not t.answered for t in trajectories) / len(trajectories)
     result["turns_mean"] = sum(t.num_turns for t in trajectories) / len(trajectories)
     result["searches_mean"] = sum(len(t.queries) for t in trajectories) / len(trajectories)
+    result["questions"] = {
+        "question": [t.example.question for t in trajectories],
+        "hops": [int(t.example.hops) for t in trajectories],
+        "em": [int(t.em) for t in trajectories],
+        "f1": [t.f1 for t in trajectories],
+    }
     return result
 
 
@@ -98,3 +108,24 @@ def evaluate(
         model.train()
     summary = summarize(trajectories, step=step)
     return (summary, trajectories) if return_trajectories else summary
+
+
+def encode_em(values: Sequence[Any], *, where: str = "em") -> str:
+    """Per-question EM (0 or 1 each, ``summarize``'s ``questions["em"]``) as a string of digits, one
+    per question: how experiment.json stores it (400 questions take one line). ``decode_em``
+    reverses it.
+
+    Example:
+        >>> encode_em([1, 0, 0, 1]), decode_em("1001")
+        ('1001', [1, 0, 0, 1])
+    """
+    if any(value not in (0, 1) for value in values):
+        raise ValueError(f"{where} must hold 0 or 1 per question, got {sorted(set(values) - {0, 1})[:5]}")
+    return "".join("1" if value else "0" for value in values)
+
+
+def decode_em(text: str) -> list[int]:
+    """The per-question EM of an ``encode_em`` string."""
+    if not isinstance(text, str) or set(text) - {"0", "1"}:
+        raise ValueError(f"per-question EM must be a string of 0s and 1s, got {str(text)[:40]!r}")
+    return [int(digit) for digit in text]

@@ -13,12 +13,16 @@ for the imports again and none inherits the parent's threads or state. Each chil
 module's ``main()`` with ``sys.argv`` as ``python -m MODULE *argv`` sets it, with stdout and
 stderr in its log. A child kills itself when the process that runs the jobs dies (it watches
 a pipe whose only writer is that process), so a killed experiment leaves no orphan writing
-into its directory.
+into its directory. A job with a ``usage`` file gets one line appended there per invocation
+that returns or raises (``resource.getrusage`` of the child, whose counters start at the fork):
+its CPU seconds (user + system, every thread), wall seconds, peak memory and exit status; an
+invocation killed from outside writes none.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import multiprocessing
 import os
 import signal
@@ -52,6 +56,7 @@ class Job:
         after: names of the jobs that must be complete first.
         module: the module whose ``main()`` runs with ``sys.argv`` = ``[MODULE, *argv]`` (default:
             ``igpo-train``'s).
+        usage: a JSON Lines file that gets the child's resource use per invocation (``usage_record``), or None.
     """
 
     name: str
@@ -62,6 +67,7 @@ class Job:
     total: int = 1
     after: tuple[str, ...] = ()
     module: str = CLI_MODULE
+    usage: Path | None = None
 
 
 class JobFailed(RuntimeError):
@@ -82,16 +88,40 @@ def _exit_with_parent(parent_alive: Any) -> None:  # pragma: no cover - runs in 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _run_module(module: str, argv: Sequence[str], log: str, parent_alive: Any) -> None:  # pragma: no cover - runs in the child
+def usage_record(started: float, status: Any) -> dict[str, Any]:
+    """This process's resource use so far (``resource.getrusage(RUSAGE_SELF)``, every thread):
+    ``cpu_seconds`` (user + system), ``user_seconds``, ``system_seconds``, ``wall_seconds`` since
+    ``started`` (a ``time.perf_counter()`` value), ``max_rss_mb`` (Linux reports KiB) and the exit ``status``."""
+    import resource  # Unix only
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_seconds": usage.ru_utime + usage.ru_stime, "user_seconds": usage.ru_utime, "system_seconds": usage.ru_stime,
+            "wall_seconds": time.perf_counter() - started, "max_rss_mb": usage.ru_maxrss / 1024, "status": status}
+
+
+def _run_module(module: str, argv: Sequence[str], log: str, parent_alive: Any,
+                usage: str | None = None) -> None:  # pragma: no cover - runs in the child
     """The child: ``module.main()`` with ``sys.argv`` as ``python -m module *argv`` sets it, stdout
-    and stderr appended to ``log``; its return value is the exit status."""
+    and stderr appended to ``log``; its return value is the exit status. With ``usage``, its
+    ``usage_record`` is appended there when it returns or raises."""
     _exit_with_parent(parent_alive)
+    started = time.perf_counter()
     descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(descriptor, 1)
     os.dup2(descriptor, 2)
     os.close(descriptor)
     sys.argv = [module, *argv]
-    sys.exit(importlib.import_module(module).main())
+    status: Any = 1
+    try:
+        status = importlib.import_module(module).main()
+    except SystemExit as exit_:
+        status = exit_.code if exit_.code is None or isinstance(exit_.code, int) else str(exit_.code)
+        raise
+    finally:
+        if usage is not None:
+            with open(usage, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(usage_record(started, status)) + "\n")
+    sys.exit(status)
 
 
 def _context(modules: Sequence[str]) -> Any:
@@ -127,8 +157,11 @@ def _start(job: Job, context: Any, parent_alive: Any, progress: bool) -> _Runnin
     program = "igpo-train" if job.module == CLI_MODULE else f"python -m {job.module}"
     log.write(f"$ {program} {' '.join(job.argv)}\n")
     log.flush()
-    process = context.Process(target=_run_module, args=(job.module, tuple(job.argv), str(job.log), parent_alive),
-                              name=job.name)
+    if job.usage is not None:
+        job.usage.parent.mkdir(parents=True, exist_ok=True)
+    process = context.Process(target=_run_module, name=job.name,
+                              args=(job.module, tuple(job.argv), str(job.log), parent_alive,
+                                    None if job.usage is None else str(job.usage)))
     process.start()
     bar = tqdm(total=job.total, desc=job.name, disable=not progress, leave=False)
     return _Running(job, process, log, bar)

@@ -40,7 +40,10 @@ def step_metrics(batch: RolloutBatch, advantages: Advantages, entropy: torch.Ten
     outcomes (groups whose G outcomes are all equal, GRPO's collapse condition), for both methods;
     ``zero_advantage_group_fraction``: groups whose turn advantages are all exactly 0 (the
     advantage-collapse rate of the method that ran); ``ig_mean`` / ``ig_std`` over the non-final
-    turns (IG is defined there only), ``None`` without probes.
+    turns (IG is defined there only), ``None`` without probes; ``ig_answer_mean``, the mean gain
+    of the answer's probe over those turns (= ``ig_mean`` without sub-goal targets), and
+    ``ig_subgoal_mean``, the mean gain of a sub-goal target over those turns and the targets each
+    row has (unweighted; ``None`` without sub-goal targets).
     """
     trajectories = batch.trajectories
     count = len(trajectories)
@@ -60,18 +63,35 @@ def step_metrics(batch: RolloutBatch, advantages: Advantages, entropy: torch.Ten
         "entropy": _masked_mean(entropy, mask),
         "ig_mean": None,
         "ig_std": None,
+        "ig_answer_mean": None,
+        "ig_subgoal_mean": None,
     }
     if advantages.information_gain is not None:
         final = igpo_rewards.final_turn_mask(batch.turn_mask, validate=False)
-        gains = advantages.information_gain[batch.turn_mask & ~final]
+        scored = batch.turn_mask & ~final  # [B, T]: the turns IG is defined on
+        gains = advantages.information_gain[scored]
         if gains.numel() > 0:
             metrics["ig_mean"] = float(gains.mean())
             metrics["ig_std"] = float(gains.std(unbiased=False))
+            metrics["ig_answer_mean"] = metrics["ig_mean"]
+        metrics.update(_target_means(advantages.target_gains, scored, batch.target_mask))
     return metrics
+
+
+def _target_means(target_gains: torch.Tensor | None, scored: torch.Tensor, target_mask: torch.Tensor | None) -> dict[str, float]:
+    """``ig_answer_mean`` and ``ig_subgoal_mean`` from the per-target gains [B, T, K] (nothing without them)."""
+    if target_gains is None or target_mask is None or not bool(scored.any()):
+        return {}
+    means = {"ig_answer_mean": float(target_gains[..., 0][scored].mean())}
+    cells = scored[:, :, None] & target_mask[:, None, 1:].bool()  # [B, T, K - 1]
+    if bool(cells.any()):
+        means["ig_subgoal_mean"] = float(target_gains[..., 1:][cells].mean())
+    return means
 
 
 def _case_study(batch: RolloutBatch, advantages: Advantages, answer_logprob: torch.Tensor, tokenizer: Any, index: int) -> list[dict[str, Any]]:
     trajectory = batch.trajectories[index]
+    subgoals = list(trajectory.example.subgoals) if answer_logprob.dim() == 3 else []
     turns = []
     for j, text in enumerate(trajectory.turn_texts):
         observation = None
@@ -81,13 +101,17 @@ def _case_study(batch: RolloutBatch, advantages: Advantages, answer_logprob: tor
         gain = None
         if advantages.information_gain is not None and j < trajectory.num_turns - 1:
             gain = float(advantages.information_gain[index, j])
-        turns.append({
+        probes = answer_logprob[index, j].reshape(-1)  # the answer's, then each sub-goal's
+        turn = {
             "text": text,
             "observation": observation,
-            "probe_prob": math.exp(float(answer_logprob[index, j])),
+            "probe_prob": math.exp(float(probes[0])),
             "information_gain": gain,
             "advantage": float(advantages.turn[index, j]),
-        })
+        }
+        if subgoals:
+            turn["subgoal_probs"] = {name: math.exp(float(probes[k + 1])) for k, name in enumerate(subgoals)}
+        turns.append(turn)
     return turns
 
 
@@ -95,7 +119,8 @@ def case_studies(
     batch: RolloutBatch, advantages: Advantages, answer_logprob: torch.Tensor | None, tokenizer: Any, *, count: int, step: int
 ) -> list[dict[str, Any]]:
     """Trajectories of a step in the report's ``trajectories.jsonl`` layout (per turn: text,
-    observation, probe probability before the turn, information gain, advantage).
+    observation, probe probability of the answer before the turn, with sub-goal targets each
+    sub-goal's too (``subgoal_probs``), information gain, advantage).
 
     Prefers multi-turn rollouts with a positive outcome, then other multi-turn ones. Empty when
     the step ran no probes (GRPO without ``grpo_probes``): a case study needs the probe values.

@@ -14,7 +14,9 @@ when they coincide (each method has its own marker shape and size, drawn largest
 small horizontal offset, said in the legend). With more than two methods of several seeds each
 method gets its own axes (one row per quantity, one y-axis per row) with the other methods'
 means in grey, so that overlapping bands do not hide each other. The hop plot shows bars (mean
-over seeds) with min-max whiskers and a dot per seed.
+over seeds) with min-max whiskers and a dot per seed. The paired-difference plot shows each
+method's difference to a baseline per category (overall, per hop count): the estimate, its
+interval as a whisker, a dot per seed and the zero line (``paired_differences_figure``).
 
 A plot function returns a ``matplotlib.figure.Figure`` (the object API, no pyplot: no global
 state, no display), which tests inspect and ``save`` writes. A new plot over the same series
@@ -323,6 +325,71 @@ def hop_bars_figure(scores: Mapping[str, Mapping[str, Mapping[int, float]]], *, 
     if hops:
         figure.legend(loc="outside lower center", ncol=min(4, len(methods)), fontsize=8, frameon=False,
                       title="bars: mean over seeds; whiskers: lowest to highest seed; dots: single seeds", title_fontsize=8)
+    return figure
+
+
+@dataclass(frozen=True)
+class PairedPanel:
+    """One axes of the paired-difference figure.
+
+    Attributes:
+        cells: method -> category (e.g. "all", "1", "2") -> ``(estimate, low, high, per_seed)``,
+            in the plot's units (e.g. EM points); ``reference_trainer.paired.PairedInterval`` fits.
+        title: the axes' title.
+        ylabel: the y-axis label.
+    """
+
+    cells: Mapping[str, Mapping[str, Sequence[Any]]]
+    title: str
+    ylabel: str = "difference (points)"
+
+
+def _category_label(category: str) -> str:
+    return "overall" if category == "all" else f"{category}-hop" if str(category).isdigit() else str(category)
+
+
+def paired_differences_figure(panels: Sequence[PairedPanel], *, labels: Mapping[str, str] | None = None,
+                              baseline: str = "GRPO") -> Any:
+    """Each method's paired difference to ``baseline`` per category, one axes per panel: a marker at
+    the estimate with the interval as a whisker, a small dot per seed (its own difference), and a
+    dashed line at 0 (an interval that crosses it does not tell the method from the baseline)."""
+    labels = dict(labels or {})
+    figure = new_figure(max(6.0, 5.5 * len(panels)), 4.6)
+    grid = figure.subplots(1, len(panels), squeeze=False)
+    for ax, panel in zip(grid[0], panels):
+        methods = list(panel.cells)
+        styles = method_styles(methods)
+        categories = list(dict.fromkeys(category for cells in panel.cells.values() for category in cells))
+        width = 0.7 / max(len(methods), 1)
+        drawn = [0.0]
+        for index, method in enumerate(methods):
+            style, label = styles[method], labels.get(method, method)
+            offset = (index - (len(methods) - 1) / 2) * width
+            present = [(position, panel.cells[method][category]) for position, category in enumerate(categories)
+                       if category in panel.cells[method]]
+            x = [position + offset for position, _ in present]
+            estimates = [cell[0] for _, cell in present]
+            errors = [[cell[0] - cell[1] for _, cell in present], [cell[2] - cell[0] for _, cell in present]]
+            drawn_bars = ax.errorbar(x, estimates, yerr=errors, fmt=style.marker, color=style.color, markersize=style.markersize,
+                                     capsize=3, linewidth=1.5, zorder=style.zorder, label=f"{label} - {baseline}")
+            drawn_bars.lines[0].set_gid(f"paired:{label}")  # the markers at the estimates
+            for position, cell in zip(x, (cell for _, cell in present)):
+                seeds = list(cell[3])
+                ax.plot([position + width * 0.3] * len(seeds), seeds, linestyle="none", marker=".", markersize=4,
+                        color=style.color, alpha=SEED_ALPHA, zorder=1, gid=f"paired-seeds:{label}")
+                drawn += [cell[1], cell[2], *seeds]
+        ax.axhline(0.0, color="black", linestyle=(0, (4, 3)), linewidth=1, zorder=0.2, gid="zero")
+        ax.set_xticks(range(len(categories)), [_category_label(category) for category in categories])
+        ax.set_xlim(-0.6, len(categories) - 0.4)
+        ax.set_ylim(*fitted_limits(drawn, bounds=None))
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    handles, names = grid[0][0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, names, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False,
+                      title="marker: mean paired difference; whisker: 95% bootstrap interval; dots: single seeds",
+                      title_fontsize=8)
     return figure
 
 

@@ -45,6 +45,7 @@ Without eval.json the run's last held-out EM/F1 in metrics.jsonl stands in (over
      "turns": [{"text": str,                  # the generated text of the turn
                 "observation": str | null,    # optional: the retrieved text that followed it
                 "probe_prob": float,          # p(answer) measured by the probe BEFORE this turn
+                "subgoal_probs": {str: float},  # optional (sub-goal targets): p(bridge entity) before it
                 "information_gain": float | null,   # null (or absent) on the final turn
                 "advantage": float}, ...]}
 

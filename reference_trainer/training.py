@@ -4,14 +4,16 @@
    loop, ``igpo_rewards.agent.rollout``) and scores each once (outcome, EM, F1);
 2. tensors: ``batch.build_batch`` turns them into ONE ``RolloutBatch`` (padded ids, the turn
    of every generated token from the turn spans, turn starts and mask, group ids, outcomes, probe
-   suffixes), on the model's device; everything below takes slices of it;
+   suffixes: the answer's, and with ``rl.igpo.subgoal_weight > 0`` each question's sub-goal
+   targets too), on the model's device; everything below takes slices of it;
 3. probes + old log-probs: ``score_batch`` runs ``igpo_rewards.agent.probes.probe_forward`` per
    micro batch: the log-probs of the generated tokens (the PPO "old" policy) and, before every
-   turn, the length-normalized log-prob of the ground-truth answer (``answer_logprob``, [B, T]),
-   from one forward;
+   turn, the length-normalized log-prob of the ground-truth answer (``answer_logprob``, [B, T];
+   [B, T, K] with sub-goals: every target of every turn in the same forward);
 4. advantages: one call of the settings object, ``config.igpo.igpo_advantages(answer_logprob,
-   outcome, turn_mask, group_ids)`` ([B, T]; every option of ``igpo_rewards.igpo_advantages``)
-   or ``config.igpo.grpo_advantages(outcome, group_ids)`` ([B], the same value on every turn);
+   outcome, turn_mask, group_ids, target_mask=...)`` ([B, T]; every option of
+   ``igpo_rewards.igpo_advantages``; with sub-goals the information gain is the weighted sum over
+   the targets) or ``config.igpo.grpo_advantages(outcome, group_ids)`` ([B], the same value on every turn);
    ``igpo_rewards.broadcast_to_tokens`` puts turn j's advantage on turn j's generated tokens.
    ``config.max_turns`` caps the rollouts and ``config.igpo.max_turns`` (when set) the advantage
    computation, with one meaning (the most turns a rollout may have): the second may not be lower;
@@ -142,21 +144,35 @@ def policy_loss(
 # --- advantages -------------------------------------------------------------------------------
 
 
+def uses_subgoals(config: RLConfig) -> bool:
+    """Whether a step probes the sub-goal targets too: IGPO with ``rl.igpo.subgoal_weight > 0``."""
+    return config.algorithm == "igpo" and config.igpo.subgoal_weight > 0
+
+
 def compute_advantages(batch: RolloutBatch, answer_logprob: torch.Tensor | None, config: RLConfig) -> Advantages:
     """Turn advantages with ``config.igpo`` (IGPO or GRPO), then broadcast to the generated tokens.
 
-    ``answer_logprob`` is the [B, T] probe output (required for IGPO; for GRPO it only feeds
-    the information-gain metric when given).
+    ``answer_logprob`` is the probe output: [B, T], or [B, T, K] when the batch carries sub-goal
+    targets (``batch.target_mask`` [B, K]); required for IGPO, for GRPO it only feeds the
+    information-gain metric when given. With K targets ``Advantages.target_gains`` holds each
+    target's own gain (``igpo_rewards.target_information_gain``).
     """
-    settings, turn_mask = config.igpo, batch.turn_mask
-    if answer_logprob is not None and answer_logprob.shape != turn_mask.shape:
-        raise ValueError(f"answer_logprob must be [B, T] = {tuple(turn_mask.shape)}, got {tuple(answer_logprob.shape)}")
-    information_gain = rewards = None
+    settings, turn_mask, target_mask = config.igpo, batch.turn_mask, batch.target_mask
+    expected = tuple(turn_mask.shape) + (() if target_mask is None else (target_mask.shape[1],))
+    if answer_logprob is not None and tuple(answer_logprob.shape) != expected:
+        layout = "[B, T]" if target_mask is None else "[B, T, K]"
+        raise ValueError(f"answer_logprob must be {layout} = {expected}, got {tuple(answer_logprob.shape)}")
+    information_gain = rewards = target_gains = None
     if config.algorithm == "igpo":
         if answer_logprob is None:
             raise ValueError("IGPO needs the probes' answer_logprob, got None")
-        result = settings.igpo_advantages(answer_logprob, batch.outcome, turn_mask, batch.group_ids)
+        result = settings.igpo_advantages(answer_logprob, batch.outcome, turn_mask, batch.group_ids, target_mask=target_mask)
         turn, information_gain, rewards = result.advantages, result.information_gain, result.rewards
+        if target_mask is not None:
+            target_gains = igpo_rewards.target_information_gain(
+                answer_logprob, turn_mask, target_mask=target_mask, kind=settings.kind, log_prob_floor=settings.log_prob_floor,
+                subgoal_potential=settings.subgoal_potential, gain_clip=settings.gain_clip,
+            )
     elif config.algorithm == "grpo":
         turn = settings.grpo_advantages(batch.outcome, batch.group_ids)[:, None] * turn_mask
         if answer_logprob is not None:
@@ -164,7 +180,7 @@ def compute_advantages(batch: RolloutBatch, answer_logprob: torch.Tensor | None,
     else:
         raise ValueError(f"config.algorithm must be 'igpo' or 'grpo', got {config.algorithm!r}")
     token = igpo_rewards.broadcast_to_tokens(turn, batch.token_turn, turn_mask=turn_mask)
-    return Advantages(turn, token, information_gain, rewards)
+    return Advantages(turn, token, information_gain, rewards, target_gains)
 
 
 # --- forwards and the update ------------------------------------------------------------------
@@ -172,7 +188,8 @@ def compute_advantages(batch: RolloutBatch, answer_logprob: torch.Tensor | None,
 
 class Scores(NamedTuple):
     """``score_batch``'s output: [B, S] log-probs of the generated tokens (0 elsewhere), the [B, T]
-    probes (or None) and the [B, S] entropy at the generated tokens (or None)."""
+    probes ([B, T, K] with sub-goal targets; or None) and the [B, S] entropy at the generated
+    tokens (or None)."""
 
     logprobs: torch.Tensor
     answer_logprob: torch.Tensor | None
@@ -184,7 +201,8 @@ def score_batch(model: Any, batch: RolloutBatch, config: RLConfig, *, probes: bo
     """Log-probs of the generated tokens (and, with ``probes``, the probe before every turn, from the
     same forward) without gradients, in micro batches of similar lengths."""
     logprobs = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
-    answer_logprob = torch.zeros(batch.turn_mask.shape, device=logprobs.device) if probes else None
+    targets = () if batch.target_mask is None else (batch.target_mask.shape[1],)  # K is the whole batch's
+    answer_logprob = torch.zeros(tuple(batch.turn_mask.shape) + targets, device=logprobs.device) if probes else None
     spread = torch.zeros_like(logprobs) if entropy else None
     rows = torch.arange(len(batch.trajectories), device=logprobs.device)
     for micro in micro_batches(rows, batch.lengths, config.micro_batch_size, max_tokens=config.micro_batch_tokens):
@@ -289,6 +307,22 @@ def check_turn_caps(config: RLConfig) -> None:
         )
 
 
+def check_subgoals(config: RLConfig, examples: Sequence[Any]) -> None:
+    """Sub-goal targets need questions that have some: refuse ``rl.igpo.subgoal_weight > 0`` (IGPO)
+    when no training question has a sub-goal (``QAExample.subgoals``), since the run would be the
+    paper's IGPO under another name.
+
+    Raises:
+        ValueError: sub-goals on and none of ``examples`` has one.
+    """
+    if uses_subgoals(config) and not any(example.subgoals for example in examples):
+        raise ValueError(
+            f"rl.igpo.subgoal_weight = {config.igpo.subgoal_weight} needs questions with gold chains of 2 hops or more "
+            f"(extra_info.gold_bridge_answers: the bridge entities, then the answer), but none of the {len(examples)} "
+            "training questions has a sub-goal; set rl.igpo.subgoal_weight 0 (the paper's IGPO) or give such data"
+        )
+
+
 @dataclass
 class StepResult:
     """What ``rl_step`` returns: the metrics, the batch of rollouts, their advantages and probes."""
@@ -327,8 +361,8 @@ def rl_step(
         max_new_tokens=config.max_new_tokens, topk=config.topk, batch_size=config.generation_batch_size,
     )
 
-    # -- 2. one batch of tensors for everything below --------------------------------------------
-    batch = build_batch(rollouts.trajectories, tokenizer, probes=use_probes, device=device)
+    # -- 2. one batch of tensors for everything below (the answer's probe suffix, and the sub-goals') --
+    batch = build_batch(rollouts.trajectories, tokenizer, probes=use_probes, subgoals=uses_subgoals(config), device=device)
 
     # -- 3. old log-probs + the probe before every turn, in the same forward --------------------
     started = time.perf_counter()
@@ -425,37 +459,44 @@ def train(
     """The RL run: ``config.rl.steps`` calls of ``rl_step`` from the model in ``init``.
 
     Writes into ``run_dir``: ``config.json``, ``metrics.jsonl`` (step 0 = the starting policy's
-    held-out scores, then one record per step, with held-out EM/F1 every ``eval_every`` steps),
-    ``trajectories.jsonl`` (case studies at evaluation steps), ``checkpoints/`` (every
-    ``checkpoint_every`` steps and at the end) and ``eval.json`` (the final evaluation, by hop
-    and by data source). The frozen KL reference is the model in ``init``. With
+    held-out scores, or only ``{"step": 0}`` when ``rl.eval_at_start`` is off, then one record per
+    step, with held-out EM/F1 every ``eval_every`` steps), ``evaluations.jsonl`` (each evaluation's
+    per-question ``em`` and ``f1``, in the order of ``eval_examples``), ``trajectories.jsonl``
+    (case studies at evaluation steps), ``checkpoints/`` (every ``checkpoint_every`` steps and at
+    the end) and ``eval.json`` (the final evaluation, by hop, by data source and per question). The
+    frozen KL reference is the model in ``init``. With
     ``config.resume`` the run continues from its latest checkpoint (weights, optimizer, RNG,
     step) and ends exactly where an uninterrupted run would. Returns the final evaluation.
     """
     rl, run_dir = config.rl, Path(run_dir)
     check_turn_caps(rl)  # before any model is loaded
+    check_subgoals(rl, train_examples)
     checkpoints, metrics_path, trajectories_path = run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "trajectories.jsonl"
+    evaluations_path = run_dir / "evaluations.jsonl"
     eval_examples = list(eval_examples)[: config.eval.max_questions or None]
 
     def evaluate_policy(step: int) -> dict[str, Any]:
-        return evaluate(
+        result = evaluate(
             policy, tokenizer, retriever, eval_examples, max_turns=config.eval.max_turns or rl.max_turns,
             max_new_tokens=rl.max_new_tokens, topk=rl.topk, batch_size=config.eval.batch_size, step=step,
         )
+        append_jsonl(evaluations_path, [{"step": step, "em": result["questions"]["em"], "f1": result["questions"]["f1"]}])
+        return result
 
     # -- seeding, then policy, frozen reference and optimizer (from the latest checkpoint when resuming)
     seed_everything(config)
     policy, reference, tokenizer, optimizer, start = _start(config, init, checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
     if start > 0:
-        truncate_jsonl(metrics_path, start)
-        truncate_jsonl(trajectories_path, start)
+        for path in (metrics_path, trajectories_path, evaluations_path):
+            truncate_jsonl(path, start)
     else:
         write_text_atomic(run_dir / "config.json", json.dumps(to_dict(config), indent=2))
-        for path in (metrics_path, trajectories_path, run_dir / "eval.json"):
+        for path in (metrics_path, trajectories_path, evaluations_path, run_dir / "eval.json"):
             path.unlink(missing_ok=True)
-        initial = evaluate_policy(0)
-        append_jsonl(metrics_path, [{"step": 0, "heldout_em": initial["em"], "heldout_f1": initial["f1"]}])
+        initial = evaluate_policy(0) if rl.eval_at_start else None
+        append_jsonl(metrics_path, [{"step": 0} if initial is None else
+                                    {"step": 0, "heldout_em": initial["em"], "heldout_f1": initial["f1"]}])
 
     # -- the loop: rollouts -> probes -> advantages -> update, then log / evaluate / checkpoint -------
     scores = None

@@ -89,7 +89,8 @@ class QAExample:
         data_source: the dataset the question comes from ("world", "nq", "hotpotqa", ...).
         gold_queries: the search queries a perfect agent issues, in order (synthetic world only).
         gold_bridge_answers: the entity each gold query reveals, aligned with ``gold_queries``;
-            the last one is the answer (synthetic world only).
+            the last one is the answer (the synthetic world's chains, or a parquet's
+            ``extra_info.gold_bridge_answers``, e.g. a dataset's decomposition sub-answers).
     """
 
     question: str
@@ -98,6 +99,18 @@ class QAExample:
     data_source: str
     gold_queries: tuple[str, ...] = ()
     gold_bridge_answers: tuple[str, ...] = ()
+
+    @property
+    def subgoals(self) -> tuple[str, ...]:
+        """The sub-goal targets of the question's probes: the gold chain's bridge entities,
+        ``gold_bridge_answers[:-1]`` (empty for a 1-hop question or one without a chain).
+
+        Example:
+            >>> QAExample("Capital of the country where Ilsa Marr was born?", ("Oslo",), 3, "world",
+            ...           gold_bridge_answers=("Kelm", "Tovia", "Oslo")).subgoals
+            ('Kelm', 'Tovia')
+        """
+        return tuple(self.gold_bridge_answers[:-1])
 
 
 @dataclass

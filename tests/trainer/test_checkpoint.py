@@ -193,3 +193,7 @@ def test_resume_after_a_kill_mid_step_matches_the_uninterrupted_run(tmp_path):
     assert _without_timing(killed / "metrics.jsonl") == _without_timing(full / "metrics.jsonl")
     assert [r["step"] for r in _without_timing(killed / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     assert json.loads((killed / "eval.json").read_text()) == json.loads((full / "eval.json").read_text())
+    # the per-question evaluations too: one record per evaluation step, none twice after the resume
+    evaluations = (killed / "evaluations.jsonl").read_text()
+    assert evaluations == (full / "evaluations.jsonl").read_text()
+    assert len(evaluations.splitlines()) == len([r for r in _without_timing(full / "metrics.jsonl") if "heldout_em" in r])

@@ -93,11 +93,15 @@ def test_world_preset_sets_defaults_that_the_file_and_flags_override(tmp_path):
     assert (default.world.preset, default.world.max_hops, default.warm_start.max_hops, default.rl.max_turns) == ("default", 3, 0, 4)
 
 
-def test_experiment_defaults_to_the_sparse_preset():
+def test_experiment_defaults_to_the_credit_preset_and_three_methods():
     command = parse(["experiment"])
-    assert isinstance(command, ExperimentCommand) and command.world.preset == "sparse" and command.rl.max_turns == 6
-    assert command.seeds == 3 and command.workers == 2 and command.out == "runs/experiment"
+    assert isinstance(command, ExperimentCommand) and command.world.preset == "credit" and command.rl.max_turns == 6
+    assert command.seeds == 5 and command.workers == 2 and command.out == "runs/experiment"
+    assert command.methods == ("grpo", "igpo", "igpo_subgoals")
+    assert (command.world.num_heldout, command.warm_start.max_hops, command.warm_start.steps) == (400, 3, 1000)
+    assert (command.rl.steps, command.rl.questions_per_step, command.rl.group_size, command.rl.eval_every) == (100, 8, 16, 20)
     assert parse(["experiment", "--world.preset", "default"]).rl.max_turns == 4
+    assert parse(["experiment", "--methods", "grpo", "igpo_a2tgpo"]).methods == ("grpo", "igpo_a2tgpo")
     assert isinstance(parse(["warm-start"]), WarmStartCommand) and isinstance(parse(["diagnose"]), DiagnoseCommand)
 
 
@@ -106,7 +110,10 @@ def test_quick_config_shrinks_the_preset_budget():
     validate_config(quick)
     assert quick.world.max_hops == 4 and quick.warm_start.max_hops == 2 and quick.rl.max_turns == 6  # the preset's
     assert quick.world.num_train == 30 and quick.rl.steps == 2  # the quick budget
-    with pytest.raises(ValueError, match=r"world.preset must be one of \('default', 'sparse'\), got 'dense'"):
+    credit = quick_config(preset_config("credit"))
+    assert (credit.world.num_heldout, credit.warm_start.steps, credit.rl.steps, credit.rl.group_size) == (12, 150, 2, 4)
+    assert credit.warm_start.max_hops == 3 and credit.world.max_hops == 4  # the preset's, not budget
+    with pytest.raises(ValueError, match=r"world.preset must be one of \('default', 'sparse', 'credit'\), got 'dense'"):
         preset_config("dense")
 
 
@@ -187,7 +194,7 @@ def _write(path, text):
         ("[tiny]\nhidden_size = 30\n", "tiny.hidden_size (30) / tiny.num_heads (4) must be an even integer"),
         ("rl = 3\n", "must be a table/mapping"),
         ("[rl\n", "cannot parse config file"),
-        ('[world]\npreset = "dense"\n', "world.preset must be one of ('default', 'sparse'), got 'dense'"),
+        ('[world]\npreset = "dense"\n', "world.preset must be one of ('default', 'sparse', 'credit'), got 'dense'"),
         ("[world]\nmax_hops = 5\n", "world.max_hops must be in [1, 4], got 5"),
         ("[warm_start]\nmax_hops = -1\n", "warm_start.max_hops must be >= 0, got -1"),
         ('[rl.igpo]\nkind = "logp"\n', "igpo settings: kind must be one of ['prob', 'log_prob'], got 'logp'"),
@@ -315,13 +322,24 @@ def test_help_names_every_subcommand(capsys):
     assert "{" + ",".join(names) + "}" in text  # and tyro's usage line
 
 
-def test_experiment_help_describes_the_sparse_preset(capsys):
+def test_experiment_help_describes_the_credit_preset(capsys):
     text = _help(capsys, ["experiment", "--help"])
-    assert "questions of 1-4 hops (balanced)" in text and "demonstrates only questions of at most 2 hops" in text
+    assert "questions of 1-4 hops (balanced)" in text and "demonstrates questions of at most 3 hops (1000 SFT steps)" in text
     assert "hops 1/2/3" not in text
     assert "--world.max-hops INT Longest question chains (1..4)" in text
     assert text.split("--world.max-hops", 1)[1].split("--world.people")[0].rstrip(" │").endswith("(default: 4)")
     assert text.split("--rl.max-turns", 1)[1].split("--rl.max-new-tokens")[0].rstrip(" │").endswith("(default: 6)")
+    assert text.split("--rl.group-size", 1)[1].split("--rl.max-turns")[0].rstrip(" │").endswith("(default: 16)")
+    assert "--methods" in text and "igpo_subgoals" in text
+
+
+def test_experiment_refuses_unknown_methods_and_a_list_without_grpo(capsys):
+    with pytest.raises(SystemExit) as exit_:  # tyro's own refusal of a value outside the choices
+        main(["experiment", "--methods", "grpo", "ppo"])
+    assert exit_.value.code == 2 and "invalid choice 'ppo' for argument '--methods'" in capsys.readouterr().err
+    assert main(["experiment", "--methods", "igpo", "igpo_subgoals", "--out", "/nonexistent/never"]) == 2
+    err = capsys.readouterr().err
+    assert "methods must include 'grpo', the baseline of the paired differences, got ['igpo', 'igpo_subgoals']" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -352,7 +370,8 @@ def test_a_bad_value_names_the_users_flag_and_the_subcommands_help(capsys):
 
 
 @pytest.mark.parametrize("argv, flag, why", [
-    (["experiment", "--rl.algorithm", "grpo"], "--rl.algorithm", "it runs every method: igpo, grpo and the two ablations"),
+    (["experiment", "--rl.algorithm", "grpo"], "--rl.algorithm", "it runs the methods of --methods"),
+    (["experiment", "--rl.eval-at-start"], "--rl.eval-at-start", "every run's step 0 is its seed's warm-start evaluation"),
     (["eval", "--rl.steps", "5"], "--rl.steps", "it runs no RL step"),
     (["demo", "--rl.algorithm=grpo"], "--rl.algorithm", "it trains both IGPO and GRPO"),
     (["train", "--tiny.hidden-size", "64"], "--tiny.hidden-size", "the model is loaded from --init/--model"),

@@ -13,9 +13,13 @@ from igpo_rewards.reference_trainer.cli import tokenizer_texts
 from igpo_rewards.reference_trainer.config import RLConfig
 from igpo_rewards.reference_trainer.diagnostics import (
     IG_GROUPS,
+    POTENTIALS,
+    SUBGOAL_GROUPS,
     _outcome_summary,
+    chain_group,
     format_signal,
     measure_signal,
+    new_chain_documents,
     outcome_groups,
     observation_labels,
     turn_group,
@@ -119,3 +123,36 @@ def test_measure_signal_on_a_tiny_policy(world, tokenizer):
     assert "questions x G = 2 rollouts" in format_signal(result)
     with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         measure_signal(model, tokenizer, BM25Retriever(world.corpus), world.train, config, steps=0)
+
+
+def test_new_chain_documents_follow_the_gold_chain(world, tokenizer):
+    """A demonstration that walks the gold chain retrieves hop h's document first at search h; a
+    repeated last search retrieves nothing new; each bridge's probe is labelled by ``chain_group``."""
+    retriever = BM25Retriever(world.corpus)
+    example = next(e for e in world.train if e.hops == 3)
+    new = new_chain_documents(_demonstration(world, tokenizer, example), retriever, 3)
+    assert [hop in documents for hop, documents in enumerate(new)] == [True, True, True]
+    assert [sorted(documents) for documents in new] == [[0], [1], [2]]
+    groups = [chain_group(new, turn, bridge=0, answer_hop=2) for turn in range(3)]
+    assert groups == ["own_document_first", "other_bridge_document_first", "answer_document_first"]
+    repeated = new_chain_documents(_demonstration(world, tokenizer, example, repeat_last=True), retriever, 3)
+    assert repeated[-1] == set() and chain_group(repeated, 3, bridge=1, answer_hop=2) == "nothing_new"
+
+
+def test_measure_signal_splits_the_sub_goal_probes(world, tokenizer):
+    """Questions with bridges get the sub-goal split: every (non-final turn, bridge) pair once, in one
+    group, under both potentials; the answer probe on bridge-document turns; none for 1-hop questions."""
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=1024)
+    config = RLConfig(questions_per_step=4, group_size=2, max_turns=4, max_new_tokens=6)
+    chains = [example for example in world.train if example.hops >= 3]
+    result = measure_signal(model, tokenizer, BM25Retriever(world.corpus), chains, config, steps=1, seed=2)
+    signal = result["subgoal_signal"]
+    assert set(signal) == {*SUBGOAL_GROUPS, "answer_on_bridge_document"}
+    for group in SUBGOAL_GROUPS:
+        turns = {potential: signal[group]["all"][potential]["turns"] for potential in POTENTIALS}
+        assert turns["probe"] == turns["running_max"]
+        assert turns["probe"] == sum(cell["probe"]["turns"] for cell in signal[group]["by_hops"].values())
+    assert set(signal["answer_on_bridge_document"]["all"]) == {"probe"}
+    assert "sub-goal probes (bridge entities)" in format_signal(result)
+    one_hop = [example for example in world.train if example.hops == 1]
+    assert measure_signal(model, tokenizer, BM25Retriever(world.corpus), one_hop, config, steps=1, seed=2)["subgoal_signal"] is None

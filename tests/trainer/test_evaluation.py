@@ -79,6 +79,8 @@ def test_summarize_by_hops_and_source():
     assert result["by_data_source"]["world"]["n"] == 3
     assert result["format_error_fraction"] == 0.25
     assert result["searches_mean"] == 0.25 and result["turns_mean"] == 1.0
+    assert result["questions"] == {"question": ["a", "b", "b", "c"], "hops": [1, 2, 2, 0], "em": [1, 0, 0, 1],
+                                   "f1": [1.0, pytest.approx(2 / 3), 0.0, 1.0]}
     with pytest.raises(ValueError, match="empty"):
         summarize([])
 

@@ -16,9 +16,10 @@ from igpo_rewards.agent.probes import probe_forward, token_logprobs
 from igpo_rewards.agent.protocol import INSTRUCTION
 from igpo_rewards.reference_trainer.batch import build_batch, micro_batches
 from igpo_rewards.reference_trainer.config import RLConfig
-from igpo_rewards.reference_trainer.metrics import case_studies, zero_advantage_group_fraction
+from igpo_rewards.reference_trainer.metrics import case_studies, step_metrics, zero_advantage_group_fraction
 from igpo_rewards.reference_trainer.rollout import QATrajectory
 from igpo_rewards.reference_trainer.training import (
+    check_subgoals,
     check_turn_caps,
     compute_advantages,
     policy_loss,
@@ -393,3 +394,115 @@ def test_rl_step_probe_layouts_agree(setup):
     assert torch.equal(cached.batch.input_ids, packed.batch.input_ids)
     torch.testing.assert_close(cached.answer_logprob, packed.answer_logprob, rtol=0, atol=1e-4)
     torch.testing.assert_close(cached.advantages.turn, packed.advantages.turn, rtol=0, atol=1e-3)
+
+
+# --- sub-goal targets -----------------------------------------------------------------------------
+
+CHAIN = QAExample("Capital of the country where Ilsa Marr was born?", ("Oslo",), 3, "world",
+                  gold_queries=("Ilsa Marr", "Kelm", "Tovia"), gold_bridge_answers=("Kelm", "Tovia", "Oslo"))
+ONE_HOP = QAExample("Where was Ilsa Marr born?", ("Kelm",), 1, "world", gold_queries=("Ilsa Marr",), gold_bridge_answers=("Kelm",))
+
+
+def _chain_trajectories(tokenizer):
+    trajectories = [
+        text_trajectory(tokenizer, ["<search> Ilsa Marr </search>", "<search> Kelm </search>", "<answer> Oslo </answer>"], 1.0),
+        text_trajectory(tokenizer, ["<answer> Kelm </answer>"], 0.0),
+        text_trajectory(tokenizer, ["<search> x </search>", "<answer> Kelm </answer>"], 1.0, group_id=1),
+    ]
+    for trajectory, example in zip(trajectories, (CHAIN, CHAIN, ONE_HOP)):
+        trajectory.example = example
+    return trajectories
+
+
+def test_the_batch_carries_each_questions_sub_goal_targets(setup):
+    """With sub-goals each row's probe targets are its answer then its gold chain's bridges; a row
+    with fewer targets has the rest marked absent; without, the answer's suffix alone (2-D table)."""
+    _, tokenizer, _, _ = setup
+    trajectories = _chain_trajectories(tokenizer)
+    batch = build_batch(trajectories, tokenizer, probes=True, subgoals=True)
+    assert batch.target_mask.tolist() == [[True, True, True], [True, True, True], [True, False, False]]
+    assert batch.select(torch.tensor([2])).target_mask.tolist() == [[True, False, False]]
+    plain = build_batch(trajectories, tokenizer, probes=True)
+    assert plain.target_mask is None and plain.suffixes.token_ids.dim() == 2
+    assert CHAIN.subgoals == ("Kelm", "Tovia") and ONE_HOP.subgoals == ()
+
+
+def test_every_target_is_scored_in_the_same_forward_as_its_own_probe(setup):
+    """Target k of the K-target probe forward is what the answer-only forward gives when the
+    question's answer is that target (each target scored alone: the peer), micro batches included."""
+    _, tokenizer, model, _ = setup
+    trajectories = _chain_trajectories(tokenizer)
+    batch = build_batch(trajectories, tokenizer, probes=True, subgoals=True)
+    scores = score_batch(model, batch, RLConfig(micro_batch_size=2), probes=True)
+    assert scores.answer_logprob.shape == (3, 3, 3)
+    for k in range(3):
+        alone = copy.deepcopy(trajectories)
+        for trajectory in alone:
+            targets = [trajectory.example.answers[0], *trajectory.example.subgoals]
+            target = targets[k] if k < len(targets) else targets[0]
+            trajectory.example = QAExample(trajectory.example.question, (target,), trajectory.example.hops, "world")
+        single = score_batch(model, build_batch(alone, tokenizer, probes=True), RLConfig(), probes=True).answer_logprob
+        present = batch.target_mask[:, k][:, None] & batch.turn_mask
+        torch.testing.assert_close(scores.answer_logprob[..., k][present], single[present], rtol=0, atol=1e-5)
+
+
+def test_sub_goal_advantages_by_hand(setup):
+    """Rollout 0 (3 turns): p(answer) 0.1, 0.1, 0.6; p(bridge 1) 0.2, 0.7, 0.3, running max 0.2, 0.7, 0.7;
+    p(bridge 2) 0.1, 0.1, 0.4. Subgoal weight 0.5: IG = answer gain + 0.5 (bridge gains) =
+    [0 + 0.5 (0.5 + 0), 0.5 + 0.5 (0 + 0.3), 0] = [0.25, 0.65, 0]; the advantages are the library's call."""
+    _, tokenizer, _, _ = setup
+    batch = build_batch(_chain_trajectories(tokenizer), tokenizer, probes=True, subgoals=True)
+    probs = torch.tensor([[[0.1, 0.2, 0.1], [0.1, 0.7, 0.1], [0.6, 0.3, 0.4]],
+                          [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],
+                          [[0.2, 1.0, 1.0], [0.9, 1.0, 1.0], [1.0, 1.0, 1.0]]])
+    config = RLConfig(algorithm="igpo", igpo=IGPOSettings(subgoal_weight=0.5))
+    result = compute_advantages(batch, torch.log(probs), config)
+    assert result.information_gain[0].tolist() == pytest.approx([0.25, 0.65, 0.0], abs=1e-6)
+    assert result.information_gain[2].tolist() == pytest.approx([0.7, 0.0, 0.0], abs=1e-6)  # 1-hop: the answer alone
+    # per turn: the answer's, bridge 1's and bridge 2's gain
+    torch.testing.assert_close(result.target_gains[0], torch.tensor([[0.0, 0.5, 0.0], [0.5, 0.0, 0.3], [0.0, 0.0, 0.0]]),
+                               rtol=0, atol=1e-6)
+    expected = igpo_rewards.igpo_advantages(torch.log(probs), batch.outcome, batch.turn_mask, batch.group_ids,
+                                            target_weights=[1.0, 0.5, 0.5], target_mask=batch.target_mask)
+    torch.testing.assert_close(result.turn, expected.advantages)
+    # the metrics: the answer's and the sub-goals' mean gain over the non-final turns (and present targets)
+    metrics = step_metrics(batch, result, torch.zeros(batch.input_ids.shape))
+    assert metrics["ig_answer_mean"] == pytest.approx((0.0 + 0.5 + 0.7) / 3, abs=1e-6)
+    assert metrics["ig_subgoal_mean"] == pytest.approx((0.5 + 0.0 + 0.0 + 0.3) / 4, abs=1e-6)
+    assert metrics["ig_mean"] == pytest.approx((0.25 + 0.65 + 0.7) / 3, abs=1e-6)
+    with pytest.raises(ValueError, match=r"answer_logprob must be \[B, T, K\] = \(3, 3, 3\), got \(3, 3\)"):
+        compute_advantages(batch, torch.log(probs[..., 0]), config)
+
+
+def test_sub_goals_need_questions_that_have_some():
+    check_subgoals(RLConfig(igpo=IGPOSettings(subgoal_weight=1.0)), [ONE_HOP, CHAIN])
+    check_subgoals(RLConfig(algorithm="grpo", igpo=IGPOSettings(subgoal_weight=1.0)), [ONE_HOP])  # GRPO probes nothing
+    with pytest.raises(ValueError, match=r"rl.igpo.subgoal_weight = 1.0 needs questions with gold chains of 2 hops or more .* "
+                                         r"none of the 2 training questions has a sub-goal"):
+        check_subgoals(RLConfig(igpo=IGPOSettings(subgoal_weight=1.0)), [ONE_HOP, EXAMPLE])
+
+
+def test_rl_step_with_sub_goals_runs_and_is_deterministic(setup):
+    world = setup[0]
+    chains = [example for example in world.train if example.subgoals][:2]
+    assert len(chains) == 2
+
+    def step():
+        _, tokenizer, model, retriever = setup
+        torch.manual_seed(0)
+        policy = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        config = RLConfig(algorithm="igpo", questions_per_step=2, group_size=3, max_turns=3, max_new_tokens=6,
+                          igpo=IGPOSettings(subgoal_weight=1.0))
+        return rl_step(policy, copy.deepcopy(model), tokenizer, optimizer, retriever, chains, config)
+
+    first, again = step(), step()
+    assert first.answer_logprob.dim() == 3 and first.answer_logprob.shape[2] == 1 + max(len(e.subgoals) for e in chains)
+    assert torch.equal(first.advantages.turn, again.advantages.turn)
+    assert first.metrics["ig_subgoal_mean"] is None or math.isfinite(first.metrics["ig_subgoal_mean"])
+    studies = case_studies(first.batch, first.advantages, first.answer_logprob, setup[1], count=2, step=1)
+    assert len(studies) == 2
+    for study in studies:
+        example = next(example for example in chains if example.question == study["question"])
+        for turn in study["turns"]:  # each sub-goal's probability before the turn
+            assert set(turn["subgoal_probs"]) == set(example.subgoals) and all(0 < p <= 1 for p in turn["subgoal_probs"].values())

@@ -158,6 +158,20 @@ def test_sparse_preset_hop_counts(sparse_world):
         assert len(set(example.gold_bridge_answers)) == example.hops  # no chain through a capital
 
 
+def test_credit_preset_holds_100_heldout_questions_per_hop_with_their_sub_goals():
+    """The credit preset is the sparse world with 400 held-out questions: 100 per hop count (the
+    experiment's per-hop resolution), each chain's bridges (the sub-goal targets,
+    ``gold_bridge_answers[:-1]``) distinct from each other and from the answer."""
+    world = _preset_world("credit")
+    assert Counter(example.hops for example in world.heldout) == {1: 100, 2: 100, 3: 100, 4: 100}
+    assert Counter(example.hops for example in world.train) == {1: 250, 2: 250, 3: 250, 4: 250}
+    for example in world.train + world.heldout:
+        bridges = example.gold_bridge_answers[:-1]
+        assert len(bridges) == example.hops - 1 and example.answers[0] not in bridges
+        assert example.gold_queries[1:] == bridges
+    assert not {example.question for example in world.heldout} & {example.question for example in world.train}
+
+
 def test_sparse_preset_shares_more_names(world, sparse_world):
     def people_per_name(w, part):
         people = {example.gold_queries[0] for example in w.train + w.heldout}
