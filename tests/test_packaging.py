@@ -56,6 +56,7 @@ def test_wheel_holds_one_igpo_rewards_package_with_its_subpackages(wheel):
     entry_points = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.dist-info/entry_points.txt").decode()
     assert "igpo-train = igpo_rewards._console:igpo_train" in entry_points
     assert "igpo = igpo_rewards.integrations.verl" in entry_points
+    assert "igpo_actor = igpo_rewards.integrations.verl_actor" in entry_points
 
 
 def _python(code: str, *, cwd: Path, site: Path) -> str:

@@ -30,6 +30,8 @@ def keyword_options(function) -> set[str]:
 
 # Fields no core function takes: each is read by the adapter named here (and tested there).
 ADAPTER_ONLY = {"allow_outcome_only": "igpo_rewards.integrations.verl (tests/integrations/test_verl.py)"}
+# Not fields at all: keys under verl's ``algorithm.igpo`` that only the verl integration reads
+# (settings_from_config leaves them out of IGPOSettings): ``probe_mode`` (tests/integrations/test_verl_actor.py).
 
 MIRRORED = [igpo_rewards.igpo_advantages, igpo_rewards.grpo_advantages, igpo_rewards.advantages_from_token_rewards,
             igpo_rewards.turn_rewards, igpo_rewards.information_gain]

@@ -61,6 +61,14 @@ slots [j * P, j * P + P_b), same positions) under a [B, 1, Q, N + Q] mask: copy 
 keys [0, start_j) and its own copy causally; unused slots see only themselves. Only the T x P
 probe tokens are computed beyond the trajectory forward.
 
+``cached_probe_forward`` scores the probes over the KV cache of a trajectory forward someone
+else ran (an RL trainer's old-log-prob pass: verl's actor engine, see
+``igpo_rewards.integrations.verl_actor``), padded (one cache row per trajectory) or packed (all
+trajectories in one row). Its layout (``build_cached_probe_groups``) puts each row's copies back
+to back, n_b * P_b query slots, and runs rows of similar probe length together, one forward per
+group over the keys the group reads: at most (1 + ``max_padding``) x the ideal T x P probe tokens,
+where "kv_cache" gives every row T_max x P_max slots.
+
 Neither function touches autograd: call them under ``torch.no_grad()`` for old log-probs and
 rewards, or with grad (an SFT probe term, the update's new log-probs). Dropout follows
 ``model.training``. The inputs are built with tensor operations only (no loop per token, probe
@@ -70,8 +78,9 @@ or row). The tests compare both layouts, values and gradients, with one plain fo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -86,14 +95,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROBE_LAYOUTS",
+    "CachedProbeForward",
+    "CachedProbeGroup",
     "PackedInputs",
     "ProbeForward",
     "ProbeInputs",
     "ProbeSuffix",
     "SuffixTable",
+    "build_cached_probe_groups",
     "build_packed_inputs",
     "build_probe_inputs",
     "build_probe_suffix",
+    "cached_probe_forward",
     "pad_token_ids",
     "probe_forward",
     "score_probes",
@@ -502,6 +515,140 @@ def build_probe_inputs(
     return ProbeInputs(ids, torch.where(used, start + token, 0), _additive(allowed, dtype), sources, tokens, mask)
 
 
+# --- the cached layout: probe copies over the KV cache of any trajectory forward ------------------
+
+
+class CachedProbeGroup(NamedTuple):
+    """One forward of the cached layout (``build_cached_probe_groups``): the probe copies of G
+    trajectories over the first N cached keys of each. Q = the most probe tokens of a row in the
+    group; T probes, L answer tokens (those of the whole batch).
+    """
+
+    rows: torch.Tensor  # [G] long: the batch rows of this group
+    input_ids: torch.Tensor  # [G, Q] long: each row's copies back to back, then padding
+    position_ids: torch.Tensor  # [G, Q] long
+    attention_mask: torch.Tensor  # [G, 1, Q, N + Q] additive: keys = the row's cached keys [0, N), then slots
+    num_keys: int  # N: the cached keys the group reads (the latest probe start of its rows)
+    probe_sources: torch.Tensor  # [G, T, L] long: query slot whose logits score answer token l of probe j
+    probe_tokens: torch.Tensor  # [G, T, L] long
+    probe_mask: torch.Tensor  # [G, T, L] bool
+
+
+def _group_rows(probe_tokens: Sequence[int], max_padding: float) -> list[list[int]]:
+    """Rows with probes, longest first, cut into groups whose padded slots (rows x the longest)
+    stay within (1 + ``max_padding``) x the group's probe tokens."""
+    order = sorted((row for row, count in enumerate(probe_tokens) if count > 0), key=lambda row: -probe_tokens[row])
+    groups: list[list[int]] = []
+    total = 0
+    for row in order:
+        if groups and (len(groups[-1]) + 1) * probe_tokens[groups[-1][0]] <= (1 + max_padding) * (total + probe_tokens[row]):
+            groups[-1].append(row)
+            total += probe_tokens[row]
+        else:
+            groups.append([row])
+            total = probe_tokens[row]
+    return groups
+
+
+def _check_cached_probes(turn_starts: torch.Tensor, turn_mask: torch.Tensor, suffixes: SuffixTable, max_padding: float) -> None:
+    if turn_starts.dim() != 2 or turn_starts.shape != turn_mask.shape:
+        raise ValueError(
+            f"turn_starts and turn_mask must both be [B, T], got {tuple(turn_starts.shape)} and {tuple(turn_mask.shape)}"
+        )
+    if suffixes.lengths.dim() != 1:
+        raise ValueError(f"the cached layout takes one suffix per row (suffix_table), got a table of "
+                         f"{suffixes.num_targets} targets per row (target_table)")
+    if suffixes.lengths.shape != (turn_starts.shape[0],):
+        raise ValueError(f"suffixes must have one row per trajectory ({turn_starts.shape[0]}), got {suffixes.lengths.shape[0]}")
+    if isinstance(max_padding, bool) or not isinstance(max_padding, (int, float)):
+        raise TypeError(f"max_padding must be a float, got {type(max_padding).__name__}")
+    if not max_padding >= 0:
+        raise ValueError(f"max_padding must be >= 0, got {max_padding}")
+    low = turn_mask & (turn_starts < 1)
+    if bool(low.any()):
+        b, j = (int(i) for i in low.nonzero()[0])
+        raise ValueError(f"turn_starts[{b}, {j}] = {int(turn_starts[b, j])} must be >= 1 (a probe needs a context)")
+    answer_first = turn_mask.any(dim=1) & (suffixes.answer_start < 1)
+    if bool(answer_first.any()):
+        row = int(answer_first.nonzero()[0, 0])
+        raise ValueError(
+            f"suffixes row {row} starts with its answer (answer_start = 0): the cached layout scores every answer "
+            "token from the probe copy's own slots, so the probe text needs a token before the answer"
+        )
+
+
+def build_cached_probe_groups(
+    turn_starts: torch.Tensor,
+    turn_mask: torch.Tensor,
+    suffixes: SuffixTable,
+    *,
+    max_padding: float = 0.1,
+    pad_token_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[CachedProbeGroup]:
+    """The probe copies of a batch, laid out over the KV cache a trajectory forward kept.
+
+    Row b's n_b copies (one per probe, P_b tokens each) lie back to back in its query slots:
+    copy j at slots [r * P_b, (r + 1) * P_b) with r its rank among the row's probes; token k
+    has position ``start_j + k`` and attends to the row's cached keys [0, start_j) and to its own
+    copy causally. Answer token k of copy j is scored at slot r * P_b + k - 1. So a row costs
+    exactly its n_b * P_b probe tokens. Rows are grouped (longest first) so that a group's padded
+    slots, G x its longest row, stay within (1 + ``max_padding``) x its probe tokens: every group
+    is one forward of [G, Q] queries, and the batch costs at most (1 + ``max_padding``) x the ideal
+    sum_b n_b * P_b query tokens. It takes one target per row (``suffix_table``; a
+    ``target_table`` is refused). Padding slots hold ``pad_token_id`` and attend only to themselves.
+
+    Args:
+        turn_starts, turn_mask: [B, T]: probe j of row b (where ``turn_mask``) scores the answer
+            after the row's first ``turn_starts[b, j]`` tokens (>= 1).
+        suffixes: the probe suffix of each row (``suffix_table``); its answer must not start at
+            token 0 (the cached layout has no slot before the copy).
+        max_padding: the padding allowed per group, as a fraction of its probe tokens (0: only
+            rows with the same number of probe tokens share a forward).
+        pad_token_id: id of the padding slots; dtype: dtype of the additive mask (the
+            attention's compute dtype).
+
+    Returns:
+        The groups, each with its rows, inputs, mask and where each answer token is read; rows
+        without probes are in no group.
+
+    Raises:
+        ValueError: mismatched shapes, a table of K targets, a start < 1, an answer at suffix
+            token 0, ``max_padding`` < 0.
+        TypeError: ``max_padding`` not a number.
+    """
+    turn_mask = turn_mask.to(torch.bool)
+    _check_cached_probes(turn_starts, turn_mask, suffixes, max_padding)
+    probe_tokens = (turn_mask.sum(dim=1) * suffixes.lengths).tolist()
+    return [
+        _cached_group(torch.tensor(rows, device=turn_starts.device), turn_starts, turn_mask, suffixes,
+                      pad_token_id=pad_token_id, dtype=dtype)
+        for rows in _group_rows(probe_tokens, max_padding)
+    ]
+
+
+def _cached_group(
+    rows: torch.Tensor, turn_starts: torch.Tensor, turn_mask: torch.Tensor, suffixes: SuffixTable, *, pad_token_id: int, dtype: torch.dtype
+) -> CachedProbeGroup:
+    starts, mask, table = turn_starts[rows], turn_mask[rows], suffixes.rows(rows)
+    size, count = table.lengths[:, None], mask.sum(dim=1, keepdim=True)
+    copy_offset = (mask.long().cumsum(dim=1) - 1) * size  # [G, T]: first slot of probe j's copy
+    slot = torch.arange(int((count * size).max()), device=starts.device)[None, :]
+    copy, token, used = _slots(slot, size, count)  # [G, Q]: the copy's rank, its token, a real slot
+    turn_of_copy = torch.argsort((~mask).long(), dim=1, stable=True)  # the probes' turns, in order
+    start = starts.gather(1, turn_of_copy.gather(1, copy.clamp(max=mask.shape[1] - 1)))
+    ids = torch.where(used, table.token_ids.gather(1, token.clamp(max=table.token_ids.shape[1] - 1)), pad_token_id)
+    num_keys = int(starts.masked_fill(~mask, 0).max())
+    sees_cache = used[:, :, None] & (torch.arange(num_keys, device=starts.device)[None, None, :] < start[:, :, None])
+    same_copy = (copy[:, :, None] == copy[:, None, :]) & (slot[:, None, :] <= slot[:, :, None])
+    sees_slots = (used[:, :, None] & same_copy) | (slot[:, :, None] == slot[:, None, :])
+    targets = _answer_targets(starts, mask, _with_target_axis(table), copy_offset[:, :, None])
+    sources, tokens, answer_mask = _without_target_axis(table, *targets)
+    allowed = torch.cat([sees_cache, sees_slots], dim=2)
+    return CachedProbeGroup(rows, ids, torch.where(used, start + token, 0), _additive(allowed, dtype), num_keys,
+                            sources, tokens, answer_mask)
+
+
 # --- the forwards ---------------------------------------------------------------------------------
 
 
@@ -699,6 +846,172 @@ def probe_forward(
     logprobs, entropy = _trajectory_scores(model, hidden, input_ids, token_mask, chunk_size=chunk_size, entropy=return_entropy)
     probe_logprobs, probe_mask = _probe_scores(model, hidden, inputs, chunk_size=chunk_size)
     return ProbeForward(logprobs, entropy, probe_logprobs, probe_mask, igpo_rewards.answer_logprob(probe_logprobs, probe_mask))
+
+
+class CachedProbeForward(NamedTuple):
+    """What ``cached_probe_forward`` returns. B trajectories, T probes, L answer tokens.
+
+    Attributes:
+        probe_logprobs: [B, T, L] float32, log-prob of answer token l at probe j; 0.0 at padding.
+        probe_mask: [B, T, L] bool, True at real answer tokens of real probes.
+        answer_logprob: [B, T] float32, ``igpo_rewards.answer_logprob(probe_logprobs, probe_mask)``.
+        query_tokens: the query slots the probe forwards computed (padding included).
+        probe_tokens: the ideal: sum_b n_b * P_b, the probe tokens themselves.
+        forwards: how many forwards (groups) that took.
+    """
+
+    probe_logprobs: torch.Tensor
+    probe_mask: torch.Tensor
+    answer_logprob: torch.Tensor
+    query_tokens: int
+    probe_tokens: int
+    forwards: int
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside wrappers that keep it as ``.module`` (torch FSDP1, DDP)."""
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def _attention_taking_custom_masks(model: torch.nn.Module) -> Iterator[None]:
+    """Runs the block with attention "sdpa" unless the model's already takes 4D additive masks
+    ("sdpa", "eager"): flash-attention kernels take none. transformers picks the attention
+    function from ``config._attn_implementation`` at every forward."""
+    config = _hf_model(model).config
+    current = config._attn_implementation
+    if current in ("sdpa", "eager"):
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
+
+
+def _group_cache(cache: object, key_rows: torch.Tensor, key_offsets: torch.Tensor, rows: torch.Tensor, num_keys: int) -> object:
+    """A new ``DynamicCache`` holding, for each row of ``rows``, its cached keys and values [0, num_keys)."""
+    from transformers import DynamicCache
+
+    positions = key_offsets[rows][:, None] + torch.arange(num_keys, device=key_offsets.device)[None, :]
+    cache_rows = key_rows[rows][:, None].expand_as(positions)
+    layers = []
+    for layer in cache.layers:
+        positions_in_layer = positions.clamp(max=layer.keys.shape[2] - 1)  # past a row's own keys: masked
+        layers.append(tuple(
+            states[cache_rows, :, positions_in_layer].permute(0, 2, 1, 3) for states in (layer.keys, layer.values)
+        ))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _check_cache(cache: object, key_rows: torch.Tensor, key_offsets: torch.Tensor, turn_starts: torch.Tensor, turn_mask: torch.Tensor) -> None:
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):
+        raise TypeError(f"cache must be a transformers Cache whose layers hold [R, H, K, D] keys, got {type(cache).__name__}")
+    if any(getattr(layer, "is_sliding", False) for layer in layers):
+        raise ValueError("cache has sliding-window layers: their keys do not cover the whole context")
+    batch = turn_starts.shape[0]
+    if key_rows.shape != (batch,) or key_offsets.shape != (batch,):
+        raise ValueError(
+            f"key_rows and key_offsets must be [B] with B = {batch}, got {tuple(key_rows.shape)} and {tuple(key_offsets.shape)}"
+        )
+    rows, keys = layers[0].keys.shape[0], layers[0].keys.shape[2]
+    needed = key_offsets + turn_starts.masked_fill(~turn_mask, 0).max(dim=1).values
+    outside = (key_rows < 0) | (key_rows >= rows) | (key_offsets < 0) | (needed > keys)
+    if bool(outside.any()):
+        b = int(outside.nonzero()[0, 0])
+        raise ValueError(
+            f"row {b} reads cache row {int(key_rows[b])}, keys [{int(key_offsets[b])}, {int(needed[b])}), but the cache "
+            f"has {rows} rows of {keys} keys"
+        )
+
+
+def cached_probe_forward(
+    model: PreTrainedModel,
+    cache: object,
+    turn_starts: torch.Tensor,
+    turn_mask: torch.Tensor,
+    suffixes: SuffixTable,
+    *,
+    key_rows: torch.Tensor | None = None,
+    key_offsets: torch.Tensor | None = None,
+    max_padding: float = 0.1,
+    pad_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> CachedProbeForward:
+    """Every probe's answer log-probs, scored over the KV cache a trajectory forward kept.
+
+    The trajectory forward is the caller's (an RL trainer's old-log-prob forward with
+    ``use_cache=True``); its cache may be padded (one cache row per trajectory) or packed (all
+    trajectories in one row, as remove-padding forwards keep it): row b's token t is cached at
+    row ``key_rows[b]``, key ``key_offsets[b] + t``. The probe copies then run in the groups of
+    ``build_cached_probe_groups``, each group one forward over the keys it reads, so only the
+    probe tokens are computed (at most (1 + ``max_padding``) x their number) and logits only
+    where an answer token is scored. Models whose attention takes no 4D mask (flash attention)
+    run these forwards with "sdpa".
+
+    Args:
+        model: a causal LM (an HF model, or a wrapper that calls one, e.g. torch FSDP).
+        cache: the trajectory forward's ``DynamicCache``: per layer keys/values [R, H, K, D].
+        turn_starts, turn_mask, suffixes: as for ``build_cached_probe_groups``; probe j of row b
+            sees the row's first ``turn_starts[b, j]`` cached tokens.
+        key_rows, key_offsets: [B] long; default ``arange(B)`` and 0 (a padded cache).
+        max_padding: see ``build_cached_probe_groups``.
+        pad_token_id: id of padding slots; defaults to the model's (or 0).
+        dtype: the attention's compute dtype (the mask's); defaults to the model's.
+
+    Returns:
+        ``CachedProbeForward`` on the device of ``turn_starts``.
+
+    Raises:
+        ValueError / TypeError: what ``build_cached_probe_groups`` raises, a cache that is not a
+        transformers cache of full-attention layers, keys a row would read outside the cache.
+    """
+    turn_mask = turn_mask.to(torch.bool)
+    device = turn_starts.device
+    batch, num_turns = turn_mask.shape
+    key_rows = torch.arange(batch, device=device) if key_rows is None else key_rows.to(device)
+    key_offsets = torch.zeros(batch, dtype=torch.long, device=device) if key_offsets is None else key_offsets.to(device)
+    _check_model(model, custom_mask=False)
+    _check_cached_probes(turn_starts, turn_mask, suffixes, max_padding)
+    _check_cache(cache, key_rows, key_offsets, turn_starts, turn_mask)
+    config = _hf_model(model).config
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    groups = build_cached_probe_groups(turn_starts, turn_mask, suffixes, max_padding=max_padding,
+                                       pad_token_id=pad_token_id, dtype=dtype or _hf_model(model).dtype)
+    width = int((suffixes.answer_end - suffixes.answer_start).max()) if batch else 0
+    probe_logprobs = torch.zeros((batch, num_turns, width), dtype=torch.float32, device=device)
+    probe_mask = torch.zeros((batch, num_turns, width), dtype=torch.bool, device=device)
+    with _attention_taking_custom_masks(model):
+        for group in groups:
+            values = _score_group(model, cache, key_rows, key_offsets, group)
+            answer = group.probe_mask.shape[2]
+            probe_mask[group.rows, :, :answer] = group.probe_mask
+            probe_logprobs[group.rows, :, :answer] = _scatter(tuple(group.probe_mask.shape), group.probe_mask, values)
+    query_tokens = sum(group.input_ids.numel() for group in groups)
+    probe_tokens = int((turn_mask.sum(dim=1) * suffixes.lengths).sum())
+    return CachedProbeForward(probe_logprobs, probe_mask, igpo_rewards.answer_logprob(probe_logprobs, probe_mask),
+                              query_tokens, probe_tokens, len(groups))
+
+
+def _score_group(model: PreTrainedModel, cache: object, key_rows: torch.Tensor, key_offsets: torch.Tensor, group: CachedProbeGroup) -> torch.Tensor:
+    """The log-probs of the group's answer tokens (where ``group.probe_mask``), one forward."""
+    forward_parameters = inspect.signature(_hf_model(model).forward).parameters
+    keyword = "cache" if "cache" in forward_parameters else "past_key_values"
+    kept = torch.unique(group.probe_sources[group.probe_mask])  # sorted: the slots whose logits are read
+    extra = {"logits_to_keep": kept} if "logits_to_keep" in forward_parameters else {}
+    output = model(input_ids=group.input_ids, position_ids=group.position_ids, attention_mask=group.attention_mask,
+                   use_cache=False, **{keyword: _group_cache(cache, key_rows, key_offsets, group.rows, group.num_keys)},
+                   **extra)
+    sources = torch.searchsorted(kept, group.probe_sources) if extra else group.probe_sources
+    rows = torch.arange(group.rows.shape[0], device=sources.device)[:, None, None].expand_as(sources)
+    where = group.probe_mask
+    logits = output.logits[rows[where], sources[where]]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, group.probe_tokens[where][:, None])[:, 0]
 
 
 def score_probes(

@@ -5,7 +5,9 @@
   ``rm_scores``, and the outcome reward function ``compute_score``. Needs the ``verl`` extra
   (``pip install "igpo-rewards[verl] @ git+$IGPO_GIT"``, README "Install").
 - :mod:`igpo_rewards.integrations.verl_agent_loop`: verl's agent loop ``"igpo_tool_agent"`` (the
-  tool agent loop plus the probe before every turn, scored by the rollout server);
+  tool agent loop plus the probe before every turn); :mod:`igpo_rewards.integrations.verl_actor`
+  scores those probes in the actor's old-log-prob pass (actor mode, verl 0.9.1; else the rollout
+  server scores them);
   :mod:`igpo_rewards.integrations.verl_manager` (the agent-loop manager both trainers need) runs
   the start-up checks of :mod:`igpo_rewards.integrations.verl_checks`, carries the turn rewards
   through the legacy trainer and counts failed agent-loop sessions;

@@ -68,6 +68,15 @@ ESTIMATOR_NAME = "igpo"
 """The name verl's ``algorithm.adv_estimator`` takes."""
 CONFIG_KEY = "igpo"
 """The hyperparameters live under ``algorithm.igpo``."""
+PROBE_MODE_KEY = "probe_mode"
+"""``algorithm.igpo.probe_mode``: where the agent loop's probes are scored (``actor`` or ``server``,
+unset: ``actor`` where supported); a verl-side key, read by ``verl_actor.probe_mode_from_config``
+and not one of :class:`IGPOSettings`' fields."""
+PROBE_MODES = ("actor", "server")
+"""The values ``algorithm.igpo.probe_mode`` takes (or unset)."""
+ACTOR_PROBES_KEY = "igpo_actor_probes"
+"""Actor mode's per-trajectory column with the probe plan (an ``extra_fields`` key; a top-level field
+in V1's TransferQueue), written by the agent loop and read by ``verl_actor``'s probe engine."""
 ANSWER_LOGPROB_KEY = "igpo_answer_logprob"
 """The ``non_tensor_batch`` column (an agent loop's ``extra_fields`` key) holding each rollout's probe log-probs."""
 ENTRY_POINT_GROUP = "verl.plugins"
@@ -112,6 +121,8 @@ def settings_from_config(config: Any) -> IGPOSettings:
     if config is None or isinstance(config, IGPOSettings):
         return IGPOSettings.from_mapping(config)
     section = config.get(CONFIG_KEY, None) if hasattr(config, "get") else getattr(config, CONFIG_KEY, None)
+    if section is not None and hasattr(section, "items"):
+        section = {key: value for key, value in section.items() if key != PROBE_MODE_KEY}
     try:
         settings = IGPOSettings.from_mapping(section)
     except (ValueError, TypeError) as error:
@@ -119,9 +130,10 @@ def settings_from_config(config: Any) -> IGPOSettings:
     if settings.subgoal_weight > 0:
         raise ValueError(
             f"algorithm.{CONFIG_KEY}.subgoal_weight = {settings.subgoal_weight}: sub-goal targets are not available in "
-            f"verl yet. Its probes are prompt log-probs of the rollout server and score one target, the answer; "
-            f"scoring the sub-goals too needs the probes on the actor (issue \"verl: score the probes on the actor\"). "
-            f"Set subgoal_weight = 0 (docs/integrations/verl.md)"
+            f"verl yet. Its probes score one target, the answer, on the rollout server (server probe mode) or on the "
+            f"actor (actor mode, whose probe plan carries one suffix); scoring the sub-goals too needs a row's "
+            f"sub-goals in that plan and the K targets in the actor's probe pass. Set subgoal_weight = 0 "
+            f"(docs/integrations/verl.md)"
         )
     return settings
 
@@ -322,8 +334,10 @@ def _check_outcome_only(token_level_rewards: torch.Tensor, response_mask: torch.
         f"tool_agent (actor_rollout_ref.rollout.agent.default_agent_loop must be {AGENT_LOOP_NAME}, and a dataset "
         f"column agent_name overrides it), the legacy trainer without +actor_rollout_ref.rollout.agent."
         f"agent_loop_manager_class={MANAGER_CLASS}, a colocated reward model rewriting rm_scores "
-        f"(reward.reward_model.enable=True without enable_resource_pool), or every probe past the rollout "
-        f"server's max_model_len. Set algorithm.igpo.allow_outcome_only=True to train on the outcome only."
+        f"(reward.reward_model.enable=True without enable_resource_pool), actor-mode probes (algorithm.igpo."
+        f"{PROBE_MODE_KEY}) whose old-log-prob pass ran verl's own engine (the igpo_actor plugin not loaded in the "
+        f"actor's workers), or every probe past the rollout server's max_model_len. Set "
+        f"algorithm.igpo.allow_outcome_only=True to train on the outcome only."
     )
     if not settings.allow_outcome_only:
         raise IGPOConfigError(message)

@@ -4,6 +4,13 @@ verl >= 0.9 imports this module through the ``verl.plugins`` entry point ``igpo_
 igpo-rewards declares, which registers :class:`IGPOToolAgentLoop` in verl's agent-loop registry:
 ``actor_rollout_ref.rollout.agent.default_agent_loop=igpo_tool_agent`` needs no file of the user's.
 
+Where the probes are scored is ``algorithm.igpo.probe_mode`` (``verl_actor.probe_mode_from_config``):
+``actor`` (the default where verl's actor supports it) records only the probe plan of each
+trajectory (``ACTOR_PROBES_KEY``: where each turn starts, the suffix's token ids and
+answer span, the reward settings) and leaves ``rm_scores`` in verl's layout: the actor scores
+the probes in its old-log-prob pass and writes the turn rewards (``igpo_rewards.integrations.verl_actor``).
+``server`` scores them on the rollout server, as follows.
+
 Before each assistant turn j (docs/algorithm.md, section 1) the loop sends the probe sequence
 
     context_j (the prompt, or everything up to the end of observation j-1) + probe suffix
@@ -27,6 +34,7 @@ model's ``max_position_embeddings``, as the servers resolve it). A probe whose c
 is longer is not sent: its value repeats the last probe that fitted (``-inf`` when none did), so
 the information gain of that turn and of every later one is exactly 0 (contexts only grow) and
 the final turn keeps its outcome reward. The rollout goes on; the skipped probes are counted.
+Actor mode applies the same rule: the probe plan carries the limit, and the actor skips the same probes.
 
 **Async trainers.** Under V1's ``colocate_async`` / ``separate_async`` modes the client is verl's
 ``FullyAsyncLLMServerClient``, whose ``generate`` rebuilds the server's answer without its prompt
@@ -67,7 +75,13 @@ import igpo_rewards
 from igpo_rewards.agent.probes import ProbeSuffix, build_probe_suffix
 from igpo_rewards.agent.protocol import PROBE_TEMPLATE
 from igpo_rewards.integrations import IGPOSettings
-from igpo_rewards.integrations.verl import ANSWER_LOGPROB_KEY, IGPOConfigError, igpo_token_scores, settings_from_config
+from igpo_rewards.integrations.verl import (
+    ACTOR_PROBES_KEY,
+    ANSWER_LOGPROB_KEY,
+    IGPOConfigError,
+    igpo_token_scores,
+    settings_from_config,
+)
 
 __all__ = [
     "AGENT_LOOP_NAME",
@@ -228,6 +242,10 @@ class IGPOAgentLoopOutput(AgentLoopOutput):
 
     def as_dict(self) -> dict[str, Any]:
         fields = super().as_dict()
+        plan = fields["extra_fields"].pop(ACTOR_PROBES_KEY, None)
+        if plan is not None:  # actor mode: the actor's old-log-prob pass reads the plan and writes rm_scores
+            fields[ACTOR_PROBES_KEY] = plan
+            return fields
         if "rm_scores" in fields and not self._outcome_only:
             fields["rm_scores"] = self.turn_reward_scores(fields["response_mask"])
         return fields
@@ -270,7 +288,12 @@ class IGPOToolAgentLoop(ToolAgentLoop):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # verl_actor is a verl plugin too: imported where it is used, so that importing it first (which
+        # makes verl load this module as a plugin) never finds it half-initialized.
+        from igpo_rewards.integrations.verl_actor import probe_mode_from_config
+
         self.igpo_settings = settings_from_config(self.config.get("algorithm"))
+        self.igpo_probe_mode = probe_mode_from_config(self.config)
         self._probes: _Probes | None = None  # verl builds one agent loop per trajectory
         self.probe_token_limit = self._probe_token_limit()
 
@@ -317,7 +340,8 @@ class IGPOToolAgentLoop(ToolAgentLoop):
     async def _handle_generating_state(
         self, agent_data: AgentData, sampling_params: dict[str, Any], ignore_termination: bool = False
     ) -> AgentState:
-        await self._probe(agent_data)
+        if self.igpo_probe_mode == "server":
+            await self._probe(agent_data)
         self._probes.turn_starts.append(len(agent_data.response_mask))
         return await super()._handle_generating_state(agent_data, sampling_params, ignore_termination)
 
@@ -379,11 +403,31 @@ class IGPOToolAgentLoop(ToolAgentLoop):
                 f"igpo_tool_agent: response_mask has runs of 1s starting at {run_starts} but the "
                 f"assistant turns started at {probes.turn_starts}; each turn must be exactly one run of 1s"
             )
+        if self.igpo_probe_mode == "actor":
+            self._record_probe_plan(output, [probes.turn_starts[turn] for turn in kept])
+            return IGPOAgentLoopOutput.from_output(output, self.igpo_settings)
         output.extra_fields[ANSWER_LOGPROB_KEY] = [probes.values[turn] for turn in kept]
         output.extra_fields[PROBE_TOKENS_KEY] = probes.prefill_tokens
         output.extra_fields[PROBES_SKIPPED_KEY] = sum(probes.skipped[turn] for turn in kept)
         _widen_weight_versions(output.extra_fields, probes.global_steps)
         return IGPOAgentLoopOutput.from_output(output, self.igpo_settings)
+
+    def _record_probe_plan(self, output: AgentLoopOutput, turn_starts: list[int]) -> None:
+        """Actor mode: the probe plan of the kept turns (``verl_actor.actor_probe_plan``) and how many
+        of its probes do not fit the server's context (the actor skips the same ones, server mode's rule)."""
+        from igpo_rewards.integrations.verl_actor import actor_probe_plan
+
+        plan = actor_probe_plan(prompt_length=len(output.prompt_ids), turn_starts=turn_starts, suffix=self._probes.suffix,
+                                settings=self.igpo_settings, probe_token_limit=self.probe_token_limit)
+        lengths = [start + len(plan["suffix_ids"]) for start in plan["turn_starts"]]
+        skipped = sum(length > self.probe_token_limit for length in lengths)
+        if skipped:
+            _warn_once("skipped", "igpo_tool_agent: a probe of %d tokens does not fit the rollout server's context "
+                       "(at most %d tokens); the actor skips it and its turn's information gain is 0 (counted in "
+                       "extra_fields[%r]; shown once per process)", max(lengths), self.probe_token_limit,
+                       PROBES_SKIPPED_KEY)
+        output.extra_fields[ACTOR_PROBES_KEY] = plan
+        output.extra_fields[PROBES_SKIPPED_KEY] = skipped
 
 
 def _run_starts(mask: Sequence[int]) -> list[int]:

@@ -28,8 +28,11 @@ from igpo_rewards.integrations import IGPOSettings
 from igpo_rewards.integrations.verl import (
     AGENT_LOOP_MODULE,
     AGENT_LOOP_NAME,
+    CONFIG_KEY,
     ESTIMATOR_NAME,
     MANAGER_CLASS,
+    PROBE_MODE_KEY,
+    PROBE_MODES,
     IGPOConfigError,
     OutcomeOnlyWarning,
     algorithm_config_problems,
@@ -97,7 +100,7 @@ def check_config(config: Any) -> list[Refusal]:
     """
     refusals: list[Refusal] = []
     for rule in (_estimator, _algorithm, _agent_loop, _agent_loop_file, _tools_and_turns, _reward_model,
-                 _rollout_server, _v1_sampler):
+                 _probe_mode, _v1_sampler):
         refusals.extend(rule(config))
     return refusals
 
@@ -178,15 +181,44 @@ def _reward_model(config: Any) -> list[Refusal]:
         f"{model}.enable=False with a reward function", outcome_only=True)]
 
 
-def _rollout_server(config: Any) -> list[Refusal]:
-    """The probes are scored by the rollout server's ``prompt_logprobs``: only vLLM and SGLang return them."""
+def _probe_mode(config: Any) -> list[Refusal]:
+    """Where the probes are scored (``algorithm.igpo.probe_mode``, as the agent loop decides it:
+    ``verl_actor.probe_mode_from_config``). Actor mode: whatever keeps verl's actor from scoring
+    them (``verl_actor.actor_mode_problems``: the verl release, the ``igpo_actor`` plugin, the
+    actor's strategy, Ulysses sequence parallelism, fused kernels, bypass mode, the platform);
+    server mode (chosen, or unset where the actor cannot score them): the rollout server."""
+    setting = f"algorithm.{CONFIG_KEY}.{PROBE_MODE_KEY}"
+    requested = _select(config, setting)
+    if requested not in (None, *PROBE_MODES):
+        return [Refusal(setting, f"is {requested!r}; it takes {' or '.join(map(repr, PROBE_MODES))}, or unset (actor "
+                        "where verl's actor can score the probes, else server).", f"{setting}=actor (or server)",
+                        outcome_only=False)]
+    if requested == "server":
+        return _rollout_server(config, because="")
+    # verl_actor imports verl's FSDP engine and registers IGPO's: imported where actor mode is considered.
+    from igpo_rewards.integrations.verl_actor import actor_mode_problems
+
+    problems = actor_mode_problems(config)
+    if not problems:
+        return []
+    if requested == "actor":
+        return [Refusal(setting, f"is 'actor', but verl's actor cannot score the probes here: {'; '.join(problems)}.",
+                        f"{setting}=server (the rollout server scores them), or change those settings",
+                        outcome_only=False)]
+    return _rollout_server(config, because=f" (unset, it is server mode here because {'; '.join(problems)})")
+
+
+def _rollout_server(config: Any, *, because: str) -> list[Refusal]:
+    """Server mode: the probes are the rollout server's ``prompt_logprobs``, which only vLLM and SGLang return."""
     name = _select(config, "actor_rollout_ref.rollout.name")
     if name in SERVERS_WITH_PROMPT_LOGPROBS:
         return []
     return [Refusal(
-        "actor_rollout_ref.rollout.name", f"is {name!r}: igpo_tool_agent scores its probes with the rollout server's "
-        f"prompt_logprobs, which only verl's {' and '.join(SERVERS_WITH_PROMPT_LOGPROBS)} servers return.",
-        "actor_rollout_ref.rollout.name=vllm (or sglang)", outcome_only=False)]
+        "actor_rollout_ref.rollout.name", f"is {name!r}: in server probe mode{because} igpo_tool_agent scores its "
+        f"probes with the rollout server's prompt_logprobs, which only verl's "
+        f"{' and '.join(SERVERS_WITH_PROMPT_LOGPROBS)} servers return.",
+        f"actor_rollout_ref.rollout.name=vllm (or sglang), or algorithm.{CONFIG_KEY}.{PROBE_MODE_KEY}=actor where "
+        "verl's actor can score the probes", outcome_only=False)]
 
 
 def _v1_sampler(config: Any) -> list[Refusal]:

@@ -165,14 +165,18 @@ def test_import_verl_registers_igpo_through_the_entry_point():
     ]
 
 
-def test_any_verl_module_of_igpo_rewards_imported_first_leaves_both_plugins_registered():
+def test_any_verl_module_of_igpo_rewards_imported_first_leaves_every_plugin_registered():
     """Importing one of these modules first makes verl load its plugins (import verl), which import
-    the others: no import cycle may leave a plugin half-loaded (verl would log it at debug level)."""
-    modules = ["verl_checks", "verl_manager", "verl_agent_loop", "_verl_v1", "verl_search"]
+    the others: no import cycle may leave a plugin half-loaded (verl would log it at debug level).
+    The three plugins: the estimator, the agent loop and the actor's probe engine."""
+    modules = ["verl_checks", "verl_manager", "verl_agent_loop", "_verl_v1", "verl_search", "verl_actor"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("VERL_USE_EXTERNAL")}
     code = ("import importlib, sys; importlib.import_module('igpo_rewards.integrations.' + sys.argv[1]); "
             "from igpo_rewards.integrations.verl import check_agent_loop_registered, check_registered; "
-            "check_registered(); check_agent_loop_registered()")
+            "check_registered(); check_agent_loop_registered(); "
+            "from verl.workers.engine import EngineRegistry; "
+            "engine = EngineRegistry._engines['language_model']['fsdp2'][('cuda', 'nvidia')]; "
+            "assert engine.__name__ == 'IGPOFSDPEngineWithLMHead', engine")
     processes = {module: subprocess.Popen([sys.executable, "-W", "ignore", "-c", code, module], env=env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) for module in modules}
     failed = {module: process.communicate(timeout=600)[1][-1500:] for module, process in processes.items()}
@@ -235,9 +239,9 @@ def test_the_pool_and_accumulation_variants_reach_verls_estimator():
     assert not torch.allclose(paper.batch["advantages"], data.batch["advantages"])
 
 
-def test_sub_goal_targets_are_refused_until_the_probes_run_on_the_actor():
+def test_sub_goal_targets_are_refused_until_the_actors_probe_pass_scores_them():
     with pytest.raises(ValueError, match=r"algorithm.igpo.subgoal_weight = 0.5: sub-goal targets are not available in "
-                                         r"verl yet.*probes on the actor"):
+                                         r"verl yet.*K targets in the actor's probe pass"):
         igpo_verl.settings_from_config(algorithm_config({"subgoal_weight": 0.5}))
     uids, response_mask, scores, _, _, _ = build_batch()
     with pytest.raises(ValueError, match="subgoal_weight"):
@@ -643,7 +647,11 @@ REFUSED = [  # (overrides, the setting the error names, words of the fix, outcom
     (["algorithm.rollout_correction.rollout_rs=token_k1"], "algorithm.rollout_correction.rollout_rs",
      "bypass_mode=True", False),
     (["algorithm.adv_estimator=grpo"], "algorithm.adv_estimator", "algorithm.adv_estimator=igpo", False),
-    (["actor_rollout_ref.rollout.name=trtllm"], "actor_rollout_ref.rollout.name", "rollout.name=vllm", False),
+    (["actor_rollout_ref.rollout.name=trtllm", "+algorithm.igpo.probe_mode=server"], "actor_rollout_ref.rollout.name",
+     "rollout.name=vllm", False),
+    (["+algorithm.igpo.probe_mode=gpu"], "algorithm.igpo.probe_mode", "probe_mode=actor (or server)", False),
+    (["+algorithm.igpo.probe_mode=actor", "algorithm.rollout_correction.bypass_mode=True"], "algorithm.igpo.probe_mode",
+     "probe_mode=server", False),
     (["trainer.v1.sampler.custom_sampler.path=null"], "trainer.v1.sampler.custom_sampler",
      "custom_sampler.name=IGPOReplayBuffer", False),
     (["algorithm.filter_groups.enable=True", "algorithm.filter_groups.metric=acc"], "algorithm.filter_groups.enable",
@@ -669,6 +677,28 @@ def test_start_up_refuses_what_keeps_turn_rewards_from_the_estimator(overrides, 
     else:
         with pytest.raises(igpo_verl.IGPOConfigError, match=re.escape(setting)):
             create_manager(allowed)
+
+
+@pytest.mark.parametrize("use_v1", [True, False])
+def test_actor_mode_refusals_are_start_up_refusals_naming_every_reason(use_v1, no_worker_actors):
+    """What keeps verl's actor from scoring the probes (verl_actor.actor_mode_problems) is refused by
+    IGPOAgentLoopManager.create under probe_mode=actor, every reason in one error; unset, those
+    settings make it server mode, where the rollout server must return prompt log-probs."""
+    trainer = [] if use_v1 else ["trainer.use_v1=False"]
+    blockers = ["algorithm.rollout_correction.bypass_mode=True",
+                "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2"]
+    config = page_command(*trainer, *blockers, "+algorithm.igpo.probe_mode=actor")
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"algorithm.igpo.probe_mode is 'actor', but verl's actor cannot "
+                                                       r"score the probes here: .*ulysses_sequence_parallel_size=2.*"
+                                                       r"bypass_mode=True.*Fix: algorithm.igpo.probe_mode=server"):
+        create_manager(config)
+    create_manager(page_command(*trainer, *blockers))  # unset: server mode with verl's vllm server
+    with pytest.raises(igpo_verl.IGPOConfigError, match=r"actor_rollout_ref.rollout.name is 'trtllm': in server probe "
+                                                       r"mode \(unset, it is server mode here because .*bypass_mode=True"):
+        create_manager(page_command(*trainer, *blockers, "actor_rollout_ref.rollout.name=trtllm"))
+    # actor mode, chosen or unset, reads no prompt log-probs: any rollout server
+    for mode in ([], ["+algorithm.igpo.probe_mode=actor"]):
+        create_manager(page_command(*trainer, *mode, "actor_rollout_ref.rollout.name=trtllm"))
 
 
 def test_the_legacy_trainer_takes_no_sampler_settings(no_worker_actors):

@@ -108,11 +108,12 @@ def legacy_input(policy, questions=None) -> DataProto:
     return batch
 
 
-def run_legacy(setup, loop, *, agent_loop: str, worker_class, server=None, extra=(), client_class=None, questions=None):
+def run_legacy(setup, loop, *, agent_loop: str, worker_class, server=None, extra=(), client_class=None, questions=None,
+               probe_mode: str = "server"):
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
     config = harness.verl_config(setup.policy, setup.tool_config, agent_loop=agent_loop, use_v1=False, n=GROUP_SIZE,
-                                 extra=list(extra))
+                                 extra=list(extra), probe_mode=probe_mode)
     server = server or make_server(setup.policy)
     client = harness.local_server_client(config, server, client_class)
     rewards = harness.InProcessActor(RewardLoopWorker(config))
@@ -582,19 +583,31 @@ def test_a_probe_aborted_again_and_again_fails_its_session(setup, event_loop_for
                    client_class=FullyAsyncLLMServerClient, questions=1)
 
 
-def test_probes_past_max_model_len_are_skipped_with_zero_information_gain(legacy, setup, event_loop_for_verl):
-    """max_model_len (config and server) one token short of the longest probe request of the legacy
-    run (context + suffix): that probe no longer fits, every generation still does. No session
-    fails; each probe that does not fit repeats the last value (IG 0 there and after), is counted,
-    and the batch's advantages are IGPO's on those values. The server here writes SGLang's layout."""
+def run_past_max_model_len(setup, loop, limit, probe_mode):
+    """The legacy run with max_model_len (config and server) = limit + 1; the server writes SGLang's layout."""
+    server = make_server(setup.policy, max_model_len=limit + 1, flavor="sglang")
+    return run_legacy(setup, loop, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker, server=server,
+                      extra=[f"actor_rollout_ref.rollout.max_model_len={limit + 1}"], probe_mode=probe_mode)
+
+
+@pytest.fixture(scope="module")
+def past_max_model_len(legacy, setup, event_loop_for_verl):
+    """max_model_len one token short of the longest probe request of the legacy run (context +
+    suffix): that probe no longer fits, every generation still does. (limit, the run in server mode)."""
     tokenizer = setup.policy.tokenizer
     old_paths = [trajectory(legacy.output, row) for row in range(len(legacy.output))]
     longest = max(start + len(build_probe_suffix(tokenizer, path.answer).token_ids)
                   for path in old_paths for start in path.turn_starts)
     limit = longest - 1  # max_model_len - 1: the longest request verl's servers take
-    server = make_server(setup.policy, max_model_len=limit + 1, flavor="sglang")
-    run = run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker,
-                     server=server, extra=[f"actor_rollout_ref.rollout.max_model_len={limit + 1}"])
+    return SimpleNamespace(limit=limit, run=run_past_max_model_len(setup, event_loop_for_verl, limit, "server"))
+
+
+def test_probes_past_max_model_len_are_skipped_with_zero_information_gain(past_max_model_len, legacy, setup):
+    """No session fails; each probe that does not fit repeats the last value (IG 0 there and after),
+    is counted, and the batch's advantages are IGPO's on those values."""
+    tokenizer = setup.policy.tokenizer
+    old_paths = [trajectory(legacy.output, row) for row in range(len(legacy.output))]
+    limit, run = past_max_model_len.limit, past_max_model_len.run
     out, probes, outcomes = legacy_rows(run)
     assert len(out) == len(old_paths)  # every session finished
     paths = [trajectory(out, row) for row in range(len(out))]
@@ -878,6 +891,7 @@ def _finished(turn_starts, response_mask, values, steps=()):
     """IGPOToolAgentLoop._finish on a hand-made trajectory (no server needed)."""
     loop = IGPOToolAgentLoop.__new__(IGPOToolAgentLoop)
     loop.igpo_settings = igpo_verl.IGPOSettings()
+    loop.igpo_probe_mode = "server"
     loop._probes = _Probes(suffix=None, values=list(values), turn_starts=list(turn_starts), prefill_tokens=42,
                            global_steps=list(steps), skipped=[False] * len(values))
     output = AgentLoopOutput(prompt_ids=[1, 2], response_ids=list(range(len(response_mask))),
@@ -1076,3 +1090,169 @@ def test_probe_cost_server_side_versus_actor_side(legacy, setup):
         with open(os.path.join(directory, "verl_probe_cost.json"), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)
 
+
+# ---------------------------------------------------------------------------------------------
+# Actor mode (algorithm.igpo.probe_mode=actor): the probes scored in the actor's old-log-prob pass
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def actor_legacy(setup, event_loop_for_verl):
+    """igpo_tool_agent in actor mode through the legacy worker: probe plans in the rows, no probe requests."""
+    return run_legacy(setup, event_loop_for_verl, agent_loop="igpo_tool_agent", worker_class=IGPOAgentLoopWorker,
+                      probe_mode="actor")
+
+
+@pytest.fixture(scope="module")
+def actor_worker(setup):
+    """verl's actor worker (``ActorRolloutRefWorker(role="actor")``, fsdp2, remove-padding) on CPU,
+    loaded from the policy's saved weights (tests/integrations/verl_cpu_engine.py)."""
+    from . import verl_cpu_engine
+
+    with verl_cpu_engine.cpu_actor_environment():
+        config = verl_cpu_engine.actor_config(setup.policy.path, remove_padding=True, micro_batch_size=4)
+        yield verl_cpu_engine.actor_worker(config)
+
+
+def advantages_by_trajectory(data: DataProto, uids=None) -> dict:
+    """(uid, token ids) -> (rm_scores row, advantages row) over the response, for a legacy batch."""
+    out = data
+    uids = out.non_tensor_batch["uid"] if uids is None else uids
+    table = {}
+    for row in range(len(out)):
+        path = trajectory(out, row)
+        size = len(path.token_ids) - path.prompt_length
+        table[(str(uids[row]), tuple(path.token_ids))] = (out.batch["token_level_rewards"][row, :size].numpy(),
+                                                          out.batch["advantages"][row, :size].numpy())
+    return table
+
+
+def legacy_advantages(data: DataProto, config) -> DataProto:
+    """RayPPOTrainer.fit from the reward on (extract_reward -> token_level_rewards -> compute_advantage)."""
+    reward_tensor, _ = extract_reward(data)
+    data.batch["token_level_scores"] = reward_tensor
+    data.batch["token_level_rewards"] = reward_tensor
+    algorithm = config.algorithm
+    return compute_advantage(data, adv_estimator=algorithm.adv_estimator, gamma=algorithm.gamma, lam=algorithm.lam,
+                             num_repeat=GROUP_SIZE, config=algorithm)
+
+
+def test_actor_mode_rollouts_send_no_probe_and_carry_probe_plans(actor_legacy, legacy, setup):
+    from igpo_rewards.integrations.verl_actor import ACTOR_PROBES_KEY
+
+    out = actor_legacy.output
+    assert actor_legacy.server.log.requests["prompt_logprobs"] == 0 < actor_legacy.server.log.requests["generate"]
+    assert igpo_verl.ANSWER_LOGPROB_KEY not in out.non_tensor_batch and PROBE_TOKENS_KEY not in out.non_tensor_batch
+    for row in range(len(out)):
+        path = trajectory(out, row)
+        plan = out.non_tensor_batch[ACTOR_PROBES_KEY][row]
+        suffix = build_probe_suffix(setup.policy.tokenizer, path.answer)
+        assert plan["turn_starts"] == path.turn_starts
+        assert plan["suffix_ids"] == list(suffix.token_ids)
+        assert plan["answer_span"] == [suffix.answer_start, suffix.answer_end]
+        scores = out.batch["rm_scores"][row].numpy()  # verl's layout until the old-log-prob pass: R at the last token
+        size = len(path.token_ids) - path.prompt_length
+        assert np.flatnonzero(scores).tolist() in ([], [size - 1])
+        assert scores[size - 1] == pytest.approx(float(out.non_tensor_batch["acc"][row]))
+    # the same trajectories as server mode (the harness server seeds each request by its prompt)
+    server = sorted(tuple(trajectory(legacy.output, row).token_ids) for row in range(len(legacy.output)))
+    assert sorted(tuple(trajectory(out, row).token_ids) for row in range(len(out))) == server
+
+
+def test_actor_mode_legacy_advantages_equal_server_modes(actor_legacy, legacy, actor_worker):
+    """Legacy trainer: RayPPOTrainer._compute_old_log_prob (wrapped by verl_actor) runs verl's actor
+    worker, whose pass scores the probes and writes the turn rewards into the reward tensor ``fit``
+    took; the rewards and advantages equal server mode's on the same trajectories."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    out = actor_legacy.output
+    batch = DataProto(batch=out.batch.clone(), non_tensor_batch=dict(out.non_tensor_batch), meta_info=dict(out.meta_info))
+    batch.meta_info.update(temperature=1.0, global_token_num=batch.batch["attention_mask"].sum(-1).tolist())
+    reward_tensor, _ = extract_reward(batch)
+    RayPPOTrainer._compute_old_log_prob(SimpleNamespace(config=actor_legacy.config, actor_rollout_wg=actor_worker), batch)
+    assert reward_tensor.data_ptr() == batch.batch["rm_scores"].data_ptr()
+    actor = advantages_by_trajectory(legacy_advantages(batch, actor_legacy.config))
+    server_data = DataProto(batch=legacy.output.batch.clone(), non_tensor_batch=dict(legacy.output.non_tensor_batch))
+    server = advantages_by_trajectory(legacy_advantages(server_data, legacy.config))
+    assert actor.keys() == server.keys()
+    for key, (rewards, advantages) in actor.items():
+        np.testing.assert_allclose(rewards, server[key][0], rtol=0, atol=PROBE_TOLERANCE)
+        np.testing.assert_allclose(advantages, server[key][1], rtol=0, atol=PROBE_TOLERANCE)
+    assert sum(np.count_nonzero(rewards) > 1 for rewards, _ in actor.values()) > 0  # information gains reached rm_scores
+
+
+def test_actor_mode_v1_advantages_equal_server_modes(v1, legacy, actor_worker, setup, event_loop_for_verl):
+    """V1 trainer: rows stored by verl's AgentLoopWorkerTQ in actor mode; PPOTrainer._compute_old_log_prob
+    calls the actor worker with the TransferQueue batch (verl's tqbridge fetches every field and writes
+    the pass's outputs back, rm_scores included); PPOTrainer._compute_advantage then gives server
+    mode's advantages on the same trajectories."""
+    from transfer_queue import KVBatchMeta
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils import tensordict_utils
+
+    config = harness.verl_config(setup.policy, setup.tool_config, agent_loop="igpo_tool_agent", use_v1=True,
+                                 n=GROUP_SIZE, probe_mode="actor")
+    client = harness.local_server_client(config, make_server(setup.policy))
+    worker = AgentLoopWorkerTQ.__ray_actor_class__(config, client, None, [harness.InProcessActor(RewardLoopWorker(config))])
+    rows = harness.dataset_rows(setup.policy.examples)
+    for row in rows:
+        row["uid"] = f"actor_{row['uid']}"
+    prompts = tensordict_utils.get_tensordict({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
+    tensordict_utils.assign_non_tensor_data(prompts, "global_steps", 1)
+
+    async def generate():
+        await worker.generate_sequences(prompts)
+        while worker.background_tasks:
+            await asyncio.gather(*list(worker.background_tasks))
+
+    event_loop_for_verl.run_until_complete(generate())
+    keys = [f"{row['uid']}_{session}_0" for row in rows for session in range(GROUP_SIZE)]
+    tags = v1.tq.kv_list("train")["train"]
+    batch = KVBatchMeta(keys=keys, partition_id="train", tags=[tags[key] for key in keys])
+    trainer = SimpleNamespace(config=config, actor_rollout_wg=actor_worker)
+    PPOTrainer._compute_old_log_prob(trainer, batch, {})
+    PPOTrainer._compute_advantage(SimpleNamespace(config=config), batch, {})
+
+    data = v1.tq.kv_batch_get(keys=keys, partition_id="train",
+                              select_fields=["advantages", "rm_scores", "prompts", "responses", "uid"])
+    server_data = DataProto(batch=legacy.output.batch.clone(), non_tensor_batch=dict(legacy.output.non_tensor_batch))
+    server = advantages_by_trajectory(legacy_advantages(server_data, legacy.config))
+    rm_scores = list(data["rm_scores"].unbind())
+    advantages = list(data["advantages"].unbind())
+    for row, (prompt, response) in enumerate(zip(data["prompts"].unbind(), data["responses"].unbind())):
+        key = (str(list(data["uid"])[row]).removeprefix("actor_"), tuple(prompt.tolist() + response.tolist()))
+        np.testing.assert_allclose(rm_scores[row].numpy(), server[key][0], rtol=0, atol=PROBE_TOLERANCE)
+        np.testing.assert_allclose(advantages[row].numpy(), server[key][1], rtol=0, atol=PROBE_TOLERANCE)
+
+
+def test_actor_mode_skips_the_probes_server_mode_skips(past_max_model_len, setup, actor_worker, event_loop_for_verl):
+    """Past max_model_len, actor mode follows server mode's rule: the plans carry the limit, each row
+    counts the same skipped probes, and the actor's pass (legacy trainer) gives server mode's
+    rewards and advantages on the same trajectories."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    from igpo_rewards.integrations.verl_actor import ACTOR_PROBES_KEY
+
+    limit, server_run = past_max_model_len.limit, past_max_model_len.run
+    run = run_past_max_model_len(setup, event_loop_for_verl, limit, "actor")
+    out = run.output
+    assert all(plan["probe_token_limit"] == limit for plan in out.non_tensor_batch[ACTOR_PROBES_KEY])
+
+    def skipped(data):
+        return {(str(data.non_tensor_batch["uid"][row]), tuple(trajectory(data, row).token_ids)):
+                int(data.non_tensor_batch["igpo_probes_skipped"][row]) for row in range(len(data))}
+
+    assert skipped(out) == skipped(server_run.output) and sum(skipped(out).values()) >= 1
+    batch = DataProto(batch=out.batch.clone(), non_tensor_batch=dict(out.non_tensor_batch), meta_info=dict(out.meta_info))
+    batch.meta_info.update(temperature=1.0, global_token_num=batch.batch["attention_mask"].sum(-1).tolist())
+    RayPPOTrainer._compute_old_log_prob(SimpleNamespace(config=run.config, actor_rollout_wg=actor_worker), batch)
+    actor = advantages_by_trajectory(legacy_advantages(batch, run.config))
+    server_out = server_run.output
+    server_data = DataProto(batch=server_out.batch.clone(), non_tensor_batch=dict(server_out.non_tensor_batch))
+    server = advantages_by_trajectory(legacy_advantages(server_data, server_run.config))
+    assert actor.keys() == server.keys()
+    for key, (rewards, advantages) in actor.items():
+        np.testing.assert_allclose(rewards, server[key][0], rtol=0, atol=PROBE_TOLERANCE)
+        np.testing.assert_allclose(advantages, server[key][1], rtol=0, atol=PROBE_TOLERANCE)

@@ -412,8 +412,10 @@ def local_server_client(config: Any, server: CPURolloutServer, client_class: typ
 # ---------------------------------------------------------------------------------------------
 
 
-def verl_config(policy: Policy, tool_config: Path, *, agent_loop: str, use_v1: bool, n: int, extra: list[str] = ()) -> Any:
-    """verl's own ``ppo_trainer`` config composed by Hydra, with the harness's overrides."""
+def verl_config(policy: Policy, tool_config: Path, *, agent_loop: str, use_v1: bool, n: int, extra: list[str] = (),
+                probe_mode: str = "server") -> Any:
+    """verl's own ``ppo_trainer`` config composed by Hydra, with the harness's overrides; the probes
+    on the rollout server (``probe_mode="server"``) or in the actor's old-log-prob pass ("actor")."""
     import verl
     from hydra import compose, initialize_config_dir
 
@@ -433,6 +435,7 @@ def verl_config(policy: Policy, tool_config: Path, *, agent_loop: str, use_v1: b
         "trainer.v1.sampler.custom_sampler.path=pkg://igpo_rewards.integrations.verl_manager",
         "trainer.v1.sampler.custom_sampler.name=IGPOReplayBuffer",
         "algorithm.adv_estimator=igpo",
+        f"+algorithm.igpo.probe_mode={probe_mode}",
         "algorithm.use_kl_in_reward=False",
         f"trainer.use_v1={use_v1}",
         "reward.custom_reward_function.path=pkg://igpo_rewards.integrations.verl",
