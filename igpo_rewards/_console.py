@@ -11,6 +11,8 @@ import importlib
 import sys
 from typing import Callable
 
+from igpo_rewards._extras import install_hint
+
 _EXTRA_OF_COMMAND = {
     "igpo-train": ("igpo_rewards.reference_trainer.cli", "trainer"),
     "igpo-retrieve": ("igpo_rewards.agent.retrieval_server", "server"),
@@ -27,7 +29,7 @@ def _load_main(command: str) -> Callable[[], int] | None:
             raise
         print(
             f"{command}: needs the '{extra}' extra of igpo-rewards (module {missing!r} is not installed); "
-            f"install it with: pip install 'igpo-rewards[{extra}]'",
+            f"{install_hint(extra)}",
             file=sys.stderr,
         )
         return None

@@ -360,23 +360,59 @@ def preset_config(preset: str = "default") -> RunConfig:
     return config
 
 
-def quick_config(config: RunConfig | None = None) -> RunConfig:
-    """The tiny budget of ``demo --quick``: same pipeline, a few steps of everything.
-
-    Fields that the caller changed from their (preset's) defaults are kept; only the budget
-    (sizes and step counts) is shrunk.
-    """
-    config = config if config is not None else RunConfig()
-    shrink = {
+BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {},
+    "mid": {
+        "rl": dict(steps=10),
+    },
+    "quick": {
         "world": dict(num_train=30, num_heldout=12, num_countries=3, cities_per_country=2, num_organisations=4),
         "tiny": dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=768),
-        "warm_start": dict(steps=6, batch_size=8, warmup_steps=2, pretrain_steps=4, pretrain_batch_size=16),
+        "warm_start": dict(steps=150, batch_size=8, warmup_steps=2, pretrain_steps=4, pretrain_batch_size=16),
         "rl": dict(steps=2, questions_per_step=2, group_size=4, max_new_tokens=12, minibatches=1, eval_every=1, checkpoint_every=1),
         "eval": dict(max_questions=12),
-    }
-    shrink["world"].update(_QUICK_WORLD.get(config.world.preset, {}))
-    _set_fields(config, shrink, unless_changed_from=preset_config(config.world.preset))
+    },
+}
+"""``igpo-train demo --budget NAME`` -> the sizes and step counts it changes, by section (``budget_config``).
+
+full: the defaults, the demo docs/trainer.md measures. mid: the default world, model and warm
+start (so the same weights as the full demo's, the start that examples/trl_search_igpo.py's
+numbers come from) with 10 RL steps instead of 30: held-out EM rises within those steps, and
+the run takes minutes (docs/first_hour.md gives its numbers). A shorter warm start is not
+cheaper in practice: one of 400 SFT steps answers about a quarter of the held-out questions and
+10 RL steps from it do not raise that visibly. quick: a world, a model and every step count
+shrunk to the CI smoke test (``quick_config``), too small to learn; its 150 SFT steps still
+write well-formed searches now and then, so the probes, information gain and advantages are not
+all zero and the update has a gradient."""
+
+
+def budget_config(config: RunConfig | None = None, budget: str = "full") -> RunConfig:
+    """``config`` (default ``RunConfig()``) with the sizes and step counts of ``BUDGETS[budget]``.
+
+    Fields that the caller changed from their (preset's) defaults are kept; only the budget
+    (sizes and step counts) changes.
+
+    Example:
+        >>> mid = budget_config(budget="mid")
+        >>> (mid.warm_start.steps, mid.rl.steps)
+        (600, 10)
+        >>> budget_config(RunConfig(rl=RLConfig(steps=5)), "mid").rl.steps  # a value the caller changed is kept
+        5
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {tuple(BUDGETS)}, got {budget!r}")
+    config = config if config is not None else RunConfig()
+    sizes = copy.deepcopy(BUDGETS[budget])
+    if budget == "quick":
+        sizes["world"].update(_QUICK_WORLD.get(config.world.preset, {}))
+    _set_fields(config, sizes, unless_changed_from=preset_config(config.world.preset))
     return config
+
+
+def quick_config(config: RunConfig | None = None) -> RunConfig:
+    """The tiny budget of ``demo --quick`` (``--budget quick``) and ``experiment --quick``: same
+    pipeline, a few steps of everything (``budget_config(config, "quick")``)."""
+    return budget_config(config, "quick")
 
 
 # --- what each subcommand reads ---------------------------------------------------------------------
@@ -498,7 +534,7 @@ def budget_note(values: Mapping[str, Any]) -> str | None:
 
     Example:
         >>> budget_note(to_dict(quick_config()))
-        '2 RL steps, 6 SFT steps of a model built from scratch: the quick budget, too small to learn; the numbers only show that the pipeline runs'
+        '2 RL steps, 150 SFT steps of a model built from scratch: the quick budget, too small to learn; the numbers only show that the pipeline runs'
         >>> budget_note(to_dict(RunConfig())) is None
         True
     """

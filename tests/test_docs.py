@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -61,7 +62,7 @@ def test_readme_commands_point_at_existing_scripts():
 # The pages whose Python blocks are complete programs. Each block runs cold, as a user's first
 # script would: in a fresh interpreter, in an empty folder (an import, a JIT or a first torch
 # call that is slow or fails only in a fresh process shows here).
-RUNNABLE_PAGES = ("README.md", "docs/api.md", "docs/backends.md", "docs/scoring.md")
+RUNNABLE_PAGES = ("README.md", "docs/api.md", "docs/backends.md", "docs/scoring.md", "docs/first_hour.md")
 
 
 def python_blocks(page: str) -> list[str]:
@@ -79,10 +80,61 @@ def test_python_blocks_of_the_user_docs_run_cold_in_a_fresh_process(tmp_path):
         for number, block in enumerate(python_blocks(page)):
             done = run_cold(block, cwd=tmp_path)
             assert done.returncode == 0, f"{page} python block {number} failed cold:\n{done.stderr[-3000:]}"
+            assert "Warning" not in done.stderr, f"{page} python block {number} warns cold:\n{done.stderr[-3000:]}"
             ran += 1
     assert ran >= 6, ran
     token_level = [b for b in python_blocks("docs/api.md") if "advantages_from_token_rewards(" in b]
     assert token_level, "docs/api.md must keep a runnable token-level example"
+
+
+# docs/first_hour.md: every command runs, in order, each in a fresh process, as the page says: in a
+# scratch folder that stands for the clone (its examples/), with this environment's interpreter and
+# console scripts first on PATH; `--budget mid` becomes `--budget quick` (the same pipeline on the
+# CI budget). The set-up lines (git clone, venv, pip install) are not run here: the install-line
+# tests check their form and extras, and the README's line runs in a fresh venv below. A Python
+# block followed by a ```text block prints that text.
+FIRST_HOUR = "docs/first_hour.md"
+SET_UP = ("git clone ", "python3 -m venv ", "pip install ")
+
+
+def first_hour_commands() -> list[str]:
+    text = (ROOT / FIRST_HOUR).read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S):
+        for line in block.splitlines():
+            command = re.sub(r"\s+#\s.*$", "", line).strip()
+            if command and not command.startswith(SET_UP):
+                commands.append(command)
+    return commands
+
+
+def quick_variant(command: str) -> str:
+    return command.replace("--budget mid", "--budget quick")
+
+
+def test_the_first_hour_page_runs_every_command(tmp_path):
+    commands = first_hour_commands()
+    assert sum("--budget mid" in command for command in commands) >= 2, commands
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "examples").symlink_to(ROOT / "examples")
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "HYPOTHESIS_PROFILE")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for command in map(quick_variant, commands):
+        done = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{command!r} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    check = json.loads(next(clone.glob("runs/*/heldout_em.json")).read_text())["pipeline_check"]
+    assert check["ok"] and check["verdict"].startswith("WORKING"), check  # the quick warm start gives a signal
+
+
+def test_the_first_hour_python_prints_what_the_page_shows(tmp_path):
+    text = (ROOT / FIRST_HOUR).read_text(encoding="utf-8")
+    pairs = re.findall(r"^```python\n(.*?)^```\n+```text\n(.*?)^```", text, flags=re.M | re.S)
+    assert pairs, "docs/first_hour.md shows no output of its library call"
+    for code, shown in pairs:
+        done = run_cold(code, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split() == shown.split(), done.stdout
 
 
 def test_the_settings_methods_are_documented_with_their_signatures():
@@ -417,6 +469,41 @@ def test_every_install_line_uses_the_git_form_or_the_clone_and_existing_extras()
             problems += [f"{page}: {command!r}: no extra {extra!r} in pyproject" for extra in named if extra not in extras]
     assert seen >= 6, seen
     assert not problems, "\n".join(problems)
+
+
+# The code's own messages and docstrings name the same form: a bare `pip install 'igpo-rewards[x]'`
+# fails for every user (no registry has the package).
+CODE_FILES = ("igpo_rewards/**/*.py", "backends/*.py", "reference_trainer/*.py", "examples/*.py", "scripts/*.sh", ".ci/run",
+              "pyproject.toml")
+PIP_INSTALL = re.compile(r"pip install ([^\n]*)")
+
+
+def bare_installs(text: str) -> list[str]:
+    """The `pip install ...` lines of ``text`` that name igpo-rewards without the git-URL form."""
+    return [match.group(0) for match in PIP_INSTALL.finditer(text)
+            if "igpo-rewards" in match.group(1) and "igpo-rewards" in match.group(1).split("@ git+$IGPO_GIT")[-1]]
+
+
+def test_the_code_names_no_bare_install_of_the_package():
+    offenders, checked = [], 0
+    for pattern in CODE_FILES:
+        for path in sorted(ROOT.glob(pattern)):
+            checked += 1
+            offenders += [f"{path.relative_to(ROOT)}: {line}" for line in bare_installs(path.read_text(encoding="utf-8"))]
+    assert checked > 50, checked
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("line, bare", [
+    ("install it with: pip install 'igpo-rewards[trainer]'", True),
+    ("Needs ``pip install igpo-rewards[verl]``.", True),
+    ('(``pip install "igpo-rewards[server]"``; also', True),
+    ('pip install "igpo-rewards[hf] @ git+$IGPO_GIT" (README)', False),
+    ("f'pip install \"igpo-rewards[{extra}] @ git+$IGPO_GIT\"'", False),
+    ('pip install ".[server]" in a clone', False), ("pip install hypothesis", False),
+])
+def test_what_counts_as_a_bare_install(line, bare):
+    assert bool(bare_installs(line)) is bare
 
 
 def _imports(code: str) -> set[str]:

@@ -221,7 +221,7 @@ PROVIDED_BY = {"starlette": "fastapi"}
 
 
 def test_the_server_extra_holds_what_igpo_retrieve_imports():
-    """`pip install "igpo-rewards[server]"` is enough for `igpo-retrieve`: every third-party module
+    """`pip install "igpo-rewards[server] @ git+$IGPO_GIT"` is enough for `igpo-retrieve`: every third-party module
     that igpo_rewards.agent.retrieval_server and the BM25 index it serves import (at the top or
     inside a function) is a requirement of the `server` extra or of the package itself."""
     import ast

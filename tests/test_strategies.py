@@ -469,6 +469,7 @@ def test_testing_package_imports_without_hypothesis():
         "    t.turn_batches\n"
         "except ImportError as error:\n"
         "    assert 'pip install hypothesis' in str(error), error\n"
+        "    assert 'pip install \"igpo-rewards[test] @ git+$IGPO_GIT\"' in str(error), error\n"
         "else:\n"
         "    raise AssertionError('no ImportError without hypothesis')\n"
     )

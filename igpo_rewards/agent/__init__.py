@@ -1,4 +1,5 @@
-"""The Search-R1 agent side of IGPO, for trainers and integrations (``pip install igpo-rewards[hf]``).
+"""The Search-R1 agent side of IGPO, for trainers and integrations (the ``hf`` extra:
+``pip install "igpo-rewards[hf] @ git+$IGPO_GIT"``, README "Install").
 
 Submodules (import them directly; this package imports none of them, and
 ``import igpo_rewards`` does not import this package):

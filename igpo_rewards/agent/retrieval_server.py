@@ -1,6 +1,6 @@
 """A Search-R1 compatible retrieval server: BM25 (bm25s) over a jsonl corpus, behind FastAPI.
 
-The ``igpo-retrieve`` command (``pip install "igpo-rewards[server]"``; also
+The ``igpo-retrieve`` command (the ``server`` extra, ``pip install "igpo-rewards[server] @ git+$IGPO_GIT"``; also
 ``python -m igpo_rewards.agent.retrieval_server``):
 
     igpo-retrieve serve --corpus corpus.jsonl [--host 127.0.0.1] [--port 8000] [--index-dir DIR]

@@ -2,7 +2,8 @@
 
 Importing this module registers :func:`compute_igpo_advantage` under the name ``"igpo"`` with
 verl's ``register_adv_est``. verl >= 0.9 imports it by itself, at ``import verl``, through the
-``verl.plugins`` entry point that ``pip install igpo-rewards[verl]`` declares; verl 0.6 - 0.8 import
+``verl.plugins`` entry point that igpo-rewards declares (installed with the ``verl`` extra:
+``pip install "igpo-rewards[verl] @ git+$IGPO_GIT"``, README "Install"); verl 0.6 - 0.8 import
 it when ``VERL_USE_EXTERNAL_MODULES=igpo_rewards.integrations.verl`` is set; verl 0.4.1 - 0.5
 need an explicit ``import igpo_rewards.integrations.verl`` in the driver process.
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 import igpo_rewards
+from igpo_rewards._extras import install_hint, install_line
 from igpo_rewards._groups import contiguous_group_size
 from igpo_rewards.integrations import IGPOSettings
 
@@ -507,7 +509,7 @@ def _import_verl(submodule: str) -> tuple[Any, Any]:
 
         return verl, importlib.import_module(f"verl.{submodule}")
     except ImportError as error:
-        raise RuntimeError(f"verl cannot be imported ({error}); install it: pip install 'igpo-rewards[verl]'") from error
+        raise RuntimeError(f"verl cannot be imported ({error}); {install_hint('verl')}") from error
 
 
 def _why_not_loaded(verl_module: Any, name: str, module: str) -> str:
@@ -520,7 +522,8 @@ def _why_not_loaded(verl_module: Any, name: str, module: str) -> str:
         return (
             f"no {ENTRY_POINT_GROUP!r} entry point named {name!r} is installed (igpo-rewards is not "
             f"pip-installed in this environment, e.g. it runs from a source tree on PYTHONPATH); run "
-            f"`pip install 'igpo-rewards[verl]'` or import {module} in the driver"
+            f"`{install_line('verl')}` (IGPO_GIT: the repository's https address; README, \"Install\") or import "
+            f"{module} in the driver"
         )
     if ENTRY_POINT_GROUP not in _verl_init_source(verl_module):
         return (

@@ -26,12 +26,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from igpo_rewards._extras import install_hint
+
 try:
     from hypothesis import strategies as st
 except ImportError as error:  # hypothesis is an optional dependency of igpo_rewards.testing
     raise ImportError(
-        "igpo_rewards.testing.strategies needs hypothesis: pip install hypothesis "
-        "(or pip install 'igpo-rewards[test]')"
+        f"igpo_rewards.testing.strategies needs hypothesis: pip install hypothesis (or {install_hint('test')})"
     ) from error
 
 __all__ = [

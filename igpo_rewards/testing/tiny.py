@@ -15,7 +15,8 @@ checkpoint as ``Qwen2Tokenizer``, which rebuilds the normalizer and pre-tokenize
 with ``AutoModelForCausalLM`` / ``AutoTokenizer`` like a hub chat model.
 
 The reference trainer builds its from-scratch policy with the same two functions.
-Needs torch, transformers and tokenizers (``pip install "igpo-rewards[hf]"``); importing
+Needs torch, transformers and tokenizers (the ``hf`` extra,
+``pip install "igpo-rewards[hf] @ git+$IGPO_GIT"``); importing
 ``igpo_rewards.testing`` does not import this module.
 """
 

@@ -106,6 +106,9 @@ def test_advantages_equal_igpo_rewards_on_the_same_rollouts(one_process):
     turns = [len(run.synthetic_completion(k, len(tokenizer), 0)["igpo_answer_logprob"]) for k in range(run.GLOBAL_ROWS)]
     assert sorted(set(turns)) == [1, 2, 3]
     assert trainer._metrics["train"]["igpo/turns_mean"][-1] == pytest.approx(np.mean(turns))
+    collapsed = [not any(np.any(expected[k] != 0) for k in range(q * run.NUM_GENERATIONS, (q + 1) * run.NUM_GENERATIONS))
+                 for q in range(run.GLOBAL_ROWS // run.NUM_GENERATIONS)]
+    assert trainer._metrics["train"]["igpo/zero_advantage_group_fraction"][-1] == pytest.approx(np.mean(collapsed))
 
 
 def test_trainer_passes_trls_contiguous_groups_as_group_size(model_dir, tmp_path, monkeypatch):

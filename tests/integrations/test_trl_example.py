@@ -4,6 +4,7 @@ reads from the demo's parquet (issue 23, items 8 and 10)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -92,3 +93,114 @@ def test_the_example_uses_the_parquet_prompt_as_is(example, world, tmp_path):
     pq.write_table(old.set_column(old.column_names.index("prompt"), "prompt", pa.array(bare)), tmp_path / "old.parquet")
     with pytest.raises(ValueError, match=r"old.parquet: row 0: the prompt is not the Search-R1 instruction .* re-run `igpo-train demo`"):
         example.qa_dataset(tmp_path / "old.parquet")
+
+
+# --- budgets, smoke runs and the pipeline check (issue 23, item 4) --------------------------------------
+
+
+def test_a_budget_sets_its_grpo_values_and_explicit_flags_win(example):
+    for name, values in example.BUDGETS.items():
+        args, config = example.parse_arguments(["--budget", name])
+        assert args.budget == name
+        for key, value in {**example.RUN_DEFAULTS, **values}.items():
+            assert getattr(config, key) == ([] if key == "report_to" else value), (name, key)  # GRPOConfig: "none" -> []
+    assert example.BUDGETS["quick"]["max_steps"] == 2 and example.BUDGETS["full"] == {}
+    assert example.BUDGETS["mid"]["max_steps"] < example.RUN_DEFAULTS["max_steps"]
+    _, config = example.parse_arguments(["--budget", "mid", "--max_steps", "7", "--save_steps=3"])
+    assert config.max_steps == 7 and config.save_steps == 3 and config.learning_rate == example.RUN_DEFAULTS["learning_rate"]
+
+
+def test_a_smoke_run_is_named_with_its_reasons(example, tmp_path):
+    from igpo_rewards.reference_trainer.config import RunConfig, budget_config, to_dict
+
+    quick, full = tmp_path / "quick", tmp_path / "full"
+    for directory, config in ((quick, budget_config(RunConfig(), "quick")), (full, RunConfig())):
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(to_dict(config)))
+    _, one_round = example.parse_arguments(["--budget", "quick"])
+    _, thirty_rounds = example.parse_arguments([])
+    sft = budget_config(RunConfig(), "quick").warm_start.steps
+    reasons = example.smoke_reasons(quick, one_round)
+    assert reasons == [f"{quick}'s warm start has {sft} SFT steps of a model built from scratch (the quick budget): it rarely "
+                       "writes a well-formed turn and never a right answer", "1 round of rollouts (--max_steps 2)"]
+    assert example.smoke_reasons(full, thirty_rounds) == [] and example.smoke_reasons(tmp_path / "none", thirty_rounds) == []
+    notice = example.smoke_notice(reasons)
+    assert notice.splitlines()[1].startswith("SMOKE RUN: ") and "igpo-train demo --budget mid" in notice
+
+
+def _recorder(example, probes, gains):
+    recorder = example.RolloutRecorder(rollout_func=None)
+    recorder.probes, recorder.information_gain = probes, gains
+    return recorder
+
+
+WORKING_LOG = [{"loss": 0.3, "grad_norm": 0.7, "reward": -1.8, "frac_reward_zero_std": 0.375, "igpo/answered_fraction": 0.1,
+                "igpo/zero_advantage_group_fraction": 0.25}, {"loss": 0.2, "grad_norm": 0.8}]
+
+
+def test_the_pipeline_check_tells_working_from_no_signal_from_broken(example):
+    working = example.pipeline_check(_recorder(example, [[-1.0, -0.5], [-2.0]], [0.24]), WORKING_LOG, 2e-4)
+    assert working["ok"] and working["verdict"].startswith("WORKING")
+    rows = {check["name"]: check for check in working["checks"]}
+    assert rows["advantages"]["value"] == "nonzero in 75% of the groups" and rows["advantages"]["ok"]
+    assert rows["probes"]["value"].startswith("3 scored for 3 turns, 3 finite") and rows["turns per rollout"]["ok"] is None
+    assert rows["information gain"]["value"] == "1 non-final turns, 1 nonzero, mean +0.2400"
+
+    silent = [{"loss": 0.0, "grad_norm": 0.0, "reward": -2.0, "frac_reward_zero_std": 1.0, "igpo/answered_fraction": 0.0,
+               "igpo/zero_advantage_group_fraction": 1.0}]
+    no_signal = example.pipeline_check(_recorder(example, [[-5.0], [-5.5]], []), silent, 0.0)
+    assert not no_signal["ok"] and no_signal["verdict"].startswith("NO LEARNING SIGNAL: every advantage was 0")
+    assert "the policy does not write the Search-R1 format" in no_signal["verdict"]
+    constant_reward = example.pipeline_check(_recorder(example, [[-1.0, -1.0], [-2.0]], [0.0]),
+                                             [{**silent[0], "igpo/answered_fraction": 0.5}], 0.0)
+    assert "check the reward function and its answers column" in constant_reward["verdict"]
+
+    broken = example.pipeline_check(_recorder(example, [[-1.0, float("nan")]], [0.1]), WORKING_LOG, 1e-4)
+    assert not broken["ok"] and broken["verdict"].startswith("BROKEN")
+    assert not example.pipeline_check(_recorder(example, [], []), [], 0.0)["ok"]
+    text = example.format_check(no_signal)
+    assert "[NO] advantages" in text and "[ok] rollouts" in text and "verdict: NO LEARNING SIGNAL" in text
+
+
+@pytest.fixture(scope="module")
+def random_policy_demo(world, tmp_path_factory):
+    """A demo directory whose warm start is a tiny random model: it never writes a well-formed turn."""
+    from igpo_rewards.agent.retrieval import write_corpus_jsonl
+    from igpo_rewards.reference_trainer.modeling import save_pretrained
+    from igpo_rewards.testing.tiny import build_model
+
+    directory = tmp_path_factory.mktemp("random_demo")
+    tokenizer = train_tokenizer(tokenizer_texts(world), vocab_size=600)
+    model = build_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=1024)
+    write_corpus_jsonl(world.corpus, directory / "data" / "corpus.jsonl")
+    write_qa_parquet(world.train, directory / "data" / "train.parquet", split="train")
+    write_qa_parquet(world.heldout, directory / "data" / "heldout.parquet", split="test")
+    save_pretrained(model, tokenizer, directory / "warm_start")
+    return directory
+
+
+def test_a_set_up_without_signal_fails_the_check_loudly(example, random_policy_demo, tmp_path, capsys):
+    """The issue's silent run: every reward -2, loss 0, grad_norm 0, EM 0 -> 0. The example now says it
+    is a smoke run, and its pipeline check says why nothing was trained (the exit status is 1)."""
+    from igpo_rewards.integrations.trl import ZeroAdvantageWarning
+
+    with pytest.warns(ZeroAdvantageWarning):
+        result = example.main(["--demo_dir", str(random_policy_demo), "--output_dir", str(tmp_path / "run"), "--budget",
+                               "quick", "--num_generations", "2", "--per_device_train_batch_size", "4", "--max_new_tokens",
+                               "8", "--eval_batch_size", "8"])
+    out = capsys.readouterr().out
+    # docs/first_hour.md's "broken set-up" column, value by value
+    history = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    steps = [record for record in history if "loss" in record]  # both optimizer steps
+    rounds = [record for record in history if "reward" in record]  # the round's rollout metrics, logged at its first step
+    assert len(steps) == 2 and len(rounds) == 1 and result["warm_start"]["em"] == result["trained"]["em"] == 0.0
+    assert all((record["loss"], record["grad_norm"]) == (0.0, 0.0) for record in steps), steps
+    assert (rounds[0]["reward"], rounds[0]["igpo/zero_advantage_group_fraction"]) == (-2.0, 1.0), rounds
+    assert out.count("SMOKE RUN: 1 round of rollouts (--max_steps 2)") == 2  # at the start and at the end
+    check = result["pipeline_check"]
+    assert not check["ok"] and check["verdict"].startswith("NO LEARNING SIGNAL")
+    rows = {row["name"]: row for row in check["checks"]}
+    assert rows["rollouts"]["ok"] and rows["probes"]["ok"] and rows["rollouts"]["value"] == "8 made"
+    assert not rows["advantages"]["ok"] and not rows["update"]["ok"]
+    assert "pipeline check (training rollouts):" in out and "verdict: NO LEARNING SIGNAL" in out
+    assert json.loads((tmp_path / "run" / "heldout_em.json").read_text())["pipeline_check"] == check

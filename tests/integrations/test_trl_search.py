@@ -284,6 +284,7 @@ def test_two_training_steps_of_the_example(monkeypatch, demo_dir, world, tokeniz
     for scores in (result["warm_start"], result["trained"]):
         assert scores["n"] == 3 and 0.0 <= scores["em"] <= 1.0 and scores["by_hops"]
     assert json.loads((out / "heldout_em.json").read_text()) == result
+    assert result["pipeline_check"]["ok"], result["pipeline_check"]  # scripted turns: rewards vary, advantages and gradient nonzero
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     logged = {key for record in state["log_history"] for key in record}
     for key in ("loss", "reward", "rewards/outcome_f1/mean", "igpo/turns_mean", "igpo/information_gain_mean",

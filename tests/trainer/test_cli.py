@@ -17,6 +17,8 @@ from igpo_rewards.reference_trainer.cli import (
     COMMANDS,
     RUNNERS,
     DemoCommand,
+    UsageError,
+    _budgeted_config,
     DiagnoseCommand,
     EvalCommand,
     ExperimentCommand,
@@ -27,12 +29,14 @@ from igpo_rewards.reference_trainer.cli import (
     parse,
 )
 from igpo_rewards.reference_trainer.config import (
+    BUDGETS,
     PRESETS,
     SUBCOMMAND_READS,
     FieldTypeError,
     FieldValueError,
     RunConfig,
     field_paths,
+    budget_config,
     load_config_file,
     preset_config,
     quick_config,
@@ -107,10 +111,43 @@ def test_quick_config_shrinks_the_preset_budget():
     assert quick.world.max_hops == 4 and quick.warm_start.max_hops == 2 and quick.rl.max_turns == 6  # the preset's
     assert quick.world.num_train == 30 and quick.rl.steps == 2  # the quick budget
     credit = quick_config(preset_config("credit"))
-    assert (credit.world.num_heldout, credit.warm_start.steps, credit.rl.steps, credit.rl.group_size) == (12, 6, 2, 4)
+    assert (credit.world.num_heldout, credit.warm_start.steps, credit.rl.steps, credit.rl.group_size) == (12, 150, 2, 4)
     assert credit.warm_start.max_hops == 3 and credit.world.max_hops == 4  # the preset's, not budget
     with pytest.raises(ValueError, match=r"world.preset must be one of \('default', 'sparse', 'credit'\), got 'dense'"):
         preset_config("dense")
+
+
+def test_demo_budget_sets_its_sizes_and_flags_override_them():
+    """--budget NAME applies config.BUDGETS[NAME] over the (preset's) defaults; a flag the user gives wins."""
+    for name in ("full", "mid", "quick"):
+        config = _budgeted_config(parse(["demo", "--budget", name]))
+        for section, values in BUDGETS[name].items():
+            for field, value in values.items():
+                assert getattr(getattr(config, section), field) == value, (name, section, field)
+    full = _budgeted_config(parse(["demo"]))
+    assert to_dict(full) == to_dict(validate_config(RunConfig()))  # full is the defaults
+    mid = _budgeted_config(parse(["demo", "--budget", "mid"]))
+    # the default world, model and warm start (the full demo's weights), a third of the RL steps
+    assert (mid.world, mid.tiny, mid.warm_start) == (RunConfig().world, RunConfig().tiny, RunConfig().warm_start)
+    defaults = to_dict(validate_config(RunConfig()))
+    assert to_dict(mid) == defaults | {"rl": defaults["rl"] | {"steps": 10}}
+    assert _budgeted_config(parse(["demo", "--budget", "mid", "--rl.steps", "7"])).rl.steps == 7
+    assert to_dict(_budgeted_config(parse(["demo", "--quick"]))) == to_dict(_budgeted_config(parse(["demo", "--budget", "quick"])))
+    assert to_dict(budget_config(preset_config("sparse"), "quick")) == to_dict(quick_config(preset_config("sparse")))
+    with pytest.raises(UsageError, match="--quick is short for --budget quick; give one of them, not --quick with --budget mid"):
+        _budgeted_config(parse(["demo", "--quick", "--budget", "mid"]))
+    with pytest.raises(ValueError, match=r"budget must be one of \('full', 'mid', 'quick'\), got 'large'"):
+        budget_config(RunConfig(), "large")
+
+
+def test_a_bad_budget_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # tyro's choice error, under the subcommand's name
+        main(["demo", "--budget", "large"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "invalid choice 'large' for argument '--budget'" in err
+    assert "('full', 'mid', 'quick')" in err and "igpo-train demo --help" in err
+    assert main(["demo", "--quick", "--budget", "mid", "--out", "unused"]) == 2
+    assert "--quick is short for --budget quick" in capsys.readouterr().err
 
 
 def test_every_igpo_option_is_a_flag_and_a_config_key(tmp_path):

@@ -237,7 +237,7 @@ def test_a_quick_experiment_report_says_it_is_a_smoke_run(tmp_path):
     quick = json.loads(json.dumps(_degenerate(0.0)))
     quick["config"] = to_dict(quick_config(preset_config("sparse")))
     lines = write_experiment_report(quick, tmp_path).read_text().splitlines()
-    assert lines[2].startswith("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch: the quick budget, "
+    assert lines[2].startswith("> **Smoke run** (2 RL steps, 150 SFT steps of a model built from scratch: the quick budget, "
                                "too small to learn; the numbers only show that the pipeline runs): every number below")
 
 
@@ -649,7 +649,7 @@ def test_quick_experiment_killed_then_resumed(tmp_path):
     assert "## Paired differences to GRPO" in report and "| GRPO -> | overall | 1-hop | 2-hop | 3-hop | 4-hop |" in report
     assert "### Which differences lie outside their intervals" in report and (out / PAIRED_PLOT).is_file()
     assert "## Warm starts" in report and "## Budget" in report and "## The targets" not in report
-    assert report.splitlines()[2].startswith("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch")
+    assert report.splitlines()[2].startswith("> **Smoke run** (2 RL steps, 150 SFT steps of a model built from scratch")
     for name in ("warm_start", "igpo"):  # each child's config file holds only what its subcommand reads
         child = json.loads((out / "configs" / f"seed_0.{name}.json").read_text())
         assert ("tiny" in child) == (name == "warm_start") and ("init" in child) == (name == "igpo")

@@ -228,7 +228,7 @@ def test_a_quick_budget_report_says_it_is_a_smoke_run(runs, tmp_path):
     for label in run_dirs:
         _nested_config(run_dirs[label], to_dict(quick_config()))
     text = write_report(run_dirs, tmp_path / "quick", warm_start_eval=warm).read_text()
-    assert text.splitlines()[2] == ("> **Smoke run** (2 RL steps, 6 SFT steps of a model built from scratch: the quick "
+    assert text.splitlines()[2] == ("> **Smoke run** (2 RL steps, 150 SFT steps of a model built from scratch: the quick "
                                     "budget, too small to learn; the numbers only show that the pipeline runs): the EM, F1 "
                                     "and collapse numbers below say nothing about IGPO or GRPO.")
     for label in run_dirs:

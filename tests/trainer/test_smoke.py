@@ -32,7 +32,8 @@ def test_console_script_names_the_missing_extra(command, blocked, extra):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"pip install 'igpo-rewards[{extra}]'" in result.stderr
+    assert f'pip install "igpo-rewards[{extra}] @ git+$IGPO_GIT"' in result.stderr  # the README's form: no registry has it
+    assert f'pip install ".[{extra}]" in a clone' in result.stderr
     assert repr(blocked) in result.stderr
     assert "Traceback" not in result.stderr
 

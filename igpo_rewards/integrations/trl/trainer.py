@@ -505,9 +505,10 @@ class IGPOTrainer(GRPOTrainer):
     probes need: :func:`make_search_rollout_func`).
 
     Logged: ``igpo/turns_mean`` (mean turns per completion), ``igpo/information_gain_mean``
-    (mean IG over non-final turns) and ``igpo/probe_seconds`` (the probes' wall seconds per
-    generation batch), besides TRL's metrics (whose ``advantages`` log column still shows GRPO's
-    scalar advantages).
+    (mean IG over non-final turns), ``igpo/zero_advantage_group_fraction`` (the share of groups
+    whose turn advantages are all 0: the advantage-collapse rate, as the reference trainer logs it)
+    and ``igpo/probe_seconds`` (the probes' wall seconds per generation batch), besides TRL's
+    metrics (whose ``advantages`` log column still shows GRPO's scalar advantages).
 
     Raises:
       RuntimeError: the installed TRL (or, on the tool loop, transformers) is outside the
@@ -760,7 +761,7 @@ class IGPOTrainer(GRPOTrainer):
         result = self.igpo_settings.igpo_advantages(
             probes, outcome.to(probes), all_turn_mask, group_size=num_generations, target_mask=target_mask
         )
-        self._igpo_log(mode, result.information_gain, all_turn_mask)
+        self._igpo_log(mode, result.information_gain, all_turn_mask, result.advantages, num_generations)
         self._warn_if_no_signal(result.advantages, outcome, num_generations)
 
         start = self.accelerator.process_index * local_rows
@@ -797,9 +798,13 @@ class IGPOTrainer(GRPOTrainer):
             stacklevel=2,
         )
 
-    def _igpo_log(self, mode: str, information_gain: torch.Tensor, turn_mask: torch.Tensor) -> None:
-        """Adds igpo/turns_mean and igpo/information_gain_mean (non-final turns) to TRL's metrics."""
+    def _igpo_log(self, mode: str, information_gain: torch.Tensor, turn_mask: torch.Tensor, advantages: torch.Tensor,
+                  num_generations: int) -> None:
+        """Adds igpo/turns_mean, igpo/information_gain_mean (non-final turns) and
+        igpo/zero_advantage_group_fraction (groups whose turn advantages are all 0) to TRL's metrics."""
         non_final = turn_mask & ~igpo_rewards.final_turn_mask(turn_mask, validate=False)
+        nonzero_groups = advantages.reshape(-1, num_generations * advantages.shape[1]).ne(0).any(dim=1)
+        self._metrics[mode]["igpo/zero_advantage_group_fraction"].append(1.0 - nonzero_groups.float().mean().item())
         self._metrics[mode]["igpo/turns_mean"].append(turn_mask.sum(dim=1).float().mean().item())
         self._metrics[mode]["igpo/information_gain_mean"].append(
             information_gain[non_final].float().mean().item() if bool(non_final.any()) else 0.0
