@@ -46,6 +46,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -161,12 +162,20 @@ def serve_corpus(corpus: Path, *, timeout_s: float = 300.0) -> Iterator[str]:
                                 'pip install ".[server]"; README, "Install")')
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([command, "serve", "--corpus", str(corpus), "--port", str(port), "--log-level", "warning"])
+    # The server's stderr goes to a file: its reason lands in the error if it exits before serving
+    # (a missing extra, a bad corpus), and is passed on to ours when the block ends otherwise.
+    server_log = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen([command, "serve", "--corpus", str(corpus), "--port", str(port), "--log-level", "warning"],
+                              stderr=server_log)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"igpo-retrieve exited with status {server.returncode} before serving {url}")
+                server_log.seek(0)
+                said = "\n".join(server_log.read().strip().splitlines()[-5:]) or "(nothing on stderr)"
+                server_log.truncate(0)
+                raise RuntimeError(f"igpo-retrieve exited with status {server.returncode} before serving {url}; "
+                                   f"it said:\n{said}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=5) as response:
                     if response.status == 200:
@@ -179,6 +188,9 @@ def serve_corpus(corpus: Path, *, timeout_s: float = 300.0) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        server_log.seek(0)
+        sys.stderr.write(server_log.read())  # what the server logged while serving
+        server_log.close()
 
 
 def heldout_em(model, tokenizer, retriever, examples, args: SearchArguments) -> dict:

@@ -69,6 +69,19 @@ def test_a_misspelled_flag_gets_suggestions(example, capsys):
     assert args.topk == 5 and config.max_steps == 4 and config.num_generations == 8  # RUN_DEFAULTS
 
 
+def test_a_retrieval_server_that_exits_says_why_in_the_error(example, tmp_path):
+    """The real igpo-retrieve, on a corpus that does not exist: it exits before serving, and the
+    example's error carries the server's own reason (issue 23, point 2: a bare exit status told the
+    user nothing)."""
+    missing = tmp_path / "no_corpus.jsonl"
+    with pytest.raises(RuntimeError) as error:
+        with example.serve_corpus(missing, timeout_s=60):
+            pass
+    message = str(error.value)
+    assert "igpo-retrieve exited with status 1 before serving" in message
+    assert f"corpus file not found: {missing}" in message
+
+
 def test_the_demo_parquet_holds_the_prompt_the_trainer_uses(world, tmp_path):
     """write_qa_parquet writes the Search-R1 instruction the reference trainer rolls out from, so a
     TRL or verl user who reads the file as is trains on the same text."""
